@@ -1,0 +1,5 @@
+import sys
+
+from criserver.cli import main
+
+sys.exit(main())

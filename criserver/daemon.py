@@ -1,0 +1,193 @@
+"""`criserver serve`: the daemon's life, top-down: start up, serve until signalled, shut down.
+
+Start-up opens the store, loads the backends named by the runtime handlers (which re-adopt their
+running sandboxes), then listens. SIGTERM/SIGINT stop accepting calls, let in-flight calls finish
+within daemon.shutdown_timeout, and exit 0; micro-VMs keep running for the next start to adopt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import grp
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from criserver import instrument, sdnotify
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.config import Config, ConfigError
+from criserver.errors import CriError
+from criserver.runtime.backend import BackendContext, SandboxBackend, load_backend_class
+from criserver.runtime.runtime import BackendEventSink, Runtime
+from criserver.runtime.servicer import MISSING, runtime_service
+from criserver.store.db import Database
+from criserver.store.records import ContainerState, PodState
+
+log = logging.getLogger("criserver.daemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def socket_path(listen: str) -> Path:
+    if not listen.startswith("unix://"):
+        raise ConfigError(f"daemon.listen: only unix:// endpoints are supported, got {listen!r}")
+    return Path(listen.removeprefix("unix://"))
+
+
+async def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with AsyncExitStack() as stack:
+        runtime = await stack.enter_async_context(_runtime(config))
+        server = await _start_server(config, runtime)
+        log.info("serving listen=%s root=%s state=%s pods=%d containers=%d",
+                 config.daemon.listen, config.daemon.root, config.daemon.state,
+                 len(runtime.pods), len(runtime.containers))
+        sdnotify.notify("READY=1\nSTATUS=serving CRI")
+        await stop.wait()
+        log.info("shutting down grace_s=%.1f", config.daemon.shutdown_timeout)
+        sdnotify.notify("STOPPING=1")
+        await server.stop(config.daemon.shutdown_timeout)
+    log.info("stopped")
+    return 0
+
+
+@asynccontextmanager
+async def _runtime(config: Config) -> AsyncIterator[Runtime]:
+    root, state = Path(config.daemon.root), Path(config.daemon.state)
+    for directory in (root, state):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o711)
+    lock = _lock_state_dir(state)
+    try:
+        db = await Database.open(root / "criserver.db")
+    except Exception as exc:
+        lock.close()
+        raise StartupError(str(exc)) from exc
+    try:
+        runtime = Runtime(config, db, backends={})
+        await runtime.load()
+        runtime.backends.update(_load_backends(config, runtime))
+        for name, backend in runtime.backends.items():
+            await _recover(runtime, name, backend)
+        try:
+            yield runtime
+        finally:
+            for backend in runtime.backends.values():
+                await backend.close()
+    finally:
+        await db.close()
+        lock.close()
+
+
+def _lock_state_dir(state: Path) -> Any:
+    lock = open(state / "daemon.lock", "w")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StartupError(f"another criserver daemon is running with state dir {state}") from None
+    return lock
+
+
+def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend]:
+    backends: dict[str, SandboxBackend] = {}
+    sink = BackendEventSink(runtime)
+    for handler, handler_config in config.runtimes.items():
+        try:
+            cls = load_backend_class(handler_config.backend)
+        except CriError as exc:
+            raise StartupError(f"runtimes.{handler}.backend: {exc.message}") from exc
+        context = BackendContext(
+            handler=handler,
+            root=Path(config.daemon.root) / "runtimes" / handler,
+            state=Path(config.daemon.state) / "runtimes" / handler,
+            config=config,
+            events=sink,
+        )
+        context.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        context.state.mkdir(parents=True, exist_ok=True, mode=0o711)
+        backend = cls(handler_config.options, context)
+        if not isinstance(backend, SandboxBackend):
+            raise StartupError(f"runtimes.{handler}.backend: {cls!r} is not a SandboxBackend")
+        backends[handler] = backend
+    return backends
+
+
+async def _recover(runtime: Runtime, handler: str, backend: SandboxBackend) -> None:
+    """Hand the backend its pods to re-adopt; clean up what a crash left half-made."""
+    pods = [p for p in runtime.pods.all() if p.runtime_handler == handler]
+    for pod in [p for p in pods if p.state == PodState.INIT]:
+        log.warning("cleaning up pod interrupted during creation pod=%s", pod.id)
+        await backend.remove_sandbox(pod)
+        await runtime.pods.delete(pod.id)
+        runtime.pods.names.release(pod.name_key, pod.id)
+    pod_ids = {p.id for p in pods}
+    containers = [c for c in runtime.containers.all() if c.pod_id in pod_ids]
+    for container in [c for c in containers if c.state == ContainerState.INIT]:
+        log.warning("cleaning up container interrupted during creation container=%s",
+                    container.id)
+        pod = runtime.pods.get(container.pod_id)
+        await backend.remove_container(pod, container)
+        await runtime.containers.delete(container.id)
+        runtime.containers.names.release(container.name_key(pod), container.id)
+    await backend.start(
+        [p for p in runtime.pods.all() if p.runtime_handler == handler],
+        [c for c in runtime.containers.all() if c.pod_id in pod_ids],
+    )
+
+
+async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
+    path = socket_path(config.daemon.listen)
+    _claim_socket(path)
+    limit = config.daemon.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ])
+    services = cri.DESCRIPTOR.services_by_name
+    server.add_generic_rpc_handlers([
+        instrument.generic_handler(services["RuntimeService"], runtime_service(runtime), MISSING),
+        instrument.generic_handler(services["ImageService"], {}, {
+            name: "the image service is not built yet"
+            for name in services["ImageService"].methods_by_name
+        }),
+    ])
+    server.add_insecure_port(f"unix:{path}")
+    await server.start()
+    os.chmod(path, 0o660)
+    if config.daemon.socket_group:
+        os.chown(path, 0, grp.getgrnam(config.daemon.socket_group).gr_gid)
+    return server
+
+
+def _claim_socket(path: Path) -> None:
+    """Replace a stale socket; refuse one that a live process still serves."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("replacing stale socket path=%s", path)
+        path.unlink(missing_ok=True)
+        return
+    except OSError as exc:
+        raise StartupError(f"{path} exists and cannot be probed: {exc}") from exc
+    finally:
+        probe.close()
+    raise StartupError(f"another process is already serving on {path}")

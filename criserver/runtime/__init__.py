@@ -1,0 +1,1 @@
+"""The CRI RuntimeService: pods, containers, events, and the backends that run them."""

@@ -1,0 +1,236 @@
+"""The sandbox backend seam: what the runtime needs from whatever runs pods.
+
+A backend is a Python class named by a runtime handler in the config, either an entry point
+of the group ``criserver.backends`` or ``module:Class``; third parties ship their own package and
+configure it without touching the daemon. `BaseBackend` answers every call UNIMPLEMENTED, so a
+backend overrides only what it supports and never fakes success.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import InvalidArgument, Unimplemented
+from criserver.store.records import ContainerRecord, PodRecord
+
+if TYPE_CHECKING:
+    from criserver.config import Config
+    from criserver.runtime.undo import UndoStack
+
+ENTRY_POINT_GROUP = "criserver.backends"
+
+
+class BackendEvents(Protocol):
+    """How a backend reports what happens on its own (a VM dies, a process exits)."""
+
+    async def sandbox_exited(self, pod_id: str, reason: str, message: str) -> None: ...
+
+    async def container_exited(
+        self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
+    ) -> None: ...
+
+
+class ImageLookup(Protocol):
+    """What a backend may ask of the image service (implemented in criserver.image)."""
+
+    def resolve(self, ref: str) -> Any | None: ...
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    handler: str
+    root: Path  # persistent directory of this handler's backend
+    state: Path  # volatile directory of this handler's backend
+    config: Config
+    events: BackendEvents
+    images: ImageLookup | None = None
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    runtime_ready: bool
+    runtime_reason: str = ""
+    runtime_message: str = ""
+    network_ready: bool = False
+    network_reason: str = ""
+    network_message: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # host facts for Status verbose
+
+
+@dataclass(frozen=True)
+class SandboxStarted:
+    ips: tuple[str, ...] = ()
+    backend: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerCreated:
+    image_id: str = ""
+    image_ref: str = ""
+    backend: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+@runtime_checkable
+class SandboxBackend(Protocol):
+    """Everything the runtime asks of a backend. Calls for one pod never overlap."""
+
+    async def start(self, pods: list[PodRecord], containers: list[ContainerRecord]) -> None:
+        """Daemon start: re-adopt the live sandboxes of this handler, clean up the dead."""
+
+    async def close(self) -> None:
+        """Daemon stop: let go of connections; running sandboxes keep running."""
+
+    def status(self) -> BackendStatus: ...
+
+    async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:
+        """Start the pod; register an undo for every resource made, in order."""
+
+    async def stop_sandbox(self, pod: PodRecord) -> None:
+        """Stop the pod and everything in it; idempotent."""
+
+    async def remove_sandbox(self, pod: PodRecord) -> None:
+        """Remove what the pod left on disk; idempotent, also when stop never ran."""
+
+    async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]: ...
+
+    async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats: ...
+
+    async def create_container(
+        self, pod: PodRecord, container: ContainerRecord, undo: UndoStack
+    ) -> ContainerCreated: ...
+
+    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
+        """Start it and return the start time in ns."""
+
+    async def stop_container(
+        self, pod: PodRecord, container: ContainerRecord, timeout: float
+    ) -> None: ...
+
+    async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None: ...
+
+    async def container_info(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> dict[str, Any]: ...
+
+    async def container_stats(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> cri.ContainerStats: ...
+
+    async def update_container_resources(
+        self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
+    ) -> None: ...
+
+    async def reopen_container_log(self, pod: PodRecord, container: ContainerRecord) -> None: ...
+
+    async def exec_sync(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], timeout: float
+    ) -> ExecResult: ...
+
+
+class BaseBackend:
+    """A backend that supports nothing: subclasses override what they implement."""
+
+    name = "base"
+
+    def __init__(self, options: dict[str, Any], context: BackendContext) -> None:
+        self.options = options
+        self.context = context
+
+    def _unimplemented(self, what: str) -> Unimplemented:
+        return Unimplemented(f"{what} is not implemented by the {self.name!r} backend "
+                             f"(runtime handler {self.context.handler!r})")
+
+    async def start(self, pods: list[PodRecord], containers: list[ContainerRecord]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(runtime_ready=True, network_ready=False,
+                             network_reason="NetworkPluginNotReady",
+                             network_message=f"the {self.name!r} backend has no network support")
+
+    async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:
+        raise self._unimplemented("RunPodSandbox")
+
+    async def stop_sandbox(self, pod: PodRecord) -> None:
+        raise self._unimplemented("StopPodSandbox")
+
+    async def remove_sandbox(self, pod: PodRecord) -> None:
+        raise self._unimplemented("RemovePodSandbox")
+
+    async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]:
+        return {}
+
+    async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
+        raise self._unimplemented("PodSandboxStats")
+
+    async def create_container(
+        self, pod: PodRecord, container: ContainerRecord, undo: UndoStack
+    ) -> ContainerCreated:
+        raise self._unimplemented("CreateContainer")
+
+    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
+        raise self._unimplemented("StartContainer")
+
+    async def stop_container(
+        self, pod: PodRecord, container: ContainerRecord, timeout: float
+    ) -> None:
+        raise self._unimplemented("StopContainer")
+
+    async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+        raise self._unimplemented("RemoveContainer")
+
+    async def container_info(self, pod: PodRecord, container: ContainerRecord) -> dict[str, Any]:
+        return {}
+
+    async def container_stats(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> cri.ContainerStats:
+        raise self._unimplemented("ContainerStats")
+
+    async def update_container_resources(
+        self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
+    ) -> None:
+        raise self._unimplemented("UpdateContainerResources")
+
+    async def reopen_container_log(self, pod: PodRecord, container: ContainerRecord) -> None:
+        raise self._unimplemented("ReopenContainerLog")
+
+    async def exec_sync(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], timeout: float
+    ) -> ExecResult:
+        raise self._unimplemented("ExecSync")
+
+
+def load_backend_class(spec: str) -> type:
+    """The class named by `spec`: an entry point name or ``module:Class``.
+
+    :raises InvalidArgument: nothing by that name can be loaded.
+    """
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        except (ImportError, AttributeError) as exc:
+            raise InvalidArgument(f"backend {spec!r} cannot be loaded: {exc}") from exc
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name == spec:
+            return entry_point.load()  # type: ignore[no-any-return]
+    raise InvalidArgument(
+        f"no backend named {spec!r}: give an entry point of group {ENTRY_POINT_GROUP} "
+        "or module:Class"
+    )

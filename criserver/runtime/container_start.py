@@ -1,0 +1,38 @@
+"""StartContainer: only a CREATED container in a READY pod can start."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import FailedPrecondition
+from criserver.runtime.runtime import Runtime
+from criserver.store.records import ContainerState, PodState
+
+log = logging.getLogger(__name__)
+
+
+async def start_container(
+    rt: Runtime, request: cri.StartContainerRequest
+) -> cri.StartContainerResponse:
+    container = rt.containers.get(request.container_id)
+    pod = rt.pods.get(container.pod_id)
+    async with rt.container_locks.hold(container.id):
+        container = rt.containers.get(container.id)
+        if container.state != ContainerState.CREATED:
+            raise FailedPrecondition(
+                f"container {container.id} is {container.state}, only a created container can start"
+            )
+        if pod.state != PodState.READY:
+            raise FailedPrecondition(f"pod sandbox {pod.id} of container {container.id} is not ready")
+        try:
+            started_at = await rt.backend(pod).start_container(pod, container)
+        except Exception as exc:
+            await rt.mark_container_exited(container, 128, "StartError", str(exc))
+            raise
+        container = await rt.containers.update(container.id, lambda c: replace(
+            c, state=ContainerState.RUNNING, started_at=started_at))
+    rt.publish(container.id, cri.CONTAINER_STARTED_EVENT, pod)
+    log.info("container started container=%s pod=%s", container.id, pod.id)
+    return cri.StartContainerResponse()

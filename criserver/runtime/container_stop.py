@@ -1,0 +1,31 @@
+"""StopContainer: signal, wait for the grace period, then kill; idempotent once stopped."""
+
+from __future__ import annotations
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.runtime.runtime import Runtime
+from criserver.store.records import ContainerRecord, ContainerState, PodRecord
+
+
+async def stop_container(
+    rt: Runtime, request: cri.StopContainerRequest
+) -> cri.StopContainerResponse:
+    container = rt.containers.get(request.container_id)
+    pod = rt.pods.get(container.pod_id)
+    async with rt.container_locks.hold(container.id):
+        await stop_running(rt, pod, rt.containers.get(container.id), max(request.timeout, 0))
+    return cri.StopContainerResponse()
+
+
+async def stop_running(
+    rt: Runtime, pod: PodRecord, container: ContainerRecord, timeout: float
+) -> None:
+    """Stop `container` if it runs (caller holds its lock); as containerd, a created or exited
+    container is left as it is."""
+    if container.state not in (ContainerState.RUNNING, ContainerState.UNKNOWN):
+        return
+    # The backend normally reports the exit itself, through BackendEvents.container_exited.
+    await rt.backend(pod).stop_container(pod, container, timeout)
+    current = rt.containers.find(container.id)
+    if current is not None and current.state != ContainerState.EXITED:
+        await rt.mark_container_exited(current, 137, "Error", "stopped; no exit status reported")

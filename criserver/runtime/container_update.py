@@ -1,0 +1,42 @@
+"""UpdateContainerResources and ReopenContainerLog."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import FailedPrecondition
+from criserver.runtime.runtime import Runtime
+from criserver.store.records import ContainerState
+
+
+async def update_container_resources(
+    rt: Runtime, request: cri.UpdateContainerResourcesRequest
+) -> cri.UpdateContainerResourcesResponse:
+    container = rt.containers.get(request.container_id)
+    pod = rt.pods.get(container.pod_id)
+    async with rt.container_locks.hold(container.id):
+        container = rt.containers.get(container.id)
+        if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
+            raise FailedPrecondition(f"container {container.id} is {container.state}")
+        await rt.backend(pod).update_container_resources(pod, container, request.linux)
+
+        def with_resources(c):  # type: ignore[no-untyped-def]
+            config = cri.ContainerConfig()
+            config.CopyFrom(c.config)
+            config.linux.resources.CopyFrom(request.linux)
+            return replace(c, config=config)
+
+        await rt.containers.update(container.id, with_resources)
+    return cri.UpdateContainerResourcesResponse()
+
+
+async def reopen_container_log(
+    rt: Runtime, request: cri.ReopenContainerLogRequest
+) -> cri.ReopenContainerLogResponse:
+    container = rt.containers.get(request.container_id)
+    if container.state != ContainerState.RUNNING:
+        raise FailedPrecondition(f"container {container.id} is not running")
+    pod = rt.pods.get(container.pod_id)
+    await rt.backend(pod).reopen_container_log(pod, container)
+    return cri.ReopenContainerLogResponse()

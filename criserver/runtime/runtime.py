@@ -1,0 +1,146 @@
+"""The runtime's shared state: stores, backends, events and locks, handed to each RPC module.
+
+State changes that have several causes (a stop asked by kubelet, a VM that died) go through the
+transition helpers here, so every path updates the store and publishes the same CRI event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.config import Config
+from criserver.errors import InvalidArgument
+from criserver.runtime.backend import SandboxBackend
+from criserver.runtime.events import EventBroadcaster
+from criserver.runtime.locks import KeyedLock
+from criserver.store.db import Database
+from criserver.store.objects import ContainerStore, PodStore
+from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, config: Config, db: Database, backends: dict[str, SandboxBackend]) -> None:
+        self.config = config
+        self.db = db
+        self.pods = PodStore(db)
+        self.containers = ContainerStore(db)
+        self.backends = backends
+        self.events = EventBroadcaster()
+        self.pod_locks = KeyedLock()
+        self.container_locks = KeyedLock()
+        self.settings: dict[str, str] = {}
+
+    async def load(self) -> None:
+        await self.pods.load()
+        await self.containers.load(self.pods)
+        rows = await self.db.read(lambda c: c.execute("SELECT key, value FROM settings").fetchall())
+        self.settings = dict(rows)
+
+    async def save_setting(self, key: str, value: str) -> None:
+        await self.db.write(
+            lambda c: c.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+        )
+        self.settings[key] = value
+
+    def handler_name(self, requested: str) -> str:
+        name = requested or self.config.runtime.default_handler
+        if name not in self.backends:
+            raise InvalidArgument(
+                f"runtime handler {name!r} is not configured (configured: "
+                f"{', '.join(sorted(self.backends))})"
+            )
+        return name
+
+    def backend(self, pod: PodRecord) -> SandboxBackend:
+        return self.backends[pod.runtime_handler]
+
+    # -- events --------------------------------------------------------------------------
+
+    def publish(self, subject_id: str, kind: int, pod: PodRecord | None) -> None:
+        """One CRI event; `subject_id` is a container, or the pod itself for pod events."""
+        event = cri.ContainerEventResponse(
+            container_id=subject_id, container_event_type=kind, created_at=time.time_ns()  # type: ignore[arg-type]
+        )
+        if pod is not None:
+            event.pod_sandbox_status.CopyFrom(pod.to_cri_status())
+            event.containers_statuses.extend(
+                c.to_cri_status() for c in self.containers.of_pod(pod.id)
+                if c.state != ContainerState.INIT
+            )
+        self.events.publish(event)
+
+    # -- transitions with several causes --------------------------------------------------
+
+    async def mark_pod_notready(self, pod: PodRecord, reason: str = "", message: str = "") -> PodRecord:
+        if pod.state == PodState.NOTREADY:
+            return pod
+        pod = await self.pods.update(
+            pod.id, lambda p: replace(p, state=PodState.NOTREADY, reason=reason, message=message)
+        )
+        self.publish(pod.id, cri.CONTAINER_STOPPED_EVENT, pod)
+        log.info("pod not ready pod=%s reason=%s %s", pod.id, reason or "stopped", message)
+        return pod
+
+    async def mark_container_exited(
+        self,
+        container: ContainerRecord,
+        exit_code: int,
+        reason: str,
+        message: str = "",
+        finished_at: int | None = None,
+    ) -> ContainerRecord:
+        if container.state == ContainerState.EXITED:
+            return container
+        finished = finished_at or time.time_ns()
+        container = await self.containers.update(
+            container.id,
+            lambda c: replace(
+                c, state=ContainerState.EXITED, exit_code=exit_code, reason=reason,
+                message=message, finished_at=finished,
+            ),
+        )
+        self.publish(container.id, cri.CONTAINER_STOPPED_EVENT, self.pods.find(container.pod_id))
+        log.info("container exited container=%s pod=%s exit_code=%d reason=%s",
+                 container.id, container.pod_id, exit_code, reason)
+        return container
+
+
+class BackendEventSink:
+    """The `BackendEvents` a backend reports to: turns them into the transitions above."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def sandbox_exited(self, pod_id: str, reason: str, message: str) -> None:
+        rt = self._runtime
+        pod = rt.pods.find(pod_id)
+        if pod is None:
+            return
+        for container in rt.containers.of_pod(pod_id):
+            if container.state in (ContainerState.CREATED, ContainerState.RUNNING,
+                                   ContainerState.UNKNOWN):
+                await rt.mark_container_exited(container, 255, reason, message)
+        if pod.state == PodState.READY:
+            await rt.mark_pod_notready(pod, reason, message)
+
+    async def container_exited(
+        self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
+    ) -> None:
+        container = self._runtime.containers.find(container_id)
+        if container is not None and container.state in (ContainerState.RUNNING,
+                                                          ContainerState.UNKNOWN):
+            await self._runtime.mark_container_exited(
+                container, exit_code, reason, message, finished_at
+            )
+
+
+def info_json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,82 @@
+"""Version, Status, RuntimeConfig and UpdateRuntimeConfig."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import platform
+
+import criserver
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import InvalidArgument
+from criserver.runtime.runtime import Runtime, info_json
+
+RUNTIME_NAME = "criserver"
+RUNTIME_API_VERSION = "v1"
+POD_CIDR_SETTING = "pod_cidr"
+
+
+async def version(rt: Runtime, request: cri.VersionRequest) -> cri.VersionResponse:
+    return cri.VersionResponse(
+        version="0.1.0",  # the CRI's own kubelet-facing API version field
+        runtime_name=RUNTIME_NAME,
+        runtime_version=criserver.__version__,
+        runtime_api_version=RUNTIME_API_VERSION,
+    )
+
+
+async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
+    default = rt.config.runtime.default_handler
+    backend_status = rt.backends[default].status()
+    conditions = [
+        cri.RuntimeCondition(
+            type="RuntimeReady", status=backend_status.runtime_ready,
+            reason="" if backend_status.runtime_ready else backend_status.runtime_reason,
+            message="" if backend_status.runtime_ready else backend_status.runtime_message,
+        ),
+        cri.RuntimeCondition(
+            type="NetworkReady", status=backend_status.network_ready,
+            reason="" if backend_status.network_ready else backend_status.network_reason,
+            message="" if backend_status.network_ready else backend_status.network_message,
+        ),
+    ]
+    response = cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
+    for name in sorted(rt.backends):
+        response.runtime_handlers.append(cri.RuntimeHandler(
+            name=name if name != default else "",
+            features=cri.RuntimeHandlerFeatures(recursive_read_only_mounts=False,
+                                                user_namespaces=False),
+        ))
+    if request.verbose:
+        response.info["config"] = info_json(rt.config.as_dict())
+        response.info["host"] = info_json({
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "pod_cidr": rt.settings.get(POD_CIDR_SETTING, ""),
+            "event_subscribers": rt.events.subscriber_count,
+        })
+        for name, backend in sorted(rt.backends.items()):
+            response.info[f"runtime.{name}"] = info_json(backend.status().info)
+    return response
+
+
+async def runtime_config(
+    rt: Runtime, request: cri.RuntimeConfigRequest
+) -> cri.RuntimeConfigResponse:
+    driver = cri.SYSTEMD if rt.config.daemon.cgroup_driver == "systemd" else cri.CGROUPFS
+    return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+
+async def update_runtime_config(
+    rt: Runtime, request: cri.UpdateRuntimeConfigRequest
+) -> cri.UpdateRuntimeConfigResponse:
+    cidr = request.runtime_config.network_config.pod_cidr
+    for part in filter(None, cidr.split(",")):
+        try:
+            ipaddress.ip_network(part.strip())
+        except ValueError as exc:
+            raise InvalidArgument(f"pod_cidr {cidr!r}: {exc}") from exc
+    if cidr and cidr != rt.settings.get(POD_CIDR_SETTING):
+        # Kept for the network layer, which reads it when it (re)builds its default network.
+        await rt.save_setting(POD_CIDR_SETTING, cidr)
+    return cri.UpdateRuntimeConfigResponse()

@@ -1,0 +1,1 @@
+"""Durable daemon state: the embedded sqlite database and the typed stores built on it."""

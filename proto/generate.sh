@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Regenerates the Python code for criserver's protocols (`make proto`).
+#   CRI v1 (runtime.v1):  proto/runtime/v1/api.proto -> criserver/api/runtime/v1/api_pb2.py
+#   agent protocol:       proto/agent.proto          -> vmagent/api/agent_pb2.py, agent_grpc.py
+# Usage: proto/generate.sh [OUTPUT_ROOT]   (default: the repository; CI points it at a temp dir
+# and diffs, so stale generated code fails the build)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$repo}
+python=${PYTHON:-$repo/.venv/bin/python}
+cd "$repo"
+
+mkdir -p "$out/criserver/api/runtime/v1" "$out/vmagent/api"
+"$python" -m grpc_tools.protoc -I proto --python_out="$out/criserver/api" runtime/v1/api.proto
+
+if [ -f proto/agent.proto ]; then
+    "$python" -m grpc_tools.protoc -I proto --python_out="$out/vmagent/api" \
+        --grpclib_python_out="$out/vmagent/api" agent.proto
+    # protoc writes a top-level import; the agent code lives in the vmagent.api package.
+    sed -i 's/^import agent_pb2$/from vmagent.api import agent_pb2/' "$out/vmagent/api/agent_grpc.py"
+fi

@@ -1,0 +1,84 @@
+"""Starts the real criserver daemon as a process on a temporary socket, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.cri_client import REPO, CRIClient
+
+INERT_BACKEND = "tests.backends.inert:InertBackend"
+
+
+class Daemon:
+    def __init__(self, workdir: Path, config: str | None = None) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "criserver.sock"
+        self.root = workdir / "root"
+        self.state = workdir / "state"
+        self.config_path = workdir / "config.toml"
+        self.log_path = workdir / "daemon.log"
+        self.config_path.write_text(
+            f'[daemon]\nlisten = "unix://{self.socket}"\nroot = "{self.root}"\n'
+            f'state = "{self.state}"\nlog_level = "debug"\nshutdown_timeout = 5\n'
+            + (config if config is not None else
+               f'[runtime]\ndefault_handler = "inert"\n[runtimes.inert]\nbackend = "{INERT_BACKEND}"\n')
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> Daemon:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "criserver", "serve", "--config", str(self.config_path)],
+                stdout=log, stderr=log, env=env, cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+            if self._connectable():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"daemon did not listen within {timeout}s:\n{self.log()}")
+
+    def _connectable(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+            return True
+
+    def client(self) -> CRIClient:
+        return CRIClient(self.socket)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid

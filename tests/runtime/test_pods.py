@@ -1,0 +1,174 @@
+"""Pod sandbox semantics through the real daemon (inert test backend)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from tests.cri_client import CRIClient, enum, msg
+
+
+async def test_version(cri: CRIClient) -> None:
+    v = await cri.runtime.Version(msg("VersionRequest", version="v1"))
+    assert v.runtime_name == "criserver"
+    assert v.runtime_api_version == "v1"
+    assert v.runtime_version
+
+
+async def test_run_status_list(cri: CRIClient) -> None:
+    pod_id = await cri.run_pod("web", labels={"app": "web"}, hostname="web-0")
+    assert len(pod_id) == 64 and int(pod_id, 16) >= 0
+    status = await cri.runtime.PodSandboxStatus(
+        msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id, verbose=True))
+    assert status.status.id == pod_id
+    assert status.status.state == enum("SANDBOX_READY")
+    assert status.status.metadata.name == "web"
+    assert status.status.labels["app"] == "web"
+    assert status.status.created_at > 1_600_000_000 * 10**9  # nanoseconds
+    assert status.status.network.ip == "10.0.0.1"
+    assert '"inert": true' in status.info["info"]
+    listed = await cri.runtime.ListPodSandbox()
+    assert [p.id for p in listed.items] == [pod_id]
+    assert listed.items[0].runtime_handler == "inert"
+
+
+async def test_prefix_lookup(cri: CRIClient) -> None:
+    pod_id = await cri.run_pod("p")
+    status = await cri.runtime.PodSandboxStatus(
+        msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id[:8]))
+    assert status.status.id == pod_id
+
+
+async def test_name_reserved_while_pod_exists(cri: CRIClient) -> None:
+    pod_id = await cri.run_pod("dup")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.run_pod("dup")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert pod_id in (err.value.details() or "")
+    # Another attempt is another name.
+    await cri.run_pod("dup", attempt=1)
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    await cri.run_pod("dup")  # free again once removed
+
+
+async def test_stop_and_remove_are_idempotent(cri: CRIClient) -> None:
+    pod_id = await cri.run_pod("idem")
+    for _ in range(2):
+        await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+    status = await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id))
+    assert status.status.state == enum("SANDBOX_NOTREADY")
+    for _ in range(2):
+        await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Unknown IDs: stop and remove have nothing to do and say so with success.
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id="f" * 64))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id="f" * 64))
+
+
+async def test_remove_ready_pod_stops_it_and_its_containers(cri: CRIClient) -> None:
+    pod_id = await cri.run_pod("force")
+    cid = await cri.create_container(pod_id, "c", pod_name="force")
+    await cri.runtime.StartContainer(msg("StartContainerRequest", container_id=cid))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    assert not (await cri.runtime.ListContainers()).containers
+    assert not (await cri.runtime.ListPodSandbox()).items
+
+
+async def test_list_filters(cri: CRIClient) -> None:
+    a = await cri.run_pod("a", labels={"tier": "front", "app": "x"})
+    b = await cri.run_pod("b", labels={"tier": "back", "app": "x"})
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=b))
+
+    async def ids(**filter_fields: object) -> set[str]:
+        r = await cri.runtime.ListPodSandbox(msg("ListPodSandboxRequest",
+                                                 filter=msg("PodSandboxFilter", **filter_fields)))
+        return {p.id for p in r.items}
+
+    assert await ids() == {a, b}
+    assert await ids(id=a) == {a}
+    assert await ids(id=a[:10]) == {a}
+    assert await ids(id="0" * 64) == set()
+    assert await ids(label_selector={"app": "x"}) == {a, b}
+    assert await ids(label_selector={"app": "x", "tier": "back"}) == {b}
+    assert await ids(label_selector={"tier": "nope"}) == set()
+    ready = msg("PodSandboxStateValue", state=enum("SANDBOX_READY"))
+    notready = msg("PodSandboxStateValue", state=enum("SANDBOX_NOTREADY"))
+    assert await ids(state=ready) == {a}
+    assert await ids(state=notready) == {b}
+    assert await ids(state=ready, label_selector={"tier": "back"}) == set()
+
+
+@pytest.mark.parametrize("selector", [{"": "x"}, {"bad key!": "x"}, {"a": "bad value!"},
+                                      {"a" * 64: "x"}])
+async def test_invalid_label_selector(cri: CRIClient, selector: dict[str, str]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.runtime.ListPodSandbox(msg("ListPodSandboxRequest", filter=msg(
+            "PodSandboxFilter", label_selector=selector)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("config", [
+    {},  # no metadata at all
+    {"metadata": {"name": "", "namespace": "ns", "uid": "u"}},
+    {"metadata": {"name": "n", "namespace": "", "uid": "u"}},
+    {"metadata": {"name": "n", "namespace": "ns", "uid": ""}},
+    {"metadata": {"name": "n" * 300, "namespace": "ns", "uid": "u"}},
+    {"metadata": {"name": "n", "namespace": "ns", "uid": "u"}, "hostname": "h" * 100},
+    {"metadata": {"name": "n", "namespace": "ns", "uid": "u"},
+     "annotations": {"big": "x" * 300_000}},
+])
+async def test_bad_pod_config(cri: CRIClient, config: dict[str, object]) -> None:
+    fields = dict(config)
+    if "metadata" in fields:
+        fields["metadata"] = msg("PodSandboxMetadata", **fields["metadata"])  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.runtime.RunPodSandbox(msg("RunPodSandboxRequest",
+                                            config=msg("PodSandboxConfig", **fields)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not (await cri.runtime.ListPodSandbox()).items
+
+
+async def test_unknown_handler(cri: CRIClient) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.run_pod("h", handler="nosuch")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nosuch" in (err.value.details() or "")
+
+
+async def test_failed_run_leaves_nothing(cri: CRIClient) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.run_pod("boom", annotations={"test/fail-run": "1"})
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert not (await cri.runtime.ListPodSandbox()).items
+    await cri.run_pod("boom")  # the name was released
+
+
+async def test_unknown_ids_not_found(cri: CRIClient) -> None:
+    for call, request in [
+        (cri.runtime.PodSandboxStatus, msg("PodSandboxStatusRequest", pod_sandbox_id="ab" * 32)),
+        (cri.runtime.ContainerStatus, msg("ContainerStatusRequest", container_id="ab" * 32)),
+        (cri.runtime.StartContainer, msg("StartContainerRequest", container_id="ab" * 32)),
+        (cri.runtime.StopContainer, msg("StopContainerRequest", container_id="ab" * 32)),
+        (cri.runtime.CreateContainer, msg("CreateContainerRequest", pod_sandbox_id="ab" * 32,
+                                          config=cri.container_config("c"))),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(request)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, call
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest", pod_sandbox_id=""))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_ambiguous_prefix(cri: CRIClient) -> None:
+    ids = [await cri.run_pod(f"amb{i}") for i in range(40)]
+    # With 40 random ids, some pair shares its first hex digit.
+    first = [i[0] for i in ids]
+    shared = next(c for c in first if first.count(c) > 1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest", pod_sandbox_id=shared))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ambiguous" in (err.value.details() or "")
