@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +56,15 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    insecure_registries: list[str] = _f([], "Registries reached over plain HTTP (loopback always is)")
+    insecure_registries: list[str] = _f(
+        [], "Registries reached over plain HTTP (loopback always is)"
+    )
     mirrors: dict[str, list[str]] = _f({}, 'Per registry, mirror endpoints tried in order: '
                                            '{"docker.io" = ["https://mirror.local"]}')
     max_concurrent_downloads: int = _f(3, "Layers downloaded at once per pull", min=1)
-    max_layer_bytes: int = _f(8 * 1024**3, "Largest uncompressed layer (decompression bombs)", min=1)
+    max_layer_bytes: int = _f(
+        8 * 1024**3, "Largest uncompressed layer (decompression bombs)", min=1
+    )
     max_layer_entries: int = _f(1_000_000, "Most tar entries in one layer", min=1)
     allow_device_nodes: bool = _f(False, "Unpack device nodes from layers (else skipped)")
 
@@ -183,7 +186,7 @@ def render_default(extra_sections: dict[str, Any] | None = None) -> str:
         value = getattr(defaults, f.name)
         if f.name == "runtimes":
             for handler, handler_config in value.items():
-                lines.append(f"# A runtime handler, named by the CRI request's runtime_handler.")
+                lines.append("# A runtime handler, named by the CRI request's runtime_handler.")
                 lines += _render_table(f"runtimes.{handler}", handler_config)
                 options = (extra_sections or {}).get(handler_config.backend)
                 if options is not None:
@@ -224,5 +227,3 @@ def build_options(cls: type, data: dict[str, Any], where: str) -> Any:
     """Validate a backend's options table against its dataclass (used by backends)."""
     return _build(cls, data, where)
 
-
-_ = types  # keep the import for typing.get_type_hints on union types under 3.11

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import grp
 import logging
 import os
@@ -53,6 +54,9 @@ async def serve(config: Config) -> int:
     async with AsyncExitStack() as stack:
         runtime = await stack.enter_async_context(_runtime(config))
         server = await _start_server(config, runtime)
+        # Everything loaded so far lives as long as the daemon: keep it out of the cyclic GC's
+        # scans, which otherwise add millisecond pauses to calls once the store is large.
+        gc.freeze()
         log.info("serving listen=%s root=%s state=%s pods=%d containers=%d",
                  config.daemon.listen, config.daemon.root, config.daemon.state,
                  len(runtime.pods), len(runtime.containers))
@@ -93,7 +97,7 @@ async def _runtime(config: Config) -> AsyncIterator[Runtime]:
 
 
 def _lock_state_dir(state: Path) -> Any:
-    lock = open(state / "daemon.lock", "w")  # noqa: SIM115 - held for the daemon's life
+    lock = open(state / "daemon.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

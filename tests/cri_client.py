@@ -57,7 +57,8 @@ def reference_pool() -> descriptor_pool.DescriptorPool:
 
 def msg(type_name: str, /, **fields: Any) -> Message:
     """A message of the reference CRI, e.g. msg("PodSandboxConfig", hostname="x")."""
-    cls = message_factory.GetMessageClass(reference_pool().FindMessageTypeByName(f"runtime.v1.{type_name}"))
+    descriptor = reference_pool().FindMessageTypeByName(f"runtime.v1.{type_name}")
+    cls = message_factory.GetMessageClass(descriptor)
     return cls(**fields)
 
 

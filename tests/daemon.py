@@ -13,6 +13,9 @@ from pathlib import Path
 from tests.cri_client import REPO, CRIClient
 
 INERT_BACKEND = "tests.backends.inert:InertBackend"
+INERT_CONFIG = (
+    f'[runtime]\ndefault_handler = "inert"\n[runtimes.inert]\nbackend = "{INERT_BACKEND}"\n'
+)
 
 
 class Daemon:
@@ -26,8 +29,7 @@ class Daemon:
         self.config_path.write_text(
             f'[daemon]\nlisten = "unix://{self.socket}"\nroot = "{self.root}"\n'
             f'state = "{self.state}"\nlog_level = "debug"\nshutdown_timeout = 5\n'
-            + (config if config is not None else
-               f'[runtime]\ndefault_handler = "inert"\n[runtimes.inert]\nbackend = "{INERT_BACKEND}"\n')
+            + (config if config is not None else INERT_CONFIG)
         )
         self.process: subprocess.Popen[bytes] | None = None
 

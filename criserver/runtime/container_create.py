@@ -56,10 +56,11 @@ async def _create(rt: Runtime, pod: PodRecord, container: ContainerRecord) -> Co
         log.warning("create container failed container=%s pod=%s error=%r",
                     container.id, pod.id, exc)
         failed = await undo.rollback()
+        error = str(exc)
         if failed:
             await rt.containers.update(container.id, lambda c: replace(
                 c, state=ContainerState.UNKNOWN, reason="CreateFailed",
-                message=f"{exc}; cleanup incomplete: {', '.join(failed)}"))
+                message=f"{error}; cleanup incomplete: {', '.join(failed)}"))
         else:
             await rt.containers.delete(container.id)
         raise

@@ -6,8 +6,8 @@ import logging
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import NotFound
-from criserver.runtime.runtime import Runtime
 from criserver.runtime.container_stop import stop_running
+from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerRecord, PodRecord
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,9 @@ async def start_container(
                 f"container {container.id} is {container.state}, only a created container can start"
             )
         if pod.state != PodState.READY:
-            raise FailedPrecondition(f"pod sandbox {pod.id} of container {container.id} is not ready")
+            raise FailedPrecondition(
+                f"pod sandbox {pod.id} of container {container.id} is not ready"
+            )
         try:
             started_at = await rt.backend(pod).start_container(pod, container)
         except Exception as exc:

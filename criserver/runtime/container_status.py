@@ -62,8 +62,9 @@ def _matching(rt: Runtime, f: cri.ContainerFilter | None) -> Iterator[ContainerR
 
 async def list_containers(rt: Runtime, request: cri.ListContainersRequest) -> bytes:
     """The encoded ListContainersResponse, assembled from each container's cached encoding."""
-    f = request.filter if request.HasField("filter") else None
-    return b"".join(rt.containers.list_item_bytes(c) for c in _matching(rt, f))
+    if not request.HasField("filter") or request.filter.ByteSize() == 0:
+        return rt.containers.all_list_bytes(lambda c: c.state != ContainerState.INIT)
+    return b"".join(rt.containers.list_item_bytes(c) for c in _matching(rt, request.filter))
 
 
 async def stream_containers(

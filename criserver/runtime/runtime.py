@@ -6,6 +6,7 @@ transition helpers here, so every path updates the store and publishes the same 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
@@ -65,7 +66,9 @@ class Runtime:
     def publish(self, subject_id: str, kind: int, pod: PodRecord | None) -> None:
         """One CRI event; `subject_id` is a container, or the pod itself for pod events."""
         event = cri.ContainerEventResponse(
-            container_id=subject_id, container_event_type=kind, created_at=time.time_ns()  # type: ignore[arg-type]
+            container_id=subject_id,
+            container_event_type=kind,  # type: ignore[arg-type]
+            created_at=time.time_ns(),
         )
         if pod is not None:
             event.pod_sandbox_status.CopyFrom(pod.to_cri_status())
@@ -77,7 +80,9 @@ class Runtime:
 
     # -- transitions with several causes --------------------------------------------------
 
-    async def mark_pod_notready(self, pod: PodRecord, reason: str = "", message: str = "") -> PodRecord:
+    async def mark_pod_notready(
+        self, pod: PodRecord, reason: str = "", message: str = ""
+    ) -> PodRecord:
         if pod.state == PodState.NOTREADY:
             return pod
         pod = await self.pods.update(
@@ -141,6 +146,5 @@ class BackendEventSink:
 
 
 def info_json(value: Any) -> str:
-    import json
-
+    """A verbose `info` map value: JSON, as crictl prints it."""
     return json.dumps(value, sort_keys=True, default=str)

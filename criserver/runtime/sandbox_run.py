@@ -53,12 +53,13 @@ async def _start(rt: Runtime, pod: PodRecord) -> PodRecord:
     except BaseException as exc:
         log.warning("run pod failed pod=%s name=%s error=%r", pod.id, pod.name_key, exc)
         failed = await undo.rollback()
+        error = str(exc)
         if failed:
             # Something may be left behind: keep the pod (NOTREADY) so RemovePodSandbox can
             # retry the cleanup, rather than forgetting resources we can no longer find.
             await rt.pods.update(pod.id, lambda p: replace(
                 p, state=PodState.NOTREADY, reason="SetupFailed",
-                message=f"{exc}; cleanup incomplete: {', '.join(failed)}"))
+                message=f"{error}; cleanup incomplete: {', '.join(failed)}"))
         else:
             await rt.pods.delete(pod.id)
         raise

@@ -70,8 +70,9 @@ def _find_by_prefix(rt: Runtime, prefix: str) -> PodRecord | None:
 
 async def list_pod_sandbox(rt: Runtime, request: cri.ListPodSandboxRequest) -> bytes:
     """The encoded ListPodSandboxResponse, assembled from each pod's cached encoding."""
-    f = request.filter if request.HasField("filter") else None
-    return b"".join(rt.pods.list_item_bytes(pod) for pod in _matching(rt, f))
+    if not request.HasField("filter") or request.filter.ByteSize() == 0:
+        return rt.pods.all_list_bytes(lambda p: p.state != PodState.INIT)
+    return b"".join(rt.pods.list_item_bytes(pod) for pod in _matching(rt, request.filter))
 
 
 async def stream_pod_sandboxes(

@@ -44,6 +44,9 @@ class _Store(Generic[R]):
         self._db = db
         self._records: dict[str, R] = {}
         self._wire: dict[str, bytes] = {}
+        # The unfiltered list response, kept until any record changes: kubelet relists every
+        # second and records change far less often.
+        self._all_wire: bytes | None = None
         self.ids = IdIndex(self.kind)
         self.names = NameRegistry(self.kind)
 
@@ -67,6 +70,15 @@ class _Store(Generic[R]):
             wire = _encode_list_item(record.to_cri().SerializeToString())
             self._wire[record.id] = wire
         return wire
+
+    def all_list_bytes(self, visible: Callable[[R], bool]) -> bytes:
+        """The List* response of every visible record (`visible` must not change over time
+        for an unchanged record)."""
+        if self._all_wire is None:
+            self._all_wire = b"".join(
+                self.list_item_bytes(r) for r in self._records.values() if visible(r)
+            )
+        return self._all_wire
 
     async def add(self, record: R) -> None:
         """Persist and index a new record (its name must have been reserved by the caller)."""
@@ -92,20 +104,22 @@ class _Store(Generic[R]):
 
     async def delete(self, id_: str) -> None:
         await self._db.write(
-            lambda c: c.execute(f"DELETE FROM {self.table} WHERE id = ?", (id_,))  # noqa: S608
+            lambda c: c.execute(f"DELETE FROM {self.table} WHERE id = ?", (id_,))
         )
         self._records.pop(id_, None)
         self._wire.pop(id_, None)
+        self._all_wire = None
         self.ids.remove(id_)
 
     def _put(self, record: R) -> None:
         self._records[record.id] = record
         self._wire.pop(record.id, None)
+        self._all_wire = None
         self.ids.add(record.id)
 
     def _insert(self, conn: sqlite3.Connection, row: tuple[object, ...]) -> None:
         marks = ", ".join("?" * len(row))
-        conn.execute(f"INSERT OR REPLACE INTO {self.table} VALUES ({marks})", row)  # noqa: S608
+        conn.execute(f"INSERT OR REPLACE INTO {self.table} VALUES ({marks})", row)
 
     def _transitions(self) -> dict[object, set[object]]:
         raise NotImplementedError

@@ -43,7 +43,8 @@ class InertBackend(BaseBackend):
     async def create_container(
         self, pod: PodRecord, container: ContainerRecord, undo: UndoStack
     ) -> ContainerCreated:
-        return ContainerCreated(image_id=f"sha256:{'0' * 64}", image_ref=container.config.image.image)
+        return ContainerCreated(image_id=f"sha256:{'0' * 64}",
+                                image_ref=container.config.image.image)
 
     async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
         return time.time_ns()

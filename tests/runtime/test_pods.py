@@ -56,7 +56,8 @@ async def test_stop_and_remove_are_idempotent(cri: CRIClient) -> None:
     pod_id = await cri.run_pod("idem")
     for _ in range(2):
         await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
-    status = await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id))
+    status = await cri.runtime.PodSandboxStatus(
+        msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id))
     assert status.status.state == enum("SANDBOX_NOTREADY")
     for _ in range(2):
         await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))

@@ -1,0 +1,66 @@
+# criserver: set-up, build and test entry points (see README.md).
+#   sudo make run    install everything a fresh Debian bookworm host needs, then run the daemon
+#   sudo make test   install the same, then lint and run the whole test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+# Debian packages: QEMU and the guest's kernel/userland (qemu-system-x86, linux-image-*,
+# busybox-static, runc, python3, erofs-utils, cpio, lz4), pod networking
+# (containernetworking-plugins, iproute2, iptables), and the tests' registry and tools
+# (docker-registry, skopeo, apache2-utils for htpasswd, socat).
+APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-amd64 \
+	busybox-static runc python3 python3-venv erofs-utils squashfs-tools cpio lz4 zstd \
+	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat
+
+.PHONY: install install-service deps venv proto guest run test lint typecheck bench clean
+
+install: deps venv guest
+	ln -sf $(CURDIR)/$(VENV)/bin/criserver /usr/local/bin/criserver
+
+deps:
+	@missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $(APT_PACKAGES) 2>/dev/null \
+		| awk '$$NF != "installed" {print $$1}'; \
+		for p in $(APT_PACKAGES); do dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+proto: venv
+	bash proto/generate.sh
+
+guest: venv
+	$(PY) -m criserver.sandbox.guestbuild
+
+run: install
+	$(VENV)/bin/criserver serve
+
+lint: venv
+	$(VENV)/bin/ruff check criserver vmagent tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy criserver vmagent
+
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/cri_latency.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+
+# Install the systemd unit (after `make install`); then: systemctl enable --now criserver
+install-service: install
+	install -m 0644 systemd/criserver.service /etc/systemd/system/criserver.service
+	systemctl daemon-reload
