@@ -1,0 +1,122 @@
+"""`criserver check`: one pass/fail line per host prerequisite, each failure with its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from criserver.config import Config, build_options
+from criserver.sandbox.backend import MicroVMOptions
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _qemu(options: MicroVMOptions) -> Result:
+    path = shutil.which(options.qemu_binary)
+    if path is None:
+        return Result("QEMU", False, f"{options.qemu_binary} not found",
+                      "apt-get install qemu-system-x86")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return Result("QEMU", version.returncode == 0, version.stdout.splitlines()[0] if
+                  version.stdout else version.stderr.strip())
+
+
+def _assets(options: MicroVMOptions) -> Result:
+    from criserver.sandbox import assets
+
+    try:
+        found = assets.load(Path(options.assets_dir))
+        found.verify(full=True)
+    except assets.AssetsError as exc:
+        return Result("guest assets", False, exc.message, "make guest")
+    return Result("guest assets", True,
+                  f"{found.path} (kernel {found.kernel_release}), checksums verified")
+
+
+def _accelerator(config: Config, options: MicroVMOptions) -> Result:
+    from criserver.sandbox import accel, assets
+
+    try:
+        found: assets.GuestAssets | None = assets.load(Path(options.assets_dir))
+    except assets.AssetsError:
+        found = None
+    state = Path(config.daemon.state) / "runtimes" / "microvm"
+    chosen = asyncio.run(accel.detect(state, found, qemu_binary=options.qemu_binary))
+    if chosen.name == "kvm":
+        return Result("accelerator", True, f"KVM: {chosen.reason}")
+    return Result("accelerator", True, f"TCG (software emulation, slow): {chosen.reason}",
+                  required=False)
+
+
+def _vsock() -> Result:
+    if os.path.exists("/dev/vhost-vsock"):
+        return Result("vhost-vsock", True, "/dev/vhost-vsock present: agent over vsock")
+    return Result("vhost-vsock", False, "/dev/vhost-vsock missing: the agent uses virtio-serial",
+                  "modprobe vhost_vsock (optional: virtio-serial works without it)",
+                  required=False)
+
+
+def _cni(config: Config) -> Result:
+    wanted = ("bridge", "host-local", "portmap", "loopback")
+    for directory in config.network.cni_bin_dirs:
+        if all(os.access(Path(directory, p), os.X_OK) for p in wanted):
+            return Result("CNI plugins", True, f"{', '.join(wanted)} in {directory}")
+    return Result("CNI plugins", False,
+                  f"{', '.join(wanted)} not all found in {', '.join(config.network.cni_bin_dirs)}",
+                  "apt-get install containernetworking-plugins")
+
+
+def _cgroups() -> Result:
+    mounts = Path("/proc/mounts").read_text()
+    kinds = sorted({line.split()[2] for line in mounts.splitlines()
+                    if line.split()[2] in ("cgroup", "cgroup2")})
+    if kinds:
+        return Result("cgroups", True, f"mounted: {', '.join(kinds)}")
+    return Result("cgroups", False, "no cgroup filesystem mounted", "mount -t cgroup2 none "
+                  "/sys/fs/cgroup")
+
+
+def _kvm_device() -> Result:
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Result("/dev/kvm", True, "present (a boot probe decides whether it is usable)",
+                      required=False)
+    return Result("/dev/kvm", False, "missing or not accessible: pods run under TCG",
+                  "enable virtualisation (or nested virtualisation) for this host",
+                  required=False)
+
+
+def run_checks(config: Config) -> int:
+    """Print the checks; exit status 1 when a required one fails."""
+    handler = config.runtimes.get("microvm")
+    options: MicroVMOptions = (
+        build_options(MicroVMOptions, handler.options, "runtimes.microvm.options")
+        if handler else MicroVMOptions()
+    )
+    checks: list[Callable[[], Result]] = [
+        lambda: _qemu(options), _kvm_device, lambda: _accelerator(config, options), _vsock,
+        lambda: _assets(options), lambda: _cni(config), _cgroups,
+    ]
+    failed = False
+    for check in checks:
+        try:
+            result = check()
+        except Exception as exc:  # a check that crashes is a failed check, not a crash
+            result = Result(getattr(check, "__name__", "check"), False, repr(exc))
+        mark = "ok  " if result.ok else ("FAIL" if result.required else "warn")
+        print(f"[{mark}] {result.name}: {result.detail}")
+        if not result.ok and result.fix:
+            print(f"       fix: {result.fix}")
+        failed |= result.required and not result.ok
+    return 1 if failed else 0
