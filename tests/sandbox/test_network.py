@@ -1,0 +1,363 @@
+"""Pod networking on the host: netns lifecycle, the tap + tc redirect, the composed PodNetwork,
+and leaks, all on real network namespaces with Debian's CNI plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import select
+import shutil
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from criserver.errors import AlreadyExists, InvalidArgument, NotFound
+from criserver.sandbox import netns, tap
+from criserver.sandbox.cni import PodRef, PortMapping
+from criserver.sandbox.network import (
+    GuestInterface,
+    GuestRoute,
+    NetworkInfo,
+    guest_ip_commands,
+)
+from criserver.sandbox.tap import collect
+from tests.sandbox.test_network_support import (
+    NetEnv,
+    chains_of,
+    gone,
+    host_links,
+    in_netns,
+    nat_rules,
+    needs_root_cni,
+    net_env,
+    ping,
+)
+
+_ = net_env  # a fixture: used by name
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def test_guest_ip_commands() -> None:
+    iface = GuestInterface(
+        "eth0",
+        "aa:bb:cc:dd:ee:ff",
+        1450,
+        ["10.1.0.5/24", "fd00::5/64"],
+        [
+            GuestRoute("0.0.0.0/0", "10.1.0.1"),
+            GuestRoute("10.9.0.0/16"),
+            GuestRoute("::/0", "fd00::1"),
+        ],
+    )
+    cmds = [" ".join(c) for c in guest_ip_commands(iface, "eth1")]
+    assert cmds == [
+        "ip link set dev lo up",
+        "ip link set dev eth1 address aa:bb:cc:dd:ee:ff",
+        "ip link set dev eth1 mtu 1450",
+        "ip -4 addr add 10.1.0.5/24 dev eth1",
+        "ip -6 addr add fd00::5/64 dev eth1",
+        "ip link set dev eth1 up",
+        "ip -4 route add default via 10.1.0.1 dev eth1",
+        "ip -4 route add 10.9.0.0/16 dev eth1",
+        "ip -6 route add default via fd00::1 dev eth1",
+    ]
+    assert GuestInterface.from_dict(json.loads(iface.to_json())) == iface
+
+
+@needs_root
+async def test_netns_create_enter_remove(tmp_path: Path) -> None:
+    directory = tmp_path / "netns"
+    path = directory / "p1"
+    try:
+        await netns.create(path)
+        assert netns.is_netns(path)
+        with pytest.raises(AlreadyExists):
+            await netns.create(path)
+        async with netns.rtnl(path) as ipr:
+            names = [link.get("ifname") for link in await collect(await ipr.link("dump"))]
+        assert names == ["lo"]
+        # run_in runs on a thread inside the netns: its netns inode differs from ours.
+        inner = await netns.run_in(path, lambda: os.stat("/proc/thread-self/ns/net").st_ino)
+        assert inner == os.stat(path).st_ino != os.stat("/proc/self/ns/net").st_ino
+        await netns.remove(path)
+        await netns.remove(path)  # idempotent
+        assert not path.exists() and not netns.is_netns(path)
+        with pytest.raises(NotFound):
+            await netns.run_in(path, lambda: None)
+    finally:
+        await netns.remove(path)
+        await netns.release_dir(directory)
+    assert not directory.exists()
+
+
+async def _cni_pod(env: NetEnv, pod_id: str) -> tuple[Path, str]:
+    cni = env.cni()
+    path = env.netns_dir / pod_id
+    await netns.create(path)
+    result = await cni.add(PodRef(pod_id, pod_id, "default", "uid"), str(path))
+    return path, result.pod_ips()[0]
+
+
+@needs_root_cni
+async def test_two_pods_talk_through_the_bridge(net_env: NetEnv) -> None:
+    a, ip_a = await _cni_pod(net_env, "pa")
+    b, ip_b = await _cni_pod(net_env, "pb")
+    assert ip_a != ip_b
+    assert await ping(a, ip_b) and await ping(b, ip_a)
+
+
+@needs_root_cni
+async def test_take_over_installs_tap_and_redirects(net_env: NetEnv) -> None:
+    path, ip = await _cni_pod(net_env, "pt")
+    before = await in_netns(path, "ip", "-j", "link", "show", "eth0")
+    mac = json.loads(before)[0]["address"]
+    info, guest = await tap.take_over(path)
+    assert (info.name, info.mac, info.mtu) == ("tap0", mac, 1500)
+    gateway = net_env.subnet.rsplit(".", 1)[0] + ".1"
+    assert guest == GuestInterface(
+        "eth0", mac, 1500, [f"{ip}/24"], [GuestRoute("0.0.0.0/0", gateway)]
+    )
+    async with netns.rtnl(path) as ipr:
+        eth0 = (await ipr.link_lookup(ifname="eth0"))[0]
+        tap0 = (await ipr.link_lookup(ifname="tap0"))[0]
+        assert await collect(await ipr.addr("dump", index=eth0)) == []  # flushed
+        for src, dst in ((eth0, tap0), (tap0, eth0)):
+            qdiscs = await collect(await ipr.get_qdiscs(index=src))
+            assert any(q.get("TCA_KIND") == "ingress" for q in qdiscs)
+            filters = await collect(await ipr.get_filters(index=src, parent=0xFFFF0000))
+            assert _mirred_targets(filters) == [dst]
+        link = (await collect(await ipr.link("get", index=tap0)))[0]
+        assert link.get("IFLA_MTU") == 1500 and link["flags"] & 1  # IFF_UP
+    # The tap fd for QEMU attaches to this tap, and only to an existing one.
+    fd = await tap.open_tap_fd(path)
+    os.close(fd)
+    with pytest.raises(NotFound):
+        await tap.open_tap_fd(path, "tap9")
+
+
+def _mirred_targets(filters: list[object]) -> list[int]:
+    targets = []
+    for f in filters:
+        options = f.get_attr("TCA_OPTIONS")  # type: ignore[attr-defined]
+        acts = options.get_attr("TCA_U32_ACT") if options else None
+        if not acts:
+            continue
+        for _, act in acts["attrs"]:
+            if act.get_attr("TCA_ACT_KIND") == "mirred":
+                parms = act.get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")
+                assert parms["eaction"] == 1  # TCA_EGRESS_REDIR
+                targets.append(int(parms["ifindex"]))
+    return targets
+
+
+# -- a stand-in guest on the tap fd: answers ARP and ping for the pod IP -------------------
+
+VNET_HDR = 10  # struct virtio_net_hdr: the tap was made with IFF_VNET_HDR
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _answer(frame: bytes, mac: bytes, ip: bytes) -> bytes | None:
+    dst, src, ethertype = frame[:6], frame[6:12], struct.unpack("!H", frame[12:14])[0]
+    if ethertype == 0x0806 and frame[20:22] == b"\0\1" and frame[38:42] == ip:
+        sender_mac, sender_ip = frame[22:28], frame[28:32]
+        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) + mac + ip + sender_mac + sender_ip
+        return src + mac + b"\x08\x06" + arp
+    if ethertype == 0x0800 and dst == mac and frame[23] == 1 and frame[30:34] == ip:
+        ihl = (frame[14] & 0xF) * 4
+        icmp = bytearray(frame[14 + ihl :])
+        if icmp[0] != 8:
+            return None
+        icmp[0], icmp[2:4] = 0, b"\0\0"
+        icmp[2:4] = struct.pack("!H", _csum(bytes(icmp)))
+        header = bytearray(frame[14 : 14 + ihl])
+        header[12:16], header[16:20], header[10:12] = frame[30:34], frame[26:30], b"\0\0"
+        header[10:12] = struct.pack("!H", _csum(bytes(header)))
+        return src + mac + b"\x08\x00" + bytes(header) + bytes(icmp)
+    return None
+
+
+def _fake_guest(fd: int, mac: str, ip: str, stop: threading.Event) -> int:
+    mac_b, ip_b, answered = bytes.fromhex(mac.replace(":", "")), socket.inet_aton(ip), 0
+    while not stop.is_set():
+        if not select.select([fd], [], [], 0.1)[0]:
+            continue
+        frame = os.read(fd, 65536)[VNET_HDR:]
+        reply = _answer(frame, mac_b, ip_b)
+        if reply is not None:
+            os.write(fd, bytes(VNET_HDR) + reply)
+            answered += 1
+    return answered
+
+
+@needs_root_cni
+async def test_traffic_crosses_the_redirect_both_ways(net_env: NetEnv) -> None:
+    client, _ = await _cni_pod(net_env, "pc")
+    server, server_ip = await _cni_pod(net_env, "ps")
+    info, guest = await tap.take_over(server)
+    # The netns no longer owns the IP: nothing answers until a "guest" holds the tap.
+    assert not await ping(client, server_ip, count=1)
+    fd = await tap.open_tap_fd(server)
+    stop = threading.Event()
+    answering = asyncio.ensure_future(asyncio.to_thread(_fake_guest, fd, info.mac, server_ip, stop))
+    try:
+        assert await ping(client, server_ip)
+    finally:
+        stop.set()
+        answered = await answering
+        os.close(fd)
+    assert answered >= 1  # the echo reply came from the tap, through eth0's redirect
+    assert guest.addresses == [f"{server_ip}/24"]
+
+
+@needs_root_cni
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="needs QEMU")
+async def test_qemu_attaches_to_the_tap_fd(net_env: NetEnv, tmp_path: Path) -> None:
+    path, _ = await _cni_pod(net_env, "pq")
+    info, _ = await tap.take_over(path)
+    assert "NO-CARRIER" in await in_netns(path, "ip", "link", "show", "tap0")
+    fd = await tap.open_tap_fd(path)
+    try:
+        qemu = await asyncio.create_subprocess_exec(
+            "qemu-system-x86_64",
+            "-M",
+            "microvm",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-S",
+            *info.qemu_netdev_args(fd),
+            pass_fds=(fd,),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(fd)  # QEMU holds its own copy
+    try:
+        for _ in range(100):
+            out = await in_netns(path, "ip", "link", "show", "tap0")
+            if "LOWER_UP" in out or qemu.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert qemu.returncode is None, (await qemu.stderr.read()).decode()  # type: ignore[union-attr]
+        assert "LOWER_UP" in out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            qemu.kill()
+        await qemu.wait()
+    # The tap is persistent: it outlives QEMU (a restarted VM attaches to the same one).
+    assert "NO-CARRIER" in await in_netns(path, "ip", "link", "show", "tap0")
+
+
+@needs_root_cni
+async def test_pod_network_setup_and_teardown(net_env: NetEnv) -> None:
+    net = net_env.pod_network()
+    assert (await net.status()).ready
+    info = await net.setup("pod1", "web", "default", "uid1", [PortMapping(18095, 80)])
+    assert info.netns == str(net_env.netns_dir / "pod1") and netns.is_netns(Path(info.netns))
+    assert info.guest.addresses == [f"{info.ips[0]}/24"] and info.guest.mac == info.tap.mac
+    assert NetworkInfo.from_dict(json.loads(info.to_json())) == info
+    assert net_env.allocations() == info.ips
+    rules = await nat_rules()
+    assert [r for r in rules if "--dports 18095" in r]
+    chains = chains_of(rules, "pod1")
+    assert len(chains) >= 2  # masquerade + hostport DNAT
+    with pytest.raises(AlreadyExists):
+        await net.setup("pod1", "web", "default", "uid1")
+
+    await net.teardown("pod1")
+    await net.teardown("pod1")  # idempotent
+    assert gone(info.netns) and net_env.allocations() == []
+    rules = await nat_rules()
+    assert await net_env.our_rules() == [] and not [r for r in rules if "18095" in r]
+    assert not {r.split()[1] for r in rules if r.startswith("-N ")} & chains
+    await net.teardown("never-created")
+
+
+@needs_root_cni
+async def test_teardown_when_the_netns_is_already_gone(net_env: NetEnv) -> None:
+    net = net_env.pod_network()
+    info = await net.setup("pod2", "web", "default", "uid2", [PortMapping(18096, 80)])
+    await netns.remove(Path(info.netns))  # e.g. removed by hand, or a crash mid-teardown
+    await net.teardown("pod2")
+    assert gone(info.netns) and net_env.allocations() == []
+    assert await net_env.our_rules() == []
+    assert not [r for r in await nat_rules() if "18096" in r]
+
+
+@needs_root_cni
+async def test_host_network_refused_and_failed_setup_rolls_back(net_env: NetEnv) -> None:
+    net = net_env.pod_network()
+    with pytest.raises(InvalidArgument):
+        await net.setup("pod3", "web", "default", "uid3", host_network=True)
+    assert gone(net_env.netns_dir / "pod3")
+    # A conflist whose ADD fails: nothing may stay behind.
+    (net_env.conf_dir / "10-bad.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": net_env.name,
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "x" * 20,
+                        "ipam": {
+                            "type": "host-local",
+                            "subnet": net_env.subnet,
+                            "dataDir": str(net_env.ipam_dir),
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    with pytest.raises(Exception, match="failed to create bridge"):
+        await net.setup("pod3", "web", "default", "uid3")
+    assert gone(net_env.netns_dir / "pod3")
+    assert await net.cni.result("pod3") is None and net_env.allocations() == []
+
+
+@needs_root_cni
+async def test_no_leaks_after_many_cycles(net_env: NetEnv) -> None:
+    net = net_env.pod_network()
+    links_before, rules_before = await host_links(), set(await nat_rules())
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for round_ in range(3):
+        ids = [f"leak{round_}-{i}" for i in range(4)]
+        await asyncio.gather(
+            *(
+                net.setup(i, i, "default", "u", [PortMapping(19000 + n, 80)])
+                for n, i in enumerate(ids)
+            )
+        )
+        assert len(net_env.allocations()) == 4
+        await asyncio.gather(*(net.teardown(i) for i in ids))
+    # The bridge stays (it is shared by all pods, like cni0); netns cleanup is asynchronous in
+    # the kernel, so give the host-side veths a moment to go.
+    for _ in range(50):
+        extra = (await host_links()) - links_before - {net_env.bridge}
+        if not extra:
+            break
+        await asyncio.sleep(0.1)
+    assert extra == set()
+    assert os.listdir(net_env.netns_dir) == []
+    assert net_env.allocations() == []
+    assert os.listdir(net_env.cache_dir / "results") == []
+    new_rules = set(await nat_rules()) - rules_before
+    # Only the shared portmap chains may appear (first hostPort pod on this host).
+    assert {r for r in new_rules if "CNI-HOSTPORT" not in r.split()[1]} == set()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
