@@ -15,6 +15,7 @@ mkdir -p "$out/criserver/api/runtime/v1" "$out/vmagent/api"
 
 if [ -f proto/agent.proto ]; then
     "$python" -m grpc_tools.protoc -I proto --python_out="$out/vmagent/api" \
+        --pyi_out="$out/vmagent/api" \
         --plugin=protoc-gen-grpclib_python="$(dirname "$python")/protoc-gen-grpclib_python" \
         --grpclib_python_out="$out/vmagent/api" agent.proto
     # protoc writes a top-level import; the agent code lives in the vmagent.api package.

@@ -1,0 +1,317 @@
+"""Host side of the guest-agent channel: one HTTP/2 (grpclib) connection per pod to vmagent, over
+QEMU's virtio-serial chardev socket or AF_VSOCK, with a timeout on every call, a wait for the
+guest to boot, reconnection after the connection drops, and errors that name the pod and call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from grpclib.client import Channel
+from grpclib.client import Handler as _ClientHandler
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
+
+from criserver import errors
+from vmagent.api import agent_pb2 as pb
+from vmagent.api.agent_grpc import AgentStub, HealthStub
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALL_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# A connection whose calls time out this many times in a row is presumed dead on the guest side
+# (the agent restarted and now discards our frames): the next call opens a new one.
+_TIMEOUTS_BEFORE_RECONNECT = 2
+
+_STATUS_ERRORS: dict[Status, type[errors.CriError]] = {
+    Status.NOT_FOUND: errors.NotFound,
+    Status.INVALID_ARGUMENT: errors.InvalidArgument,
+    Status.ALREADY_EXISTS: errors.AlreadyExists,
+    Status.FAILED_PRECONDITION: errors.FailedPrecondition,
+    Status.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    Status.UNIMPLEMENTED: errors.Unimplemented,
+    Status.UNAVAILABLE: errors.Unavailable,
+    Status.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+}
+
+
+class ConnState(enum.Enum):
+    IDLE = "idle"  # no connection; the next call opens one
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"  # close() was called: calls fail at once
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    """Where the agent listens: QEMU's chardev socket (virtio-serial) or a vsock (cid, port)."""
+
+    unix_path: str | None = None
+    vsock_cid: int | None = None
+    vsock_port: int = 1024
+
+    def __post_init__(self) -> None:
+        if (self.unix_path is None) == (self.vsock_cid is None):
+            raise ValueError("AgentAddress needs exactly one of unix_path and vsock_cid")
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        return f"vsock:{self.vsock_cid}:{self.vsock_port}"
+
+
+class _WatchedH2Protocol(H2Protocol):
+    """grpclib's client protocol, plus a callback when the connection goes away."""
+
+    on_lost: Callable[[_WatchedH2Protocol, BaseException | None], None] | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)  # fails the connection's pending streams
+        if self.on_lost is not None:
+            self.on_lost(self, exc)
+
+
+class _AgentChannel(Channel):
+    """A grpclib Channel that can also dial AF_VSOCK and reports connection loss.
+    Relies on grpclib 0.4.9's `_protocol_factory`/`_create_connection` seams (pinned)."""
+
+    def __init__(
+        self,
+        address: AgentAddress,
+        on_lost: Callable[[_WatchedH2Protocol, BaseException | None], None],
+    ) -> None:
+        if address.unix_path is not None:
+            super().__init__(path=address.unix_path)
+        else:
+            # host/port only shape the :authority header; the socket is made below.
+            super().__init__(host="localhost", port=address.vsock_port)
+        self._address = address
+        self._on_lost = on_lost
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = _WatchedH2Protocol(_ClientHandler(), self._config, self._h2_config)
+        protocol.on_lost = self._on_lost
+        return protocol
+
+    async def _create_connection(self) -> H2Protocol:
+        if self._address.vsock_cid is None:
+            return await super()._create_connection()
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (self._address.vsock_cid, self._address.vsock_port))
+            _, protocol = await loop.create_connection(self._protocol_factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return protocol
+
+
+class AgentClient:
+    """The daemon's handle on one pod's agent.
+
+    Every call has a timeout. A dropped connection fails the calls pending on it at once (with
+    `Unavailable`) and the next call opens a new HTTP/2 connection: that is also what happens
+    after a daemon restart, since the agent serves each new connection from scratch. Calls that
+    change guest state carry request ids (see agent.proto), so a caller may retry them.
+    """
+
+    def __init__(
+        self,
+        pod_id: str,
+        address: AgentAddress,
+        *,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        self.pod_id = pod_id
+        self.address = address
+        self.call_timeout = call_timeout
+        self.connect_timeout = connect_timeout
+        self._state = ConnState.IDLE
+        self._channel: _AgentChannel | None = None
+        self._lock = asyncio.Lock()
+        self._timeouts = 0
+        self.connects = 0
+        # The agent identity seen by the last Health.Check: a change means the guest rebooted
+        # or the agent restarted, and the caller must re-sync its view of the pod.
+        self.agent_instance_id: str | None = None
+
+    @property
+    def state(self) -> ConnState:
+        return self._state
+
+    def _closed(self) -> bool:
+        return self._state is ConnState.CLOSED
+
+    def _err(self, cls: type[errors.CriError], call: str, detail: str) -> errors.CriError:
+        return cls(f"pod {self.pod_id}: agent call {call} ({self.address}): {detail}")
+
+    # --- connection ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection if there is none. Raises Unavailable or DeadlineExceeded."""
+        if self._closed():
+            raise self._err(errors.FailedPrecondition, "connect", "client is closed")
+        if self._state is ConnState.READY:
+            return
+        async with self._lock:
+            if self._state is not ConnState.IDLE:
+                if self._closed():
+                    raise self._err(errors.FailedPrecondition, "connect", "client is closed")
+                return
+            self._state = ConnState.CONNECTING
+            channel = _AgentChannel(self.address, self._on_lost)
+            try:
+                await asyncio.wait_for(channel.__connect__(), self.connect_timeout)
+            except BaseException as exc:
+                channel.close()
+                if not self._closed():
+                    self._state = ConnState.IDLE
+                if isinstance(exc, TimeoutError):
+                    raise self._err(errors.DeadlineExceeded, "connect",
+                                    f"no connection within {self.connect_timeout:.1f}s") from exc
+                if isinstance(exc, OSError):
+                    raise self._err(errors.Unavailable, "connect", str(exc)) from exc
+                raise
+            if self._closed():  # close() was called while we connected
+                channel.close()
+                raise self._err(errors.FailedPrecondition, "connect", "client is closed")
+            self._channel = channel
+            self._timeouts = 0
+            self.connects += 1
+            self._state = ConnState.READY
+            log.info("agent connected pod=%s address=%s connects=%d", self.pod_id,
+                     self.address, self.connects)
+
+    def _on_lost(self, protocol: _WatchedH2Protocol, exc: BaseException | None) -> None:
+        channel = self._channel
+        if channel is None or getattr(channel, "_protocol", None) is not protocol:
+            return  # an older connection we already dropped
+        self._channel = None
+        if self._state is ConnState.READY:
+            self._state = ConnState.IDLE
+        log.warning("agent connection lost pod=%s address=%s error=%s", self.pod_id,
+                    self.address, exc)
+
+    def _drop(self) -> None:
+        channel, self._channel = self._channel, None
+        if self._state is ConnState.READY:
+            self._state = ConnState.IDLE
+        if channel is not None:
+            channel.close()  # fails the streams still pending on it
+
+    async def reconnect(self) -> None:
+        """Forget the current connection and open a new one."""
+        self._drop()
+        await self.connect()
+
+    def close(self) -> None:
+        self._state = ConnState.CLOSED
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    # --- calls -----------------------------------------------------------------------------
+
+    async def call(self, name: str, request: Any, *, timeout: float | None = None,
+                   _count_timeouts: bool = True) -> Any:
+        """Unary call `name` of the Health or Agent service, mapped to criserver errors."""
+        timeout = self.call_timeout if timeout is None else timeout
+        await self.connect()
+        channel = self._channel
+        if channel is None:
+            raise self._err(errors.Unavailable, name, "connection lost")
+        stub: Any = HealthStub(channel) if name == "Check" else AgentStub(channel)
+        try:
+            reply = await getattr(stub, name)(request, timeout=timeout)
+        except GRPCError as exc:
+            self._timeouts = 0
+            cls = _STATUS_ERRORS.get(exc.status, errors.Internal)
+            raise self._err(cls, name, f"{exc.status.name}: {exc.message}") from exc
+        except TimeoutError as exc:
+            if _count_timeouts:
+                self._timeouts += 1
+                if self._timeouts >= _TIMEOUTS_BEFORE_RECONNECT and self._channel is channel:
+                    log.warning("agent unresponsive, reconnecting pod=%s timeouts=%d",
+                                self.pod_id, self._timeouts)
+                    self._drop()
+            raise self._err(errors.DeadlineExceeded, name,
+                            f"no answer within {timeout:.1f}s") from exc
+        except (StreamTerminatedError, ProtocolError, ConnectionError, OSError) as exc:
+            if self._channel is channel:
+                self._drop()
+            raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
+        self._timeouts = 0
+        return reply
+
+    async def check(self, *, timeout: float | None = None) -> pb.CheckResponse:
+        reply: pb.CheckResponse = await self.call("Check", pb.CheckRequest(), timeout=timeout)
+        if self.agent_instance_id not in (None, reply.agent_instance_id):
+            log.warning("agent restarted pod=%s old=%s new=%s", self.pod_id,
+                        self.agent_instance_id, reply.agent_instance_id)
+        self.agent_instance_id = reply.agent_instance_id
+        return reply
+
+    async def wait_ready(self, deadline: float) -> pb.CheckResponse:
+        """Retry Health.Check until it answers or `deadline` (time.monotonic()) passes.
+
+        Used right after QEMU starts: QEMU accepts the connection long before the agent runs
+        and holds our bytes until the guest opens the port, so a connection that does not
+        answer yet is kept (its queued checks get answered) rather than replaced.
+        """
+        attempt_timeout = 1.0
+        backoff = 0.02
+        last: Exception | None = None
+        attempts = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._err(errors.DeadlineExceeded, "wait_ready",
+                                f"agent did not answer after {attempts} attempts: {last}")
+            attempts += 1
+            try:
+                return await self.check(timeout=min(attempt_timeout, remaining))
+            except errors.DeadlineExceeded as exc:
+                last = exc
+                attempt_timeout = min(attempt_timeout * 2, 8.0)
+                # check() counted this timeout; during boot silence is expected.
+                self._timeouts = 0
+            except (errors.Unavailable, errors.FailedPrecondition) as exc:
+                if self._state is ConnState.CLOSED:
+                    raise
+                last = exc
+                await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 0.5)
+
+    async def setup_sandbox(self, request: pb.SetupSandboxRequest) -> pb.SetupSandboxResponse:
+        reply: pb.SetupSandboxResponse = await self.call("SetupSandbox", request)
+        return reply
+
+    async def exec_sync(self, request: pb.ExecSyncRequest,
+                        timeout: float | None = None) -> pb.ExecSyncResponse:
+        """The call's timeout defaults to the process timeout plus the usual call timeout."""
+        if timeout is None:
+            timeout = request.timeout_seconds + self.call_timeout if request.timeout_seconds \
+                else None
+        reply: pb.ExecSyncResponse = await self.call("ExecSync", request, timeout=timeout)
+        return reply
+
+    async def stats(self, request: pb.StatsRequest | None = None) -> pb.StatsResponse:
+        reply: pb.StatsResponse = await self.call("Stats", request or pb.StatsRequest())
+        return reply
+
+    async def shutdown(self, action: int = pb.ShutdownRequest.POWEROFF,
+                       grace_seconds: float = 0.0) -> None:
+        await self.call("Shutdown", pb.ShutdownRequest(action=action,  # type: ignore[arg-type]
+                                                        grace_seconds=grace_seconds))

@@ -1,0 +1,467 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckResponse(_message.Message):
+    __slots__ = ("agent_version", "agent_instance_id", "kernel_release", "boot_id", "boot_time_unix_nanos", "uptime_seconds", "agent_started_uptime_seconds", "agent_serving_uptime_seconds", "transport", "connection_serial", "sandbox_ready", "agent_pid")
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    BOOT_TIME_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STARTED_UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_SERVING_UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_READY_FIELD_NUMBER: _ClassVar[int]
+    AGENT_PID_FIELD_NUMBER: _ClassVar[int]
+    agent_version: str
+    agent_instance_id: str
+    kernel_release: str
+    boot_id: str
+    boot_time_unix_nanos: int
+    uptime_seconds: float
+    agent_started_uptime_seconds: float
+    agent_serving_uptime_seconds: float
+    transport: str
+    connection_serial: int
+    sandbox_ready: bool
+    agent_pid: int
+    def __init__(self, agent_version: _Optional[str] = ..., agent_instance_id: _Optional[str] = ..., kernel_release: _Optional[str] = ..., boot_id: _Optional[str] = ..., boot_time_unix_nanos: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., agent_started_uptime_seconds: _Optional[float] = ..., agent_serving_uptime_seconds: _Optional[float] = ..., transport: _Optional[str] = ..., connection_serial: _Optional[int] = ..., sandbox_ready: _Optional[bool] = ..., agent_pid: _Optional[int] = ...) -> None: ...
+
+class SetupSandboxRequest(_message.Message):
+    __slots__ = ("request_id", "sandbox_id", "hostname", "resolv_conf", "sysctls", "hosts")
+    class SysctlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    RESOLV_CONF_FIELD_NUMBER: _ClassVar[int]
+    SYSCTLS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    sandbox_id: str
+    hostname: str
+    resolv_conf: str
+    sysctls: _containers.ScalarMap[str, str]
+    hosts: str
+    def __init__(self, request_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., resolv_conf: _Optional[str] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., hosts: _Optional[str] = ...) -> None: ...
+
+class SetupSandboxResponse(_message.Message):
+    __slots__ = ("hostname", "resolv_conf_path", "hosts_path", "applied_sysctls")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    RESOLV_CONF_PATH_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_PATH_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SYSCTLS_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    resolv_conf_path: str
+    hosts_path: str
+    applied_sysctls: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., resolv_conf_path: _Optional[str] = ..., hosts_path: _Optional[str] = ..., applied_sysctls: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ShutdownRequest(_message.Message):
+    __slots__ = ("action", "grace_seconds")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        POWEROFF: _ClassVar[ShutdownRequest.Action]
+        REBOOT: _ClassVar[ShutdownRequest.Action]
+    POWEROFF: ShutdownRequest.Action
+    REBOOT: ShutdownRequest.Action
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    action: ShutdownRequest.Action
+    grace_seconds: float
+    def __init__(self, action: _Optional[_Union[ShutdownRequest.Action, str]] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("container_ids",)
+    CONTAINER_IDS_FIELD_NUMBER: _ClassVar[int]
+    container_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, container_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("guest", "containers")
+    GUEST_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    guest: GuestStats
+    containers: _containers.RepeatedCompositeFieldContainer[ContainerStats]
+    def __init__(self, guest: _Optional[_Union[GuestStats, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[ContainerStats, _Mapping]]] = ...) -> None: ...
+
+class GuestStats(_message.Message):
+    __slots__ = ("timestamp_unix_nanos", "memory_total_bytes", "memory_available_bytes", "cpu_usage_nanos", "load1", "processes")
+    TIMESTAMP_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_USAGE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    timestamp_unix_nanos: int
+    memory_total_bytes: int
+    memory_available_bytes: int
+    cpu_usage_nanos: int
+    load1: float
+    processes: int
+    def __init__(self, timestamp_unix_nanos: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., cpu_usage_nanos: _Optional[int] = ..., load1: _Optional[float] = ..., processes: _Optional[int] = ...) -> None: ...
+
+class ContainerStats(_message.Message):
+    __slots__ = ("container_id", "timestamp_unix_nanos", "cpu_usage_nanos", "memory_usage_bytes", "memory_working_set_bytes", "memory_rss_bytes", "pids", "writable_layer_bytes")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    CPU_USAGE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    timestamp_unix_nanos: int
+    cpu_usage_nanos: int
+    memory_usage_bytes: int
+    memory_working_set_bytes: int
+    memory_rss_bytes: int
+    pids: int
+    writable_layer_bytes: int
+    def __init__(self, container_id: _Optional[str] = ..., timestamp_unix_nanos: _Optional[int] = ..., cpu_usage_nanos: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_working_set_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., writable_layer_bytes: _Optional[int] = ...) -> None: ...
+
+class Mount(_message.Message):
+    __slots__ = ("type", "source", "target", "options")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    source: str
+    target: str
+    options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, type: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Rootfs(_message.Message):
+    __slots__ = ("lowers", "upper", "read_only")
+    LOWERS_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    lowers: _containers.RepeatedCompositeFieldContainer[Mount]
+    upper: Mount
+    read_only: bool
+    def __init__(self, lowers: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., upper: _Optional[_Union[Mount, _Mapping]] = ..., read_only: _Optional[bool] = ...) -> None: ...
+
+class StdioOptions(_message.Message):
+    __slots__ = ("tty", "stdin", "stdin_once", "buffer_bytes")
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    STDIN_ONCE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tty: bool
+    stdin: bool
+    stdin_once: bool
+    buffer_bytes: int
+    def __init__(self, tty: _Optional[bool] = ..., stdin: _Optional[bool] = ..., stdin_once: _Optional[bool] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
+
+class CreateContainerRequest(_message.Message):
+    __slots__ = ("request_id", "container_id", "sandbox_id", "oci_spec_json", "rootfs", "stdio", "mounts")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    OCI_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    STDIO_FIELD_NUMBER: _ClassVar[int]
+    MOUNTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    container_id: str
+    sandbox_id: str
+    oci_spec_json: bytes
+    rootfs: Rootfs
+    stdio: StdioOptions
+    mounts: _containers.RepeatedCompositeFieldContainer[Mount]
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., stdio: _Optional[_Union[StdioOptions, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ...) -> None: ...
+
+class StartContainerRequest(_message.Message):
+    __slots__ = ("request_id", "container_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    container_id: str
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ...) -> None: ...
+
+class SignalContainerRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "signal", "all")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    signal: int
+    all: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class WaitContainerRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class ExitStatus(_message.Message):
+    __slots__ = ("exit_code", "signal", "reason", "finished_at_unix_nanos", "oom_killed")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    signal: int
+    reason: str
+    finished_at_unix_nanos: int
+    oom_killed: bool
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., reason: _Optional[str] = ..., finished_at_unix_nanos: _Optional[int] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
+
+class DeleteContainerRequest(_message.Message):
+    __slots__ = ("container_id", "force")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    force: bool
+    def __init__(self, container_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class ContainerState(_message.Message):
+    __slots__ = ("container_id", "status", "pid", "created_at_unix_nanos", "started_at_unix_nanos", "exit")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNKNOWN: _ClassVar[ContainerState.Status]
+        CREATED: _ClassVar[ContainerState.Status]
+        RUNNING: _ClassVar[ContainerState.Status]
+        PAUSED: _ClassVar[ContainerState.Status]
+        STOPPED: _ClassVar[ContainerState.Status]
+    UNKNOWN: ContainerState.Status
+    CREATED: ContainerState.Status
+    RUNNING: ContainerState.Status
+    PAUSED: ContainerState.Status
+    STOPPED: ContainerState.Status
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    status: ContainerState.Status
+    pid: int
+    created_at_unix_nanos: int
+    started_at_unix_nanos: int
+    exit: ExitStatus
+    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerState.Status, str]] = ..., pid: _Optional[int] = ..., created_at_unix_nanos: _Optional[int] = ..., started_at_unix_nanos: _Optional[int] = ..., exit: _Optional[_Union[ExitStatus, _Mapping]] = ...) -> None: ...
+
+class ListContainersResponse(_message.Message):
+    __slots__ = ("containers",)
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    containers: _containers.RepeatedCompositeFieldContainer[ContainerState]
+    def __init__(self, containers: _Optional[_Iterable[_Union[ContainerState, _Mapping]]] = ...) -> None: ...
+
+class UpdateResourcesRequest(_message.Message):
+    __slots__ = ("container_id", "linux_resources_json")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    LINUX_RESOURCES_JSON_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    linux_resources_json: bytes
+    def __init__(self, container_id: _Optional[str] = ..., linux_resources_json: _Optional[bytes] = ...) -> None: ...
+
+class User(_message.Message):
+    __slots__ = ("uid", "gid", "additional_gids")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    ADDITIONAL_GIDS_FIELD_NUMBER: _ClassVar[int]
+    uid: int
+    gid: int
+    additional_gids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Process(_message.Message):
+    __slots__ = ("argv", "env", "cwd", "user", "tty")
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.RepeatedScalarFieldContainer[str]
+    cwd: str
+    user: User
+    tty: bool
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., tty: _Optional[bool] = ...) -> None: ...
+
+class ExecSyncRequest(_message.Message):
+    __slots__ = ("request_id", "container_id", "process", "timeout_seconds", "output_limit_bytes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    container_id: str
+    process: Process
+    timeout_seconds: float
+    output_limit_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., output_limit_bytes: _Optional[int] = ...) -> None: ...
+
+class ExecSyncResponse(_message.Message):
+    __slots__ = ("stdout", "stderr", "exit_code", "signal", "timed_out", "stdout_truncated", "stderr_truncated")
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    STDERR_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    signal: int
+    timed_out: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., stdout_truncated: _Optional[bool] = ..., stderr_truncated: _Optional[bool] = ...) -> None: ...
+
+class TtySize(_message.Message):
+    __slots__ = ("rows", "cols")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
+
+class ExecStart(_message.Message):
+    __slots__ = ("request_id", "container_id", "exec_id", "process", "stdin")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    container_id: str
+    exec_id: str
+    process: Process
+    stdin: bool
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., stdin: _Optional[bool] = ...) -> None: ...
+
+class AttachStart(_message.Message):
+    __slots__ = ("container_id", "stdin", "stdout", "stderr")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    stdin: bool
+    stdout: bool
+    stderr: bool
+    def __init__(self, container_id: _Optional[str] = ..., stdin: _Optional[bool] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ...) -> None: ...
+
+class StdioInput(_message.Message):
+    __slots__ = ("start", "attach", "stdin", "close_stdin", "resize")
+    START_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    start: ExecStart
+    attach: AttachStart
+    stdin: bytes
+    close_stdin: bool
+    resize: TtySize
+    def __init__(self, start: _Optional[_Union[ExecStart, _Mapping]] = ..., attach: _Optional[_Union[AttachStart, _Mapping]] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ..., resize: _Optional[_Union[TtySize, _Mapping]] = ...) -> None: ...
+
+class StdioOutput(_message.Message):
+    __slots__ = ("started_pid", "stdout", "stderr", "exit")
+    STARTED_PID_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    started_pid: int
+    stdout: bytes
+    stderr: bytes
+    exit: ExitStatus
+    def __init__(self, started_pid: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit: _Optional[_Union[ExitStatus, _Mapping]] = ...) -> None: ...
+
+class ReadStdioRequest(_message.Message):
+    __slots__ = ("container_id", "offset", "follow")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    offset: int
+    follow: bool
+    def __init__(self, container_id: _Optional[str] = ..., offset: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class StdioChunk(_message.Message):
+    __slots__ = ("offset", "stream", "data", "time_unix_nanos", "eof")
+    class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STDOUT: _ClassVar[StdioChunk.Stream]
+        STDERR: _ClassVar[StdioChunk.Stream]
+    STDOUT: StdioChunk.Stream
+    STDERR: StdioChunk.Stream
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    stream: StdioChunk.Stream
+    data: bytes
+    time_unix_nanos: int
+    eof: bool
+    def __init__(self, offset: _Optional[int] = ..., stream: _Optional[_Union[StdioChunk.Stream, str]] = ..., data: _Optional[bytes] = ..., time_unix_nanos: _Optional[int] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class PortForwardStart(_message.Message):
+    __slots__ = ("port", "address")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    address: str
+    def __init__(self, port: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class PortForwardInput(_message.Message):
+    __slots__ = ("start", "data", "close_write")
+    START_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_WRITE_FIELD_NUMBER: _ClassVar[int]
+    start: PortForwardStart
+    data: bytes
+    close_write: bool
+    def __init__(self, start: _Optional[_Union[PortForwardStart, _Mapping]] = ..., data: _Optional[bytes] = ..., close_write: _Optional[bool] = ...) -> None: ...
+
+class PortForwardOutput(_message.Message):
+    __slots__ = ("connected", "data", "eof")
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    connected: bool
+    data: bytes
+    eof: bool
+    def __init__(self, connected: _Optional[bool] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,83 @@
+"""The agent's life: read settings, become a good PID 1, serve until asked to shut down, then
+power the VM off. As PID 1 it must never exit (the kernel panics): failures power off instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from vmagent import guestinfo
+from vmagent.settings import Settings, load
+
+log = logging.getLogger("vmagent")
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s vmagent %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+async def serve(settings: Settings, started_uptime: float) -> int:
+    """Serve until Shutdown or SIGTERM; returns the reboot(2) action to take."""
+    # Imported here so `main` can report a broken install through the log instead of dying
+    # with a bare traceback on the console.
+    from vmagent.pid1 import RB_AUTOBOOT, RB_POWER_OFF, Reaper, become_subreaper
+    from vmagent.server import AgentServer
+    from vmagent.service import AgentService, AgentState, HealthService
+
+    log.info("imported uptime=%.3f", guestinfo.uptime())
+    loop = asyncio.get_running_loop()
+    reaper = Reaper(loop)
+    reaper.install()
+    state = AgentState(reaper, settings.run_dir, started_uptime)
+    server = AgentServer(
+        [HealthService(state), AgentService(state)], settings.transport,
+        port_name=settings.port_name, vsock_port=settings.vsock_port,
+        poll_interval=settings.poll_interval)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _request, state.shutdown_requested)
+    await server.start()
+    state.transport = server.kind
+    state.connections = lambda: server.connections
+    state.serving_uptime = guestinfo.uptime()
+    log.info("ready started_uptime=%.3f serving_uptime=%.3f", started_uptime,
+             state.serving_uptime)
+    # Work that can wait until the host can already reach us.
+    loop.call_soon(become_subreaper)
+    action = await state.shutdown_requested
+    # Let the Shutdown answer leave before the connection goes away.
+    await asyncio.sleep(0.05)
+    server.close()
+    return RB_AUTOBOOT if action == 1 else RB_POWER_OFF
+
+
+def _request(fut: asyncio.Future[int]) -> None:
+    if not fut.done():
+        fut.set_result(0)
+
+
+def main(argv: list[str], started_uptime: float | None = None) -> int:
+    if started_uptime is None:
+        started_uptime = guestinfo.uptime()
+    settings = load(argv)
+    _setup_logging(settings.log_level)
+    log.info("starting started_uptime=%.3f uptime=%.3f settings=%s", started_uptime,
+             guestinfo.uptime(), settings)
+    action = None
+    try:
+        action = asyncio.run(serve(settings, started_uptime))
+    except BaseException:
+        log.exception("agent failed")
+        if not settings.power_off:
+            return 1
+    if settings.power_off:
+        from vmagent.pid1 import RB_POWER_OFF, power_off
+
+        power_off(RB_POWER_OFF if action is None else action)
+    return 0

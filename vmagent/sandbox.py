@@ -1,0 +1,79 @@
+"""SetupSandbox: the pod-level state of the guest (hostname, resolv.conf, hosts, sysctls).
+Files go under the agent's run directory (tmpfs) and are bind-mounted into containers later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmagent.api import agent_pb2 as pb
+
+log = logging.getLogger("vmagent")
+
+_SYSCTL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./:")
+
+
+def sysctl_path(key: str, root: str = "/proc/sys") -> str:
+    """/proc/sys path of a sysctl; a key with slashes is already a path (interface names such as
+    eth0.100 contain dots, so the dotted form cannot name them)."""
+    if not key or not set(key) <= _SYSCTL_CHARS:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"invalid sysctl name {key!r}")
+    rel = key if "/" in key else key.replace(".", "/")
+    parts = rel.strip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise GRPCError(Status.INVALID_ARGUMENT, f"invalid sysctl name {key!r}")
+    return os.path.join(root, *parts)
+
+
+def _write_atomic(path: str, content: str) -> None:
+    # The run directory is tmpfs: these writes never wait on a disk.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
+def apply_sysctl(key: str, value: str) -> None:
+    path = sysctl_path(key)
+    try:
+        with open(path, "w") as f:  # procfs
+            f.write(value)
+    except OSError as exc:
+        code = Status.INVALID_ARGUMENT if exc.errno in (errno.ENOENT, errno.EINVAL) else (
+            Status.FAILED_PRECONDITION if exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS)
+            else Status.INTERNAL)
+        raise GRPCError(code, f"sysctl {key}={value!r}: {exc.strerror}") from exc
+
+
+def setup_sandbox(req: pb.SetupSandboxRequest, run_dir: str) -> pb.SetupSandboxResponse:
+    """Apply the pod settings in the order a failure is cheapest to report: validate, then act."""
+    for key in req.sysctls:
+        sysctl_path(key)
+    os.makedirs(run_dir, exist_ok=True)
+    resp = pb.SetupSandboxResponse()
+    if req.hostname:
+        try:
+            socket.sethostname(req.hostname)
+        except OSError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT,
+                            f"sethostname({req.hostname!r}): {exc.strerror}") from exc
+        _write_atomic(os.path.join(run_dir, "hostname"), req.hostname + "\n")
+    resp.hostname = socket.gethostname()
+    if req.resolv_conf:
+        resp.resolv_conf_path = os.path.join(run_dir, "resolv.conf")
+        _write_atomic(resp.resolv_conf_path, req.resolv_conf)
+    if req.hosts:
+        resp.hosts_path = os.path.join(run_dir, "hosts")
+        _write_atomic(resp.hosts_path, req.hosts)
+    for key in sorted(req.sysctls):
+        apply_sysctl(key, req.sysctls[key])
+        resp.applied_sysctls.append(key)
+    log.info("sandbox set up sandbox=%s hostname=%s sysctls=%d", req.sandbox_id,
+             resp.hostname, len(resp.applied_sysctls))
+    return resp
