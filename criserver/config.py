@@ -67,6 +67,7 @@ class ImageConfig:
     )
     max_layer_entries: int = _f(1_000_000, "Most tar entries in one layer", min=1)
     allow_device_nodes: bool = _f(False, "Unpack device nodes from layers (else skipped)")
+    pinned_images: list[str] = _f([], "Images never garbage-collected (reported as pinned)")
 
 
 @dataclass(frozen=True)

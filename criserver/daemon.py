@@ -26,9 +26,10 @@ from criserver import instrument, sdnotify
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config, ConfigError
 from criserver.errors import CriError
+from criserver.image.service import ImageService
 from criserver.runtime.backend import BackendContext, SandboxBackend, load_backend_class
 from criserver.runtime.runtime import BackendEventSink, Runtime
-from criserver.runtime.servicer import MISSING, runtime_service
+from criserver.runtime.servicer import IMAGE_MISSING, MISSING, image_service, runtime_service
 from criserver.store.db import Database
 from criserver.store.records import ContainerState, PodState
 
@@ -83,6 +84,9 @@ async def _runtime(config: Config) -> AsyncIterator[Runtime]:
     try:
         runtime = Runtime(config, db, backends={})
         await runtime.load()
+        runtime.images = ImageService(config.image, root, db, in_use=runtime.image_in_use,
+                                      pinned_images=config.image.pinned_images)
+        await runtime.images.start()
         runtime.backends.update(_load_backends(config, runtime))
         for name, backend in runtime.backends.items():
             await _recover(runtime, name, backend)
@@ -91,6 +95,7 @@ async def _runtime(config: Config) -> AsyncIterator[Runtime]:
         finally:
             for backend in runtime.backends.values():
                 await backend.close()
+            await runtime.images.close()
     finally:
         await db.close()
         lock.close()
@@ -120,6 +125,7 @@ def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend
             state=Path(config.daemon.state) / "runtimes" / handler,
             config=config,
             events=sink,
+            images=runtime.images,
         )
         context.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         context.state.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -164,10 +170,8 @@ async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
     services = cri.DESCRIPTOR.services_by_name
     server.add_generic_rpc_handlers([
         instrument.generic_handler(services["RuntimeService"], runtime_service(runtime), MISSING),
-        instrument.generic_handler(services["ImageService"], {}, {
-            name: "the image service is not built yet"
-            for name in services["ImageService"].methods_by_name
-        }),
+        instrument.generic_handler(services["ImageService"], image_service(runtime),
+                                   IMAGE_MISSING),
     ])
     server.add_insecure_port(f"unix:{path}")
     await server.start()

@@ -20,7 +20,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from criserver.errors import CriError
+from criserver.errors import CriError, DeadlineExceeded
 
 log = logging.getLogger("criserver.rpc")
 
@@ -67,7 +67,12 @@ def _unary(method: str, fn: Unary) -> Callable[..., Awaitable[Message | bytes]]:
     async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message | bytes:
         started = time.perf_counter()
         try:
-            response = await fn(request)
+            async with asyncio.timeout(context.time_remaining()):
+                response = await fn(request)
+        except TimeoutError:
+            await _fail(context, method, _subject(request), started, DeadlineExceeded(
+                f"{method} did not finish before the caller's deadline"))
+            raise  # unreachable: abort raises
         except asyncio.CancelledError:
             log.info("rpc=%s%s cancelled", method, _subject(request))
             raise

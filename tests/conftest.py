@@ -7,6 +7,7 @@ import pytest
 
 from tests.cri_client import CRIClient
 from tests.daemon import Daemon
+from tests.registry import auth_registry, pushed, registry  # noqa: F401 - shared fixtures
 
 
 @pytest.fixture

@@ -36,9 +36,13 @@ class BackendEvents(Protocol):
 
 
 class ImageLookup(Protocol):
-    """What a backend may ask of the image service (implemented in criserver.image)."""
+    """What a backend may ask of the image service (criserver.image.service.ImageService)."""
 
-    def resolve(self, ref: str) -> Any | None: ...
+    def get(self, text: str) -> Any | None:
+        """The image record named by an id, tag or digest reference, if pulled."""
+
+    def snapshot_path(self, image_id: str) -> Path:
+        """The image's root filesystem as a read-only EROFS image."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ transition helpers here, so every path updates the store and publishes the same 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from typing import Any
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config
 from criserver.errors import InvalidArgument
+from criserver.image.service import ImageService
 from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock
@@ -26,7 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, config: Config, db: Database, backends: dict[str, SandboxBackend]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        backends: dict[str, SandboxBackend],
+        images: ImageService | None = None,
+    ) -> None:
         self.config = config
         self.db = db
         self.pods = PodStore(db)
@@ -36,6 +44,8 @@ class Runtime:
         self.pod_locks = KeyedLock()
         self.container_locks = KeyedLock()
         self.settings: dict[str, str] = {}
+        self.images = images
+        self._background: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
         await self.pods.load()
@@ -48,6 +58,19 @@ class Runtime:
             lambda c: c.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
         )
         self.settings[key] = value
+
+    def image_in_use(self, image_id: str) -> bool:
+        return any(c.image_id == image_id for c in self.containers.all())
+
+    def image_released(self, image_id: str) -> None:
+        """A container using `image_id` is gone: collect the image's content if it was removed
+        while in use (RemoveImage keeps the content of images containers still use)."""
+        if self.images is None or not image_id or self.image_in_use(image_id):
+            return
+        if self.images.get(image_id) is None:
+            task = asyncio.create_task(self.images.gc(), name=f"image-gc-{image_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def handler_name(self, requested: str) -> str:
         name = requested or self.config.runtime.default_handler

@@ -1,0 +1,300 @@
+"""The image subsystem's composition root: pulls, lookups, removal, garbage collection,
+imports and disk usage, over the content store, the snapshots and the image records.
+
+The daemon builds one `ImageService`, `await start()`s it and hands it to `ImageServicer`; the
+containers code uses `get()` and `snapshot_path()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from criserver.config import ImageConfig
+from criserver.errors import InvalidArgument, NotFound
+from criserver.image import manifest as mf
+from criserver.image import reference
+from criserver.image.auth import Credentials
+from criserver.image.content import ContentStore
+from criserver.image.flight import SingleFlight
+from criserver.image.pull import Puller, Resolved
+from criserver.image.records import ImageRecord, ImageStore, LayerRecord
+from criserver.image.registry import Progress, RegistryClient
+from criserver.image.snapshot import SnapshotStore
+from criserver.image.unpack import Limits
+from criserver.store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    path: Path
+    used_bytes: int
+    inodes_used: int
+
+
+def _never_in_use(image_id: str) -> bool:
+    return False
+
+
+class ImageService:
+    """Everything about images on this node. Use `await start()` before anything else."""
+
+    def __init__(
+        self,
+        config: ImageConfig,
+        root: Path,
+        db: Database,
+        in_use: Callable[[str], bool] = _never_in_use,
+        pinned_images: Sequence[str] = (),
+        platform: mf.Platform | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        """`root` is the daemon's --root (content goes to `<root>/image`); `in_use(image_id)`
+        tells whether containers still use an image; `pinned_images` are references or ids
+        reported as pinned (kubelet never garbage-collects them)."""
+        self.config = config
+        self.dir = root / "image"
+        self.in_use = in_use
+        self.content = ContentStore(self.dir)
+        self.snapshots = SnapshotStore(self.dir, Limits(
+            config.max_layer_bytes, config.max_layer_entries, config.allow_device_nodes))
+        self.records = ImageStore(db)
+        self.client = RegistryClient(config, session)
+        # Blobs and image ids an in-flight pull or import holds: garbage collection skips them.
+        self._leases: Counter[str] = Counter()
+        self.puller = Puller(self.client, self.content, platform or mf.Platform(),
+                             config.max_concurrent_downloads, self._lease)
+        self._pinned = [p for p in pinned_images if p]
+        self._pulls: SingleFlight[str] = SingleFlight()
+
+    async def start(self) -> None:
+        """Load records and clean temp files left by a crash."""
+        await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
+        await self.content.start()
+        await self.snapshots.start()
+        await self.records.load()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def get(self, text: str) -> ImageRecord | None:
+        """The image named by id, tag or digest reference, or None.
+
+        :raises InvalidArgument: `text` is neither an id nor a valid reference.
+        """
+        return self.records.lookup(text)
+
+    def get_by_id(self, image_id: str) -> ImageRecord | None:
+        """By exact id, including images removed while still in use by containers."""
+        return self.records.by_id(image_id)
+
+    def images(self, filter_text: str = "") -> list[ImageRecord]:
+        """Visible images, oldest first; with a filter, the one image it names (or none)."""
+        if filter_text:
+            record = self.records.lookup(filter_text)
+            return [record] if record is not None else []
+        return sorted(self.records.all(), key=lambda r: r.created_ns)
+
+    def snapshot_path(self, image_id: str) -> Path:
+        """The read-only EROFS root filesystem of `image_id` (exists once pulled)."""
+        return self.snapshots.path(image_id)
+
+    def is_pinned(self, record: ImageRecord) -> bool:
+        for text in self._pinned:
+            if reference.parse_image_id(text) == record.id:
+                return True
+            try:
+                ref = reference.parse(text)
+            except InvalidArgument:
+                continue
+            if ref.tagged in record.repo_tags or (
+                ref.digest and ref.with_digest(ref.digest) in record.repo_digests
+            ):
+                return True
+        return False
+
+    # -- pull ------------------------------------------------------------------------------
+
+    async def pull(
+        self,
+        image: str,
+        auth: Credentials | Any = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Pull `image` (a reference) and return its image id, "sha256:<config digest>".
+
+        `auth` is Credentials or a CRI AuthConfig. `progress(digest, done, total)` is called
+        as layers download. Concurrent pulls of one reference share a single pull.
+        """
+        ref = reference.parse(image)
+        creds = auth if isinstance(auth, Credentials) or auth is None \
+            else Credentials.from_auth_config(auth)
+        return await self._pulls.run(str(ref), lambda: self._pull(ref, creds, progress))
+
+    async def _pull(self, ref: reference.Reference, creds: Credentials | None,
+                    progress: Progress | None) -> str:
+        started = time.monotonic()
+        log.info("image pull started image=%s", ref)
+        resolved = await self.puller.fetch(ref, creds, progress)
+        image_id = resolved.manifest.config.digest
+        tags = [ref.tagged] if ref.tagged else []
+        digests = [ref.with_digest(resolved.index_digest or resolved.manifest_digest)]
+        await self._register(image_id, resolved, tags, digests)
+        log.info("image pulled image=%s image_id=%s bytes=%d seconds=%.2f", ref, image_id,
+                 resolved.content_size, time.monotonic() - started)
+        return image_id
+
+    async def _register(self, image_id: str, resolved: Resolved, tags: list[str],
+                        digests: list[str]) -> ImageRecord:
+        """Build the snapshot, then create or update the record (tags and digests merged)."""
+        layers = [
+            LayerRecord(d.digest, d.size, d.media_type, diff_id)
+            for d, diff_id in zip(resolved.manifest.layers, resolved.config.diff_ids, strict=True)
+        ]
+        with self._lease({image_id, *(layer.digest for layer in layers)}):
+            await self.snapshots.ensure(image_id, [
+                (self.content.path(layer.digest), mf.LAYER_TYPES[layer.media_type],
+                 layer.diff_id, f"{image_id}/{layer.digest}")
+                for layer in layers
+            ])
+            uid, username = mf.uid_or_username(resolved.config.user)
+            old = self.records.by_id(image_id)
+            if old is not None and not old.removed:
+                tags = _merge(old.repo_tags, tags)
+                digests = _merge(old.repo_digests, digests)
+            record = ImageRecord(
+                id=image_id, repo_tags=tags, repo_digests=digests,
+                size=resolved.content_size, manifest_digest=resolved.manifest_digest,
+                index_digest=resolved.index_digest, layers=layers,
+                config=resolved.config.as_dict(), uid=uid, username=username,
+                created_ns=old.created_ns if old else time.time_ns(),
+            )
+            for other in await self.records.save(record):
+                log.info("tag moved away image_id=%s tags=%s", other.id, other.repo_tags)
+        return record
+
+    # -- removal and garbage collection ----------------------------------------------------
+
+    async def remove(self, text: str) -> None:
+        """Remove the image `text` names, with all its tags. Missing images are no error.
+        Content of an image still used by containers stays until it is unused."""
+        record = self.records.lookup(text)
+        if record is None:
+            return
+        if self.in_use(record.id):
+            record.removed = True
+            record.repo_tags, record.repo_digests = [], []
+            await self.records.save(record)
+            log.info("image removed, content kept while in use image_id=%s", record.id)
+        else:
+            await self.records.delete(record.id)
+            log.info("image removed image_id=%s", record.id)
+        await self.gc()
+
+    async def gc(self) -> None:
+        """Delete records removed earlier whose containers are gone, then every blob and
+        snapshot no record references. Safe to call any time (e.g. after containers exit)."""
+        for record in self.records.all(include_removed=True):
+            if record.removed and not self.in_use(record.id):
+                await self.records.delete(record.id)
+        keep_blobs: set[str] = set(self._leases)
+        keep_images: set[str] = set(self._leases)
+        for record in self.records.all(include_removed=True):
+            keep_blobs |= record.blobs
+            keep_images.add(record.id)
+        unused_blobs = self.content.digests() - keep_blobs
+        built = await asyncio.to_thread(self.snapshots.image_ids)
+        unused_snapshots = {i for i in built - keep_images if not self.in_use(i)}
+        freed = await self.content.delete(unused_blobs)
+        await self.snapshots.remove(unused_snapshots)
+        if unused_blobs or unused_snapshots:
+            log.info("image gc blobs=%d blob_bytes=%d snapshots=%d",
+                     len(unused_blobs), freed, len(unused_snapshots))
+
+    @contextmanager
+    def _lease(self, keys: set[str]) -> Iterator[None]:
+        self._leases.update(keys)
+        try:
+            yield
+        finally:
+            self._leases.subtract(keys)
+            self._leases += Counter()  # drop zero counts
+
+    # -- import ----------------------------------------------------------------------------
+
+    async def import_layout(self, path: Path, name: str | None = None) -> list[str]:
+        """Import every image of an OCI image-layout directory or .tar archive (air-gapped
+        nodes); returns their image ids. Names come from the layout's annotations
+        (`io.containerd.image.name`, or `org.opencontainers.image.ref.name` when it is a full
+        reference), else `name` if given."""
+        from criserver.image.layout import read_layout
+
+        ids = []
+        async with read_layout(path, self.puller.platform) as layout:
+            for entry in layout.images:
+                tag_text = entry.name or name
+                digest_of = entry.top_digest
+                with self._lease(set(entry.blobs)):
+                    resolved = await layout.copy_into(entry, self.content, self.puller.platform)
+                    tags: list[str] = []
+                    digests: list[str] = []
+                    if tag_text:
+                        ref = reference.parse(tag_text)
+                        tags = [ref.tagged] if ref.tagged else []
+                        digests = [ref.with_digest(digest_of)]
+                    image_id = resolved.manifest.config.digest
+                    await self._register(image_id, resolved, tags, digests)
+                log.info("image imported path=%s image_id=%s tags=%s", path, image_id, tags)
+                ids.append(image_id)
+        if not ids:
+            raise NotFound(f"{path}: the image layout lists no images")
+        return ids
+
+    # -- disk usage ------------------------------------------------------------------------
+
+    async def fs_usage(self, path: Path | None = None) -> FsUsage:
+        """Bytes and inodes used under `path` (default: the image filesystem, <root>/image)."""
+        target = path or self.dir
+        used, inodes = await asyncio.to_thread(_du, target)
+        return FsUsage(target, used, inodes)
+
+
+def _merge(old: list[str], new: list[str]) -> list[str]:
+    return list(dict.fromkeys([*old, *new]))
+
+
+def _du(path: Path) -> tuple[int, int]:
+    used = inodes = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [str(path)]
+    while stack:
+        current = stack.pop()
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        used += st.st_blocks * 512
+        inodes += 1
+        if os.path.isdir(current) and not os.path.islink(current):
+            try:
+                stack.extend(os.path.join(current, n) for n in os.listdir(current))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+    return used, inodes
