@@ -9,7 +9,7 @@ from pathlib import Path
 
 import criserver
 from criserver import config as config_mod
-from criserver import logs
+from criserver import image_cli, logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(check)
 
     commands.add_parser("version", help="print the version")
+
+    image_cli.add_parser(commands)
+    _config_args(commands.choices["image"])
 
     config_cmd = commands.add_parser("config", help="configuration helpers")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True)
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"criserver: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "image":
+        return image_cli.run(args, args.endpoint or config.daemon.listen)
     if args.command == "check":
         from criserver.check import run_checks
 

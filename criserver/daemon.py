@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 
 from criserver import instrument, sdnotify
+from criserver.admin import images_service
+from criserver.api.admin.v1 import admin_pb2
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config, ConfigError
 from criserver.errors import CriError
@@ -172,6 +174,8 @@ async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
         instrument.generic_handler(services["RuntimeService"], runtime_service(runtime), MISSING),
         instrument.generic_handler(services["ImageService"], image_service(runtime),
                                    IMAGE_MISSING),
+        instrument.generic_handler(admin_pb2.DESCRIPTOR.services_by_name["Images"],
+                                   images_service(runtime.images), {}),
     ])
     server.add_insecure_port(f"unix:{path}")
     await server.start()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the Python code for criserver's protocols (`make proto`).
 #   CRI v1 (runtime.v1):  proto/runtime/v1/api.proto -> criserver/api/runtime/v1/api_pb2.py
+#   admin calls:          proto/admin/v1/admin.proto -> criserver/api/admin/v1/admin_pb2.py
 #   agent protocol:       proto/agent.proto          -> vmagent/api/agent_pb2.py, agent_grpc.py
 # Usage: proto/generate.sh [OUTPUT_ROOT]   (default: the repository; CI points it at a temp dir
 # and diffs, so stale generated code fails the build)
@@ -10,8 +11,9 @@ out=${1:-$repo}
 python=${PYTHON:-$repo/.venv/bin/python}
 cd "$repo"
 
-mkdir -p "$out/criserver/api/runtime/v1" "$out/vmagent/api"
-"$python" -m grpc_tools.protoc -I proto --python_out="$out/criserver/api" runtime/v1/api.proto
+mkdir -p "$out/criserver/api/runtime/v1" "$out/criserver/api/admin/v1" "$out/vmagent/api"
+"$python" -m grpc_tools.protoc -I proto --python_out="$out/criserver/api" runtime/v1/api.proto \
+    admin/v1/admin.proto
 
 if [ -f proto/agent.proto ]; then
     "$python" -m grpc_tools.protoc -I proto --python_out="$out/vmagent/api" \

@@ -1,0 +1,56 @@
+"""criserver's own calls (criserver.admin.v1), served beside the CRI: pull with progress and
+image-layout import, used by `criserver image ...`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from criserver.api.admin.v1 import admin_pb2 as admin
+from criserver.errors import InvalidArgument
+from criserver.image.auth import Credentials
+from criserver.image.service import ImageService
+
+# At most this many progress messages wait for a slow client; older ones are dropped (the next
+# one supersedes them anyway).
+PROGRESS_BACKLOG = 256
+
+
+def images_service(images: ImageService) -> dict[str, Any]:
+    async def pull(request: admin.PullRequest) -> AsyncIterator[admin.PullProgress]:
+        if not request.image:
+            raise InvalidArgument("image must not be empty")
+        queue: asyncio.Queue[admin.PullProgress] = asyncio.Queue(PROGRESS_BACKLOG)
+
+        def progress(digest: str, done: int, total: int) -> None:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(admin.PullProgress(digest=digest, done=done, total=total))
+
+        creds = (Credentials(username=request.username, password=request.password)
+                 if request.username else None)
+        task = asyncio.create_task(images.pull(request.image, creds, progress))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not queue.empty():
+                yield queue.get_nowait()
+            yield admin.PullProgress(image_id=task.result())
+        finally:
+            task.cancel()
+
+    async def import_(request: admin.ImportRequest) -> admin.ImportResponse:
+        path = Path(request.path)
+        if not path.is_absolute():
+            raise InvalidArgument(f"import path {request.path!r} must be absolute")
+        ids = await images.import_layout(path, request.name or None)
+        return admin.ImportResponse(image_ids=ids)
+
+    return {"Pull": pull, "Import": import_}
