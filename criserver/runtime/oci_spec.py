@@ -1,0 +1,714 @@
+"""OCI runtime spec (runc config.json) generation from the CRI configs and the image config.
+
+Runs on the host per CreateContainer; the guest agent completes only what the guest alone knows:
+`root.path`, user and group names resolved in the container's /etc/passwd and /etc/group, the
+supplementary groups from the image, and the guest's device nodes for privileged containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from criserver.runtime import seccomp_default
+
+log = logging.getLogger(__name__)
+
+OCI_VERSION = "1.0.2"
+# Pod-level files the agent writes in the guest; the containers bind-mount them.
+SANDBOX_DIR = "/run/criserver/sandbox"
+DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_ID = 2**32 - 1  # uid/gid are uint32; 2**32-1 is (uid_t)-1, refused by the kernel anyway
+
+# containerd's default capability set.
+DEFAULT_CAPS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)
+# Every capability up to CAP_CHECKPOINT_RESTORE (40), in kernel number order.
+ALL_CAPS = tuple("CAP_" + name for name in """
+CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE
+NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO
+SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG
+MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM
+BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE
+""".split())
+CAP_NUMBER = {cap: number for number, cap in enumerate(ALL_CAPS)}
+
+# containerd's defaults; kubelet normally sends the same lists in the CRI fields.
+DEFAULT_MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+    "/sys/devices/virtual/powercap", "/proc/scsi",
+)
+DEFAULT_READONLY_PATHS = (
+    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+)
+
+PROPAGATION = {
+    cri.PROPAGATION_PRIVATE: "rprivate",
+    cri.PROPAGATION_HOST_TO_CONTAINER: "rslave",
+    cri.PROPAGATION_BIDIRECTIONAL: "rshared",
+}
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+SYSCTL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
+
+
+@dataclass(frozen=True)
+class ImageConfigView:
+    """The parts of an image config a container spec is built from."""
+
+    user: str = ""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    working_dir: str = ""
+    volumes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> ImageConfigView:
+        """From `ImageRecord.config` (`ImageConfigInfo.as_dict()`)."""
+        return cls(
+            user=str(config.get("user") or ""),
+            entrypoint=tuple(str(v) for v in config.get("entrypoint") or ()),
+            cmd=tuple(str(v) for v in config.get("cmd") or ()),
+            env=tuple(str(v) for v in config.get("env") or ()),
+            working_dir=str(config.get("working_dir") or ""),
+            volumes=tuple(str(v) for v in config.get("volumes") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class PodNamespaces:
+    """Guest paths of the pod's namespaces (e.g. /proc/<pid>/ns/ipc of the pod's holder)."""
+
+    ipc: str
+    uts: str
+    pid: str | None = None  # None: the pod has no shared pid namespace
+    net: str | None = None  # None: the VM's root network namespace (no entry in the spec)
+    target_pid: str | None = None  # pid namespace of the target of NamespaceMode TARGET
+
+
+@dataclass(frozen=True)
+class GeneratedSpec:
+    """A container's OCI spec and what the agent must resolve in the guest before `runc create`.
+
+    The agent sets `root.path`, then resolves the user: when `username` is set, uid (and gid
+    unless given) from the container's /etc/passwd; when `groupname` is set, gid from
+    /etc/group; when `gid_from_passwd`, gid is the primary group of the uid in /etc/passwd (0 if
+    the uid has no entry). `process.user.additionalGids` then becomes: the final gid, the groups of
+    /etc/group listing the user (only if `merge_image_groups`), then the gids already in the spec
+    (the CRI supplemental groups), without duplicates. With `guest_devices`, every device node
+    of the guest's /dev goes into `linux.devices` (privileged containers).
+    """
+
+    spec: dict[str, Any]
+    username: str = ""
+    groupname: str = ""
+    gid_from_passwd: bool = False
+    merge_image_groups: bool = True
+    guest_devices: bool = False
+    skipped_sysctls: dict[str, str] = field(default_factory=dict)  # left to the VM-wide setup
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.spec, separators=(",", ":")).encode()
+
+
+@dataclass
+class _User:
+    uid: int = 0
+    gid: int = 0
+    username: str = ""
+    groupname: str = ""
+    gid_from_passwd: bool = False
+
+
+async def generate_async(
+    container: cri.ContainerConfig,
+    pod: cri.PodSandboxConfig,
+    image: ImageConfigView | None,
+    namespaces: PodNamespaces,
+    guest_path: Callable[[str], str],
+    **kwargs: Any,
+) -> GeneratedSpec:
+    """`generate` in a thread: it may read a Localhost seccomp profile from the host's disk."""
+    return await asyncio.to_thread(
+        generate, container, pod, image, namespaces, guest_path, **kwargs
+    )
+
+
+def generate(
+    container: cri.ContainerConfig,
+    pod: cri.PodSandboxConfig,
+    image: ImageConfigView | None,
+    namespaces: PodNamespaces,
+    guest_path: Callable[[str], str],
+    *,
+    container_id: str,
+    sandbox_id: str,
+    image_name: str = "",
+    cgroup_parent: str = "",
+    pids_limit: int | None = None,
+    sandbox_dir: str = SANDBOX_DIR,
+) -> GeneratedSpec:
+    """The OCI spec of one container of a pod running in a micro-VM.
+
+    Reads the file of a Localhost seccomp profile (small, blocking): call it from a thread, as
+    `generate_async` does. `guest_path` maps each CRI mount's host path to its guest path.
+    :raises InvalidArgument: a CRI or image setting is malformed or impossible in a VM.
+    :raises Unimplemented: devices, image mounts, user namespaces.
+    :raises FailedPrecondition: the pod lacks a namespace the container asks to share.
+    """
+    image = image or ImageConfigView()
+    linux = container.linux
+    sc = linux.security_context
+    pod_sc = pod.linux.security_context
+    name = container.metadata.name
+    where = f"container={container_id or name} pod={sandbox_id}"
+    privileged = sc.privileged
+    if privileged and not pod_sc.privileged:
+        raise InvalidArgument("privileged container in a pod sandbox that is not privileged")
+    if container.devices or container.CDI_devices:
+        raise Unimplemented("devices cannot be passed into a micro-VM pod")
+
+    user = _user(sc, image.user)
+    caps = _capabilities(sc)
+    if image.volumes:
+        # Image VOLUMEs stay plain directories of the writable rootfs, as with containerd's
+        # ignore_image_defined_volumes: kubelet mounts real volumes where the pod asks for them.
+        log.debug("image volumes ignored %s volumes=%s", where, ",".join(image.volumes))
+    _ignored_security(sc, where)
+
+    process: dict[str, Any] = {
+        "terminal": container.tty,
+        "user": {"uid": user.uid, "gid": user.gid},
+        "args": _args(container, image),
+        "env": _env(container, image, pod.hostname),
+        "cwd": container.working_dir or image.working_dir or "/",
+        "capabilities": caps,
+        "noNewPrivileges": sc.no_new_privs,
+    }
+    groups = _supplemental_groups(sc.supplemental_groups)
+    if groups:
+        process["user"]["additionalGids"] = groups
+    if linux.HasField("resources"):
+        adj = linux.resources.oom_score_adj
+        if not -1000 <= adj <= 1000:
+            raise InvalidArgument(f"oom_score_adj {adj} is outside [-1000, 1000]")
+        process["oomScoreAdj"] = adj
+
+    mounts, rootfs_propagation = _mounts(
+        container, sc, guest_path, privileged, sandbox_dir, where
+    )
+    sysctls, skipped = _sysctls(pod, namespaces)
+    spec_linux: dict[str, Any] = {
+        "cgroupsPath": f"{(cgroup_parent or '/criserver/' + sandbox_id).rstrip('/')}/"
+                       f"{container_id}",
+        "namespaces": _namespaces(sc.namespace_options, namespaces, privileged),
+        "resources": _resources(linux, privileged, pids_limit),
+    }
+    if sysctls:
+        spec_linux["sysctl"] = sysctls
+    if not privileged:
+        spec_linux["maskedPaths"] = list(sc.masked_paths or DEFAULT_MASKED_PATHS)
+        spec_linux["readonlyPaths"] = list(sc.readonly_paths or DEFAULT_READONLY_PATHS)
+        profile = _seccomp(sc, caps["bounding"], where)
+        if profile is not None:
+            spec_linux["seccomp"] = profile
+    if rootfs_propagation:
+        spec_linux["rootfsPropagation"] = rootfs_propagation
+
+    spec: dict[str, Any] = {
+        "ociVersion": OCI_VERSION,
+        "process": process,
+        # The agent replaces the path with the container's rootfs in the guest.
+        "root": {"path": "rootfs", "readonly": sc.readonly_rootfs},
+        "mounts": mounts,
+        "annotations": _annotations(container, pod, sandbox_id, image_name),
+        "linux": spec_linux,
+    }
+    if pod.hostname:
+        spec["hostname"] = pod.hostname
+    return GeneratedSpec(
+        spec=spec,
+        username=user.username,
+        groupname=user.groupname,
+        gid_from_passwd=user.gid_from_passwd,
+        merge_image_groups=sc.supplemental_groups_policy != cri.Strict,
+        guest_devices=privileged,
+        skipped_sysctls=skipped,
+    )
+
+
+def _args(container: cri.ContainerConfig, image: ImageConfigView) -> list[str]:
+    # Kubernetes' rules: command replaces the entrypoint and drops the image's cmd; args alone
+    # replace only the cmd.
+    if container.command:
+        args = [*container.command, *container.args]
+    else:
+        args = [*image.entrypoint, *(container.args or image.cmd)]
+    if not args:
+        raise InvalidArgument("no command: neither the container config nor the image has one")
+    return args
+
+
+def _env(container: cri.ContainerConfig, image: ImageConfigView, hostname: str) -> list[str]:
+    env: dict[str, str] = {}  # key -> "key=value"; dicts keep the first insertion's position
+
+    def put(entry: str) -> None:
+        key = entry.split("=", 1)[0]
+        if key:
+            env[key] = entry
+
+    put(DEFAULT_PATH_ENV)
+    if hostname:
+        put(f"HOSTNAME={hostname}")
+    for entry in image.env:
+        put(entry)
+    for kv in container.envs:
+        put(f"{kv.key}={_env_value(kv.key, kv.value)}")
+    return list(env.values())
+
+
+def _env_value(key: str, value: bytes | str) -> str:
+    # Our CRI proto carries env values as bytes; the OCI spec is JSON: UTF-8 text only.
+    if isinstance(value, bytes):
+        try:
+            value = value.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"env {key}: value is not UTF-8") from exc
+    if "\0" in value or "\0" in key:
+        raise InvalidArgument(f"env {key!r}: NUL byte")
+    return value
+
+
+def _check_id(value: int, what: str) -> int:
+    if not 0 <= value < MAX_ID:
+        raise InvalidArgument(f"{what} {value} is not a valid id")
+    return value
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise InvalidArgument(f"{what} {value!r} is not a valid user or group name")
+    return value
+
+
+def _user(sc: cri.LinuxContainerSecurityContext, image_user: str) -> _User:
+    has_uid = sc.HasField("run_as_user")
+    has_name = bool(sc.run_as_username)
+    if has_uid and has_name:
+        raise InvalidArgument("run_as_user and run_as_username are mutually exclusive")
+    if sc.HasField("run_as_group") and not (has_uid or has_name):
+        raise InvalidArgument("run_as_group is set without run_as_user or run_as_username")
+    user = _User()
+    if has_uid:
+        user.uid = _check_id(sc.run_as_user.value, "run_as_user")
+        user.gid_from_passwd = True
+    elif has_name:
+        user.username = _check_name(sc.run_as_username, "run_as_username")
+        user.gid_from_passwd = True
+    else:
+        user = _image_user(image_user)
+    if sc.HasField("run_as_group"):
+        user.gid = _check_id(sc.run_as_group.value, "run_as_group")
+        user.groupname = ""
+        user.gid_from_passwd = False
+    return user
+
+
+def _image_user(text: str) -> _User:
+    """The image's User: "", "uid", "name", "uid:gid", "name:group" (and mixes)."""
+    if not text:
+        return _User(gid_from_passwd=True)
+    parts = text.split(":")
+    if len(parts) > 2 or not all(parts):
+        raise InvalidArgument(f"image user {text!r} is not user[:group]")
+    user = _User()
+    if parts[0].isdigit():
+        user.uid = _check_id(int(parts[0]), "image uid")
+    else:
+        user.username = _check_name(parts[0], "image user")
+    if len(parts) == 1:
+        user.gid_from_passwd = True
+    elif parts[1].isdigit():
+        user.gid = _check_id(int(parts[1]), "image gid")
+    else:
+        user.groupname = _check_name(parts[1], "image group")
+    return user
+
+
+def _supplemental_groups(groups: Iterable[int]) -> list[int]:
+    result: list[int] = []
+    for gid in groups:
+        _check_id(gid, "supplemental group")
+        if gid not in result:
+            result.append(gid)
+    return result
+
+
+def _cap_name(text: str) -> str:
+    name = text.strip().upper()
+    if not name.startswith("CAP_"):
+        name = "CAP_" + name
+    if name not in CAP_NUMBER:
+        raise InvalidArgument(f"unknown capability {text!r}")
+    return name
+
+
+def _capabilities(sc: cri.LinuxContainerSecurityContext) -> dict[str, list[str]]:
+    if sc.privileged:
+        every = list(ALL_CAPS)
+        return {"bounding": every, "effective": every, "permitted": every,
+                "inheritable": [], "ambient": []}
+    c = sc.capabilities
+    add = [x for x in c.add_capabilities if x.strip().upper() != "ALL"]
+    drop = [x for x in c.drop_capabilities if x.strip().upper() != "ALL"]
+    ambient_all = any(x.strip().upper() == "ALL" for x in c.add_ambient_capabilities)
+    ambient = [x for x in c.add_ambient_capabilities if x.strip().upper() != "ALL"]
+    main = set(DEFAULT_CAPS)  # bounding, effective and permitted move together
+    # Defaults stay out of the inheritable set (CVE-2022-24769); the CRI puts added ones in it.
+    inheritable: set[str] = set()
+    ambient_set: set[str] = set()
+    # "ALL" first, so that individual entries refine it: add ALL + drop CHOWN = all but CHOWN.
+    if len(add) != len(c.add_capabilities):
+        main |= set(ALL_CAPS)
+    if len(drop) != len(c.drop_capabilities):
+        main.clear()
+    for name in map(_cap_name, add):
+        main.add(name)
+        inheritable.add(name)
+    for name in [*map(_cap_name, ambient), *(ALL_CAPS if ambient_all else ())]:
+        # The kernel keeps an ambient capability only if it is permitted and inheritable.
+        main.add(name)
+        inheritable.add(name)
+        ambient_set.add(name)
+    for name in map(_cap_name, drop):
+        main.discard(name)
+        inheritable.discard(name)
+        ambient_set.discard(name)
+    ordered = sorted(main, key=CAP_NUMBER.__getitem__)
+    return {
+        "bounding": ordered, "effective": list(ordered), "permitted": list(ordered),
+        "inheritable": sorted(inheritable, key=CAP_NUMBER.__getitem__),
+        "ambient": sorted(ambient_set, key=CAP_NUMBER.__getitem__),
+    }
+
+
+def _ignored_security(sc: cri.LinuxContainerSecurityContext, where: str) -> None:
+    apparmor = sc.apparmor.localhost_ref if sc.HasField("apparmor") else sc.apparmor_profile
+    if apparmor and apparmor not in ("runtime/default", "unconfined"):
+        # The guest kernel has no AppArmor: nothing could enforce the profile.
+        log.info("apparmor profile ignored: no apparmor in the guest %s profile=%s",
+                 where, apparmor)
+    if sc.HasField("selinux_options") and any(
+        (sc.selinux_options.user, sc.selinux_options.role, sc.selinux_options.type,
+         sc.selinux_options.level)
+    ):
+        log.info("selinux options ignored: no selinux in the guest %s", where)
+
+
+def _bind(source: str, destination: str, options: list[str]) -> dict[str, Any]:
+    return {"destination": destination, "type": "bind", "source": source, "options": options}
+
+
+def _default_mounts(privileged: bool) -> list[dict[str, Any]]:
+    sys_mode = "rw" if privileged else "ro"
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", sys_mode]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", sys_mode]},
+    ]
+
+
+def _mounts(
+    container: cri.ContainerConfig,
+    sc: cri.LinuxContainerSecurityContext,
+    guest_path: Callable[[str], str],
+    privileged: bool,
+    sandbox_dir: str,
+    where: str,
+) -> tuple[list[dict[str, Any]], str]:
+    """Default mounts not overridden, then CRI and pod-file mounts, parents before children."""
+    supplied: list[dict[str, Any]] = []
+    propagation = ""
+    for m in container.mounts:
+        dest = m.container_path
+        if not dest or not os.path.isabs(dest):
+            raise InvalidArgument(f"mount container_path {dest!r} is not an absolute path")
+        if m.HasField("image") and m.image.image:
+            raise Unimplemented(f"image volume mounts are not supported (mount at {dest})")
+        if not m.host_path:
+            raise InvalidArgument(f"mount at {dest} has no host_path")
+        if m.uidMappings or m.gidMappings:
+            raise Unimplemented(f"id-mapped mounts are not supported (mount at {dest})")
+        if m.propagation not in PROPAGATION:
+            raise InvalidArgument(f"mount at {dest}: unknown propagation {m.propagation}")
+        if m.recursive_read_only and not m.readonly:
+            raise InvalidArgument(f"mount at {dest}: recursive_read_only needs readonly")
+        if m.recursive_read_only and m.propagation != cri.PROPAGATION_PRIVATE:
+            raise InvalidArgument(f"mount at {dest}: recursive_read_only needs private propagation")
+        if m.selinux_relabel:
+            log.info("selinux relabel ignored: no selinux in the guest %s mount=%s", where, dest)
+        mode = "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"
+        options = ["rbind", PROPAGATION[m.propagation], mode]
+        # Propagation out of a mount needs the container's root to propagate too.
+        if m.propagation == cri.PROPAGATION_BIDIRECTIONAL:
+            propagation = "rshared"
+        elif m.propagation == cri.PROPAGATION_HOST_TO_CONTAINER and propagation != "rshared":
+            propagation = "rslave"
+        supplied.append(_bind(guest_path(m.host_path), os.path.normpath(dest), options))
+
+    taken = {m["destination"] for m in supplied}
+    files_mode = "ro" if sc.readonly_rootfs else "rw"
+    pod_files = [
+        ("/etc/hostname", "hostname", files_mode),
+        ("/etc/hosts", "hosts", files_mode),
+        ("/etc/resolv.conf", "resolv.conf", files_mode),
+    ]
+    if sc.namespace_options.ipc != cri.CONTAINER:  # a private IPC namespace keeps its own shm
+        pod_files.append(("/dev/shm", "shm", "rw"))
+    for dest, name, mode in pod_files:
+        if dest not in taken:
+            supplied.append(_bind(f"{sandbox_dir}/{name}", dest, ["rbind", "rprivate", mode]))
+            taken.add(dest)
+
+    mounts = [
+        m for m in _default_mounts(privileged)
+        if m["destination"] not in taken
+        and not ("/dev" in taken and m["destination"].startswith("/dev/"))
+    ]
+    supplied.sort(key=lambda m: m["destination"].rstrip("/").count("/"))  # stable
+    return mounts + supplied, propagation
+
+
+def _namespaces(
+    options: cri.NamespaceOption, ns: PodNamespaces, privileged: bool
+) -> list[dict[str, str]]:
+    for kind, mode in (("network", options.network), ("pid", options.pid), ("ipc", options.ipc)):
+        if mode == cri.NODE:
+            raise InvalidArgument(f"{kind} namespace mode NODE: a micro-VM pod cannot share the "
+                                  "host's namespaces")
+    if options.network == cri.TARGET or options.ipc == cri.TARGET:
+        raise InvalidArgument("namespace mode TARGET is valid only for the pid namespace")
+    if options.HasField("userns_options") and (
+        options.userns_options.uids or options.userns_options.gids
+    ):
+        raise Unimplemented("user namespaces are not supported")
+
+    result: list[dict[str, str]] = [{"type": "mount"}]
+    if options.pid == cri.CONTAINER:
+        result.append({"type": "pid"})
+    elif options.pid == cri.TARGET:
+        if not options.target_id:
+            raise InvalidArgument("pid namespace mode TARGET without target_id")
+        if not ns.target_pid:
+            raise FailedPrecondition(f"no pid namespace known for target {options.target_id}")
+        result.append({"type": "pid", "path": ns.target_pid})
+    elif ns.pid:
+        result.append({"type": "pid", "path": ns.pid})
+    else:
+        raise FailedPrecondition("the pod has no shared pid namespace for pid mode POD")
+    # ipc CONTAINER cannot come from kubelet but costs nothing to honour.
+    result.append({"type": "ipc"} if options.ipc == cri.CONTAINER
+                  else {"type": "ipc", "path": ns.ipc})
+    result.append({"type": "uts", "path": ns.uts})
+    if ns.net:
+        result.append({"type": "network", "path": ns.net})
+    if not privileged:
+        # The guest runs cgroup v2: a private cgroup namespace hides the pod's hierarchy.
+        result.append({"type": "cgroup"})
+    return result
+
+
+def _sysctls(
+    pod: cri.PodSandboxConfig, ns: PodNamespaces
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The pod's sysctls for the spec, and those left to the agent's VM-wide setup."""
+    kept: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for key, value in sorted(pod.linux.sysctls.items()):
+        if not SYSCTL_RE.fullmatch(key) or ".." in key:
+            raise InvalidArgument(f"invalid sysctl name {key!r}")
+        # runc refuses net.* without a network namespace of the container's own; the VM is the
+        # pod's network namespace, where the agent applies them at sandbox setup.
+        if key.replace("/", ".").startswith("net.") and not ns.net:
+            skipped[key] = value
+        else:
+            kept[key] = value
+    return kept, skipped
+
+
+def _resources(
+    linux: cri.LinuxContainerConfig, privileged: bool, pids_limit: int | None
+) -> dict[str, Any]:
+    # Privileged sees every device; otherwise deny all and let runc add its standard allow-list
+    # (null, zero, full, random, urandom, tty, ptmx, pts).
+    result: dict[str, Any] = {"devices": [{"allow": privileged, "access": "rwm"}]}
+    if pids_limit is not None:
+        result["pids"] = {"limit": pids_limit}
+    if not linux.HasField("resources"):
+        return result
+    r = linux.resources
+    cpu: dict[str, Any] = {}
+    if r.cpu_shares:
+        if r.cpu_shares < 0:
+            raise InvalidArgument(f"cpu_shares {r.cpu_shares} is negative")
+        cpu["shares"] = r.cpu_shares
+    if r.cpu_quota:
+        cpu["quota"] = r.cpu_quota
+    if r.cpu_period:
+        if r.cpu_period < 0:
+            raise InvalidArgument(f"cpu_period {r.cpu_period} is negative")
+        cpu["period"] = r.cpu_period
+    if r.cpuset_cpus:
+        cpu["cpus"] = r.cpuset_cpus
+    if r.cpuset_mems:
+        cpu["mems"] = r.cpuset_mems
+    if cpu:
+        result["cpu"] = cpu
+    memory: dict[str, Any] = {}
+    if r.memory_limit_in_bytes:
+        memory["limit"] = r.memory_limit_in_bytes
+    if r.memory_swap_limit_in_bytes:
+        memory["swap"] = r.memory_swap_limit_in_bytes
+    if memory:
+        result["memory"] = memory
+    if r.hugepage_limits:
+        result["hugepageLimits"] = [
+            {"pageSize": h.page_size, "limit": h.limit} for h in r.hugepage_limits
+        ]
+    if r.unified:
+        result["unified"] = dict(sorted(r.unified.items()))
+    return result
+
+
+def _seccomp(
+    sc: cri.LinuxContainerSecurityContext, bounding: list[str], where: str
+) -> dict[str, Any] | None:
+    """The seccomp profile of a non-privileged container, or None for unconfined."""
+    if sc.HasField("seccomp"):
+        kind, ref = sc.seccomp.profile_type, sc.seccomp.localhost_ref
+    else:
+        # The deprecated string field; "" means unconfined, as does an absent profile.
+        path = sc.seccomp_profile_path
+        if path in ("", "unconfined"):
+            return None
+        if path in ("runtime/default", "docker/default"):
+            kind, ref = cri.SecurityProfile.RuntimeDefault, ""
+        elif path.startswith("localhost/"):
+            kind, ref = cri.SecurityProfile.Localhost, path.removeprefix("localhost/")
+        else:
+            raise InvalidArgument(f"unknown seccomp profile path {path!r}")
+    if kind == cri.SecurityProfile.Unconfined:
+        return None
+    if kind == cri.SecurityProfile.RuntimeDefault:
+        return seccomp_default.default_profile(bounding)
+    if kind != cri.SecurityProfile.Localhost:
+        raise InvalidArgument(f"unknown seccomp profile type {kind}")
+    return _localhost_profile(ref, bounding, where)
+
+
+def _localhost_profile(path: str, bounding: list[str], where: str) -> dict[str, Any]:
+    if not path or not os.path.isabs(path):
+        raise InvalidArgument(f"seccomp localhost profile {path!r} is not an absolute path")
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read seccomp profile {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise InvalidArgument(f"seccomp profile {path} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("defaultAction"), str):
+        raise InvalidArgument(f"seccomp profile {path} has no defaultAction")
+    log.debug("seccomp localhost profile loaded %s path=%s", where, path)
+    return _to_oci_seccomp(doc, bounding, path)
+
+
+def _to_oci_seccomp(doc: dict[str, Any], bounding: list[str], path: str) -> dict[str, Any]:
+    """An OCI `linux.seccomp` from a profile in OCI or Docker form (archMap, includes...)."""
+    profile: dict[str, Any] = {"defaultAction": doc["defaultAction"]}
+    for key in ("defaultErrnoRet", "listenerPath", "listenerMetadata", "flags"):
+        if key in doc:
+            profile[key] = doc[key]
+    arches = doc.get("architectures")
+    if not arches and isinstance(doc.get("archMap"), list):
+        for arch in doc["archMap"]:
+            if isinstance(arch, dict) and arch.get("architecture") == "SCMP_ARCH_X86_64":
+                arches = [arch["architecture"], *arch.get("subArchitectures", [])]
+    if arches:
+        profile["architectures"] = list(arches)
+    syscalls: list[dict[str, Any]] = []
+    for rule in doc.get("syscalls") or []:
+        if not isinstance(rule, dict) or not isinstance(rule.get("action"), str):
+            raise InvalidArgument(f"seccomp profile {path}: a syscall rule has no action")
+        if not _applies(rule, bounding):
+            continue
+        names = rule.get("names") or ([rule["name"]] if rule.get("name") else [])
+        if not names:
+            continue
+        entry: dict[str, Any] = {"names": list(names), "action": rule["action"]}
+        for key in ("errnoRet", "args"):
+            if rule.get(key) is not None:
+                entry[key] = rule[key]
+        syscalls.append(entry)
+    if syscalls:
+        profile["syscalls"] = syscalls
+    return profile
+
+
+def _applies(rule: dict[str, Any], bounding: list[str]) -> bool:
+    """Docker-form conditions: all `includes.caps` held, none of `excludes.caps` held."""
+    includes = rule.get("includes") or {}
+    excludes = rule.get("excludes") or {}
+    if any(_known(c) not in bounding for c in includes.get("caps") or ()):
+        return False
+    if any(_known(c) in bounding for c in excludes.get("caps") or ()):
+        return False
+    arch_ok = ("amd64", "x86_64", "SCMP_ARCH_X86_64")
+    if includes.get("arches") and not set(includes["arches"]) & set(arch_ok):
+        return False
+    return not (excludes.get("arches") and set(excludes["arches"]) & set(arch_ok))
+
+
+def _known(cap: str) -> str:
+    name = cap.upper()
+    return name if name.startswith("CAP_") else "CAP_" + name
+
+
+def _annotations(
+    container: cri.ContainerConfig, pod: cri.PodSandboxConfig, sandbox_id: str, image_name: str
+) -> dict[str, str]:
+    annotations = dict(container.annotations)
+    meta = pod.metadata
+    annotations.update({
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.container-name": container.metadata.name,
+        "io.kubernetes.cri.sandbox-id": sandbox_id,
+        "io.kubernetes.cri.sandbox-name": meta.name,
+        "io.kubernetes.cri.sandbox-namespace": meta.namespace,
+        "io.kubernetes.cri.sandbox-uid": meta.uid,
+        "io.kubernetes.cri.image-name": image_name or container.image.user_specified_image
+        or container.image.image,
+    })
+    return annotations
