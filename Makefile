@@ -51,7 +51,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy criserver vmagent
 
-test: install lint
+test: install lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -120,7 +120,7 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)
         data.setdefault(section, {})[key] = value
-    config = _build(Config, data, "")
+    config: Config = _build(Config, data, "")
     if config.runtime.default_handler not in config.runtimes:
         raise ConfigError(
             f"runtime.default_handler: no [runtimes.{config.runtime.default_handler}] table"

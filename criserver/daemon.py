@@ -86,9 +86,10 @@ async def _runtime(config: Config) -> AsyncIterator[Runtime]:
     try:
         runtime = Runtime(config, db, backends={})
         await runtime.load()
-        runtime.images = ImageService(config.image, root, db, in_use=runtime.image_in_use,
-                                      pinned_images=config.image.pinned_images)
-        await runtime.images.start()
+        images = ImageService(config.image, root, db, in_use=runtime.image_in_use,
+                              pinned_images=config.image.pinned_images)
+        await images.start()
+        runtime.images = images
         runtime.backends.update(_load_backends(config, runtime))
         for name, backend in runtime.backends.items():
             await _recover(runtime, name, backend)
@@ -97,7 +98,7 @@ async def _runtime(config: Config) -> AsyncIterator[Runtime]:
         finally:
             for backend in runtime.backends.values():
                 await backend.close()
-            await runtime.images.close()
+            await images.close()
     finally:
         await db.close()
         lock.close()
@@ -175,7 +176,7 @@ async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
         instrument.generic_handler(services["ImageService"], image_service(runtime),
                                    IMAGE_MISSING),
         instrument.generic_handler(admin_pb2.DESCRIPTOR.services_by_name["Images"],
-                                   images_service(runtime.images), {}),
+                                   images_service(_images(runtime)), {}),
     ])
     server.add_insecure_port(f"unix:{path}")
     await server.start()
@@ -203,3 +204,9 @@ def _claim_socket(path: Path) -> None:
     finally:
         probe.close()
     raise StartupError(f"another process is already serving on {path}")
+
+
+def _images(runtime: Runtime) -> ImageService:
+    if runtime.images is None:
+        raise StartupError("the image service did not start")
+    return runtime.images

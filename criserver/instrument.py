@@ -43,8 +43,8 @@ def _subject(request: Message) -> str:
         value = getattr(request, name, "")
         if value:
             parts.append(f" {name.removesuffix('_sandbox_id').removesuffix('_id')}={value}")
-    image = getattr(request, "image", None)
-    if image is not None and getattr(image, "image", ""):
+    image: Any = getattr(request, "image", None)
+    if isinstance(image, Message) and getattr(image, "image", None):
         parts.append(f" image={image.image}")
     return "".join(parts)
 

@@ -12,7 +12,8 @@ python=${PYTHON:-$repo/.venv/bin/python}
 cd "$repo"
 
 mkdir -p "$out/criserver/api/runtime/v1" "$out/criserver/api/admin/v1" "$out/vmagent/api"
-"$python" -m grpc_tools.protoc -I proto --python_out="$out/criserver/api" runtime/v1/api.proto \
+"$python" -m grpc_tools.protoc -I proto --python_out="$out/criserver/api" \
+    --pyi_out="$out/criserver/api" runtime/v1/api.proto \
     admin/v1/admin.proto
 
 if [ -f proto/agent.proto ]; then

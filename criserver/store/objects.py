@@ -93,7 +93,7 @@ class _Store(Generic[R]):
         """
         old = self._records[id_]
         new = change(old)
-        if new.state != old.state and new.state not in self._transitions()[old.state]:  # type: ignore[index]
+        if new.state != old.state and new.state not in self._transitions()[old.state]:
             raise FailedPrecondition(
                 f"{self.kind} {id_} cannot go from {old.state} to {new.state}"
             )
