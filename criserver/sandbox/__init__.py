@@ -1,0 +1,1 @@
+"""Pod sandboxes: the QEMU micro-VM, its guest assets and the channel to the guest agent."""

@@ -1,0 +1,435 @@
+"""One pod's QEMU process: start or adopt it, control it over QMP, and report its events.
+
+QEMU daemonizes (it is not the daemon's child and outlives a daemon restart); its exit is seen
+through a pidfd, its state changes through one QMP session per VM with one event reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import (
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    QMPError,
+    Runstate,
+)
+from qemu.qmp.events import EventListener
+
+from criserver.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    Unavailable,
+)
+from criserver.sandbox.qemu import VMSpec, build_command
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 15.0  # QEMU daemonizes in ~0.2-0.4 s; a loaded 2-core host can be far slower
+QMP_TIMEOUT = 5.0
+EXIT_TIMEOUT = 5.0  # SIGKILL to process gone
+EVENT_NAMES = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET", "POWERDOWN")
+
+
+class EventKind(enum.StrEnum):
+    SHUTDOWN = "SHUTDOWN"  # data["reason"]: guest-shutdown, guest-reset, guest-panic, host-...
+    GUEST_PANICKED = "GUEST_PANICKED"
+    STOP = "STOP"
+    RESUME = "RESUME"
+    RESET = "RESET"
+    POWERDOWN = "POWERDOWN"
+    EXITED = "EXITED"  # synthetic: the QEMU process is gone (always the last event)
+
+
+@dataclass(frozen=True)
+class VMEvent:
+    kind: EventKind
+    vm_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+    timestamp: float = field(default_factory=time.time)
+
+
+class VM:
+    """A pod's micro-VM. Create with `VM(spec)` then `await start()`, or `await VM.adopt(spec)`.
+
+    `detach()` drops the host-side session and leaves QEMU running (daemon shutdown);
+    `shutdown()`/`kill()` end QEMU.
+    """
+
+    def __init__(self, spec: VMSpec) -> None:
+        self.spec = spec
+        self.vm_id = spec.vm_id
+        self._pid: int | None = None
+        self._pidfd: int | None = None
+        self._qmp: QMPClient | None = None
+        self._listener: EventListener | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+        self._subscribers: list[asyncio.Queue[VMEvent | None]] = []  # None: detached
+        self._history: list[VMEvent] = []  # lets late subscribers see EXITED
+        self._exit_task: asyncio.Task[None] | None = None
+        self._launcher: asyncio.subprocess.Process | None = None
+
+    # --- properties ---------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, max_wait: float = START_TIMEOUT) -> None:
+        """Spawn QEMU, wait for it to daemonize, then connect QMP.
+
+        :raises DeadlineExceeded: QEMU did not come up within `max_wait` seconds.
+        :raises Internal: QEMU refused to start (the message carries its stderr).
+        """
+        if self._pid is not None:
+            raise FailedPrecondition(f"vm {self.vm_id}: start: already started (pid {self._pid})")
+        spec = self.spec
+        argv = build_command(spec)
+        await asyncio.to_thread(self._prepare_state_dir)
+        log.info("vm starting vm=%s machine=%s accel=%s", self.vm_id, spec.machine, spec.accel)
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(max_wait):
+                await self._spawn(argv)
+                await self._attach("start")
+        except TimeoutError:
+            await self._cleanup_failed_start()
+            raise DeadlineExceeded(
+                f"vm {self.vm_id}: start: QEMU not up within {max_wait:.0f}s"
+            ) from None
+        except BaseException:
+            # Includes cancellation: never leave a QEMU behind that nobody tracks.
+            await self._cleanup_failed_start()
+            raise
+        log.info(
+            "vm started vm=%s pid=%s seconds=%.2f", self.vm_id, self._pid, time.monotonic() - t0
+        )
+
+    @classmethod
+    async def adopt(cls, spec: VMSpec, max_wait: float = QMP_TIMEOUT) -> VM:
+        """Take over a VM left running by an earlier daemon (found by its pidfile + QMP socket).
+
+        :raises NotFound: no live QEMU for this spec.
+        :raises Unavailable: QEMU lives but its QMP socket does not answer.
+        """
+        vm = cls(spec)
+        try:
+            async with asyncio.timeout(max_wait):
+                await vm._attach("adopt")
+        except TimeoutError:
+            await vm.detach()
+            raise Unavailable(
+                f"vm {spec.vm_id}: adopt: QMP did not answer within {max_wait}s"
+            ) from None
+        except BaseException:
+            await vm.detach()
+            raise
+        log.info("vm adopted vm=%s pid=%s", spec.vm_id, vm._pid)
+        return vm
+
+    async def detach(self) -> None:
+        """Stop watching the VM without touching it (QEMU keeps running); ends `events()`."""
+        for q in self._subscribers:
+            q.put_nowait(None)
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        await self._close_qmp()
+        self._close_pidfd()
+
+    async def status(self) -> str:
+        """QEMU's run state: running, paused, shutdown, guest-panicked, ... or "exited"."""
+        if self.exited:
+            return "exited"
+        reply = await self._execute("status", "query-status")
+        return str(reply["status"])
+
+    async def pause(self) -> None:
+        await self._execute("pause", "stop")
+
+    async def resume(self) -> None:
+        await self._execute("resume", "cont")
+
+    async def shutdown(self, grace: float) -> None:
+        """Ask the guest to power off; after `grace` seconds quit QEMU; SIGKILL as last resort.
+
+        The ACPI power button only helps if the guest acts on it (the agent's job); QMP `quit`
+        still ends QEMU cleanly (it flushes and removes its pidfile).
+        """
+        if self.exited:
+            return
+        log.info("vm shutdown vm=%s grace=%.1f", self.vm_id, grace)
+        with contextlib.suppress(Unavailable, Internal, DeadlineExceeded, FailedPrecondition):
+            await self._execute("shutdown: system_powerdown", "system_powerdown")
+            if await self.wait_exited(grace):
+                return
+        with contextlib.suppress(Unavailable, Internal, DeadlineExceeded, FailedPrecondition):
+            await self._execute("shutdown: quit", "quit")
+        if await self.wait_exited(EXIT_TIMEOUT):
+            return
+        log.warning("vm did not quit, killing vm=%s pid=%s", self.vm_id, self._pid)
+        await self.kill()
+
+    async def kill(self) -> None:
+        """SIGKILL QEMU and wait until it is gone.
+
+        :raises DeadlineExceeded: the process is still there after EXIT_TIMEOUT.
+        """
+        if self.exited:
+            return
+        if self._pidfd is None:
+            # Detached (or never attached): nothing would notice the exit.
+            raise FailedPrecondition(f"vm {self.vm_id}: kill: not attached to the VM")
+        # Through the pidfd: cannot hit a recycled pid.
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        if not await self.wait_exited(EXIT_TIMEOUT):
+            raise DeadlineExceeded(f"vm {self.vm_id}: kill: pid {self._pid} survived SIGKILL")
+
+    async def wait_exited(self, max_wait: float | None = None) -> bool:
+        """True once QEMU is gone; False if it still runs after `max_wait` seconds."""
+        try:
+            async with asyncio.timeout(max_wait):
+                await self._exited.wait()
+        except TimeoutError:
+            return False
+        if self._exit_task is not None:
+            # Bounded (about 1.5 s at most): lets callers see the session fully closed.
+            await asyncio.shield(self._exit_task)
+        return True
+
+    async def events(self) -> AsyncIterator[VMEvent]:
+        """Yield the VM's events from now on; ends after EXITED (yielded at once if gone) or on
+        `detach()`."""
+        queue: asyncio.Queue[VMEvent | None] = asyncio.Queue()
+        if self.exited:
+            if self._exit_task is not None:
+                await asyncio.shield(self._exit_task)  # EXITED is published by this task
+            for ev in self._history:
+                if ev.kind is EventKind.EXITED:
+                    yield ev
+            return
+        self._subscribers.append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
+                if item.kind is EventKind.EXITED:
+                    return
+        finally:
+            self._subscribers.remove(queue)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _prepare_state_dir(self) -> None:
+        self.spec.state_dir.mkdir(parents=True, exist_ok=True)
+        # A stale pidfile would make us watch a dead or recycled pid.
+        self.spec.pidfile.unlink(missing_ok=True)
+        self.spec.qmp_socket.unlink(missing_ok=True)
+
+    async def _spawn(self, argv: list[str]) -> None:
+        log_fd = await asyncio.to_thread(
+            os.open, self.spec.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
+        )
+        try:
+            # The process we spawn is QEMU's launcher: it exits 0 once the daemonized QEMU is
+            # initialised (pidfile written, sockets listening), or non-zero with the reason.
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                start_new_session=True,
+            )
+        finally:
+            os.close(log_fd)
+        self._launcher = proc
+        rc = await proc.wait()  # on cancellation, _cleanup_failed_start deals with it
+        if rc != 0:
+            tail = await asyncio.to_thread(self._log_tail)
+            raise Internal(f"vm {self.vm_id}: start: qemu exited with {rc}: {tail}")
+
+    def _log_tail(self, limit: int = 800) -> str:
+        try:
+            with self.spec.log_file.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - limit))
+                return f.read().decode(errors="replace").strip()
+        except OSError as e:
+            return f"(no log: {e})"
+
+    async def _attach(self, step: str) -> None:
+        """Find the pid, watch it, connect QMP and start the event pump."""
+        pid = await asyncio.to_thread(self._read_pid, step)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise NotFound(f"vm {self.vm_id}: {step}: QEMU pid {pid} is not running") from None
+        self._pid, self._pidfd = pid, pidfd
+        # Check identity after opening the pidfd: the pid cannot be recycled under us now.
+        if not await asyncio.to_thread(self._is_our_qemu, pid):
+            self._close_pidfd()
+            raise NotFound(f"vm {self.vm_id}: {step}: pid {pid} is not this VM's QEMU")
+        asyncio.get_running_loop().add_reader(pidfd, self._on_process_exit)
+
+        qmp = QMPClient(self.vm_id)
+        # The client's built-in listener is the one event queue, drained by one task; it
+        # keeps only the events we report so nothing else piles up in it.
+        listener = qmp.events
+        listener.names = set(EVENT_NAMES)
+        try:
+            await qmp.connect(str(self.spec.qmp_socket))
+        except QMPError as e:
+            with contextlib.suppress(QMPError):
+                await qmp.disconnect()
+            raise Unavailable(f"vm {self.vm_id}: {step}: QMP connect failed: {e}") from e
+        self._qmp, self._listener = qmp, listener
+        self._pump = asyncio.create_task(self._pump_events(), name=f"vm-events-{self.vm_id}")
+
+    def _read_pid(self, step: str) -> int:
+        try:
+            return int(self.spec.pidfile.read_text().strip())
+        except FileNotFoundError:
+            raise NotFound(f"vm {self.vm_id}: {step}: no pidfile {self.spec.pidfile}") from None
+        except ValueError:
+            raise NotFound(f"vm {self.vm_id}: {step}: garbage in {self.spec.pidfile}") from None
+
+    def _is_our_qemu(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return str(self.spec.pidfile).encode() in cmdline
+
+    async def _pump_events(self) -> None:
+        """The one reader of this VM's QMP events: fans them out to subscribers."""
+        assert self._listener is not None
+        async for msg in self._listener:
+            kind = EventKind(str(msg["event"]))
+            raw = msg.get("data")
+            data: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+            log.info("vm event vm=%s event=%s data=%s", self.vm_id, kind, data)
+            self._publish(VMEvent(kind, self.vm_id, data))
+
+    def _publish(self, ev: VMEvent) -> None:
+        self._history = [*self._history[-31:], ev]
+        for q in self._subscribers:
+            q.put_nowait(ev)
+
+    def _on_process_exit(self) -> None:
+        # The pidfd became readable: QEMU is gone (kill -9, crash, guest shutdown, quit).
+        self._close_pidfd()
+        if self._exited.is_set():
+            return
+        self._exited.set()
+        log.info("vm exited vm=%s pid=%s", self.vm_id, self._pid)
+        # EXITED must come after any event QMP still has buffered: publish it from a task
+        # that first lets the pump drain and the QMP session close.
+        self._exit_task = asyncio.get_running_loop().create_task(
+            self._finish_exit(), name=f"vm-exit-{self.vm_id}"
+        )
+
+    async def _finish_exit(self) -> None:
+        qmp = self._qmp
+        if qmp is not None:
+            # Wait (bounded) for the QMP reader to hit EOF: every event QEMU sent before dying
+            # is then in our listener.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    while qmp.runstate is Runstate.RUNNING:
+                        await qmp.runstate_changed()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                # EventListener offers no "drained" notification: poll its queue briefly.
+                while self._listener is not None and not self._listener.empty():  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        await self._close_qmp()
+        self._publish(VMEvent(EventKind.EXITED, self.vm_id, {"pid": self._pid}))
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def _close_qmp(self) -> None:
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            # disconnect() re-raises whatever broke the session (EOF when QEMU died): expected.
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await qmp.disconnect()
+
+    async def _execute(self, step: str, cmd: str, args: dict[str, object] | None = None) -> Any:
+        if self.exited:
+            raise FailedPrecondition(f"vm {self.vm_id}: {step}: QEMU has exited")
+        qmp = self._qmp
+        if qmp is None:
+            raise FailedPrecondition(f"vm {self.vm_id}: {step}: not connected to QMP")
+        try:
+            async with asyncio.timeout(QMP_TIMEOUT):
+                return await qmp.execute(cmd, args)
+        except TimeoutError:
+            raise DeadlineExceeded(f"vm {self.vm_id}: {step}: QMP {cmd} timed out") from None
+        except ExecuteError as e:
+            raise Internal(f"vm {self.vm_id}: {step}: QMP {cmd} failed: {e}") from e
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as e:
+            raise Unavailable(f"vm {self.vm_id}: {step}: QMP {cmd}: connection lost: {e}") from e
+
+    async def _cleanup_failed_start(self) -> None:
+        launcher = self._launcher
+        if launcher is not None and launcher.returncode is None:
+            # The launcher exits once the daemonized QEMU is initialised; killing it earlier
+            # could leave that QEMU running before it wrote its pidfile. Wait for it, bounded.
+            try:
+                async with asyncio.timeout(EXIT_TIMEOUT):
+                    await launcher.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    launcher.kill()
+                await launcher.wait()
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        # Also whatever QEMU names our pidfile on its command line, pidfile written or not.
+        for pid in await asyncio.to_thread(self._our_qemu_pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await self.detach()
+        log.warning("vm start failed, cleaned up vm=%s pid=%s", self.vm_id, self._pid)
+
+    def _our_qemu_pids(self) -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and self._is_our_qemu(int(entry)):
+                pids.append(int(entry))
+        return pids
