@@ -22,7 +22,7 @@ _DRAIN_AFTER_EXIT = 0.5
 _DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
-class _Capture:
+class Capture:
     """Reads one pipe into a buffer of at most `limit` bytes; keeps draining past the limit so
     the writer never blocks on a full pipe."""
 
@@ -78,9 +78,7 @@ def _spawn(process: pb.Process, out_w: int, err_w: int) -> int:
 
 
 async def exec_sync(req: pb.ExecSyncRequest, reaper: Reaper) -> pb.ExecSyncResponse:
-    if req.container_id:
-        raise GRPCError(Status.UNIMPLEMENTED,
-                        "Agent.ExecSync in a container is not implemented yet")
+    """ExecSync in the guest itself (req.container_id is empty)."""
     if not req.process.argv:
         raise GRPCError(Status.INVALID_ARGUMENT, "ExecSync: empty argv")
     loop = asyncio.get_running_loop()
@@ -99,8 +97,8 @@ async def exec_sync(req: pb.ExecSyncRequest, reaper: Reaper) -> pb.ExecSyncRespo
         os.close(out_w)
         os.close(err_w)
     exited = reaper.watch(pid)
-    stdout = _Capture(loop, out_r, limit)
-    stderr = _Capture(loop, err_r, limit)
+    stdout = Capture(loop, out_r, limit)
+    stderr = Capture(loop, err_r, limit)
     timed_out = False
     try:
         try:
@@ -127,5 +125,12 @@ async def exec_sync(req: pb.ExecSyncRequest, reaper: Reaper) -> pb.ExecSyncRespo
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def kill_pid(pid: int, signum: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, signum)
     except ProcessLookupError:
         pass

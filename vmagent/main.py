@@ -36,6 +36,7 @@ async def serve(settings: Settings, started_uptime: float) -> int:
     reaper = Reaper(loop)
     reaper.install()
     state = AgentState(reaper, settings.run_dir, started_uptime)
+    state.exec_mode = settings.exec_mode
     server = AgentServer(
         [HealthService(state), AgentService(state)], settings.transport,
         port_name=settings.port_name, vsock_port=settings.vsock_port,

@@ -1,5 +1,6 @@
 """The gRPC servicers: thin classes that hand each RPC to the module that implements it, and
-answer UNIMPLEMENTED (naming the call) for the container API that comes with the next issue.
+answer UNIMPLEMENTED (naming the call) for what is not built yet (Exec, Attach, PortForward).
+Container modules are imported on first use: they are not needed for the first health answer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from vmagent.pid1 import Reaper
 if TYPE_CHECKING:
     from grpclib.server import Stream
 
+    from vmagent.containers import Containers
+
 log = logging.getLogger("vmagent")
 
 
@@ -44,6 +47,16 @@ class AgentState:
         self.sandbox_ready = False
         self.recent = RecentRequests()
         self.shutdown_requested: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._containers: Containers | None = None
+        self.exec_mode = "auto"
+
+    @property
+    def containers(self) -> Containers:
+        if self._containers is None:
+            from vmagent.containers import Containers
+
+            self._containers = Containers(self.reaper, self.run_dir, self.exec_mode)
+        return self._containers
 
 
 class HealthService:
@@ -112,67 +125,115 @@ class AgentService:
     async def Stats(self, stream: Stream[pb.StatsRequest, pb.StatsResponse]) -> None:
         req = await stream.recv_message()
         assert req is not None
-        if req.container_ids:
-            raise GRPCError(Status.NOT_FOUND,
-                            f"Agent.Stats: unknown containers {list(req.container_ids)}")
+        containers = await self._s.containers.stats(list(req.container_ids))
         mem = guestinfo.meminfo()
         load1, procs = guestinfo.loadavg()
         await stream.send_message(pb.StatsResponse(guest=pb.GuestStats(
             timestamp_unix_nanos=time.time_ns(), memory_total_bytes=mem.get("MemTotal", 0),
             memory_available_bytes=mem.get("MemAvailable", 0),
-            cpu_usage_nanos=guestinfo.cpu_usage_ns(), load1=load1, processes=procs)))
+            cpu_usage_nanos=guestinfo.cpu_usage_ns(), load1=load1, processes=procs),
+            containers=containers))
 
     # --- processes ---------------------------------------------------------------------------
 
     async def ExecSync(self, stream: Stream[pb.ExecSyncRequest, pb.ExecSyncResponse]) -> None:
-        from vmagent.execsync import exec_sync
+        req = await stream.recv_message()
+        assert req is not None
+
+        async def work() -> pb.ExecSyncResponse:
+            if req.container_id:
+                from vmagent.container_exec import exec_in_container
+
+                return await exec_in_container(req, self._s.containers)
+            from vmagent.execsync import exec_sync
+
+            return await exec_sync(req, self._s.reaper)
+
+        await stream.send_message(await self._s.recent.run("ExecSync", req.request_id, work))
+
+    # --- containers --------------------------------------------------------------------------
+
+    async def CreateContainer(
+        self, stream: Stream[pb.CreateContainerRequest, pb.ContainerState]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await stream.send_message(await self._s.recent.run(
+            "CreateContainer", req.request_id, lambda: self._s.containers.create(req)))
+
+    async def StartContainer(
+        self, stream: Stream[pb.StartContainerRequest, pb.ContainerState]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await stream.send_message(await self._s.recent.run(
+            "StartContainer", req.request_id,
+            lambda: self._s.containers.start(req.container_id)))
+
+    async def SignalContainer(self, stream: Stream[pb.SignalContainerRequest, pb.Empty]) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await self._s.containers.signal(req)
+        await stream.send_message(pb.Empty())
+
+    async def WaitContainer(
+        self, stream: Stream[pb.WaitContainerRequest, pb.ExitStatus]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await stream.send_message(await self._s.containers.wait(req))
+
+    async def DeleteContainer(self, stream: Stream[pb.DeleteContainerRequest, pb.Empty]) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await self._s.containers.delete(req)
+        await stream.send_message(pb.Empty())
+
+    async def GetContainerState(
+        self, stream: Stream[pb.ContainerRequest, pb.ContainerState]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await stream.send_message(self._s.containers.get(req.container_id).state())
+
+    async def ListContainers(self, stream: Stream[pb.Empty, pb.ListContainersResponse]) -> None:
+        await stream.recv_message()
+        await stream.send_message(pb.ListContainersResponse(
+            containers=[c.state() for c in self._s.containers.all()]))
+
+    async def PauseContainer(self, stream: Stream[pb.ContainerRequest, pb.Empty]) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await self._s.containers.pause(req.container_id)
+        await stream.send_message(pb.Empty())
+
+    async def ResumeContainer(self, stream: Stream[pb.ContainerRequest, pb.Empty]) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await self._s.containers.resume(req.container_id)
+        await stream.send_message(pb.Empty())
+
+    async def UpdateResources(self, stream: Stream[pb.UpdateResourcesRequest, pb.Empty]) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await self._s.containers.update(req)
+        await stream.send_message(pb.Empty())
+
+    async def ReadStdio(self, stream: Stream[pb.ReadStdioRequest, pb.StdioChunk]) -> None:
+        from vmagent.stdio_service import read_stdio
 
         req = await stream.recv_message()
         assert req is not None
-        resp = await self._s.recent.run(
-            "ExecSync", req.request_id, lambda: exec_sync(req, self._s.reaper))
-        await stream.send_message(resp)
+        await read_stdio(req, self._s.containers.get(req.container_id).output,
+                         stream.send_message)
 
-    # --- not yet (issue 4) ---------------------------------------------------------------------
-
-    async def CreateContainer(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "CreateContainer")
-
-    async def StartContainer(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "StartContainer")
-
-    async def SignalContainer(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "SignalContainer")
-
-    async def WaitContainer(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "WaitContainer")
-
-    async def DeleteContainer(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "DeleteContainer")
-
-    async def GetContainerState(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "GetContainerState")
-
-    async def ListContainers(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "ListContainers")
-
-    async def PauseContainer(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "PauseContainer")
-
-    async def ResumeContainer(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "ResumeContainer")
-
-    async def UpdateResources(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "UpdateResources")
+    # --- not yet -------------------------------------------------------------------------------
 
     async def Exec(self, stream: Stream[Any, Any]) -> None:
         await self._streaming(stream, "Exec")
 
     async def Attach(self, stream: Stream[Any, Any]) -> None:
         await self._streaming(stream, "Attach")
-
-    async def ReadStdio(self, stream: Stream[Any, Any]) -> None:
-        await self._unary(stream, "ReadStdio")
 
     async def PortForward(self, stream: Stream[Any, Any]) -> None:
         await self._streaming(stream, "PortForward")

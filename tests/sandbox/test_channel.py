@@ -165,9 +165,10 @@ async def test_daemon_restart_gets_fresh_connection(tmp_path: Path) -> None:
 async def test_agent_errors_are_domain_errors(tmp_path: Path, client: AgentClient) -> None:
     agent = await start_agent(tmp_path, transport="unix")
     try:
-        with pytest.raises(errors.Unimplemented) as err:
+        with pytest.raises(errors.InvalidArgument) as err:
             await client.call("CreateContainer", pb.CreateContainerRequest(container_id="c1"))
         assert "pod pod-a" in err.value.message and "CreateContainer" in err.value.message
+        assert "OCI spec" in err.value.message
         with pytest.raises(errors.InvalidArgument):
             await client.setup_sandbox(pb.SetupSandboxRequest(sysctls={"../x": "1"}))
         reply = await client.exec_sync(pb.ExecSyncRequest(

@@ -141,35 +141,44 @@ async def test_orphans_are_reaped(agent: RunningAgent, stub: AgentStub) -> None:
     assert children == 0 and zombies == 0
 
 
-UNARY_UNIMPLEMENTED = [
-    ("CreateContainer", pb.CreateContainerRequest()),
-    ("StartContainer", pb.StartContainerRequest()),
-    ("SignalContainer", pb.SignalContainerRequest()),
-    ("WaitContainer", pb.WaitContainerRequest()),
-    ("DeleteContainer", pb.DeleteContainerRequest()),
-    ("GetContainerState", pb.ContainerRequest()),
-    ("ListContainers", pb.Empty()),
-    ("PauseContainer", pb.ContainerRequest()),
-    ("ResumeContainer", pb.ContainerRequest()),
-    ("UpdateResources", pb.UpdateResourcesRequest()),
+UNKNOWN_CONTAINER = [
+    ("StartContainer", pb.StartContainerRequest(container_id="nope")),
+    ("SignalContainer", pb.SignalContainerRequest(container_id="nope", signal=15)),
+    ("WaitContainer", pb.WaitContainerRequest(container_id="nope")),
+    ("GetContainerState", pb.ContainerRequest(container_id="nope")),
+    ("PauseContainer", pb.ContainerRequest(container_id="nope")),
+    ("ResumeContainer", pb.ContainerRequest(container_id="nope")),
+    ("UpdateResources", pb.UpdateResourcesRequest(container_id="nope")),
+    ("Stats", pb.StatsRequest(container_ids=["nope"])),
+    ("ExecSync", exec_req("true", container_id="nope")),
 ]
 
 
-@pytest.mark.parametrize(("name", "request_"), UNARY_UNIMPLEMENTED)
-async def test_unimplemented_unary(stub: AgentStub, name: str, request_: object) -> None:
+@pytest.mark.parametrize(("name", "request_"), UNKNOWN_CONTAINER)
+async def test_unknown_container(stub: AgentStub, name: str, request_: object) -> None:
     with pytest.raises(GRPCError) as err:
         await getattr(stub, name)(request_, timeout=10)
-    assert err.value.status is Status.UNIMPLEMENTED
-    assert err.value.message == f"Agent.{name} is not implemented yet"
+    assert err.value.status is Status.NOT_FOUND, err.value
+    assert "nope" in str(err.value.message)
 
 
-async def test_unimplemented_exec_in_container(stub: AgentStub) -> None:
+async def test_container_calls_without_containers(stub: AgentStub) -> None:
+    await stub.DeleteContainer(pb.DeleteContainerRequest(container_id="nope"), timeout=10)
+    assert not (await stub.ListContainers(pb.Empty(), timeout=10)).containers
     with pytest.raises(GRPCError) as err:
-        await stub.ExecSync(exec_req("true", container_id="c1"), timeout=10)
-    assert err.value.status is Status.UNIMPLEMENTED and "ExecSync" in str(err.value.message)
+        await stub.CreateContainer(pb.CreateContainerRequest(container_id="../x"), timeout=10)
+    assert err.value.status is Status.INVALID_ARGUMENT
+    with pytest.raises(GRPCError) as err:
+        await stub.CreateContainer(pb.CreateContainerRequest(
+            container_id="c1", oci_spec_json=b'{"process": {"args": ["sh"], "terminal": true}}'),
+            timeout=10)
+    assert err.value.status is Status.UNIMPLEMENTED and "tty" in str(err.value.message)
+    with pytest.raises(GRPCError) as err:
+        await stub.ReadStdio(pb.ReadStdioRequest(container_id="nope"), timeout=10)
+    assert err.value.status is Status.NOT_FOUND
 
 
-@pytest.mark.parametrize("name", ["Exec", "Attach", "PortForward", "ReadStdio"])
+@pytest.mark.parametrize("name", ["Exec", "Attach", "PortForward"])
 async def test_unimplemented_streaming(stub: AgentStub, name: str) -> None:
     method = getattr(stub, name)
     with pytest.raises(GRPCError) as err:

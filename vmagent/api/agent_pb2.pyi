@@ -177,7 +177,15 @@ class StdioOptions(_message.Message):
     def __init__(self, tty: _Optional[bool] = ..., stdin: _Optional[bool] = ..., stdin_once: _Optional[bool] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("request_id", "container_id", "sandbox_id", "oci_spec_json", "rootfs", "stdio", "mounts")
+    __slots__ = ("request_id", "container_id", "sandbox_id", "oci_spec_json", "rootfs", "stdio", "mounts", "user", "pid_namespace")
+    class PidNamespace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PID_CONTAINER: _ClassVar[CreateContainerRequest.PidNamespace]
+        PID_POD: _ClassVar[CreateContainerRequest.PidNamespace]
+        PID_GUEST: _ClassVar[CreateContainerRequest.PidNamespace]
+    PID_CONTAINER: CreateContainerRequest.PidNamespace
+    PID_POD: CreateContainerRequest.PidNamespace
+    PID_GUEST: CreateContainerRequest.PidNamespace
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +193,8 @@ class CreateContainerRequest(_message.Message):
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     STDIO_FIELD_NUMBER: _ClassVar[int]
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     container_id: str
     sandbox_id: str
@@ -192,7 +202,9 @@ class CreateContainerRequest(_message.Message):
     rootfs: Rootfs
     stdio: StdioOptions
     mounts: _containers.RepeatedCompositeFieldContainer[Mount]
-    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., stdio: _Optional[_Union[StdioOptions, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ...) -> None: ...
+    user: str
+    pid_namespace: CreateContainerRequest.PidNamespace
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., stdio: _Optional[_Union[StdioOptions, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., user: _Optional[str] = ..., pid_namespace: _Optional[_Union[CreateContainerRequest.PidNamespace, str]] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
     __slots__ = ("request_id", "container_id")

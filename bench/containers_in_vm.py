@@ -1,0 +1,109 @@
+"""Container numbers in one real micro-VM (TCG): create/start latency, ExecSync `true` through
+the fast path and through `runc exec`, and guest memory per idle container.
+
+Usage: .venv/bin/python -m bench.containers_in_vm [--assets DIR] [--containers N] [--execs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from criserver.sandbox import assets as assets_mod
+from criserver.sandbox.accel import read_tsc_khz
+from criserver.sandbox.channel import AgentAddress, AgentClient
+from criserver.sandbox.qemu import SerialTransport, Share, VMSpec
+from criserver.sandbox.vm import VM
+from tests.vmagent.containerkit import busybox_rootfs, make_erofs, oci_spec
+from vmagent.api import agent_pb2 as pb
+
+SECCOMP = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+           "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] * 1000
+
+
+async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
+    assets = assets_mod.load(assets_dir)
+    work = Path(tempfile.mkdtemp(prefix="ctrbench-"))
+    (work / "images").mkdir()
+    image = make_erofs(busybox_rootfs(work / "rootfs"), work / "images")
+    spec = VMSpec(vm_id=f"ctrbench-{os.getpid()}", state_dir=work, kernel=assets.kernel,
+                  initramfs=assets.initramfs, root_disk=assets.root,
+                  root_serial=assets.root_serial, transport=SerialTransport(work / "agent.sock"),
+                  tsc_khz=read_tsc_khz(), module_groups=("overlay", "9p", "loop"),
+                  pvpanic=False, shares=(Share("criserver.images", work / "images"),))
+    machine = VM(spec)
+    await machine.start()
+    client = AgentClient(spec.vm_id, AgentAddress(unix_path=str(work / "agent.sock")),
+                         call_timeout=120)
+    try:
+        await client.wait_ready(time.monotonic() + 180)
+        await client.setup_sandbox(pb.SetupSandboxRequest(request_id="s", sandbox_id="p"))
+
+        async def create(cid: str, raw: bytes) -> tuple[float, float]:
+            t0 = time.monotonic()
+            await client.call("CreateContainer", pb.CreateContainerRequest(
+                container_id=cid, sandbox_id="p", oci_spec_json=raw,
+                rootfs=pb.Rootfs(lowers=[pb.Mount(type="erofs", source=f"image:{image}")])))
+            t1 = time.monotonic()
+            await client.call("StartContainer", pb.StartContainerRequest(container_id=cid))
+            return t1 - t0, time.monotonic() - t1
+
+        warm = await create("warmup", oci_spec(["sleep", "100000"]))  # first use: mounts
+        print(f"first container (mounts the share and image): create {warm[0]:.3f}s "
+              f"start {warm[1]:.3f}s")
+        await asyncio.sleep(2)
+        before = (await client.stats()).guest.memory_available_bytes
+        creates, starts = [], []
+        for i in range(n_containers):
+            c, s = await create(f"idle{i}", oci_spec(["sleep", "100000"]))
+            creates.append(c)
+            starts.append(s)
+        await asyncio.sleep(2)
+        stats = await client.stats()
+        after = stats.guest.memory_available_bytes
+        cg = [c.memory_usage_bytes for c in stats.containers if c.container_id.startswith("idle")]
+        print(f"create: median {statistics.median(creates):.3f}s  start: median "
+              f"{statistics.median(starts):.3f}s  (n={n_containers}, host-observed)")
+        print(f"guest memory per idle container: {(before - after) / n_containers / 2**20:.2f} "
+              f"MiB (MemAvailable delta); cgroup memory.current median "
+              f"{statistics.median(cg) / 2**20:.2f} MiB")
+        seccomp = json.loads(oci_spec(["sleep", "100000"]))
+        seccomp["linux"]["seccomp"] = SECCOMP
+        await create("runcpath", json.dumps(seccomp).encode())
+        for label, cid in (("guest (no container)", ""), ("fast path", "idle0"),
+                           ("runc exec", "runcpath")):
+            times = []
+            for _ in range(n_execs):
+                t0 = time.monotonic()
+                r = await client.exec_sync(pb.ExecSyncRequest(
+                    container_id=cid, process=pb.Process(argv=["true"]), timeout_seconds=30))
+                times.append(time.monotonic() - t0)
+                assert r.exit_code == 0
+            print(f"ExecSync true, {label}: p50 {pct(times, 50):.1f} ms  p99 "
+                  f"{pct(times, 99):.1f} ms  (n={n_execs})")
+        await client.shutdown()
+    finally:
+        client.close()
+        if not machine.exited:
+            await machine.kill()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--assets", type=Path, default=Path(
+        os.environ.get("CRISERVER_GUEST_ASSETS", assets_mod.DEFAULT_ASSETS_DIR)))
+    ap.add_argument("--containers", type=int, default=5)
+    ap.add_argument("--execs", type=int, default=100)
+    a = ap.parse_args()
+    asyncio.run(main(a.assets, a.containers, a.execs))

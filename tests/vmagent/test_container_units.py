@@ -1,0 +1,218 @@
+"""Unit tests of the agent's container logic that needs no VM: user resolution from passwd and
+group files (symlinks resolved inside the rootfs), OCI spec completion, the offset-addressed
+output log, cgroup file parsing and exit reasons, and the fast exec path's plan and report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmagent import cgroups, fastexec
+from vmagent.ocispec import PodContext, complete_spec, exec_process, load_spec
+from vmagent.stdio import STDERR, STDOUT, OutputLog
+from vmagent.users import ResolvedUser, read_in_root, resolve_in_rootfs, resolve_user
+
+PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
+          "# comment\n"
+          "app:x:1000:1001:App:/home/app:/bin/sh\n"
+          "web:x:33:33::/var/www:/bin/false\n")
+GROUP = "root:x:0:\napp:x:1001:\nextra:x:2000:app,web\nwww:x:33:\nother:x:3000:web\n"
+
+
+@pytest.mark.parametrize(("user", "want"), [
+    ("app", ResolvedUser(1000, 1001, [1001, 2000], "/home/app")),
+    ("1000", ResolvedUser(1000, 1001, [1001, 2000], "/home/app")),
+    ("app:www", ResolvedUser(1000, 33, [33, 2000], "/home/app")),
+    ("app:4242", ResolvedUser(1000, 4242, [4242, 2000], "/home/app")),
+    ("web", ResolvedUser(33, 33, [33, 2000, 3000], "/var/www")),
+    ("4242", ResolvedUser(4242, 0, [0], "/")),  # numeric, not in passwd
+    ("4242:extra", ResolvedUser(4242, 2000, [2000], "/")),
+])
+def test_resolve_user(user: str, want: ResolvedUser) -> None:
+    assert resolve_user(user, PASSWD, GROUP) == want
+
+
+def test_resolve_user_keeps_supplemental_groups_after_the_image_ones() -> None:
+    got = resolve_user("app", PASSWD, GROUP, extra_gids=[5000, 2000])
+    assert got.additional_gids == [1001, 2000, 5000]
+
+
+@pytest.mark.parametrize("user", ["nobody", "app:nogroup", ":0", ""])
+def test_resolve_user_rejects_unknown_names(user: str) -> None:
+    with pytest.raises(GRPCError) as err:
+        resolve_user(user, PASSWD, GROUP)
+    assert err.value.status is Status.INVALID_ARGUMENT
+
+
+def test_passwd_symlinks_resolve_inside_the_rootfs(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "real").mkdir()
+    (root / "real/passwd").write_text(PASSWD)
+    (root / "real/group").write_text(GROUP)
+    # An absolute link must mean <rootfs>/real/passwd, never the guest's own file.
+    (root / "etc/passwd").symlink_to("/real/passwd")
+    (root / "etc/group").symlink_to("../../../../real/group")
+    assert resolve_in_rootfs("app", str(root)).uid == 1000
+    outside = tmp_path / "outside"
+    outside.write_text("evil:x:0:0::/:/bin/sh\n")
+    (root / "etc/passwd").unlink()
+    (root / "etc/passwd").symlink_to(str(outside))
+    assert read_in_root(str(root), "/etc/passwd") is None
+    (root / "etc/loop").symlink_to("loop")
+    assert read_in_root(str(root), "/etc/loop") is None
+
+
+SPEC = {
+    "process": {"args": ["sh"], "env": ["A=1"], "cwd": "/work", "user": {"uid": 5, "gid": 6},
+                "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+                                 "permitted": ["CAP_KILL"]}, "noNewPrivileges": True},
+    "root": {"path": "rootfs", "readonly": True},
+    "hostname": "from-host",
+    "hooks": {"prestart": [{"path": "/usr/bin/host-only"}]},
+    "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+               {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"},
+               {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts"},
+               {"destination": "/data", "type": "bind",
+                "source": "/run/criserver/shared/v1"}],
+    "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+              "cgroupsPath": "kubepods-besteffort.slice:cri:abc"},
+}
+POD = PodContext(hosts="/run/criserver/hosts", resolv_conf="/run/criserver/resolv.conf",
+                 shm="/run/criserver/shm", ipc_uts_pid=42, pid_ns_pid=43)
+
+
+def test_complete_spec() -> None:
+    out = complete_spec(SPEC, container_id="c1", rootfs="/run/b/c1/rootfs", pod=POD)
+    assert out["root"] == {"path": "/run/b/c1/rootfs", "readonly": True}
+    assert out["linux"]["cgroupsPath"] == "/criserver/c1"
+    assert "hooks" not in out and "hostname" not in out
+    ns = {n["type"]: n.get("path") for n in out["linux"]["namespaces"]}
+    assert ns == {"ipc": "/proc/42/ns/ipc", "uts": "/proc/42/ns/uts", "pid": None,
+                  "mount": None}  # no network entry: the VM's own
+    mounts = {m["destination"]: m for m in out["mounts"]}
+    assert mounts["/etc/hosts"]["source"] == "/run/criserver/hosts"
+    assert "ro" in mounts["/etc/hosts"]["options"]  # read-only root: read-only pod files
+    assert mounts["/etc/resolv.conf"]["source"] == "/run/criserver/resolv.conf"
+    assert "/etc/hostname" not in mounts  # the pod has no hostname file
+    assert mounts["/dev/shm"]["source"] == "/run/criserver/shm"
+    assert mounts["/data"]["source"] == "/run/criserver/shared/v1"
+    assert [m["destination"] for m in out["mounts"]].count("/dev/shm") == 1
+    assert out["process"]["user"] == {"uid": 5, "gid": 6}
+    assert out["process"]["env"][0].startswith("PATH=") and "A=1" in out["process"]["env"]
+    assert SPEC["linux"]["cgroupsPath"] == "kubepods-besteffort.slice:cri:abc"  # not mutated
+
+
+def test_complete_spec_user_and_pid_modes() -> None:
+    user = ResolvedUser(1000, 1001, [1001, 2000], "/home/app")
+    out = complete_spec(SPEC, container_id="c1", rootfs="/r", pod=POD, pid_mode=1, user=user)
+    assert out["process"]["user"] == {"uid": 1000, "gid": 1001, "additionalGids": [1001, 2000]}
+    assert "HOME=/home/app" in out["process"]["env"]
+    ns = {n["type"]: n.get("path") for n in out["linux"]["namespaces"]}
+    assert ns["pid"] == "/proc/43/ns/pid"
+    out = complete_spec(SPEC, container_id="c1", rootfs="/r", pod=POD, pid_mode=2)
+    assert "pid" not in {n["type"] for n in out["linux"]["namespaces"]}
+
+
+def test_load_spec_rejects() -> None:
+    for raw in (b"not json", b"[]", b'{"process": {}}', b'{"process": {"args": []}}'):
+        with pytest.raises(GRPCError) as err:
+            load_spec(raw, "c1")
+        assert err.value.status is Status.INVALID_ARGUMENT
+    assert load_spec(json.dumps(SPEC).encode(), "c1")["process"]["args"] == ["sh"]
+
+
+def test_exec_process_inherits_the_container_process() -> None:
+    p = exec_process(SPEC, ["ls"], [], "", None)
+    assert p["args"] == ["ls"] and p["env"] == ["A=1"] and p["cwd"] == "/work"
+    assert p["capabilities"] == SPEC["process"]["capabilities"] and p["noNewPrivileges"]
+    p = exec_process(SPEC, ["ls"], ["B=2"], "/tmp", (7, 8, [9]))
+    assert (p["env"], p["cwd"], p["user"]) == (
+        ["B=2"], "/tmp", {"uid": 7, "gid": 8, "additionalGids": [9]})
+
+
+async def test_output_log_offsets_ack_and_overflow() -> None:
+    log = OutputLog(limit=10)
+    log.append(STDOUT, b"abcd")
+    log.append(STDERR, b"EF")
+    chunks = log.read(0)
+    assert [(c.offset, c.stream, c.data) for c in chunks] == [(0, STDOUT, b"abcd"),
+                                                             (4, STDERR, b"EF")]
+    assert [c.data for c in log.read(2)] == [b"cd", b"EF"]  # mid-chunk offset
+    log.ack(3)
+    assert log.start == 3 and log.kept == 3
+    # The host falls behind: the oldest bytes go, and a reader from 0 sees the gap.
+    log.append(STDOUT, b"0123456789xy")
+    assert (log.start, log.end, log.kept, log.dropped) == (8, 18, 10, 5)
+    first = log.read(0)[0]
+    assert (first.offset, first.data) == (8, b"23456789xy")
+    assert log.read(18) == []
+    log.close()
+    assert log.eof
+    log.append(STDOUT, b"late")  # nothing after EOF
+    assert log.end == 18
+
+
+async def test_output_log_wait_beyond() -> None:
+    import asyncio
+
+    log = OutputLog()
+    waiter = asyncio.ensure_future(log.wait_beyond(0))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    log.append(STDOUT, b"x")
+    await asyncio.wait_for(waiter, 1)
+    eof = asyncio.ensure_future(log.wait_eof())
+    log.close()
+    await asyncio.wait_for(eof, 1)
+
+
+def test_cgroup_parsing_and_reasons(tmp_path: Path) -> None:
+    d = tmp_path / "cg"
+    d.mkdir()
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (d / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
+    (d / "memory.current").write_text("1048576\n")
+    (d / "memory.stat").write_text("anon 4096\nfile 8192\ninactive_file 8192\n")
+    (d / "pids.current").write_text("3\n")
+    assert cgroups.oom_kills(str(d)) == 1
+    u = cgroups.usage(str(d))
+    assert (u.cpu_usage_ns, u.memory_usage, u.memory_working_set, u.memory_rss, u.pids) == (
+        1_500_000, 1048576, 1048576 - 8192, 4096, 3)
+    assert cgroups.oom_kills(str(tmp_path / "gone")) == 0
+    assert cgroups.cgroup_dir("/criserver/c1", "/sys/fs/cgroup") == "/sys/fs/cgroup/criserver/c1"
+    assert [cgroups.exit_reason(c, o) for c, o in ((0, False), (3, False), (137, True))] == [
+        "Completed", "Error", "OOMKilled"]
+
+
+def test_fastexec_plan_falls_back_for_what_it_cannot_do() -> None:
+    process = exec_process(SPEC, ["true"], [], "", None)
+    p = fastexec.plan(SPEC, process, 1, "/sys/fs/cgroup/criserver/c1")
+    assert p is not None and p.bounding == 1 << 5 and p.no_new_privs and p.uid == 5
+    for extra in ({"linux": {**SPEC["linux"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}},
+                  {"linux": {"namespaces": [{"type": "user"}]}}):
+        assert fastexec.plan({**SPEC, **extra}, process, 1, "/x") is None
+    assert fastexec.plan(SPEC, {**process, "apparmorProfile": "p"}, 1, "/x") is None
+    bad = {**process, "capabilities": {"bounding": ["CAP_NOPE"]}}
+    assert fastexec.plan(SPEC, bad, 1, "/x") is None
+
+
+def test_fastexec_report() -> None:
+    import struct
+
+    assert fastexec.parse_report(b"P" + struct.pack("<i", 77)) == (77, "")
+    err = b"boom"
+    data = b"E" + struct.pack("<H", len(err)) + err + b"P" + struct.pack("<i", 5)
+    assert fastexec.parse_report(data) == (5, "boom")
+    assert fastexec.parse_report(b"") == (0, "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and cgroups")
+def test_fastexec_capability_table_matches_the_kernel() -> None:
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    assert len(fastexec.CAPS) >= last + 1

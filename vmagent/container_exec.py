@@ -1,0 +1,188 @@
+"""ExecSync inside a container: the container's namespaces, cgroup, capabilities, no_new_privs,
+rlimits (and, through runc, its AppArmor profile and seccomp filter), with the request's argv
+and (when given) env, cwd and user. The fork+setns fast path (fastexec) runs when the spec
+allows it, `runc exec` otherwise. A timeout kills the exec'd process (not just its parent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmagent.api import agent_pb2 as pb
+from vmagent.containers import Containers
+from vmagent.execsync import DEFAULT_OUTPUT_LIMIT, Capture, kill_pid
+from vmagent.ocispec import exec_process
+from vmagent.pid1 import ChildExit
+from vmagent.runc import log_errors
+
+log = logging.getLogger("vmagent")
+
+_DRAIN_AFTER_EXIT = 0.5
+_RUNNING = pb.ContainerState.RUNNING
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path) as f:  # tmpfs
+            text = f.read().strip()
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:  # tmpfs, a few KiB
+        f.write(text)
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+async def exec_in_container(req: pb.ExecSyncRequest, containers: Containers
+                            ) -> pb.ExecSyncResponse:
+    c = containers.get(req.container_id)
+    if not req.process.argv:
+        raise GRPCError(Status.INVALID_ARGUMENT, "ExecSync: empty argv")
+    if c.status != _RUNNING:
+        raise GRPCError(Status.FAILED_PRECONDITION,
+                        f"container {c.id} is {pb.ContainerState.Status.Name(c.status)}, "
+                        "not RUNNING")
+    p = req.process
+    user = None
+    if p.HasField("user"):
+        user = (p.user.uid, p.user.gid, list(p.user.additional_gids))
+    process = exec_process(c.spec, list(p.argv), list(p.env), p.cwd, user)
+    if containers.exec_mode != "runc":
+        from vmagent import fastexec
+
+        fast = fastexec.plan(c.spec, process, c.pid, c.cgroup_dir)
+        if fast is not None:
+            return await _exec_fast(req, containers, fast)
+    c.exec_serial += 1
+    base = os.path.join(c.bundle, f"exec-{c.exec_serial}")
+    proc_file, pid_file, log_file = base + ".json", base + ".pid", base + ".log"
+    _write(proc_file, json.dumps(process))
+    limit = req.output_limit_bytes or DEFAULT_OUTPUT_LIMIT
+    loop = asyncio.get_running_loop()
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    stdout = Capture(loop, out_r, limit)
+    stderr = Capture(loop, err_r, limit)
+    t0 = time.monotonic()
+    run = asyncio.ensure_future(containers.runc.run_status(
+        ["exec", "--process", proc_file, "--pid-file", pid_file, c.id],
+        what=f"container {c.id}: runc exec", stdout=out_w, stderr=err_w, log_path=log_file,
+        close_after_spawn=(out_w, err_w)))
+    timed_out = False
+    try:
+        try:
+            status, _, _ = await asyncio.wait_for(asyncio.shield(run),
+                                                  req.timeout_seconds or None)
+        except TimeoutError:
+            timed_out = True
+            _kill_exec(pid_file, run)
+            try:
+                status, _, _ = await run
+            except asyncio.CancelledError:
+                status = ChildExit(signal.SIGKILL)  # runc itself was killed before the exec
+        await asyncio.wait({stdout.eof, stderr.eof}, timeout=_DRAIN_AFTER_EXIT)
+    except asyncio.CancelledError:
+        _kill_exec(pid_file, run)
+        raise
+    finally:
+        stdout.close()
+        stderr.close()
+        started = _read_pid(pid_file) > 0
+        errors = "" if started else log_errors(log_file)
+        await asyncio.to_thread(_remove, proc_file, pid_file, log_file)
+    if not started and status.code != 0 and not timed_out:
+        # runc could not start the process at all (no such binary, bad cwd, ...).
+        raise GRPCError(Status.FAILED_PRECONDITION,
+                        f"container {c.id}: exec {p.argv[0]!r} failed: {errors or status.code}")
+    # runc exec exits with the process's code, or 128+signal when a signal killed it.
+    sig = status.code - 128 if status.code > 128 and timed_out else 0
+    log.debug("exec done id=%s argv0=%s code=%d seconds=%.3f", c.id, p.argv[0], status.code,
+              time.monotonic() - t0)
+    return pb.ExecSyncResponse(
+        stdout=bytes(stdout.data), stderr=bytes(stderr.data), exit_code=status.code,
+        signal=sig, timed_out=timed_out, stdout_truncated=stdout.truncated,
+        stderr_truncated=stderr.truncated)
+
+
+def _kill_exec(pid_file: str, run: asyncio.Future[Any]) -> None:
+    pid = _read_pid(pid_file)
+    if pid:
+        kill_pid(pid, signal.SIGKILL)
+    else:
+        run.cancel()  # not started yet: killing runc keeps it from starting
+
+
+async def _exec_fast(req: pb.ExecSyncRequest, containers: Containers, plan: Any
+                     ) -> pb.ExecSyncResponse:
+    from vmagent import fastexec
+
+    cid = req.container_id
+    limit = req.output_limit_bytes or DEFAULT_OUTPUT_LIMIT
+    loop = asyncio.get_running_loop()
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid, report_r = fastexec.spawn(plan, out_w, err_w)
+    except OSError as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise GRPCError(Status.FAILED_PRECONDITION,
+                        f"container {cid}: exec: cannot enter the container: {exc}") from exc
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    exited = containers.reaper.watch(pid)
+    stdout = Capture(loop, out_r, limit)
+    stderr = Capture(loop, err_r, limit)
+    report = Capture(loop, report_r, 65536)
+    target = 0
+    timed_out = False
+    timeout = req.timeout_seconds or None
+    try:
+        try:
+            # The report closes once the process has exec'd (or failed to).
+            await asyncio.wait_for(asyncio.shield(report.eof), timeout)
+            target, error = fastexec.parse_report(bytes(report.data))
+            if error:
+                await exited
+                raise GRPCError(Status.FAILED_PRECONDITION,
+                                f"container {cid}: exec {req.process.argv[0]!r} failed: {error}")
+            status: ChildExit = await asyncio.wait_for(asyncio.shield(exited), timeout)
+        except TimeoutError:
+            timed_out = True
+            target = target or fastexec.parse_report(bytes(report.data))[0]
+            kill_pid(target or pid, signal.SIGKILL)
+            status = await exited
+        await asyncio.wait({stdout.eof, stderr.eof}, timeout=_DRAIN_AFTER_EXIT)
+    except asyncio.CancelledError:
+        target = target or fastexec.parse_report(bytes(report.data))[0]
+        kill_pid(target or pid, signal.SIGKILL)
+        raise
+    finally:
+        stdout.close()
+        stderr.close()
+        report.close()
+    sig = status.code - 128 if status.code > 128 and timed_out else 0
+    return pb.ExecSyncResponse(
+        stdout=bytes(stdout.data), stderr=bytes(stderr.data), exit_code=status.code,
+        signal=sig, timed_out=timed_out, stdout_truncated=stdout.truncated,
+        stderr_truncated=stderr.truncated)

@@ -1,0 +1,376 @@
+"""Containers in the guest: the store of container records and their life cycle with runc
+(create, start, signal, wait, delete, pause/resume, update, stats). A record's status changes
+only through `_set_status`, which checks the transition. Every log line names the container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmagent import cgroups, mountutil
+from vmagent.api import agent_pb2 as pb
+from vmagent.ocispec import PodContext, complete_spec, load_spec
+from vmagent.pid1 import ChildExit, Reaper
+from vmagent.podns import PodNamespaces
+from vmagent.rootfs import SHARED_TAG, Mounts, Rootfs, dir_bytes, remove_tree
+from vmagent.runc import Runc, RuncError
+from vmagent.stdio import DEFAULT_LIMIT, STDERR, STDOUT, OutputLog, PipeReader
+from vmagent.users import resolve_in_rootfs
+
+log = logging.getLogger("vmagent")
+
+S = pb.ContainerState
+# Allowed status transitions (from -> to).
+_TRANSITIONS = {
+    S.UNKNOWN: {S.CREATED},
+    S.CREATED: {S.RUNNING, S.STOPPED},
+    S.RUNNING: {S.PAUSED, S.STOPPED},
+    S.PAUSED: {S.RUNNING, S.STOPPED},
+    S.STOPPED: set(),
+}
+# After init exits, processes it left behind (shared PID namespace) may hold its stdout open:
+# wait this long for EOF, then take what the pipes hold and close them.
+_OUTPUT_DRAIN = 2.0
+_POD_SHM_SIZE = "64m"
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class Container:
+    def __init__(self, container_id: str, sandbox_id: str, bundle: str, buffer: int) -> None:
+        self.id = container_id
+        self.sandbox_id = sandbox_id
+        self.bundle = bundle
+        self.status = S.UNKNOWN
+        self.pid = 0
+        self.created_ns = 0
+        self.started_ns = 0
+        self.exit: pb.ExitStatus | None = None
+        self.spec: dict[str, Any] = {}
+        self.rootfs: Rootfs | None = None
+        self.cgroup_dir = ""
+        self.output = OutputLog(buffer)
+        self.readers: list[PipeReader] = []
+        self.exited: asyncio.Future[ChildExit] | None = None
+        self.stopped = asyncio.Event()
+        self.lock = asyncio.Lock()
+        self.exec_serial = 0
+        self.drainer: asyncio.Future[None] | None = None
+
+    def state(self) -> pb.ContainerState:
+        st = pb.ContainerState(container_id=self.id, status=self.status, pid=self.pid,
+                               created_at_unix_nanos=self.created_ns,
+                               started_at_unix_nanos=self.started_ns)
+        if self.exit is not None:
+            st.exit.CopyFrom(self.exit)
+        return st
+
+    def running_init(self) -> bool:
+        """Init is alive (or at least not yet reaped): its pid cannot have been reused."""
+        return self.pid > 0 and self.exited is not None and not self.exited.done()
+
+
+def _set_status(c: Container, new: int) -> None:
+    if new == c.status:
+        return
+    if new not in _TRANSITIONS[c.status]:
+        raise GRPCError(Status.FAILED_PRECONDITION,
+                        f"container {c.id}: cannot go from {S.Status.Name(c.status)} to "
+                        f"{S.Status.Name(new)}")
+    log.info("container status id=%s from=%s to=%s", c.id, S.Status.Name(c.status),
+             S.Status.Name(new))
+    c.status = new  # type: ignore[assignment]
+
+
+class Containers:
+    """Every container of the pod, and the pod-level resources they share."""
+
+    def __init__(self, reaper: Reaper, run_dir: str, exec_mode: str = "auto") -> None:
+        self.reaper = reaper
+        self.exec_mode = exec_mode
+        self.run_dir = run_dir
+        self.runc = Runc(reaper)
+        self.mounts = Mounts(run_dir)
+        self.podns = PodNamespaces(reaper)
+        self._by_id: dict[str, Container] = {}
+        self._shm = ""
+        self._shm_lock = asyncio.Lock()
+
+    # --- lookup ------------------------------------------------------------------------------
+
+    def get(self, container_id: str) -> Container:
+        c = self._by_id.get(container_id)
+        if c is None or c.status == S.UNKNOWN:
+            raise GRPCError(Status.NOT_FOUND, f"container {container_id} not found")
+        return c
+
+    def all(self) -> list[Container]:
+        return [c for c in self._by_id.values() if c.status != S.UNKNOWN]
+
+    # --- create ------------------------------------------------------------------------------
+
+    async def _pod_shm(self) -> str:
+        async with self._shm_lock:
+            if not self._shm:
+                path = os.path.join(self.run_dir, "shm")
+
+                def work() -> None:
+                    os.makedirs(path, exist_ok=True)
+                    if not mountutil.is_mountpoint(path):
+                        mountutil.mount("shm", path, "tmpfs",
+                                        mountutil.MS_NOSUID | mountutil.MS_NODEV,
+                                        f"mode=1777,size={_POD_SHM_SIZE}")
+
+                await asyncio.to_thread(work)
+                self._shm = path
+            return self._shm
+
+    async def _pod_context(self, pid_mode: int) -> PodContext:
+        def existing(name: str) -> str:
+            path = os.path.join(self.run_dir, name)
+            return path if os.path.exists(path) else ""  # tmpfs stat
+
+        return PodContext(
+            hosts=existing("hosts"), resolv_conf=existing("resolv.conf"),
+            hostname=existing("hostname"), shm=await self._pod_shm(),
+            ipc_uts_pid=await self.podns.ipc_uts(),
+            pid_ns_pid=await self.podns.pid() if pid_mode == 1 else 0)
+
+    async def create(self, req: pb.CreateContainerRequest) -> pb.ContainerState:
+        cid = req.container_id
+        if not cid or not set(cid) <= _ID_CHARS or cid in (".", ".."):
+            raise GRPCError(Status.INVALID_ARGUMENT, f"bad container id {cid!r}")
+        if cid in self._by_id:
+            raise GRPCError(Status.ALREADY_EXISTS, f"container {cid} already exists")
+        if req.stdio.tty or req.stdio.stdin:
+            raise GRPCError(Status.UNIMPLEMENTED,
+                            f"container {cid}: tty and stdin are not supported yet")
+        spec = load_spec(req.oci_spec_json, cid)
+        bundle = os.path.join(self.run_dir, "containers", cid)
+        c = Container(cid, req.sandbox_id, bundle, req.stdio.buffer_bytes or DEFAULT_LIMIT)
+        self._by_id[cid] = c  # reserves the id; status UNKNOWN hides it from lookups
+        t0 = time.monotonic()
+        try:
+            async with c.lock:
+                await self._create(c, req, spec)
+        except BaseException:
+            await self._teardown(c)
+            self._by_id.pop(cid, None)
+            raise
+        log.info("container created id=%s sandbox=%s pid=%d seconds=%.3f", cid,
+                 req.sandbox_id, c.pid, time.monotonic() - t0)
+        return c.state()
+
+    async def _create(self, c: Container, req: pb.CreateContainerRequest,
+                      spec: dict[str, Any]) -> None:
+        await asyncio.to_thread(os.makedirs, c.bundle, exist_ok=True)
+        shared_prefix = self.mounts.shared_dir + "/"
+        if any(str(m.get("source", "")).startswith(shared_prefix)
+               for m in spec.get("mounts") or []):
+            await self.mounts.ensure_share(SHARED_TAG, self.mounts.shared_dir, read_only=False)
+        for m in req.mounts:
+            if m.source.startswith("tag:") and m.target:
+                await self.mounts.ensure_share(m.source[4:], m.target,
+                                               read_only="ro" in m.options)
+        c.rootfs = await self.mounts.make_rootfs(c.id, c.bundle, req.rootfs)
+        user = None
+        if req.user:
+            extra = [int(g) for g in (spec["process"].get("user") or {}).get("additionalGids")
+                     or []]
+            user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path, extra)
+        pod = await self._pod_context(req.pid_namespace)
+        c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
+                               pid_mode=req.pid_namespace, user=user)
+        c.cgroup_dir = cgroups.cgroup_dir(c.spec["linux"]["cgroupsPath"])
+        config = json.dumps(c.spec).encode()
+        await asyncio.to_thread(_write, os.path.join(c.bundle, "config.json"), config)
+
+        loop = asyncio.get_running_loop()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        open_readers = [2]
+
+        def on_eof() -> None:
+            open_readers[0] -= 1
+            if open_readers[0] == 0:
+                c.output.close()
+
+        c.readers = [PipeReader(loop, out_r, STDOUT, c.output, on_eof),
+                     PipeReader(loop, err_r, STDERR, c.output, on_eof)]
+        pid_file = os.path.join(c.bundle, "init.pid")
+        try:
+            await self.runc.run(["create", "--bundle", c.bundle, "--pid-file", pid_file, c.id],
+                                what=f"container {c.id}: runc create", stdout=out_w,
+                                stderr=err_w, log_path=os.path.join(c.bundle, "runc.log"))
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        c.pid = _read_int(pid_file)
+        c.created_ns = time.time_ns()
+        c.exited = self.reaper.watch(c.pid)
+        c.exited.add_done_callback(lambda fut: self._on_exit(c, fut))
+        _set_status(c, S.CREATED)
+
+    async def _teardown(self, c: Container) -> None:
+        """Undo whatever create got to; safe to call on a half-created container."""
+        if c.pid or _exists(os.path.join(c.bundle, "config.json")):
+            try:
+                await self.runc.run(["delete", "--force", c.id],
+                                    what=f"container {c.id}: runc delete")
+            except RuncError as exc:
+                if exc.status != Status.NOT_FOUND:
+                    log.warning("runc delete failed id=%s error=%s", c.id, exc.message)
+        if c.exited is not None and not c.exited.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(c.exited), 10)
+            except TimeoutError:
+                log.warning("container init did not exit id=%s pid=%d", c.id, c.pid)
+        for r in c.readers:
+            r.drain()
+            r.close()
+        c.output.close()
+        if c.rootfs is not None:
+            await self.mounts.remove_rootfs(c.rootfs)
+            c.rootfs = None
+        await remove_tree(c.bundle)
+
+    def _on_exit(self, c: Container, fut: asyncio.Future[ChildExit]) -> None:
+        if fut.cancelled():
+            return
+        ex = fut.result()
+        # Read before `runc delete` removes the cgroup.
+        oom = cgroups.oom_kills(c.cgroup_dir) > 0
+        c.exit = pb.ExitStatus(exit_code=ex.code, signal=ex.signal,
+                               reason=cgroups.exit_reason(ex.code, oom),
+                               finished_at_unix_nanos=ex.finished_at_ns, oom_killed=oom)
+        if c.status != S.UNKNOWN:
+            _set_status(c, S.STOPPED)
+        c.stopped.set()
+        log.info("container exited id=%s code=%d signal=%d reason=%s", c.id, ex.code, ex.signal,
+                 c.exit.reason)
+        c.drainer = asyncio.ensure_future(self._finish_output(c))
+
+    async def _finish_output(self, c: Container) -> None:
+        try:
+            await asyncio.wait_for(c.output.wait_eof(), _OUTPUT_DRAIN)
+        except TimeoutError:
+            log.info("container output still open after exit, closing id=%s", c.id)
+        for r in c.readers:
+            r.drain()
+            r.close()
+
+    # --- the rest of the life cycle ----------------------------------------------------------
+
+    async def start(self, container_id: str) -> pb.ContainerState:
+        c = self.get(container_id)
+        async with c.lock:
+            if c.status != S.CREATED:
+                raise GRPCError(Status.FAILED_PRECONDITION,
+                                f"container {c.id} is {S.Status.Name(c.status)}, not CREATED")
+            await self.runc.run(["start", c.id], what=f"container {c.id}: runc start",
+                                log_path=os.path.join(c.bundle, "runc.log"))
+            c.started_ns = time.time_ns()
+            if c.status == S.CREATED:  # it may have exited already
+                _set_status(c, S.RUNNING)
+        log.info("container started id=%s pid=%d", c.id, c.pid)
+        return c.state()
+
+    async def signal(self, req: pb.SignalContainerRequest) -> None:
+        c = self.get(req.container_id)
+        if req.exec_id:
+            raise GRPCError(Status.NOT_FOUND, f"container {c.id}: no exec {req.exec_id}")
+        signum = req.signal or signal.SIGTERM
+        if req.all:
+            await self.runc.run(["kill", "--all", c.id, str(signum)],
+                                what=f"container {c.id}: runc kill")
+        elif c.running_init():
+            # What `runc kill` does, without a 0.1 s runc process: init is our child and not
+            # yet reaped, so the pid is still its own.
+            os.kill(c.pid, signum)
+        log.info("container signalled id=%s signal=%d all=%s", c.id, signum, req.all)
+
+    async def wait(self, req: pb.WaitContainerRequest) -> pb.ExitStatus:
+        c = self.get(req.container_id)
+        if req.exec_id:
+            raise GRPCError(Status.NOT_FOUND, f"container {c.id}: no exec {req.exec_id}")
+        await c.stopped.wait()
+        assert c.exit is not None
+        return c.exit
+
+    async def delete(self, req: pb.DeleteContainerRequest) -> None:
+        c = self._by_id.get(req.container_id)
+        if c is None:
+            return
+        async with c.lock:
+            if c.status in (S.RUNNING, S.PAUSED) and not req.force:
+                raise GRPCError(Status.FAILED_PRECONDITION,
+                                f"container {c.id} is {S.Status.Name(c.status)}; stop it first")
+            if self._by_id.get(c.id) is not c:
+                return  # a concurrent delete won
+            await self._teardown(c)
+            self._by_id.pop(c.id, None)
+        log.info("container deleted id=%s", c.id)
+
+    async def pause(self, container_id: str) -> None:
+        c = self.get(container_id)
+        async with c.lock:
+            await self.runc.run(["pause", c.id], what=f"container {c.id}: runc pause")
+            _set_status(c, S.PAUSED)
+
+    async def resume(self, container_id: str) -> None:
+        c = self.get(container_id)
+        async with c.lock:
+            await self.runc.run(["resume", c.id], what=f"container {c.id}: runc resume")
+            _set_status(c, S.RUNNING)
+
+    async def update(self, req: pb.UpdateResourcesRequest) -> None:
+        c = self.get(req.container_id)
+        try:
+            json.loads(req.linux_resources_json)
+        except ValueError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT,
+                            f"container {c.id}: resources are not JSON: {exc}") from exc
+        async with c.lock:
+            path = os.path.join(c.bundle, "resources.json")
+            await asyncio.to_thread(_write, path, req.linux_resources_json)
+            await self.runc.run(["update", "--resources", path, c.id],
+                                what=f"container {c.id}: runc update")
+        log.info("container resources updated id=%s", c.id)
+
+    async def stats(self, ids: list[str]) -> list[pb.ContainerStats]:
+        chosen = [self.get(i) for i in ids] if ids else self.all()
+        out = []
+        for c in chosen:
+            u = cgroups.usage(c.cgroup_dir)
+            upper = c.rootfs.upper if c.rootfs is not None else ""
+            layer = await asyncio.to_thread(dir_bytes, upper) if upper else 0
+            out.append(pb.ContainerStats(
+                container_id=c.id, timestamp_unix_nanos=time.time_ns(),
+                cpu_usage_nanos=u.cpu_usage_ns, memory_usage_bytes=u.memory_usage,
+                memory_working_set_bytes=u.memory_working_set, memory_rss_bytes=u.memory_rss,
+                pids=u.pids, writable_layer_bytes=layer))
+        return out
+
+
+def _read_int(path: str) -> int:
+    with open(path) as f:  # tmpfs
+        return int(f.read().strip())
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)  # tmpfs
+
+
+def _write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,146 @@
+"""Completing the host's OCI runtime spec with what only the guest knows: the rootfs path, the
+resolved user, the guest cgroup, the pod's files and /dev/shm, and the pod's namespaces.
+Pure functions on the spec dict (unit-tested on the host); the caller gathers the inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmagent.users import ResolvedUser
+
+CGROUP_PARENT = "/criserver"
+_DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class PodContext:
+    """Pod-level facts a container spec points at."""
+
+    def __init__(self, *, hosts: str = "", resolv_conf: str = "", hostname: str = "",
+                 shm: str = "", ipc_uts_pid: int = 0, pid_ns_pid: int = 0) -> None:
+        self.hosts = hosts  # guest paths of the pod's files ("" when the pod has none)
+        self.resolv_conf = resolv_conf
+        self.hostname = hostname
+        self.shm = shm
+        self.ipc_uts_pid = ipc_uts_pid  # holder of the pod's IPC and UTS namespaces
+        self.pid_ns_pid = pid_ns_pid  # PID 1 of the pod's PID namespace (PID_POD only)
+
+
+def load_spec(raw: bytes, container_id: str) -> dict[str, Any]:
+    import json
+
+    try:
+        spec = json.loads(raw)
+    except ValueError as exc:
+        raise GRPCError(Status.INVALID_ARGUMENT,
+                        f"container {container_id}: OCI spec is not JSON: {exc}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
+        raise GRPCError(Status.INVALID_ARGUMENT,
+                        f"container {container_id}: OCI spec lacks a process")
+    if not spec["process"].get("args"):
+        raise GRPCError(Status.INVALID_ARGUMENT,
+                        f"container {container_id}: OCI spec has no process.args")
+    if spec["process"].get("terminal"):
+        raise GRPCError(Status.UNIMPLEMENTED,
+                        f"container {container_id}: terminal (tty) is not supported yet")
+    return spec
+
+
+def _pod_mounts(pod: PodContext, read_only_root: bool) -> list[dict[str, Any]]:
+    rw = "ro" if read_only_root else "rw"
+    mounts = []
+    for dest, source in (("/etc/hosts", pod.hosts), ("/etc/resolv.conf", pod.resolv_conf),
+                         ("/etc/hostname", pod.hostname)):
+        if source:
+            mounts.append({"destination": dest, "type": "bind", "source": source,
+                           "options": ["rbind", "rprivate", rw]})
+    if pod.shm:
+        mounts.append({"destination": "/dev/shm", "type": "bind", "source": pod.shm,
+                       "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec"]})
+    return mounts
+
+
+def _namespaces(spec_ns: list[dict[str, Any]], pod: PodContext,
+                pid_mode: int) -> list[dict[str, Any]]:
+    """pid_mode: 0 per container, 1 the pod's, 2 the guest's (agent.proto PidNamespace)."""
+    out: list[dict[str, Any]] = []
+    for ns in spec_ns:
+        kind = ns.get("type")
+        # The VM is the pod: its network namespace is the pod's, so containers stay in it.
+        if kind in ("network", "ipc", "uts", "pid"):
+            continue
+        out.append(dict(ns))
+    if pod.ipc_uts_pid:
+        out.append({"type": "ipc", "path": f"/proc/{pod.ipc_uts_pid}/ns/ipc"})
+        out.append({"type": "uts", "path": f"/proc/{pod.ipc_uts_pid}/ns/uts"})
+    if pid_mode == 0:
+        out.append({"type": "pid"})
+    elif pid_mode == 1:
+        if not pod.pid_ns_pid:
+            raise GRPCError(Status.INTERNAL, "pod PID namespace requested but not created")
+        out.append({"type": "pid", "path": f"/proc/{pod.pid_ns_pid}/ns/pid"})
+    if not any(ns.get("type") == "mount" for ns in out):
+        out.append({"type": "mount"})
+    return out
+
+
+def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: PodContext,
+                  pid_mode: int = 0, user: ResolvedUser | None = None) -> dict[str, Any]:
+    """A copy of `spec` ready for runc in this guest."""
+    spec = copy.deepcopy(spec)
+    root = spec.get("root") or {}
+    read_only = bool(root.get("readonly", False))
+    spec["root"] = {"path": rootfs, "readonly": read_only}
+    process = spec["process"]
+    process["terminal"] = False
+    env = [e for e in process.get("env") or [] if isinstance(e, str)]
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, _DEFAULT_PATH)
+    if user is not None:
+        process["user"] = {"uid": user.uid, "gid": user.gid,
+                           "additionalGids": user.additional_gids}
+        if not any(e.startswith("HOME=") for e in env):
+            env.append(f"HOME={user.home}")
+    process.setdefault("user", {"uid": 0, "gid": 0})
+    process["env"] = env
+    process.setdefault("cwd", "/")
+    replaced = {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/dev/shm"}
+    pod_mounts = _pod_mounts(pod, read_only)
+    ours = {m["destination"] for m in pod_mounts}
+    spec["mounts"] = [m for m in spec.get("mounts") or []
+                      if not (m.get("destination") in replaced and m.get("destination") in ours)
+                      ] + pod_mounts
+    if pod.ipc_uts_pid:
+        # The pod's UTS namespace already carries the pod hostname (SetupSandbox); runc would
+        # set it again from the spec, for every container of the pod.
+        spec.pop("hostname", None)
+        spec.pop("domainname", None)
+    linux = spec.setdefault("linux", {})
+    linux["namespaces"] = _namespaces(linux.get("namespaces") or [], pod, pid_mode)
+    # The host's cgroup parent means nothing in the guest; the guest has one cgroup per
+    # container under a parent of its own.
+    linux["cgroupsPath"] = f"{CGROUP_PARENT}/{container_id}"
+    # Hooks name host binaries, which the guest does not have.
+    spec.pop("hooks", None)
+    return spec
+
+
+def exec_process(container_spec: dict[str, Any], argv: list[str], env: list[str], cwd: str,
+                 user: tuple[int, int, list[int]] | None) -> dict[str, Any]:
+    """process.json for `runc exec`: the container's process (capabilities, no_new_privs,
+    apparmor, rlimits, ...) with the exec's argv, and env/cwd/user when given."""
+    process: dict[str, Any] = copy.deepcopy(container_spec["process"])
+    process["args"] = list(argv)
+    process["terminal"] = False
+    process.pop("consoleSize", None)
+    if env:
+        process["env"] = list(env)
+    if cwd:
+        process["cwd"] = cwd
+    if user is not None:
+        process["user"] = {"uid": user[0], "gid": user[1], "additionalGids": list(user[2])}
+    return process

@@ -1,0 +1,100 @@
+"""The pod's shared namespaces: a tiny holder process per pod that owns an IPC and a UTS namespace
+(and, when a container asks for a pod-wide PID namespace, a second holder that is PID 1 there
+and reaps orphans). Container specs join them by /proc/<pid>/ns/<kind> path.
+The network namespace needs no holder: every container uses the VM's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmagent.pid1 import Reaper
+from vmagent.runc import spawn
+
+log = logging.getLogger("vmagent")
+
+_FOREVER = "2147483647"
+# PID 1 of a shared PID namespace must reap the orphans of every container in it.
+_REAPER = (
+    "import os, signal\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})\n"
+    "while True:\n"
+    "    try:\n"
+    "        while os.waitpid(-1, os.WNOHANG)[0] > 0: pass\n"
+    "    except ChildProcessError: pass\n"
+    "    signal.sigwaitinfo({signal.SIGCHLD})\n"
+)
+_START_TIMEOUT = 10.0
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:  # procfs
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:  # procfs
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class PodNamespaces:
+    def __init__(self, reaper: Reaper, python: str = "/usr/bin/python3") -> None:
+        self._reaper = reaper
+        self._python = python
+        self._lock = asyncio.Lock()
+        self.holder_pid = 0
+        self.pid_holder_pid = 0
+        # /proc/<pid>/comm of the reaper: the name it was exec'd by, cut to 15 chars.
+        self._python_comm = os.path.basename(python)[:15]
+
+    async def _start(self, argv: list[str], ready_comm: str, nested: bool) -> int:
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            pid = spawn(argv, None, devnull, devnull)
+        finally:
+            os.close(devnull)
+        exited = self._reaper.watch(pid)
+        deadline = asyncio.get_running_loop().time() + _START_TIMEOUT
+        # Ready once the holder has exec'd its program: unshare(2) ran before that exec.
+        while True:
+            if exited.done():
+                raise GRPCError(Status.INTERNAL, f"namespace holder {argv} exited at once")
+            target = _children(pid)[:1] if nested else [pid]
+            if target and _comm(target[0]) == ready_comm:
+                return target[0]
+            if asyncio.get_running_loop().time() > deadline:
+                raise GRPCError(Status.DEADLINE_EXCEEDED, f"namespace holder {argv} not ready")
+            await asyncio.sleep(0.005)
+
+    async def ipc_uts(self) -> int:
+        """Pid of the IPC+UTS holder, started on first use (it copies the guest's hostname,
+        which SetupSandbox has set by then)."""
+        async with self._lock:
+            if self.holder_pid and _comm(self.holder_pid) == "sleep":
+                return self.holder_pid
+            self.holder_pid = await self._start(
+                ["unshare", "--ipc", "--uts", "--", "sleep", _FOREVER], "sleep", nested=False)
+            log.info("pod namespace holder started pid=%d", self.holder_pid)
+            return self.holder_pid
+
+    async def pid(self) -> int:
+        """Pid (in the guest) of PID 1 of the pod's shared PID namespace."""
+        async with self._lock:
+            if self.pid_holder_pid and _comm(self.pid_holder_pid) == self._python_comm:
+                return self.pid_holder_pid
+            self.pid_holder_pid = await self._start(
+                ["unshare", "--pid", "-f", "--", self._python, "-S", "-c", _REAPER],
+                self._python_comm, nested=True)
+            log.info("pod pid namespace holder started pid=%d", self.pid_holder_pid)
+            return self.pid_holder_pid

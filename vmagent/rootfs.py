@@ -1,0 +1,179 @@
+"""Container root filesystems in the guest: the host's 9p shares (images read-only, volumes
+read-write), one loop-mounted EROFS per image file shared by the pod's containers (reference
+counted), and a per-container overlay whose upper layer lives on the guest's /run (tmpfs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmagent import mountutil
+from vmagent.api import agent_pb2 as pb
+
+log = logging.getLogger("vmagent")
+
+IMAGES_TAG = "criserver.images"
+SHARED_TAG = "criserver.shared"
+_9P_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
+
+
+class Rootfs:
+    """Where a container's root lives; `path` is the overlay runc uses as root.path."""
+
+    def __init__(self, path: str, upper: str, images: list[str]) -> None:
+        self.path = path
+        self.upper = upper
+        self.images = images
+
+
+class Mounts:
+    """Owns every mount the agent makes for containers. One lock: mounts are few and quick, and
+    serialising them keeps the reference counts and loop device allocation simple."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.images_dir = os.path.join(run_dir, "images")
+        self.shared_dir = os.path.join(run_dir, "shared")
+        self._image_mnt_dir = os.path.join(run_dir, "imagefs")
+        self._lock = asyncio.Lock()
+        self._shares: set[str] = set()
+        self._images: dict[str, tuple[str, int]] = {}  # image file -> (mount point, users)
+        self._serial = 0
+
+    async def ensure_share(self, tag: str, target: str, read_only: bool) -> None:
+        async with self._lock:
+            if target in self._shares:
+                return
+            flags = mountutil.MS_NOSUID | mountutil.MS_NODEV
+            flags |= mountutil.MS_RDONLY if read_only else 0
+
+            def work() -> None:
+                os.makedirs(target, exist_ok=True)
+                if not mountutil.is_mountpoint(target):
+                    mountutil.mount(tag, target, "9p", flags, _9P_OPTIONS)
+
+            try:
+                await asyncio.to_thread(work)
+            except OSError as exc:
+                raise GRPCError(Status.FAILED_PRECONDITION,
+                                f"cannot mount share {tag} (is it exported to this VM?): "
+                                f"{exc.strerror}") from exc
+            self._shares.add(target)
+            log.info("share mounted tag=%s target=%s ro=%s", tag, target, read_only)
+
+    async def _image_file(self, lower: pb.Mount) -> str:
+        if lower.source.startswith("image:"):
+            name = lower.source[len("image:"):]
+            if not name or "/" in name or name in (".", ".."):
+                raise GRPCError(Status.INVALID_ARGUMENT, f"bad image name {lower.source!r}")
+            await self.ensure_share(IMAGES_TAG, self.images_dir, read_only=True)
+            return os.path.join(self.images_dir, name)
+        if lower.source.startswith("/"):
+            return lower.source
+        raise GRPCError(Status.INVALID_ARGUMENT,
+                        f"unsupported rootfs layer source {lower.source!r}")
+
+    async def acquire_image(self, lower: pb.Mount) -> tuple[str, str]:
+        """Mount point of an image layer (mounted on first use) and its key for release."""
+        fstype = lower.type or "erofs"
+        path = await self._image_file(lower)
+        async with self._lock:
+            known = self._images.get(path)
+            if known is not None:
+                self._images[path] = (known[0], known[1] + 1)
+                return known[0], path
+            self._serial += 1
+            target = os.path.join(self._image_mnt_dir, str(self._serial))
+
+            def work() -> str:
+                os.makedirs(target, exist_ok=True)
+                if os.path.isdir(path):  # an unpacked layer directory: bind it read-only
+                    mountutil.mount(path, target, "", mountutil.MS_BIND)
+                    return path
+                return mountutil.mount_loop(path, target, fstype)
+
+            try:
+                dev = await asyncio.to_thread(work)
+            except FileNotFoundError as exc:
+                raise GRPCError(Status.NOT_FOUND, f"image file {path} not found") from exc
+            except OSError as exc:
+                raise GRPCError(Status.INTERNAL, f"mount image {path}: {exc}") from exc
+            self._images[path] = (target, 1)
+            log.info("image mounted file=%s target=%s device=%s", path, target, dev)
+            return target, path
+
+    async def release_image(self, key: str) -> None:
+        async with self._lock:
+            known = self._images.get(key)
+            if known is None:
+                return
+            if known[1] > 1:
+                self._images[key] = (known[0], known[1] - 1)
+                return
+            del self._images[key]
+            # Lazy detach: a straggling reader (a `du` of the upper dir, say) must not keep us
+            # failing; the loop device clears itself once the mount is really gone.
+            await asyncio.to_thread(mountutil.umount, known[0], mountutil.MNT_DETACH)
+            log.info("image unmounted file=%s target=%s", key, known[0])
+
+    async def make_rootfs(self, container_id: str, bundle: str, spec: pb.Rootfs) -> Rootfs:
+        """Mount the image layers and the container's overlay under `bundle`/rootfs."""
+        if not spec.lowers:
+            raise GRPCError(Status.INVALID_ARGUMENT,
+                            f"container {container_id}: rootfs has no image layer")
+        if spec.HasField("upper"):
+            raise GRPCError(Status.UNIMPLEMENTED,
+                            f"container {container_id}: only a tmpfs upper layer is supported")
+        lowers: list[str] = []
+        keys: list[str] = []
+        try:
+            for lower in spec.lowers:
+                target, key = await self.acquire_image(lower)
+                lowers.append(target)
+                keys.append(key)
+            rootfs = os.path.join(bundle, "rootfs")
+            upper = os.path.join(bundle, "upper")
+            work = os.path.join(bundle, "work")
+            # overlayfs lists lowerdirs top first; the proto lists them bottom first.
+            options = (f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},"
+                       f"workdir={work},index=off")
+
+            def mount_overlay() -> None:
+                for d in (rootfs, upper, work):
+                    os.makedirs(d, exist_ok=True)
+                mountutil.mount("overlay", rootfs, "overlay", 0, options)
+
+            await asyncio.to_thread(mount_overlay)
+        except BaseException:
+            for key in keys:
+                await self.release_image(key)
+            raise
+        return Rootfs(rootfs, upper, keys)
+
+    async def remove_rootfs(self, rootfs: Rootfs) -> None:
+        await asyncio.to_thread(mountutil.umount, rootfs.path, mountutil.MNT_DETACH)
+        for key in rootfs.images:
+            await self.release_image(key)
+        rootfs.images = []
+
+
+async def remove_tree(path: str) -> None:
+    await asyncio.to_thread(shutil.rmtree, path, True)
+
+
+def dir_bytes(path: str) -> int:
+    """Bytes used by the files under `path` (the writable layer). Blocking: use a thread."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
