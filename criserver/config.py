@@ -76,6 +76,9 @@ class NetworkConfig:
     cni_conf_dir: str = _f("/etc/cni/net.d", "CNI network configs (first by name wins)")
     default_subnet: str = _f("10.88.0.0/16", "Pod subnet of the built-in network when kubelet "
                                               "has not set a pod CIDR")
+    default_network_name: str = _f("criserver", "CNI network name of the built-in network")
+    default_bridge: str = _f("cri0", "Bridge of the built-in network")
+    plugin_timeout: float = _f(60.0, "Seconds one CNI plugin call may take", min=1)
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,10 @@ def _subject(request: Message) -> str:
         value = getattr(request, name, "")
         if value:
             parts.append(f" {name.removesuffix('_sandbox_id').removesuffix('_id')}={value}")
-    image: Any = getattr(request, "image", None)
-    if isinstance(image, Message) and getattr(image, "image", None):
-        parts.append(f" image={image.image}")
+    image = getattr(request, "image", None)
+    image_name = getattr(image, "image", None) if isinstance(image, Message) else None
+    if image_name:
+        parts.append(f" image={image_name}")
     return "".join(parts)
 
 

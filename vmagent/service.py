@@ -108,6 +108,10 @@ class AgentService:
 
         async def work() -> pb.SetupSandboxResponse:
             resp = setup_sandbox(req, self._s.run_dir)
+            if req.interfaces:
+                from vmagent.network import configure
+
+                await asyncio.to_thread(configure, list(req.interfaces))
             self._s.sandbox_ready = True
             return resp
 

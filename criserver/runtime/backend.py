@@ -41,6 +41,9 @@ class ImageLookup(Protocol):
     def get(self, text: str) -> Any | None:
         """The image record named by an id, tag or digest reference, if pulled."""
 
+    def get_by_id(self, image_id: str) -> Any | None:
+        """The record of an image id, also of one removed while containers still use it."""
+
     def snapshot_path(self, image_id: str) -> Path:
         """The image's root filesystem as a read-only EROFS image."""
 
@@ -96,7 +99,10 @@ class SandboxBackend(Protocol):
     async def close(self) -> None:
         """Daemon stop: let go of connections; running sandboxes keep running."""
 
-    def status(self) -> BackendStatus: ...
+    async def status(self) -> BackendStatus: ...
+
+    async def set_pod_cidr(self, cidr: str) -> None:
+        """kubelet's UpdateRuntimeConfig: the node's pod CIDR, for the backend's network."""
 
     async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:
         """Start the pod; register an undo for every resource made, in order."""
@@ -162,10 +168,13 @@ class BaseBackend:
     async def close(self) -> None:
         return None
 
-    def status(self) -> BackendStatus:
+    async def status(self) -> BackendStatus:
         return BackendStatus(runtime_ready=True, network_ready=False,
                              network_reason="NetworkPluginNotReady",
                              network_message=f"the {self.name!r} backend has no network support")
+
+    async def set_pod_cidr(self, cidr: str) -> None:
+        return None
 
     async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:
         raise self._unimplemented("RunPodSandbox")

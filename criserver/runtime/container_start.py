@@ -35,6 +35,9 @@ async def start_container(
             raise
         container = await rt.containers.update(container.id, lambda c: replace(
             c, state=ContainerState.RUNNING, started_at=started_at))
-    rt.publish(container.id, cri.CONTAINER_STARTED_EVENT, pod)
+        rt.publish(container.id, cri.CONTAINER_STARTED_EVENT, pod)
+        early = rt.early_exits.pop(container.id, None)
+        if early is not None:
+            await rt.mark_container_exited(container, *early)
     log.info("container started container=%s pod=%s", container.id, pod.id)
     return cri.StartContainerResponse()

@@ -559,6 +559,13 @@ def _sysctls(
     return kept, skipped
 
 
+def update_resources(resources: cri.LinuxContainerResources) -> dict[str, Any]:
+    """OCI `linux.resources` for UpdateContainerResources (what `runc update` reads)."""
+    result = _resources(cri.LinuxContainerConfig(resources=resources), False, None)
+    result.pop("devices", None)  # not updatable, and unchanged
+    return result
+
+
 def _resources(
     linux: cri.LinuxContainerConfig, privileged: bool, pids_limit: int | None
 ) -> dict[str, Any]:

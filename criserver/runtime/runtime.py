@@ -45,6 +45,8 @@ class Runtime:
         self.container_locks = KeyedLock()
         self.settings: dict[str, str] = {}
         self.images = images
+        # Exits the backend reported while StartContainer had not yet recorded RUNNING.
+        self.early_exits: dict[str, tuple[int, str, str, int]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
@@ -161,8 +163,12 @@ class BackendEventSink:
         self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
     ) -> None:
         container = self._runtime.containers.find(container_id)
-        if container is not None and container.state in (ContainerState.RUNNING,
-                                                          ContainerState.UNKNOWN):
+        if container is None:
+            return
+        if container.state == ContainerState.CREATED:
+            # It started and exited before StartContainer recorded it as running.
+            self._runtime.early_exits[container_id] = (exit_code, reason, message, finished_at)
+        elif container.state in (ContainerState.RUNNING, ContainerState.UNKNOWN):
             await self._runtime.mark_container_exited(
                 container, exit_code, reason, message, finished_at
             )

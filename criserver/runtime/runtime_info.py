@@ -27,7 +27,7 @@ async def version(rt: Runtime, request: cri.VersionRequest) -> cri.VersionRespon
 
 async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
     default = rt.config.runtime.default_handler
-    backend_status = rt.backends[default].status()
+    backend_status = await rt.backends[default].status()
     conditions = [
         cri.RuntimeCondition(
             type="RuntimeReady", status=backend_status.runtime_ready,
@@ -56,7 +56,7 @@ async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
             "event_subscribers": rt.events.subscriber_count,
         })
         for name, backend in sorted(rt.backends.items()):
-            response.info[f"runtime.{name}"] = info_json(backend.status().info)
+            response.info[f"runtime.{name}"] = info_json((await backend.status()).info)
     return response
 
 
@@ -79,4 +79,6 @@ async def update_runtime_config(
     if cidr and cidr != rt.settings.get(POD_CIDR_SETTING):
         # Kept for the network layer, which reads it when it (re)builds its default network.
         await rt.save_setting(POD_CIDR_SETTING, cidr)
+        for backend in rt.backends.values():
+            await backend.set_pod_cidr(cidr)
     return cri.UpdateRuntimeConfigResponse()

@@ -1,19 +1,21 @@
 """The micro-VM backend: every pod a QEMU micro-VM, its containers run by the guest agent.
 
-A pod is the composition of separate resources (sibling modules): the VM process and its QMP
-session (`vm`, `qemu`), the agent channel (`channel`), the guest assets and the accelerator
-(`assets`, `accel`). This class only orders them and undoes them; each resource knows how to
-make and unmake itself.
+A pod is the composition of separate resources (sibling modules): its network (`network`: netns,
+CNI, tap), its file shares (`shares`), the VM process and its QMP session (`vm`, `qemu`) and the
+agent channel (`channel`); containers add their output and exit (`container_io`). This class
+only orders them and undoes them; each resource knows how to make and unmake itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,24 +24,45 @@ from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import build_options
-from criserver.errors import CriError, FailedPrecondition, InvalidArgument
+from criserver.errors import (
+    CriError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+)
+from criserver.runtime import oci_spec
 from criserver.runtime.backend import (
     BackendContext,
     BackendStatus,
     BaseBackend,
+    ContainerCreated,
+    ExecResult,
     SandboxStarted,
 )
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import accel, assets
+from criserver.sandbox import accel, assets, tap
 from criserver.sandbox.channel import AgentAddress, AgentClient
+from criserver.sandbox.cni import CniManager, DefaultNetwork, PortMapping
+from criserver.sandbox.container_io import ContainerIO
+from criserver.sandbox.network import NetworkInfo, PodNetwork
 from criserver.sandbox.podvm import PodVM
-from criserver.sandbox.qemu import Machine, SerialTransport, VMSpec
+from criserver.sandbox.qemu import Machine, SerialTransport, TapNic, VMSpec
+from criserver.sandbox.shares import PodVolumes, pod_shares
 from criserver.sandbox.vm import VM
-from criserver.store.records import ContainerRecord, PodRecord, PodState
+from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from vmagent.api import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+GUEST_RUN_DIR = "/run/criserver"  # where the agent keeps the pod's hosts/resolv.conf/hostname
+MODULE_GROUPS = ("overlay", "9p", "loop")  # containers: image mounts, volumes, overlays
+MAX_EXEC_OUTPUT = 16 * 1024 * 1024
+CREATE_TIMEOUT = 120.0  # the first container of a pod mounts its shares and image
+PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
+PID_MODES = {cri.POD: pb.CreateContainerRequest.PID_POD,
+             cri.CONTAINER: pb.CreateContainerRequest.PID_CONTAINER}
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,7 @@ class MicroVMOptions:
     default_vcpus: int = 1
     boot_timeout: float = 60.0
     stop_grace: float = 10.0
+    network: bool = True  # false: pods without networking (no CNI), e.g. on hosts without it
 
 
 class MicroVMBackend(BaseBackend):
@@ -66,11 +90,20 @@ class MicroVMBackend(BaseBackend):
         if self.settings.machine not in {m.value for m in Machine}:
             raise InvalidArgument(f"runtimes.{context.handler}.options.machine: "
                                   f"{self.settings.machine!r} is not microvm or q35")
+        net = context.config.network
+        self.network = PodNetwork(
+            CniManager(net, Path(context.config.daemon.root) / "cni",
+                       default_network=DefaultNetwork(net.default_network_name,
+                                                      net.default_bridge),
+                       plugin_timeout=net.plugin_timeout),
+            context.state,
+        )
         self._assets: assets.GuestAssets | None = None
         self._assets_error = "guest assets not loaded yet"
         self._accel: accel.Accel | None = None
         self._tsc_khz: int | None = None
         self._pods: dict[str, PodVM] = {}
+        self._io: dict[str, ContainerIO] = {}
 
     # -- daemon life -----------------------------------------------------------------------
 
@@ -86,7 +119,7 @@ class MicroVMBackend(BaseBackend):
             log.warning("pods run under TCG (software emulation): %s", self._accel.reason)
         for pod in pods:
             if pod.state == PodState.READY:
-                await self._adopt(pod)
+                await self._adopt(pod, [c for c in containers if c.pod_id == pod.id])
 
     async def _choose_accel(self) -> accel.Accel:
         wanted = self.settings.accelerator
@@ -95,7 +128,7 @@ class MicroVMBackend(BaseBackend):
         return await accel.detect(self.context.state, self._assets,
                                   qemu_binary=self.settings.qemu_binary)
 
-    async def _adopt(self, pod: PodRecord) -> None:
+    async def _adopt(self, pod: PodRecord, containers: list[ContainerRecord]) -> None:
         try:
             vm = await VM.adopt(self._spec(pod))
         except CriError as exc:
@@ -110,13 +143,19 @@ class MicroVMBackend(BaseBackend):
             await handle.agent.check()
         except CriError as exc:
             log.warning("agent not answering after adopt pod=%s error=%s", pod.id, exc.message)
+        for container in containers:
+            if container.state == ContainerState.RUNNING:
+                self._follow(pod, container)
 
     async def close(self) -> None:
+        for io in list(self._io.values()):
+            await io.close()
+        self._io.clear()
         for handle in list(self._pods.values()):
             await handle.close()
         self._pods.clear()
 
-    def status(self) -> BackendStatus:
+    async def status(self) -> BackendStatus:
         info: dict[str, Any] = {
             "backend": self.name,
             "machine": self.settings.machine,
@@ -128,23 +167,42 @@ class MicroVMBackend(BaseBackend):
             "pods": len(self._pods),
         }
         ready = self._assets is not None and shutil.which(self.settings.qemu_binary) is not None
+        if self.settings.network:
+            network = await self.network.status()
+            net_ready, net_reason, net_message = network.ready, network.reason, network.message
+        else:
+            net_ready, net_reason, net_message = True, "", ""
         return BackendStatus(
             runtime_ready=ready,
             runtime_reason="" if ready else "GuestAssetsMissing",
             runtime_message="" if ready else self._assets_error,
-            network_ready=False,
-            network_reason="NetworkPluginNotReady",
-            network_message="pod networking (CNI into the micro-VM) is not wired in yet",
+            network_ready=net_ready,
+            network_reason=net_reason,
+            network_message=net_message,
             info=info,
         )
 
-    # -- sandboxes -------------------------------------------------------------------------
+    async def set_pod_cidr(self, cidr: str) -> None:
+        await self.network.set_pod_cidr(cidr)
+
+    # -- pod resources ---------------------------------------------------------------------
 
     def _pod_state_dir(self, pod_id: str) -> Path:
         # Short on purpose: the QMP and agent sockets in it must fit AF_UNIX's 107 bytes.
         return self.context.state / pod_id[:16]
 
-    def _spec(self, pod: PodRecord) -> VMSpec:
+    def _pod_root_dir(self, pod_id: str) -> Path:
+        return self.context.root / "pods" / pod_id
+
+    def _volumes(self, pod_id: str) -> PodVolumes:
+        # Outside the pod's state dir, which is deleted recursively: never delete through a
+        # bind mount of host data.
+        return PodVolumes(self.context.state / "volumes" / pod_id[:16])
+
+    def _images_dir(self) -> Path:
+        return Path(self.context.config.daemon.root) / "image" / "snapshots"
+
+    def _spec(self, pod: PodRecord, nics: tuple[TapNic, ...] = ()) -> VMSpec:
         if self._assets is None:
             raise FailedPrecondition(self._assets_error)
         state_dir = self._pod_state_dir(pod.id)
@@ -162,6 +220,9 @@ class MicroVMBackend(BaseBackend):
             accel=self._accel.name if self._accel else "tcg",
             memory_mib=memory,
             vcpus=vcpus,
+            module_groups=MODULE_GROUPS,
+            nics=nics,
+            shares=pod_shares(self._images_dir(), self._volumes(pod.id).directory),
             qemu_binary=self.settings.qemu_binary,
         )
 
@@ -179,33 +240,54 @@ class MicroVMBackend(BaseBackend):
         socket_path = self._pod_state_dir(pod.id) / "agent.sock"
         return AgentClient(pod.id, AgentAddress(unix_path=str(socket_path)))
 
+    def _live(self, pod: PodRecord) -> PodVM:
+        handle = self._pods.get(pod.id)
+        if handle is None:
+            raise FailedPrecondition(f"pod {pod.id}: its VM is not running")
+        return handle
+
+    # -- sandboxes -------------------------------------------------------------------------
+
     async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:
-        if pod.config.linux.security_context.namespace_options.network == cri.NODE:
+        namespaces = pod.config.linux.security_context.namespace_options
+        if namespaces.network == cri.NODE:
             raise InvalidArgument(
                 "hostNetwork pods cannot run in a micro-VM: the VM has its own network stack")
-        spec = self._spec(pod)
         started = time.monotonic()
+        self._spec(pod)  # fails early without assets
+        volumes = self._volumes(pod.id)
+        await asyncio.to_thread(volumes.create)
+        undo.push("remove volumes dir", volumes.remove_all)
+        network = await self._setup_network(pod, undo)
+        nics: tuple[TapNic, ...] = ()
+        tap_fd = -1
+        if network is not None:
+            tap_fd = await tap.open_tap_fd(Path(network.netns), network.tap.name)
+            nics = (TapNic(tap_fd, network.tap.mac, network.tap.mtu),)
+        spec = self._spec(pod, nics)
+        undo.push("remove pod state dir", _sync(lambda: shutil.rmtree(spec.state_dir, True)))
         vm = VM(spec)
-        undo.push("remove pod state dir", lambda: asyncio.to_thread(
-            shutil.rmtree, spec.state_dir, True))
-        await vm.start()
+        try:
+            await vm.start()
+        finally:
+            if tap_fd >= 0:
+                os.close(tap_fd)  # QEMU holds its own copy
         undo.push("kill vm", vm.kill)
         handle = PodVM(pod.id, vm, self._agent(pod))
-        undo.push("close agent", _async(handle.agent.close))
-        deadline = time.monotonic() + self.settings.boot_timeout
+        undo.push("close agent", _sync(handle.agent.close))
         try:
-            check = await handle.agent.wait_ready(deadline)
+            check = await handle.agent.wait_ready(time.monotonic() + self.settings.boot_timeout)
         except CriError as exc:
             raise type(exc)(f"pod {pod.id}: guest agent not ready: {exc.message}; "
                             f"console log: {spec.log_file}") from exc
+        await handle.agent.setup_sandbox(_setup_request(pod, network))
         boot_ms = (time.monotonic() - started) * 1000
-        await handle.agent.setup_sandbox(_setup_request(pod))
         self._pods[pod.id] = handle
-        undo.push("forget vm", _async(lambda: self._pods.pop(pod.id, None)))
+        undo.push("forget vm", _sync(lambda: self._pods.pop(pod.id, None)))
         handle.watch(self._vm_ended)
-        log.info("pod vm ready pod=%s pid=%s boot_ms=%.0f accel=%s", pod.id, vm.pid, boot_ms,
-                 spec.accel)
-        return SandboxStarted(backend={
+        log.info("pod vm ready pod=%s pid=%s boot_ms=%.0f accel=%s ips=%s", pod.id, vm.pid,
+                 boot_ms, spec.accel, network.ips if network else [])
+        return SandboxStarted(ips=tuple(network.ips) if network else (), backend={
             "qemuPid": vm.pid,
             "stateDir": str(spec.state_dir),
             "accelerator": spec.accel,
@@ -216,26 +298,50 @@ class MicroVMBackend(BaseBackend):
             "guestKernel": check.kernel_release,
             "guestAssets": self._assets.version if self._assets else "",
             "consoleLog": str(spec.log_file),
+            "netns": network.netns if network else "",
         })
+
+    async def _setup_network(self, pod: PodRecord, undo: UndoStack) -> NetworkInfo | None:
+        if not self.settings.network:
+            return None
+        meta = pod.config.metadata
+        mappings = [
+            PortMapping(host_port=p.host_port, container_port=p.container_port,
+                        protocol=PROTOCOLS.get(p.protocol, "tcp"), host_ip=p.host_ip)
+            for p in pod.config.port_mappings if p.host_port > 0
+        ]
+        info = await self.network.setup(pod.id, meta.name, meta.namespace, meta.uid, mappings)
+        undo.push("tear down network", lambda: self.network.teardown(pod.id))
+        return info
 
     async def _vm_ended(self, pod_id: str, reason: str, message: str) -> None:
         self._pods.pop(pod_id, None)
+        for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod_id]:
+            await self._io.pop(cid).close()
         await self.context.events.sandbox_exited(pod_id, reason, message)
 
     async def stop_sandbox(self, pod: PodRecord) -> None:
         handle = self._pods.pop(pod.id, None)
+        for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod.id]:
+            await self._io.pop(cid).close()
         if handle is None:
             await self._kill_leftover(pod)
-            return
+        else:
+            await self._power_off(handle)
+        if self.settings.network:
+            # After QEMU is gone: its tap fd pins the netns.
+            await self.network.teardown(pod.id)
+        log.info("pod vm stopped pod=%s", pod.id)
+
+    async def _power_off(self, handle: PodVM) -> None:
         handle.stopping = True
         grace = self.settings.stop_grace
         with contextlib.suppress(CriError):
-            # The agent syncs and powers the guest off; QEMU exits on the guest's shutdown.
+            # The agent stops the containers, syncs and powers the guest off; QEMU then exits.
             await handle.agent.shutdown(grace_seconds=grace)
         if not await handle.vm.wait_exited(grace):
             await handle.vm.shutdown(grace)
         await handle.close()
-        log.info("pod vm stopped pod=%s", pod.id)
 
     async def _kill_leftover(self, pod: PodRecord) -> None:
         """A VM this daemon does not hold (adoption failed, or half-made): make sure it is gone."""
@@ -250,7 +356,11 @@ class MicroVMBackend(BaseBackend):
             await self.stop_sandbox(pod)
         else:
             await self._kill_leftover(pod)
+            if self.settings.network:
+                await self.network.teardown(pod.id)
+        await self._volumes(pod.id).remove_all()
         await asyncio.to_thread(shutil.rmtree, self._pod_state_dir(pod.id), True)
+        await asyncio.to_thread(shutil.rmtree, self._pod_root_dir(pod.id), True)
 
     async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]:
         info: dict[str, Any] = dict(pod.backend)
@@ -263,17 +373,207 @@ class MicroVMBackend(BaseBackend):
             info["vmStatus"] = "not running"
         return info
 
+    async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
+        reply = await self._live(pod).agent.stats()
+        now = reply.guest.timestamp_unix_nanos or time.time_ns()
+        guest = reply.guest
+        return cri.PodSandboxStats(
+            attributes=cri.PodSandboxAttributes(
+                id=pod.id, metadata=pod.config.metadata, labels=pod.config.labels,
+                annotations=pod.config.annotations),
+            linux=cri.LinuxPodSandboxStats(
+                cpu=cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(
+                    value=guest.cpu_usage_nanos)),
+                memory=cri.MemoryUsage(
+                    timestamp=now,
+                    working_set_bytes=cri.UInt64Value(
+                        value=guest.memory_total_bytes - guest.memory_available_bytes),
+                    available_bytes=cri.UInt64Value(value=guest.memory_available_bytes)),
+                process=cri.ProcessUsage(timestamp=now, process_count=cri.UInt64Value(
+                    value=guest.processes)),
+                containers=[_container_stats(s, None) for s in reply.containers],
+            ),
+        )
 
-def _setup_request(pod: PodRecord) -> pb.SetupSandboxRequest:
+    # -- containers ------------------------------------------------------------------------
+
+    async def create_container(
+        self, pod: PodRecord, container: ContainerRecord, undo: UndoStack
+    ) -> ContainerCreated:
+        handle = self._live(pod)
+        config = container.config
+        images = self.context.images
+        image = images.get(config.image.image) if images is not None else None
+        if images is None or image is None:
+            raise NotFound(f"image {config.image.image!r} is not present: pull it first")
+        snapshot = images.snapshot_path(image.id)
+        volumes = self._volumes(pod.id)
+        undo.push("release volumes", lambda: volumes.release(container.id))
+        guest_paths = {m.host_path: await volumes.bind(container.id, m.host_path)
+                       for m in config.mounts}
+        pid_mode = config.linux.security_context.namespace_options.pid
+        if pid_mode not in PID_MODES:
+            raise Unimplemented(f"container pid namespace mode {cri.NamespaceMode.Name(pid_mode)}"
+                                " is not supported in a micro-VM")
+        generated = await oci_spec.generate_async(
+            config, pod.config, oci_spec.ImageConfigView.from_dict(image.config),
+            # The agent replaces these with the guest's own namespace paths.
+            oci_spec.PodNamespaces(ipc="/proc/1/ns/ipc", uts="/proc/1/ns/uts",
+                                   pid="/proc/1/ns/pid" if pid_mode == cri.POD else None),
+            guest_paths.__getitem__,
+            container_id=container.id, sandbox_id=pod.id, image_name=config.image.image,
+            sandbox_dir=GUEST_RUN_DIR,
+        )
+        spec_json = generated.to_json()
+        request = pb.CreateContainerRequest(
+            request_id=f"create-{container.id}",
+            container_id=container.id,
+            sandbox_id=pod.id,
+            oci_spec_json=spec_json,
+            rootfs=pb.Rootfs(lowers=[pb.Mount(type="erofs", source=f"image:{snapshot.name}")],
+                             read_only=config.linux.security_context.readonly_rootfs),
+            stdio=pb.StdioOptions(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
+            user=_agent_user(generated),
+            pid_namespace=PID_MODES[pid_mode],
+        )
+        await handle.agent.call("CreateContainer", request, timeout=CREATE_TIMEOUT)
+        undo.push("delete container in guest", lambda: handle.agent.call(
+            "DeleteContainer", pb.DeleteContainerRequest(container_id=container.id, force=True)))
+        spec_file = self._pod_root_dir(pod.id) / f"{container.id}.json"
+        await asyncio.to_thread(_write_file, spec_file, spec_json)
+        digests = [d for d in image.repo_digests if d]
+        return ContainerCreated(
+            image_id=image.id,
+            image_ref=digests[0] if digests else image.id,
+            backend={"snapshot": str(snapshot), "volumes": len(guest_paths)},
+        )
+
+    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
+        handle = self._live(pod)
+        state = await handle.agent.call("StartContainer", pb.StartContainerRequest(
+            request_id=f"start-{container.id}", container_id=container.id))
+        self._follow(pod, container)
+        return int(state.started_at_unix_nanos) or time.time_ns()
+
+    def _follow(self, pod: PodRecord, container: ContainerRecord) -> None:
+        """Pump the container's output into its log and report its exit."""
+        io = ContainerIO(self._live(pod).agent, container.id, container.log_path,
+                         self._pod_state_dir(pod.id) / f"{container.id[:16]}.offset",
+                         self.context.events.container_exited)
+        self._io[container.id] = io
+        io.start()
+
+    async def stop_container(
+        self, pod: PodRecord, container: ContainerRecord, timeout: float
+    ) -> None:
+        handle = self._pods.get(pod.id)
+        io = self._io.get(container.id)
+        if handle is None or io is None:
+            return  # the VM is gone: so is every process in it
+        first = signal.SIGKILL if timeout <= 0 else self._stop_signal(container)
+        await self._signal(handle, container.id, first)
+        if first != signal.SIGKILL:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(io.exited.wait(), timeout)
+            if io.exited.is_set():
+                return
+            log.info("container ignored its stop signal, killing container=%s", container.id)
+            await self._signal(handle, container.id, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(io.exited.wait(), self.settings.stop_grace)
+
+    async def _signal(self, handle: PodVM, container_id: str, signum: int) -> None:
+        with contextlib.suppress(NotFound, FailedPrecondition):  # it exited meanwhile
+            await handle.agent.call("SignalContainer", pb.SignalContainerRequest(
+                container_id=container_id, signal=signum, all=signum == signal.SIGKILL))
+
+    def _stop_signal(self, container: ContainerRecord) -> int:
+        images = self.context.images
+        image = images.get_by_id(container.image_id) if images and container.image_id else None
+        name = str(image.config.get("stop_signal") or "") if image is not None else ""
+        if name:
+            with contextlib.suppress(KeyError, ValueError):
+                return int(name) if str(name).isdigit() else int(
+                    signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+        return signal.SIGTERM
+
+    async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+        io = self._io.pop(container.id, None)
+        if io is not None:
+            await io.close()
+        handle = self._pods.get(pod.id)
+        if handle is not None:
+            with contextlib.suppress(NotFound):
+                await handle.agent.call("DeleteContainer", pb.DeleteContainerRequest(
+                    container_id=container.id, force=True))
+        await self._volumes(pod.id).release(container.id)
+        for leftover in (self._pod_root_dir(pod.id) / f"{container.id}.json",
+                         self._pod_state_dir(pod.id) / f"{container.id[:16]}.offset"):
+            await asyncio.to_thread(leftover.unlink, True)
+
+    async def container_info(self, pod: PodRecord, container: ContainerRecord) -> dict[str, Any]:
+        info: dict[str, Any] = dict(container.backend)
+        spec_file = self._pod_root_dir(pod.id) / f"{container.id}.json"
+        with contextlib.suppress(OSError, ValueError):
+            info["ociSpec"] = json.loads(await asyncio.to_thread(spec_file.read_bytes))
+        handle = self._pods.get(pod.id)
+        if handle is not None:
+            with contextlib.suppress(CriError):
+                state = await handle.agent.call("GetContainerState", pb.ContainerRequest(
+                    container_id=container.id))
+                info["pid"] = state.pid
+                info["guestStatus"] = pb.ContainerState.Status.Name(state.status)
+        return info
+
+    async def container_stats(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> cri.ContainerStats:
+        reply = await self._live(pod).agent.stats(pb.StatsRequest(container_ids=[container.id]))
+        for stats in reply.containers:
+            if stats.container_id == container.id:
+                return _container_stats(stats, container)
+        raise NotFound(f"container {container.id}: no stats in the guest")
+
+    async def update_container_resources(
+        self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
+    ) -> None:
+        await self._live(pod).agent.call("UpdateResources", pb.UpdateResourcesRequest(
+            container_id=container.id,
+            linux_resources_json=json.dumps(oci_spec.update_resources(resources)).encode()))
+
+    async def reopen_container_log(self, pod: PodRecord, container: ContainerRecord) -> None:
+        io = self._io.get(container.id)
+        if io is None:
+            raise FailedPrecondition(f"container {container.id} has no output being logged")
+        await io.reopen_log()
+
+    async def exec_sync(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], timeout: float
+    ) -> ExecResult:
+        reply = await self._live(pod).agent.exec_sync(pb.ExecSyncRequest(
+            container_id=container.id, process=pb.Process(argv=cmd),
+            timeout_seconds=max(timeout, 0), output_limit_bytes=MAX_EXEC_OUTPUT))
+        if reply.timed_out:
+            raise DeadlineExceeded(f"command {cmd!r} timed out after {timeout}s and was killed")
+        return ExecResult(exit_code=reply.exit_code, stdout=reply.stdout, stderr=reply.stderr)
+
+
+def _setup_request(pod: PodRecord, network: NetworkInfo | None) -> pb.SetupSandboxRequest:
     config = pod.config
-    return pb.SetupSandboxRequest(
+    request = pb.SetupSandboxRequest(
         request_id=f"setup-{pod.id}",
         sandbox_id=pod.id,
         hostname=config.hostname,
         resolv_conf=_resolv_conf(config.dns_config),
         sysctls=dict(config.linux.sysctls),
-        hosts=_hosts(config.hostname),
+        hosts=_hosts(config.hostname, network.ips if network else []),
     )
+    if network is not None:
+        guest = network.guest
+        request.interfaces.append(pb.Interface(
+            name=guest.name, mac=guest.mac, mtu=guest.mtu, addresses=guest.addresses,
+            routes=[pb.Route(destination=r.dst, gateway=r.gateway or "") for r in guest.routes]))
+    return request
 
 
 def _resolv_conf(dns: cri.DNSConfig) -> str:
@@ -285,14 +585,55 @@ def _resolv_conf(dns: cri.DNSConfig) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-def _hosts(hostname: str) -> str:
+def _hosts(hostname: str, ips: list[str]) -> str:
     hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
     if hostname:
-        hosts += f"127.0.1.1\t{hostname}\n"
+        for ip in ips or ["127.0.1.1"]:
+            hosts += f"{ip}\t{hostname}\n"
     return hosts
 
 
-def _async(fn: Callable[[], object]) -> Callable[[], Awaitable[None]]:
+def _agent_user(generated: oci_spec.GeneratedSpec) -> str:
+    """The user as the agent resolves it in the container's own /etc/passwd and /etc/group."""
+    user = generated.spec["process"].get("user", {})
+    name = generated.username or str(user.get("uid", 0))
+    if generated.groupname:
+        return f"{name}:{generated.groupname}"
+    if generated.gid_from_passwd or generated.username:
+        return name
+    return f"{name}:{user.get('gid', 0)}"
+
+
+def _container_stats(stats: pb.ContainerStats, container: ContainerRecord | None
+                     ) -> cri.ContainerStats:
+    now = stats.timestamp_unix_nanos or time.time_ns()
+    attributes = cri.ContainerAttributes(id=stats.container_id)
+    if container is not None:
+        attributes = cri.ContainerAttributes(
+            id=container.id, metadata=container.config.metadata,
+            labels=container.config.labels, annotations=container.config.annotations)
+    return cri.ContainerStats(
+        attributes=attributes,
+        cpu=cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(
+            value=stats.cpu_usage_nanos)),
+        memory=cri.MemoryUsage(
+            timestamp=now,
+            working_set_bytes=cri.UInt64Value(value=stats.memory_working_set_bytes),
+            usage_bytes=cri.UInt64Value(value=stats.memory_usage_bytes),
+            rss_bytes=cri.UInt64Value(value=stats.memory_rss_bytes)),
+        writable_layer=cri.FilesystemUsage(
+            timestamp=now, used_bytes=cri.UInt64Value(value=stats.writable_layer_bytes)),
+    )
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _sync(fn: Callable[[], object]) -> Callable[[], Awaitable[None]]:
     """An undo step from a plain function."""
 
     async def run() -> None:

@@ -10,7 +10,7 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,6 +254,30 @@ class AgentClient:
             raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
         self._timeouts = 0
         return reply
+
+    async def stream(self, name: str, request: Any) -> AsyncIterator[Any]:
+        """Server-streaming call `name` (e.g. ReadStdio): yields replies until the agent ends the
+        stream. No timeout (streams live as long as what they follow); cancel to stop.
+
+        :raises Unavailable: the connection dropped; other errors as `call`.
+        """
+        await self.connect()
+        channel = self._channel
+        if channel is None:
+            raise self._err(errors.Unavailable, name, "connection lost")
+        method = getattr(AgentStub(channel), name)
+        try:
+            async with method.open() as s:
+                await s.send_message(request, end=True)
+                async for reply in s:
+                    yield reply
+        except GRPCError as exc:
+            cls = _STATUS_ERRORS.get(exc.status, errors.Internal)
+            raise self._err(cls, name, f"{exc.status.name}: {exc.message}") from exc
+        except (StreamTerminatedError, ProtocolError, ConnectionError, OSError) as exc:
+            if self._channel is channel:
+                self._drop()
+            raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
 
     async def check(self, *, timeout: float | None = None) -> pb.CheckResponse:
         reply: pb.CheckResponse = await self.call("Check", pb.CheckRequest(), timeout=timeout)

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -238,6 +238,18 @@ def _netlink_socket(path: Path) -> socket.socket:
     with contextlib.suppress(OSError):
         sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
     return sock
+
+
+async def on_netlink_loop(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """Run `fn(*args)`, a coroutine using `rtnl`, on a stock asyncio loop in a thread of its own:
+    pyroute2's netlink sockets need asyncio's selector loop (uvloop, the daemon's loop, cannot
+    open AF_NETLINK datagram endpoints)."""
+
+    def run() -> T:
+        with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+            return runner.run(fn(*args))
+
+    return await asyncio.to_thread(run)
 
 
 @contextlib.asynccontextmanager

@@ -50,10 +50,12 @@ AgentTransport = SerialTransport | VsockTransport
 
 @dataclass(frozen=True)
 class TapNic:
-    """A virtio-net NIC backed by an existing tap device (created by the network code)."""
+    """A virtio-net NIC on a tap the network code opened inside the pod's netns: QEMU runs in
+    the host's netns, so it gets the tap as an inherited fd, never by name."""
 
-    ifname: str
+    fd: int
     mac: str
+    mtu: int = 1500
 
 
 @dataclass(frozen=True)
@@ -232,8 +234,9 @@ def build_command(spec: VMSpec) -> list[str]:
     for i, nic in enumerate(spec.nics):
         # fmt: off
         argv += [
-            "-netdev", f"tap,id=net{i},ifname={nic.ifname},script=no,downscript=no",
-            "-device", f"{_bus_device(m, 'virtio-net')},netdev=net{i},mac={nic.mac}",
+            "-netdev", f"tap,id=net{i},fd={nic.fd},vhost=off",
+            "-device",
+            f"{_bus_device(m, 'virtio-net')},netdev=net{i},mac={nic.mac},host_mtu={nic.mtu}",
         ]
         # fmt: on
     for i, share in enumerate(spec.shares):

@@ -206,6 +206,12 @@ async def take_over(
     :raises NotFound: no netns or no CNI interface in it.
     :raises FailedPrecondition: the interface has no address (nothing for the guest to use).
     """
+    return await netns_mod.on_netlink_loop(_take_over, netns_path, ifname, tap_name, guest_name)
+
+
+async def _take_over(
+    netns_path: Path, ifname: str, tap_name: str, guest_name: str
+) -> tuple[TapInfo, GuestInterface]:
     try:
         await netns_mod.run_in(netns_path, _create_persistent_tap, tap_name)
     except OSError as exc:
@@ -242,6 +248,10 @@ async def give_back(netns_path: Path, addresses: list[str], ifname: str = "eth0"
     """Before CNI DEL: put the pod addresses back on the CNI interface (made up as a stand-in
     veth when it is gone). The bridge plugin finds the masquerade rules to delete from the
     addresses on the interface it removes: without this DEL would leave them behind."""
+    await netns_mod.on_netlink_loop(_give_back, netns_path, addresses, ifname)
+
+
+async def _give_back(netns_path: Path, addresses: list[str], ifname: str) -> None:
     async with netns_mod.rtnl(netns_path) as ipr:
         index = await ipr.link_lookup(ifname=ifname)
         if not index:

@@ -264,6 +264,8 @@ class VM:
                 stdout=log_fd,
                 stderr=log_fd,
                 start_new_session=True,
+                # Tap fds opened in the pod's netns: QEMU inherits them under the same numbers.
+                pass_fds=tuple(nic.fd for nic in self.spec.nics),
             )
         finally:
             os.close(log_fd)

@@ -98,12 +98,13 @@ def test_kvm_uses_host_cpu() -> None:
 
 def test_nics_and_extra_disks() -> None:
     s = spec(
-        nics=(TapNic(ifname="tap0", mac="02:00:00:00:00:01"),),
+        nics=(TapNic(fd=7, mac="02:00:00:00:00:01", mtu=1450),),
         disks=(ExtraDisk(path=Path("/img/layer.erofs"), serial="layer0"),),
     )
     argv = build_command(s)
-    assert "tap,id=net0,ifname=tap0,script=no,downscript=no" in opt(argv, "-netdev")
-    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in opt(argv, "-device")
+    assert "tap,id=net0,fd=7,vhost=off" in opt(argv, "-netdev")
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1450" in opt(argv,
+                                                                                  "-device")
     assert "file=/img/layer.erofs,if=none,id=disk0,format=raw,readonly=on" in opt(argv, "-drive")
     assert "virtio-blk-device,drive=disk0,serial=layer0" in opt(argv, "-device")
     assert "criserver.modules=net,pvpanic" in kernel_cmdline(s).split()
@@ -131,7 +132,7 @@ def test_9p_shares() -> None:
     "bad",
     [
         {"state_dir": Path("/" + "x" * 120)},
-        {"nics": (TapNic(ifname="tap0", mac="not-a-mac"),)},
+        {"nics": (TapNic(fd=7, mac="not-a-mac"),)},
         {"root_disk": Path("/a,b/root.erofs")},
         {"agent_settings": {"log level": "x"}},
         {"agent_settings": {"k": "has space"}},

@@ -44,7 +44,7 @@ class CheckResponse(_message.Message):
     def __init__(self, agent_version: _Optional[str] = ..., agent_instance_id: _Optional[str] = ..., kernel_release: _Optional[str] = ..., boot_id: _Optional[str] = ..., boot_time_unix_nanos: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., agent_started_uptime_seconds: _Optional[float] = ..., agent_serving_uptime_seconds: _Optional[float] = ..., transport: _Optional[str] = ..., connection_serial: _Optional[int] = ..., sandbox_ready: _Optional[bool] = ..., agent_pid: _Optional[int] = ...) -> None: ...
 
 class SetupSandboxRequest(_message.Message):
-    __slots__ = ("request_id", "sandbox_id", "hostname", "resolv_conf", "sysctls", "hosts")
+    __slots__ = ("request_id", "sandbox_id", "hostname", "resolv_conf", "sysctls", "hosts", "interfaces")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,13 +58,37 @@ class SetupSandboxRequest(_message.Message):
     RESOLV_CONF_FIELD_NUMBER: _ClassVar[int]
     SYSCTLS_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sandbox_id: str
     hostname: str
     resolv_conf: str
     sysctls: _containers.ScalarMap[str, str]
     hosts: str
-    def __init__(self, request_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., resolv_conf: _Optional[str] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., hosts: _Optional[str] = ...) -> None: ...
+    interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
+    def __init__(self, request_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., resolv_conf: _Optional[str] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., hosts: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("name", "mac", "mtu", "addresses", "routes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mac: str
+    mtu: int
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("destination", "gateway")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    gateway: str
+    def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ...) -> None: ...
 
 class SetupSandboxResponse(_message.Message):
     __slots__ = ("hostname", "resolv_conf_path", "hosts_path", "applied_sysctls")

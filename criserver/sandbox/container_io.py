@@ -1,0 +1,131 @@
+"""A running container's two long waits, seen from the host: its output, pumped from the agent
+into the CRI log file, and its exit, reported once the output has drained.
+
+The agent keeps output in an offset-addressed buffer; the offset reached is saved in the pod's
+state dir, so a restarted daemon resumes the log where it stopped (at most about a second of
+output is written twice after a crash, none is lost while the agent still holds it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from criserver.errors import CriError, DeadlineExceeded, Unavailable
+from criserver.runtime.container_log import ContainerLog
+from criserver.sandbox.channel import AgentClient
+from vmagent.api import agent_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+OnExit = Callable[[str, int, str, str, int], Awaitable[None]]
+DRAIN_TIMEOUT = 5.0  # how long an exit waits for the last output before it is reported
+SAVE_INTERVAL = 1.0
+RETRY_DELAY = 0.5
+WAIT_CALL_TIMEOUT = 365 * 24 * 3600.0  # WaitContainer returns when the container exits
+STREAMS = {pb.StdioChunk.STDOUT: "stdout", pb.StdioChunk.STDERR: "stderr"}
+
+
+class ContainerIO:
+    def __init__(self, agent: AgentClient, container_id: str, log_path: str,
+                 offset_file: Path, on_exit: OnExit) -> None:
+        self.agent = agent
+        self.container_id = container_id
+        self.log = ContainerLog(log_path, container_id=container_id) if log_path else None
+        self.offset_file = offset_file
+        self.on_exit = on_exit
+        self.exited = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.log is not None:
+            self._pump = asyncio.create_task(self._pump_output(),
+                                             name=f"log-{self.container_id[:12]}")
+        self._waiter = asyncio.create_task(self._wait_exit(), name=f"wait-{self.container_id[:12]}")
+
+    async def reopen_log(self) -> None:
+        if self.log is not None:
+            await self.log.reopen()
+
+    async def close(self) -> None:
+        """Stop following (daemon shutdown or pod gone); the container itself is untouched."""
+        for task in (self._waiter, self._pump):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.log is not None:
+            await self.log.close()
+
+    # -- output ----------------------------------------------------------------------------
+
+    async def _pump_output(self) -> None:
+        assert self.log is not None
+        offset = await asyncio.to_thread(self._load_offset)
+        saved_at = time.monotonic()
+        request = pb.ReadStdioRequest(container_id=self.container_id, follow=True)
+        while True:
+            request.offset = offset
+            try:
+                async for chunk in self.agent.stream("ReadStdio", request):
+                    if chunk.data:
+                        await self.log.write(STREAMS[chunk.stream], chunk.data,
+                                             chunk.time_unix_nanos or None)
+                    offset = chunk.offset + len(chunk.data)
+                    if chunk.eof:
+                        await asyncio.to_thread(self._save_offset, offset)
+                        return
+                    if time.monotonic() - saved_at > SAVE_INTERVAL:
+                        await asyncio.to_thread(self._save_offset, offset)
+                        saved_at = time.monotonic()
+            except (Unavailable, DeadlineExceeded) as exc:
+                log.info("container output interrupted container=%s error=%s: retrying",
+                         self.container_id, exc.message)
+            await asyncio.sleep(RETRY_DELAY)
+
+    def _load_offset(self) -> int:
+        try:
+            return int(self.offset_file.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _save_offset(self, offset: int) -> None:
+        tmp = self.offset_file.with_suffix(".tmp")
+        tmp.write_text(str(offset))
+        os.replace(tmp, self.offset_file)
+
+    # -- exit ------------------------------------------------------------------------------
+
+    async def _wait_exit(self) -> None:
+        request = pb.WaitContainerRequest(container_id=self.container_id)
+        while True:
+            try:
+                status = await self.agent.call("WaitContainer", request, timeout=WAIT_CALL_TIMEOUT)
+                break
+            except (Unavailable, DeadlineExceeded) as exc:
+                log.info("waiting for container interrupted container=%s error=%s: retrying",
+                         self.container_id, exc.message)
+                await asyncio.sleep(RETRY_DELAY)
+            except CriError as exc:
+                # The agent does not know the container (its guest restarted): it is gone.
+                log.warning("container lost container=%s error=%s", self.container_id,
+                            exc.message)
+                status = pb.ExitStatus(exit_code=255, reason="Error",
+                                       finished_at_unix_nanos=time.time_ns())
+                break
+        if self._pump is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._pump), DRAIN_TIMEOUT)
+            self._pump.cancel()
+        if self.log is not None:
+            await self.log.close()
+        self.exited.set()
+        message = f"killed by signal {status.signal}" if status.signal else ""
+        await self.on_exit(self.container_id, status.exit_code, status.reason or "Error",
+                           message, status.finished_at_unix_nanos or time.time_ns())

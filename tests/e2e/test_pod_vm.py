@@ -1,0 +1,171 @@
+"""Pod sandboxes as real micro-VMs, through the CRI socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from criserver.sandbox.channel import AgentAddress, AgentClient
+from tests.cri_client import CRIClient, enum, msg
+from tests.daemon import Daemon
+from tests.e2e.conftest import (
+    kill_vms_under,
+    microvm_config,
+    qemu_pids,
+    require_assets,
+    short_workdir,
+    vm_pids_of,
+)
+from vmagent.api import agent_pb2 as pb
+
+pytestmark = pytest.mark.vm
+
+
+async def _status(cri: CRIClient, pod_id: str) -> tuple[int, dict[str, object]]:
+    r = await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id,
+                                               verbose=True))
+    return int(r.status.state), json.loads(r.info["info"])
+
+
+async def _remove(cri: CRIClient, pod_id: str) -> None:
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+
+
+async def test_pod_lifecycle_and_guest_config(vm_daemon: Daemon) -> None:
+    cri = vm_daemon.client()
+    pod_id = await cri.run_pod(
+        "vm-basic", hostname="vm-basic-host",
+        dns_config=msg("DNSConfig", servers=["10.96.0.10"], searches=["default.svc.local"],
+                       options=["ndots:5"]),
+        linux=msg("LinuxPodSandboxConfig", sysctls={"net.ipv4.ip_forward": "1"}),
+    )
+    state, info = await _status(cri, pod_id)
+    assert state == enum("SANDBOX_READY")
+    pid = info["qemuPid"]
+    assert isinstance(pid, int) and vm_pids_of(pod_id) == [pid]
+    assert info["accelerator"] in ("kvm", "tcg")
+    assert info["guestKernel"] and info["bootTimeMs"] > 0
+    assert info["vmStatus"] == "running"
+    status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
+    assert json.loads(status.info["runtime.microvm"])["accelerator"] == info["accelerator"]
+    await cri.close()
+
+    # Look inside the guest through the agent itself: the daemon lets go of the channel when it
+    # stops (the VM keeps running), and re-adopts the VM when it starts again.
+    assert vm_daemon.stop() == 0
+    assert vm_pids_of(pod_id) == [pid]
+    agent = AgentClient(pod_id, AgentAddress(unix_path=str(Path(info["stateDir"]) / "agent.sock")))
+
+    async def guest(*argv: str) -> str:
+        reply = await agent.exec_sync(pb.ExecSyncRequest(
+            process=pb.Process(argv=list(argv)), timeout_seconds=20))
+        assert reply.exit_code == 0, reply.stderr
+        return reply.stdout.decode()
+
+    assert (await guest("hostname")).strip() == "vm-basic-host"
+    resolv = await guest("cat", "/run/criserver/resolv.conf")
+    assert "nameserver 10.96.0.10" in resolv and "search default.svc.local" in resolv
+    assert "options ndots:5" in resolv
+    assert (await guest("cat", "/proc/sys/net/ipv4/ip_forward")).strip() == "1"
+    agent.close()
+
+    vm_daemon.start()
+    cri = vm_daemon.client()
+    state, info = await _status(cri, pod_id)
+    assert state == enum("SANDBOX_READY") and info["qemuPid"] == pid
+    assert info["agentConnection"] == "ready"
+
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+    state, _ = await _status(cri, pod_id)
+    assert state == enum("SANDBOX_NOTREADY")
+    assert vm_pids_of(pod_id) == []
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    assert not Path(info["stateDir"]).exists()
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    await cri.close()
+
+
+async def test_killed_vm_is_noticed(vm_daemon: Daemon) -> None:
+    cri = vm_daemon.client()
+    pod_id = await cri.run_pod("vm-killed")
+    events = cri.runtime.GetContainerEvents(msg("GetEventsRequest"))
+    await asyncio.sleep(0.2)
+    (pid,) = vm_pids_of(pod_id)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    async for event in events:
+        if event.container_id == pod_id:
+            assert event.container_event_type == enum("CONTAINER_STOPPED_EVENT")
+            break
+    noticed = time.monotonic() - killed_at
+    events.cancel()
+    state, info = await _status(cri, pod_id)
+    assert state == enum("SANDBOX_NOTREADY")
+    assert info["reason"] == "VMExited", info
+    assert noticed < 2.0, f"noticed after {noticed:.2f}s"
+    await _remove(cri, pod_id)
+    await cri.close()
+
+
+async def test_daemon_sigkill_readopts_running_vm(vm_daemon: Daemon) -> None:
+    cri = vm_daemon.client()
+    pod_id = await cri.run_pod("vm-readopt")
+    _, info = await _status(cri, pod_id)
+    await cri.close()
+    vm_daemon.stop(signal.SIGKILL)
+    assert vm_pids_of(pod_id) == [info["qemuPid"]]
+    vm_daemon.start()
+    cri = vm_daemon.client()
+    state, after = await _status(cri, pod_id)
+    assert state == enum("SANDBOX_READY")
+    assert after["qemuPid"] == info["qemuPid"] and after["vmStatus"] == "running"
+    await _remove(cri, pod_id)
+    assert vm_pids_of(pod_id) == []
+    await cri.close()
+
+
+async def test_ten_pods_at_once(vm_daemon: Daemon) -> None:
+    cri = vm_daemon.client()
+    ids = await asyncio.gather(*(cri.run_pod(f"vm-many-{i}") for i in range(10)))
+    listed = await cri.runtime.ListPodSandbox()
+    ready = {p.id for p in listed.items if p.state == enum("SANDBOX_READY")}
+    assert set(ids) <= ready
+    assert all(len(vm_pids_of(i)) == 1 for i in ids)
+    await asyncio.gather(*(_remove(cri, i) for i in ids))
+    assert all(vm_pids_of(i) == [] for i in ids)
+    await cri.close()
+
+
+async def test_boot_timeout_undoes_everything() -> None:
+    require_assets()
+    workdir = short_workdir()
+    daemon = Daemon(workdir, config=microvm_config(workdir, boot_timeout=0.5)).start()
+    cri = daemon.client()
+    try:
+        before = set(qemu_pids())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await cri.run_pod("vm-timeout")
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "agent" in (err.value.details() or "")
+        assert set(qemu_pids()) <= before
+        assert not (await cri.runtime.ListPodSandbox()).items
+        backend_state = daemon.state / "runtimes" / "microvm"
+        leftovers = [p for p in backend_state.rglob("*")
+                     if p.name != "accel.json" and not (p.is_dir() and p.name in
+                                                         ("volumes", "netns"))]
+        assert leftovers == []
+    finally:
+        await cri.close()
+        daemon.kill()
+        kill_vms_under(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
