@@ -7,7 +7,12 @@ import pytest
 
 from tests.cri_client import CRIClient
 from tests.daemon import Daemon
-from tests.registry import auth_registry, pushed, registry  # noqa: F401 - shared fixtures
+from tests.registry import (  # noqa: F401 - shared fixtures
+    auth_registry,
+    busybox_ref,
+    pushed,
+    registry,
+)
 
 
 @pytest.fixture

@@ -193,3 +193,38 @@ async def pushed(registry: Registry) -> Pushed:
         digest = await push.image("test/busybox", "v1", busybox)
         multi_digest = await push.index("test/multi", "latest", multi)
     return Pushed(registry, busybox, digest, multi, multi_digest)
+
+
+def busybox_full_image() -> Image:
+    """A runnable busybox image: every applet linked in /bin, users root, app (1000) and
+    nobody, for containers in real micro-VMs."""
+    applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    entries = [
+        E("bin", "dir", mode=0o755),
+        E("bin/busybox", data=BUSYBOX.read_bytes(), mode=0o755),
+        *(E(f"bin/{name}", "sym", link="busybox") for name in applets if name != "busybox"),
+        E("etc", "dir", mode=0o755),
+        E("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n"
+                             b"app:x:1000:1000:app:/home/app:/bin/sh\n"
+                             b"nobody:x:65534:65534:nobody:/:/bin/false\n"),
+        E("etc/group", data=b"root:x:0:\napp:x:1000:\nextra:x:2000:app\nnogroup:x:65534:\n"),
+        E("home", "dir", mode=0o755),
+        E("home/app", "dir", mode=0o755, uid=1000, gid=1000),
+        E("root", "dir", mode=0o700),
+        E("tmp", "dir", mode=0o1777),
+        E("proc", "dir", mode=0o555),
+        E("sys", "dir", mode=0o555),
+        E("dev", "dir", mode=0o755),
+        E("var", "dir", mode=0o755),
+    ]
+    return Image([Layer(tar_bytes(entries), "gzip")],
+                 config={"Cmd": ["sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"})
+
+
+@pytest.fixture(scope="session")
+async def busybox_ref(registry: Registry) -> str:
+    """A runnable busybox image pushed to the open registry; its reference."""
+    async with aiohttp.ClientSession() as session:
+        await Pusher(session, registry.base).image("e2e/busybox", "latest", busybox_full_image())
+    return f"{registry.host}/e2e/busybox:latest"

@@ -108,11 +108,18 @@ class Runtime:
     async def mark_pod_notready(
         self, pod: PodRecord, reason: str = "", message: str = ""
     ) -> PodRecord:
-        if pod.state == PodState.NOTREADY:
+        changed = False
+
+        def change(p: PodRecord) -> PodRecord:
+            nonlocal changed
+            if p.state == PodState.NOTREADY:
+                return p  # not ready already: the first cause stands
+            changed = True
+            return replace(p, state=PodState.NOTREADY, reason=reason, message=message)
+
+        pod = await self.pods.update(pod.id, change)
+        if not changed:
             return pod
-        pod = await self.pods.update(
-            pod.id, lambda p: replace(p, state=PodState.NOTREADY, reason=reason, message=message)
-        )
         self.publish(pod.id, cri.CONTAINER_STOPPED_EVENT, pod)
         log.info("pod not ready pod=%s reason=%s %s", pod.id, reason or "stopped", message)
         return pod
@@ -125,16 +132,20 @@ class Runtime:
         message: str = "",
         finished_at: int | None = None,
     ) -> ContainerRecord:
-        if container.state == ContainerState.EXITED:
-            return container
         finished = finished_at or time.time_ns()
-        container = await self.containers.update(
-            container.id,
-            lambda c: replace(
-                c, state=ContainerState.EXITED, exit_code=exit_code, reason=reason,
-                message=message, finished_at=finished,
-            ),
-        )
+        changed = False
+
+        def change(c: ContainerRecord) -> ContainerRecord:
+            nonlocal changed
+            if c.state == ContainerState.EXITED:
+                return c  # exited already: the first report stands
+            changed = True
+            return replace(c, state=ContainerState.EXITED, exit_code=exit_code, reason=reason,
+                           message=message, finished_at=finished)
+
+        container = await self.containers.update(container.id, change)
+        if not changed:
+            return container
         self.publish(container.id, cri.CONTAINER_STOPPED_EVENT, self.pods.find(container.pod_id))
         log.info("container exited container=%s pod=%s exit_code=%d reason=%s",
                  container.id, container.pod_id, exit_code, reason)

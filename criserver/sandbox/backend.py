@@ -560,13 +560,15 @@ class MicroVMBackend(BaseBackend):
 
 def _setup_request(pod: PodRecord, network: NetworkInfo | None) -> pb.SetupSandboxRequest:
     config = pod.config
+    # A VM has no host name to inherit: without one the pod is named after itself.
+    hostname = config.hostname or config.metadata.name[:63]
     request = pb.SetupSandboxRequest(
         request_id=f"setup-{pod.id}",
         sandbox_id=pod.id,
-        hostname=config.hostname,
+        hostname=hostname,
         resolv_conf=_resolv_conf(config.dns_config),
         sysctls=dict(config.linux.sysctls),
-        hosts=_hosts(config.hostname, network.ips if network else []),
+        hosts=_hosts(hostname, network.ips if network else []),
     )
     if network is not None:
         guest = network.guest
@@ -577,6 +579,13 @@ def _setup_request(pod: PodRecord, network: NetworkInfo | None) -> pb.SetupSandb
 
 
 def _resolv_conf(dns: cri.DNSConfig) -> str:
+    """The pod's resolv.conf: kubelet's DNS config, or the host's file when it gives none (as
+    containerd does)."""
+    if not (dns.servers or dns.searches or dns.options):
+        try:
+            return Path("/etc/resolv.conf").read_text()
+        except OSError:
+            return ""
     lines = [f"nameserver {server}" for server in dns.servers]
     if dns.searches:
         lines.append("search " + " ".join(dns.searches))

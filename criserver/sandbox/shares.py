@@ -27,7 +27,7 @@ IMAGES_TAG = "criserver.images"
 VOLUMES_TAG = "criserver.shared"
 GUEST_VOLUMES_DIR = "/run/criserver/shared"
 
-_MS_BIND, _MS_REC = 4096, 16384
+_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -44,7 +44,12 @@ class PodVolumes:
         self.directory = directory
 
     def create(self) -> None:
+        """Make the directory a private mount of its own: the volume binds in it then never
+        propagate to other mount namespaces, where they would pin the directories."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.path.ismount(self.directory):
+            _mount(self.directory, self.directory, _MS_BIND)
+        _mount(None, self.directory, _MS_PRIVATE | _MS_REC)
 
     @staticmethod
     def name_for(container_id: str, host_path: str) -> str:
@@ -71,10 +76,7 @@ class PodVolumes:
             target.mkdir(exist_ok=True)
         else:
             target.touch(exist_ok=True)
-        if _libc.mount(str(source).encode(), str(target).encode(), None,
-                       _MS_BIND | _MS_REC, None) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"bind mount {source} -> {target}: {os.strerror(code)}")
+        _mount(source, target, _MS_BIND | _MS_REC)
 
     async def release(self, container_id: str) -> None:
         """Unmount and remove every volume of one container; idempotent."""
@@ -84,6 +86,7 @@ class PodVolumes:
         """Unmount everything and remove the directory. Never a recursive delete: a bind mount
         that failed to unmount would expose the host data behind it."""
         await asyncio.to_thread(self._release, "")
+        await asyncio.to_thread(_unmount, self.directory)
         try:
             await asyncio.to_thread(self.directory.rmdir)
         except FileNotFoundError:
@@ -97,14 +100,28 @@ class PodVolumes:
         for entry in self.directory.iterdir():
             if not entry.name.startswith(prefix):
                 continue
-            while os.path.ismount(entry):
-                if _libc.umount2(str(entry).encode(), _MNT_DETACH) != 0:
-                    code = ctypes.get_errno()
-                    if code in (errno.EINVAL, errno.ENOENT):
-                        break
-                    raise OSError(code, f"unmount {entry}: {os.strerror(code)}")
-            if entry.is_dir() and not entry.is_symlink():
-                entry.rmdir()
-            else:
-                entry.unlink(missing_ok=True)
+            _unmount(entry)
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    entry.rmdir()
+                else:
+                    entry.unlink(missing_ok=True)
+            except OSError as exc:  # an empty mount point left behind is harmless
+                log.warning("volume mount point left behind path=%s error=%s", entry, exc)
         log.debug("volumes released dir=%s prefix=%s", self.directory, prefix)
+
+
+def _mount(source: Path | None, target: Path, flags: int) -> None:
+    src = str(source).encode() if source is not None else None
+    if _libc.mount(src, str(target).encode(), None, flags, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mount {source} -> {target}: {os.strerror(code)}")
+
+
+def _unmount(path: Path) -> None:
+    while os.path.ismount(path):
+        if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
+            code = ctypes.get_errno()
+            if code in (errno.EINVAL, errno.ENOENT):
+                return
+            raise OSError(code, f"unmount {path}: {os.strerror(code)}")

@@ -8,11 +8,12 @@ cheap with thousands of containers.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from criserver.errors import FailedPrecondition
+from criserver.errors import FailedPrecondition, NotFound
 from criserver.store.db import Database
 from criserver.store.index import IdIndex, NameRegistry
 from criserver.store.records import (
@@ -49,6 +50,9 @@ class _Store(Generic[R]):
         self._all_wire: bytes | None = None
         self.ids = IdIndex(self.kind)
         self.names = NameRegistry(self.kind)
+        # Changes are read-modify-write across an await (the database write): one at a time, so
+        # two causes of one change (a stop and an exit report) never both apply it.
+        self._writing = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -83,33 +87,42 @@ class _Store(Generic[R]):
     async def add(self, record: R) -> None:
         """Persist and index a new record (its name must have been reserved by the caller)."""
         row = record.to_row()
-        await self._db.write(lambda c: self._insert(c, row))
-        self._put(record)
+        async with self._writing:
+            await self._db.write(lambda c: self._insert(c, row))
+            self._put(record)
 
     async def update(self, id_: str, change: Callable[[R], R]) -> R:
         """Apply `change` to the current record, check the state transition, persist, swap in.
+        `change` may return the record it was given: nothing to do, nothing is written.
 
         :raises FailedPrecondition: the transition is not allowed.
+        :raises NotFound: the record was deleted meanwhile.
         """
-        old = self._records[id_]
-        new = change(old)
-        if new.state != old.state and new.state not in self._transitions()[old.state]:
-            raise FailedPrecondition(
-                f"{self.kind} {id_} cannot go from {old.state} to {new.state}"
-            )
-        row = new.to_row()
-        await self._db.write(lambda c: self._insert(c, row))
-        self._put(new)
-        return new
+        async with self._writing:
+            old = self._records.get(id_)
+            if old is None:
+                raise NotFound(f"{self.kind} {id_} not found")
+            new = change(old)
+            if new is old:
+                return old
+            if new.state != old.state and new.state not in self._transitions()[old.state]:
+                raise FailedPrecondition(
+                    f"{self.kind} {id_} cannot go from {old.state} to {new.state}"
+                )
+            row = new.to_row()
+            await self._db.write(lambda c: self._insert(c, row))
+            self._put(new)
+            return new
 
     async def delete(self, id_: str) -> None:
-        await self._db.write(
-            lambda c: c.execute(f"DELETE FROM {self.table} WHERE id = ?", (id_,))
-        )
-        self._records.pop(id_, None)
-        self._wire.pop(id_, None)
-        self._all_wire = None
-        self.ids.remove(id_)
+        async with self._writing:
+            await self._db.write(
+                lambda c: c.execute(f"DELETE FROM {self.table} WHERE id = ?", (id_,))
+            )
+            self._records.pop(id_, None)
+            self._wire.pop(id_, None)
+            self._all_wire = None
+            self.ids.remove(id_)
 
     def _put(self, record: R) -> None:
         self._records[record.id] = record

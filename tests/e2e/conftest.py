@@ -64,6 +64,13 @@ def vm_daemon() -> Iterator[Daemon]:
     finally:
         daemon.kill()
         kill_vms_under(workdir)
+        # Kept for a look after a failure: the daemon's log and the guests' consoles.
+        keep = Path(tempfile.gettempdir()) / "criserver-e2e-logs"
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir()
+        shutil.copy(daemon.log_path, keep / "daemon.log")
+        for console in workdir.rglob("vm.log"):
+            shutil.copy(console, keep / f"{console.parent.name}-vm.log")
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,0 +1,227 @@
+"""Containers in real micro-VMs through the CRI socket, from an image pulled from a real
+registry: life cycle, exit reasons, logs, exec, stats, volumes, security context, network."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.cri_client import CRIClient, enum, msg
+from tests.daemon import Daemon
+
+pytestmark = pytest.mark.vm
+
+LOG_LINE = re.compile(rb"^(\S+) (stdout|stderr) ([PF]) (.*)$")
+
+
+@dataclass
+class Pod:
+    cri: CRIClient
+    id: str
+    name: str
+    logs: Path
+    image: str
+
+    async def container(self, name: str, *command: str, start: bool = True,
+                        **fields: object) -> str:
+        cid = await self.cri.create_container(
+            self.id, name, pod_name=self.name, image=self.image, command=list(command),
+            log_path=f"{name}.log", **fields)
+        if start:
+            await self.cri.runtime.StartContainer(msg("StartContainerRequest", container_id=cid))
+        return cid
+
+    async def status(self, cid: str) -> object:
+        r = await self.cri.runtime.ContainerStatus(msg("ContainerStatusRequest", container_id=cid))
+        return r.status
+
+    async def wait_exit(self, cid: str, timeout: float = 60) -> object:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = await self.status(cid)
+            if status.state == enum("CONTAINER_EXITED"):  # type: ignore[attr-defined]
+                return status
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"container {cid} did not exit")
+
+    async def exec(self, cid: str, *cmd: str, timeout: int = 30) -> object:
+        return await self.cri.runtime.ExecSync(msg("ExecSyncRequest", container_id=cid,
+                                                   cmd=list(cmd), timeout=timeout))
+
+    def log_records(self, name: str) -> list[tuple[str, str, bytes]]:
+        records = []
+        for line in (self.logs / f"{name}.log").read_bytes().splitlines():
+            match = LOG_LINE.match(line)
+            assert match, line
+            records.append((match[2].decode(), match[3].decode(), match[4]))
+        return records
+
+
+async def _pod(cri: CRIClient, image: str, name: str, tmp: Path) -> Pod:
+    logs = tmp / name
+    pod_id = await cri.run_pod(name, log_directory=str(logs), hostname=name)
+    return Pod(cri, pod_id, name, logs, image)
+
+
+@pytest.fixture(scope="module")
+async def pod(vm_daemon: Daemon, busybox_ref: str,
+              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
+    cri = vm_daemon.client()
+    pulled = await cri.image.PullImage(msg("PullImageRequest", image=msg(
+        "ImageSpec", image=busybox_ref)))
+    assert pulled.image_ref.startswith("sha256:")
+    p = await _pod(cri, busybox_ref, "ctr-pod", tmp_path_factory.mktemp("logs"))
+    yield p
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=p.id))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=p.id))
+    await cri.close()
+
+
+async def test_exit_code_and_logs(pod: Pod) -> None:
+    cid = await pod.container("exits", "sh", "-c", "echo out; echo err >&2; exit 3")
+    status = await pod.wait_exit(cid)
+    assert status.exit_code == 3 and status.reason == "Error"  # type: ignore[attr-defined]
+    assert status.finished_at >= status.started_at > 0  # type: ignore[attr-defined]
+    assert status.image_id.startswith("sha256:")  # type: ignore[attr-defined]
+    records = pod.log_records("exits")
+    assert ("stdout", "F", b"out") in records and ("stderr", "F", b"err") in records
+    ok = await pod.container("completes", "true")
+    status = await pod.wait_exit(ok)
+    assert status.exit_code == 0 and status.reason == "Completed"  # type: ignore[attr-defined]
+
+
+async def test_partial_and_long_lines(pod: Pod) -> None:
+    cid = await pod.container(
+        "partial", "sh", "-c",
+        "printf abc; sleep 1; printf 'def\\n'; head -c 20000 /dev/zero | tr '\\0' x; echo")
+    await pod.wait_exit(cid)
+    records = [r for r in pod.log_records("partial") if r[0] == "stdout"]
+    text = b"".join(content for _, _, content in records)
+    assert text.startswith(b"abcdef") and text.count(b"x") == 20000
+    assert [tag for _, tag, _ in records][-1] == "F"
+    assert any(tag == "P" for _, tag, _ in records)  # 'abc' then the 16 KiB split
+
+
+async def test_exec_sync_stop_and_stats(pod: Pod) -> None:
+    # Ignores SIGTERM (the pod shares one PID namespace, so it is not PID 1 there).
+    cid = await pod.container("sleeper", "sh", "-c", "trap '' TERM; sleep 3600")
+    assert (await pod.status(cid)).state == enum("CONTAINER_RUNNING")  # type: ignore[attr-defined]
+    reply = await pod.exec(cid, "sh", "-c", "echo hi; echo oops >&2; exit 7")
+    assert (reply.stdout, reply.stderr, reply.exit_code) == (b"hi\n", b"oops\n", 7)  # type: ignore[attr-defined]
+    assert (await pod.exec(cid, "hostname")).stdout.strip() == pod.name.encode()  # type: ignore[attr-defined]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await pod.exec(cid, "sleep", "30", timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Busy for a moment, so the CPU counter moves.
+    await pod.exec(cid, "sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
+    stats = await pod.cri.runtime.ContainerStats(msg("ContainerStatsRequest", container_id=cid))
+    assert stats.stats.cpu.usage_core_nano_seconds.value > 0
+    assert stats.stats.memory.working_set_bytes.value > 0
+    listed = await pod.cri.runtime.ListContainerStats(msg("ListContainerStatsRequest"))
+    assert cid in {s.attributes.id for s in listed.stats}
+    pod_stats = await pod.cri.runtime.PodSandboxStats(msg("PodSandboxStatsRequest",
+                                                          pod_sandbox_id=pod.id))
+    assert pod_stats.stats.linux.memory.working_set_bytes.value > 0
+    started = time.monotonic()
+    # SIGTERM is ignored: the kill follows the grace period.
+    await pod.cri.runtime.StopContainer(msg("StopContainerRequest", container_id=cid, timeout=2))
+    status = await pod.status(cid)
+    assert status.state == enum("CONTAINER_EXITED")  # type: ignore[attr-defined]
+    assert status.exit_code == 137 and time.monotonic() - started >= 2  # type: ignore[attr-defined]
+    await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
+
+
+async def test_oom_killed(pod: Pod) -> None:
+    resources = msg("LinuxContainerResources", memory_limit_in_bytes=16 * 1024 * 1024)
+    cid = await pod.container("hog", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1",
+                              linux=msg("LinuxContainerConfig", resources=resources))
+    status = await pod.wait_exit(cid)
+    assert status.reason == "OOMKilled", status  # type: ignore[attr-defined]
+    assert status.exit_code != 0  # type: ignore[attr-defined]
+
+
+async def test_shared_empty_dir(pod: Pod, tmp_path: Path) -> None:
+    volume = tmp_path / "empty-dir"
+    volume.mkdir()
+    mount = msg("Mount", container_path="/data", host_path=str(volume))
+    writer = await pod.container("writer", "sh", "-c", "echo shared > /data/note; sleep 3600",
+                                 mounts=[mount])
+    reader = await pod.container("reader", "sleep", "3600", mounts=[mount])
+    deadline = time.monotonic() + 30
+    while not (volume / "note").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert (volume / "note").read_text() == "shared\n"  # on the host
+    assert (await pod.exec(reader, "cat", "/data/note")).stdout == b"shared\n"  # type: ignore[attr-defined]
+    for cid in (writer, reader):
+        await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
+    assert (volume / "note").exists()  # removing the containers leaves the volume's data
+
+
+async def test_security_context(pod: Pod) -> None:
+    security = msg("LinuxContainerSecurityContext",
+                   run_as_user=msg("Int64Value", value=1000), readonly_rootfs=True,
+                   capabilities=msg("Capability", drop_capabilities=["ALL"]))
+    cid = await pod.container("secure", "sleep", "3600",
+                              linux=msg("LinuxContainerConfig", security_context=security))
+    assert (await pod.exec(cid, "id", "-u")).stdout.strip() == b"1000"  # type: ignore[attr-defined]
+    touch = await pod.exec(cid, "touch", "/rootfs-file")
+    assert touch.exit_code != 0  # type: ignore[attr-defined]
+    status = (await pod.exec(cid, "cat", "/proc/self/status")).stdout.decode()  # type: ignore[attr-defined]
+    assert re.search(r"CapBnd:\s+0+\n", status), status
+    await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
+
+
+async def test_pod_network_reaches_container(pod: Pod, tmp_path: Path) -> None:
+    status = await pod.cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest",
+                                                        pod_sandbox_id=pod.id))
+    pod_ip = status.status.network.ip
+    assert pod_ip
+    server = await pod.container("httpd", "sh", "-c",
+                                 "mkdir -p /tmp/www && echo hello-from-pod > /tmp/www/index.html"
+                                 " && exec httpd -f -p 8080 -h /tmp/www")
+    assert pod_ip in (await pod.exec(server, "ip", "addr")).stdout.decode()  # type: ignore[attr-defined]
+    body = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            body = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://{pod_ip}:8080/", timeout=3).read())
+            break
+        except OSError:
+            await asyncio.sleep(0.5)
+    assert body == b"hello-from-pod\n"  # host -> pod
+
+    other = await _pod(pod.cri, pod.image, "ctr-pod-2", tmp_path)
+    try:
+        client = await other.container("client", "sleep", "3600")
+        fetched = await other.exec(client, "wget", "-q", "-O", "-", f"http://{pod_ip}:8080/")
+        assert fetched.stdout == b"hello-from-pod\n"  # pod -> pod  # type: ignore[attr-defined]
+    finally:
+        await pod.cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=other.id))
+        await pod.cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest",
+                                                   pod_sandbox_id=other.id))
+    await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=server))
+
+
+async def test_log_reopen(pod: Pod) -> None:
+    cid = await pod.container("ticker", "sh", "-c",
+                              "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done")
+    log = pod.logs / "ticker.log"
+    deadline = time.monotonic() + 30
+    while (not log.exists() or b"tick 2" not in log.read_bytes()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    log.rename(log.with_suffix(".log.1"))  # what kubelet's rotation does
+    await pod.cri.runtime.ReopenContainerLog(msg("ReopenContainerLogRequest", container_id=cid))
+    deadline = time.monotonic() + 30
+    while (not log.exists() or b"tick" not in log.read_bytes()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert b"tick" in log.read_bytes()
+    await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
