@@ -85,6 +85,9 @@ class NetworkConfig:
 class StreamingConfig:
     address: str = _f("127.0.0.1", "Address of the exec/attach/port-forward server")
     port: int = _f(0, "Port of that server; 0 picks a free one", min=0, max=65535)
+    idle_timeout: float = _f(4 * 3600.0, "Seconds a session may stay idle before it is closed",
+                             min=1)
+    creation_timeout: float = _f(30.0, "Seconds a client has to open a session's streams", min=1)
 
 
 @dataclass(frozen=True)

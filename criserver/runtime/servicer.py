@@ -25,12 +25,10 @@ from criserver.runtime import (
     sandbox_stop,
 )
 from criserver.runtime.runtime import Runtime
+from criserver.runtime.streaming import rpc as streaming
 
 # Why each unimplemented call is: the caller sees this in the UNIMPLEMENTED status.
 MISSING = {
-    "Exec": "the streaming server for exec is not built yet",
-    "Attach": "the streaming server for attach is not built yet",
-    "PortForward": "the streaming server for port-forward is not built yet",
     "CheckpointContainer": "checkpoint/restore of containers is not supported",
     "ListMetricDescriptors": "pod sandbox metrics are not collected yet",
     "ListPodSandboxMetrics": "pod sandbox metrics are not collected yet",
@@ -72,6 +70,9 @@ def runtime_service(rt: Runtime) -> dict[str, Any]:
         "ListPodSandboxStats": bind(container_stats.list_pod_sandbox_stats),
         "StreamPodSandboxStats": bind(container_stats.stream_pod_sandbox_stats),
         "GetContainerEvents": partial(_events, rt),
+        "Exec": bind(streaming.exec_),
+        "Attach": bind(streaming.attach),
+        "PortForward": bind(streaming.port_forward),
     }
 
 

@@ -77,7 +77,6 @@ def _backend(rt: Runtime, pod: PodRecord) -> StreamingBackend:
 
 
 def _server(rt: Runtime) -> StreamingServer:
-    server = getattr(rt, "streaming", None)
-    if not isinstance(server, StreamingServer):
+    if rt.streaming is None:
         raise Unavailable("the streaming server is not running")
-    return server
+    return rt.streaming
