@@ -16,7 +16,7 @@ from typing import Any
 from criserver.errors import InvalidArgument
 from criserver.sandbox import netns, tap
 from criserver.sandbox.cni import CniManager, NetworkStatus, PodRef, PortMapping
-from criserver.sandbox.tap import GuestInterface, GuestRoute, TapInfo, guest_ip_commands
+from criserver.sandbox.tap import GuestInterface, GuestRoute, TapInfo
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ __all__ = [
     "PodNetwork",
     "PortMapping",
     "TapInfo",
-    "guest_ip_commands",
 ]
 
 

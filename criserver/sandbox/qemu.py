@@ -176,6 +176,15 @@ def _check(spec: VMSpec) -> None:
         raise InvalidArgument(f"vm {spec.vm_id}: needs >= 64 MiB and >= 1 vCPU")
 
 
+def nic_args(nic: TapNic, machine: Machine = Machine.MICROVM, index: int = 0) -> list[str]:
+    """The -netdev/-device pair of one tap NIC."""
+    return [
+        "-netdev", f"tap,id=net{index},fd={nic.fd},vhost=off",
+        "-device", f"{_bus_device(machine, 'virtio-net')},netdev=net{index},mac={nic.mac},"
+        f"host_mtu={nic.mtu}",
+    ]
+
+
 def build_command(spec: VMSpec) -> list[str]:
     """The full argv for QEMU. QEMU daemonizes: the caller waits for the parent to exit.
 
@@ -232,13 +241,7 @@ def build_command(spec: VMSpec) -> list[str]:
         ]
         # fmt: on
     for i, nic in enumerate(spec.nics):
-        # fmt: off
-        argv += [
-            "-netdev", f"tap,id=net{i},fd={nic.fd},vhost=off",
-            "-device",
-            f"{_bus_device(m, 'virtio-net')},netdev=net{i},mac={nic.mac},host_mtu={nic.mtu}",
-        ]
-        # fmt: on
+        argv += nic_args(nic, m, i)
     for i, share in enumerate(spec.shares):
         ro = ",readonly=on" if share.read_only else ""
         # fmt: off

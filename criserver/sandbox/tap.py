@@ -85,16 +85,6 @@ class TapInfo:
     mac: str  # the CNI veth's MAC, given to the guest's virtio-net device
     mtu: int
 
-    def qemu_netdev_args(
-        self, fd: int, netdev_id: str = "net0", device: str = "virtio-net-device"
-    ) -> list[str]:
-        """QEMU arguments for an fd from open_tap_fd (device: virtio-net-pci on q35)."""
-        return [
-            "-netdev",
-            f"tap,id={netdev_id},fd={fd},vhost=off",
-            "-device",
-            f"{device},netdev={netdev_id},mac={self.mac},host_mtu={self.mtu}",
-        ]
 
 
 def _ifreq(name: str, flags: int) -> bytes:
@@ -266,26 +256,3 @@ async def _give_back(netns_path: Path, addresses: list[str], ifname: str) -> Non
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
-
-
-def guest_ip_commands(iface: GuestInterface, ifname: str | None = None) -> list[list[str]]:
-    """The busybox `ip` commands (argv lists) that give the guest interface the pod's network.
-    ifname: the interface name in the guest, when it is not iface.name."""
-    dev = ifname or iface.name
-    cmds = [
-        ["ip", "link", "set", "dev", "lo", "up"],
-        ["ip", "link", "set", "dev", dev, "address", iface.mac],
-        ["ip", "link", "set", "dev", dev, "mtu", str(iface.mtu)],
-    ]
-    for addr in iface.addresses:
-        family = "-6" if ipaddress.ip_interface(addr).version == 6 else "-4"
-        cmds.append(["ip", family, "addr", "add", addr, "dev", dev])
-    cmds.append(["ip", "link", "set", "dev", dev, "up"])
-    for route in iface.routes:
-        family = "-6" if ipaddress.ip_network(route.dst).version == 6 else "-4"
-        dst = "default" if ipaddress.ip_network(route.dst).prefixlen == 0 else route.dst
-        cmd = ["ip", family, "route", "add", dst]
-        if route.gateway:
-            cmd += ["via", route.gateway]
-        cmds.append([*cmd, "dev", dev])
-    return cmds

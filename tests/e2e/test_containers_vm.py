@@ -65,9 +65,13 @@ class Pod:
         return records
 
 
+DNS = {"servers": ["10.96.0.10"], "searches": ["ns.svc.cluster.local"], "options": ["ndots:5"]}
+
+
 async def _pod(cri: CRIClient, image: str, name: str, tmp: Path) -> Pod:
     logs = tmp / name
-    pod_id = await cri.run_pod(name, log_directory=str(logs), hostname=name)
+    pod_id = await cri.run_pod(name, log_directory=str(logs), hostname=name,
+                               dns_config=msg("DNSConfig", **DNS))
     return Pod(cri, pod_id, name, logs, image)
 
 
@@ -117,6 +121,8 @@ async def test_exec_sync_stop_and_stats(pod: Pod) -> None:
     reply = await pod.exec(cid, "sh", "-c", "echo hi; echo oops >&2; exit 7")
     assert (reply.stdout, reply.stderr, reply.exit_code) == (b"hi\n", b"oops\n", 7)  # type: ignore[attr-defined]
     assert (await pod.exec(cid, "hostname")).stdout.strip() == pod.name.encode()  # type: ignore[attr-defined]
+    resolv = (await pod.exec(cid, "cat", "/etc/resolv.conf")).stdout.decode()  # type: ignore[attr-defined]
+    assert resolv == ("nameserver 10.96.0.10\nsearch ns.svc.cluster.local\noptions ndots:5\n")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await pod.exec(cid, "sleep", "30", timeout=1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -23,8 +23,8 @@ from criserver.sandbox.network import (
     GuestInterface,
     GuestRoute,
     NetworkInfo,
-    guest_ip_commands,
 )
+from criserver.sandbox.qemu import TapNic, nic_args
 from criserver.sandbox.tap import collect
 from tests.sandbox.test_network_support import (
     NetEnv,
@@ -41,33 +41,6 @@ from tests.sandbox.test_network_support import (
 _ = net_env  # a fixture: used by name
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-
-def test_guest_ip_commands() -> None:
-    iface = GuestInterface(
-        "eth0",
-        "aa:bb:cc:dd:ee:ff",
-        1450,
-        ["10.1.0.5/24", "fd00::5/64"],
-        [
-            GuestRoute("0.0.0.0/0", "10.1.0.1"),
-            GuestRoute("10.9.0.0/16"),
-            GuestRoute("::/0", "fd00::1"),
-        ],
-    )
-    cmds = [" ".join(c) for c in guest_ip_commands(iface, "eth1")]
-    assert cmds == [
-        "ip link set dev lo up",
-        "ip link set dev eth1 address aa:bb:cc:dd:ee:ff",
-        "ip link set dev eth1 mtu 1450",
-        "ip -4 addr add 10.1.0.5/24 dev eth1",
-        "ip -6 addr add fd00::5/64 dev eth1",
-        "ip link set dev eth1 up",
-        "ip -4 route add default via 10.1.0.1 dev eth1",
-        "ip -4 route add 10.9.0.0/16 dev eth1",
-        "ip -6 route add default via fd00::1 dev eth1",
-    ]
-    assert GuestInterface.from_dict(json.loads(iface.to_json())) == iface
 
 
 @needs_root
@@ -240,7 +213,7 @@ async def test_qemu_attaches_to_the_tap_fd(net_env: NetEnv, tmp_path: Path) -> N
             "-display",
             "none",
             "-S",
-            *info.qemu_netdev_args(fd),
+            *nic_args(TapNic(fd, info.mac, info.mtu)),
             pass_fds=(fd,),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
