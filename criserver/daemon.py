@@ -32,7 +32,7 @@ from criserver.image.service import ImageService
 from criserver.runtime.backend import BackendContext, SandboxBackend, load_backend_class
 from criserver.runtime.runtime import BackendEventSink, Runtime
 from criserver.runtime.servicer import IMAGE_MISSING, MISSING, image_service, runtime_service
-from criserver.runtime.streaming.server import serving
+from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.store.db import Database
 from criserver.store.records import ContainerState, PodState
 
@@ -57,8 +57,9 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(signum, stop.set)
     async with AsyncExitStack() as stack:
         runtime = await stack.enter_async_context(_runtime(config))
+        runtime.streaming = LazyStreaming(config.streaming)
         # Stopped before the backends close: it ends the sessions (and the exec'd processes).
-        runtime.streaming = await stack.enter_async_context(serving(config.streaming))
+        stack.push_async_callback(runtime.streaming.close)
         server = await _start_server(config, runtime)
         # Everything loaded so far lives as long as the daemon: keep it out of the cyclic GC's
         # scans, which otherwise add millisecond pauses to calls once the store is large.

@@ -15,9 +15,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 from yarl import URL
 
 from criserver.config import ImageConfig
@@ -38,7 +39,13 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
 CHUNK = 256 * 1024
 TOKEN_DEFAULT_TTL = 60.0
-_NETWORK_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    # aiohttp is imported on first use: it costs an idle daemon ~12 MiB.
+    import aiohttp
+
+    return (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
 
 
 class RegistryError(Unavailable):
@@ -85,6 +92,8 @@ class RegistryClient:
         self._tokens: dict[tuple[str, str, str], _Token] = {}
 
     def _http(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60),
@@ -222,7 +231,7 @@ class RegistryClient:
                         if progress is not None:
                             progress(desc.digest, writer.written, desc.size)
                 return
-            except _NETWORK_ERRORS as exc:
+            except _network_errors() as exc:
                 if attempt + 1 == RETRIES:
                     raise RegistryError(
                         f"image {ref}: blob {desc.digest} from {ep.url}: {_describe(exc)}"
@@ -277,7 +286,7 @@ class RegistryClient:
                 request_headers["Authorization"] = auth
             try:
                 resp = await self._send(url, request_headers)
-            except _NETWORK_ERRORS as exc:
+            except _network_errors() as exc:
                 attempt += 1
                 if attempt >= RETRIES:
                     raise RegistryError(f"{url.with_query(None)}: {_describe(exc)}") from exc
@@ -376,7 +385,7 @@ class RegistryClient:
                 if resp.status != 200:
                     raise RegistryError(f"{ep.url}: token server answered HTTP {resp.status}")
                 body = await resp.json(content_type=None)
-        except _NETWORK_ERRORS as exc:
+        except _network_errors() as exc:
             raise RegistryError(f"{ep.url}: token server: {_describe(exc)}") from exc
         except ValueError as exc:
             raise RegistryError(f"{ep.url}: token server sent invalid JSON") from exc

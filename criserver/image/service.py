@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from criserver.config import ImageConfig
 from criserver.errors import InvalidArgument, NotFound
@@ -33,6 +31,9 @@ from criserver.image.registry import Progress, RegistryClient
 from criserver.image.snapshot import SnapshotStore
 from criserver.image.unpack import Limits
 from criserver.store.db import Database
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 

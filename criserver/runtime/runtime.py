@@ -20,7 +20,7 @@ from criserver.image.service import ImageService
 from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock
-from criserver.runtime.streaming.server import StreamingServer
+from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.store.db import Database
 from criserver.store.objects import ContainerStore, PodStore
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
@@ -46,7 +46,7 @@ class Runtime:
         self.container_locks = KeyedLock()
         self.settings: dict[str, str] = {}
         self.images = images
-        self.streaming: StreamingServer | None = None
+        self.streaming: LazyStreaming | None = None
         # Exits the backend reported while StartContainer had not yet recorded RUNNING.
         self.early_exits: dict[str, tuple[int, str, str, int]] = {}
         self._background: set[asyncio.Task[None]] = set()

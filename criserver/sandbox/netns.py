@@ -18,9 +18,10 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pyroute2 import AsyncIPRoute
+if TYPE_CHECKING:
+    from pyroute2 import AsyncIPRoute
 
 from criserver.errors import AlreadyExists, Internal, NotFound
 
@@ -258,6 +259,9 @@ async def rtnl(path: Path | None) -> AsyncIterator[AsyncIPRoute]:
 
     :raises NotFound: no namespace at path.
     """
+    # Imported on first use: pyroute2 costs the daemon ~10 MiB, and an idle daemon needs none.
+    from pyroute2 import AsyncIPRoute
+
     sock: socket.socket | None = None
     if path is not None:
         sock = await run_on_fresh_thread(_netlink_socket, path, orphan=socket.socket.close)

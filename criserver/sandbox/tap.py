@@ -21,10 +21,10 @@ import socket
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+if TYPE_CHECKING:
+    from pyroute2 import AsyncIPRoute
 
 from criserver.errors import FailedPrecondition, Internal, NotFound
 from criserver.sandbox import netns as netns_mod
@@ -242,6 +242,8 @@ async def give_back(netns_path: Path, addresses: list[str], ifname: str = "eth0"
 
 
 async def _give_back(netns_path: Path, addresses: list[str], ifname: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     async with netns_mod.rtnl(netns_path) as ipr:
         index = await ipr.link_lookup(ifname=ifname)
         if not index:

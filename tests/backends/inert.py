@@ -23,7 +23,7 @@ from criserver.store.records import ContainerRecord, PodRecord
 class InertBackend(BaseBackend):
     name = "inert"
 
-    def status(self) -> BackendStatus:
+    async def status(self) -> BackendStatus:
         return BackendStatus(runtime_ready=True, network_ready=True, info={"backend": "inert"})
 
     async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:

@@ -4,14 +4,17 @@ streaming server (`Runtime.streaming`)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
 from criserver.runtime.runtime import Runtime
 from criserver.runtime.streaming.interface import StreamingBackend
-from criserver.runtime.streaming.portforward import PortForwardRequest
-from criserver.runtime.streaming.remotecommand import StdioRequest
-from criserver.runtime.streaming.server import StreamingServer
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+
+# The protocol modules (and aiohttp under them) load with the server, on first use.
+if TYPE_CHECKING:
+    from criserver.runtime.streaming.server import StreamingServer
 
 
 async def exec_(rt: Runtime, request: cri.ExecRequest) -> cri.ExecResponse:
@@ -20,7 +23,9 @@ async def exec_(rt: Runtime, request: cri.ExecRequest) -> cri.ExecResponse:
     _check_stdio(request.container_id, request.tty, request.stdin, request.stdout,
                  request.stderr)
     pod, container, backend = _running(rt, request.container_id)
-    url = _server(rt).prepare(StdioRequest(
+    from criserver.runtime.streaming.remotecommand import StdioRequest
+
+    url = (await _server(rt)).prepare(StdioRequest(
         "exec", backend, pod, container, tuple(request.cmd), tty=request.tty,
         stdin=request.stdin, stdout=request.stdout, stderr=request.stderr))
     return cri.ExecResponse(url=url)
@@ -30,7 +35,9 @@ async def attach(rt: Runtime, request: cri.AttachRequest) -> cri.AttachResponse:
     _check_stdio(request.container_id, request.tty, request.stdin, request.stdout,
                  request.stderr)
     pod, container, backend = _running(rt, request.container_id)
-    url = _server(rt).prepare(StdioRequest(
+    from criserver.runtime.streaming.remotecommand import StdioRequest
+
+    url = (await _server(rt)).prepare(StdioRequest(
         "attach", backend, pod, container, tty=request.tty, stdin=request.stdin,
         stdout=request.stdout, stderr=request.stderr))
     return cri.AttachResponse(url=url)
@@ -45,7 +52,10 @@ async def port_forward(rt: Runtime, request: cri.PortForwardRequest) -> cri.Port
     pod = rt.pods.get(request.pod_sandbox_id)
     if pod.state != PodState.READY:
         raise FailedPrecondition(f"pod sandbox {pod.id} is not ready")
-    url = _server(rt).prepare(PortForwardRequest(_backend(rt, pod), pod, tuple(request.port)))
+    from criserver.runtime.streaming.portforward import PortForwardRequest
+
+    server = await _server(rt)
+    url = server.prepare(PortForwardRequest(_backend(rt, pod), pod, tuple(request.port)))
     return cri.PortForwardResponse(url=url)
 
 
@@ -76,7 +86,7 @@ def _backend(rt: Runtime, pod: PodRecord) -> StreamingBackend:
     return backend
 
 
-def _server(rt: Runtime) -> StreamingServer:
+async def _server(rt: Runtime) -> StreamingServer:
     if rt.streaming is None:
         raise Unavailable("the streaming server is not running")
-    return rt.streaming
+    return await rt.streaming.server()

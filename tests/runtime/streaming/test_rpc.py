@@ -35,6 +35,16 @@ from tests.runtime.streaming.local_backend import LocalBackend
 from tests.runtime.streaming.spdy_client import SpdyClient
 
 
+class _Started:
+    """Stands in for the daemon's LazyStreaming, with the fixture's server already running."""
+
+    def __init__(self, server: StreamingServer) -> None:
+        self._server = server
+
+    async def server(self) -> StreamingServer:
+        return self._server
+
+
 @pytest.fixture
 async def rt(tmp_path: Path, server: StreamingServer,
              backend: LocalBackend) -> AsyncIterator[Runtime]:
@@ -42,7 +52,7 @@ async def rt(tmp_path: Path, server: StreamingServer,
     runtime = Runtime(Config(), db, backends={"local": backend})  # type: ignore[dict-item]
     await runtime.pods.add(POD)
     await runtime.containers.add(CONTAINER)
-    runtime.streaming = server  # type: ignore[attr-defined]
+    runtime.streaming = _Started(server)  # type: ignore[assignment]
     try:
         yield runtime
     finally:
