@@ -18,7 +18,7 @@ from pathlib import Path
 
 from criserver.errors import CriError, DeadlineExceeded, Unavailable
 from criserver.runtime.container_log import ContainerLog
-from criserver.sandbox.channel import AgentClient
+from criserver.sandbox.channel import AgentClient, ConnState
 from vmagent.api import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,12 @@ class ContainerIO:
         for task in (self._waiter, self._pump):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # closing must not fail: it runs on the way out
+                    log.exception("container io task failed container=%s", self.container_id)
         if self.log is not None:
             await self.log.close()
 
@@ -87,6 +91,8 @@ class ContainerIO:
             except (Unavailable, DeadlineExceeded) as exc:
                 log.info("container output interrupted container=%s error=%s: retrying",
                          self.container_id, exc.message)
+            if self.agent.state is ConnState.CLOSED:
+                return  # the pod's VM is gone: nothing more will come
             await asyncio.sleep(RETRY_DELAY)
 
     def _load_offset(self) -> int:
@@ -113,6 +119,8 @@ class ContainerIO:
                          self.container_id, exc.message)
                 await asyncio.sleep(RETRY_DELAY)
             except CriError as exc:
+                if self.agent.state is ConnState.CLOSED:
+                    return  # the VM is gone: the pod's end reports the container's
                 # The agent does not know the container (its guest restarted): it is gone.
                 log.warning("container lost container=%s error=%s", self.container_id,
                             exc.message)
@@ -120,7 +128,7 @@ class ContainerIO:
                                        finished_at_unix_nanos=time.time_ns())
                 break
         if self._pump is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, CriError):
                 await asyncio.wait_for(asyncio.shield(self._pump), DRAIN_TIMEOUT)
             self._pump.cancel()
         if self.log is not None:

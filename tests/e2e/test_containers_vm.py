@@ -4,6 +4,7 @@ registry: life cycle, exit reasons, logs, exec, stats, volumes, security context
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 import urllib.request
@@ -231,3 +232,33 @@ async def test_log_reopen(pod: Pod) -> None:
         await asyncio.sleep(0.2)
     assert b"tick" in log.read_bytes()
     await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
+
+
+async def test_guest_panic_is_noticed(pod: Pod, tmp_path: Path) -> None:
+    """A guest kernel panic (forced from a privileged container) ends the VM: the pod turns
+    NOTREADY with the reason, its containers EXITED."""
+    cri = pod.cri
+    logs = tmp_path / "panic"
+    privileged = msg("LinuxSandboxSecurityContext", privileged=True)
+    pod_id = await cri.run_pod("ctr-panic", log_directory=str(logs),
+                               linux=msg("LinuxPodSandboxConfig", security_context=privileged))
+    victim = Pod(cri, pod_id, "ctr-panic", logs, pod.image)
+    cid = await victim.container("panicker", "sleep", "3600", linux=msg(
+        "LinuxContainerConfig", security_context=msg("LinuxContainerSecurityContext",
+                                                     privileged=True)))
+    with pytest.raises(grpc.aio.AioRpcError):  # the VM dies under the call
+        await victim.exec(cid, "sh", "-c", "echo c > /proc/sysrq-trigger", timeout=10)
+    deadline = time.monotonic() + 10
+    info: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        r = await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest",
+                                                   pod_sandbox_id=pod_id, verbose=True))
+        info = json.loads(r.info["info"])
+        if r.status.state == enum("SANDBOX_NOTREADY"):
+            break
+        await asyncio.sleep(0.2)
+    assert info["reason"] in ("GuestPanicked", "GuestShutdown"), info
+    status = await victim.status(cid)
+    assert status.state == enum("CONTAINER_EXITED")  # type: ignore[attr-defined]
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
