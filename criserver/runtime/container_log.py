@@ -68,6 +68,11 @@ class ContainerLog:
             self._pending += self._records(stream, data, time_ns or time.time_ns())
         await self._drain()
 
+    @property
+    def has_partial(self) -> bool:
+        """Whether a stream holds the start of a line not yet in the file."""
+        return any(p.data for p in self._partial.values())
+
     async def reopen(self) -> None:
         """Start a new file at `path` (kubelet renamed the old one to rotate it)."""
         async with self._lock:

@@ -54,7 +54,8 @@ class CniPluginError(Internal):
         if details:
             text += f" ({details})"
         super().__init__(text)
-        self.plugin, self.command, self.code, self.msg, self.details = (
+        # cni_code, not code: `code` is the gRPC status every CriError carries.
+        self.plugin, self.command, self.cni_code, self.msg, self.details = (
             plugin,
             command,
             code,
@@ -547,18 +548,23 @@ class CniManager:
             CNI_PATH=":".join(self._bin_dirs),
             CNI_ARGS=entry["cniArgs"],
         )
-        proc = await asyncio.create_subprocess_exec(
-            binary,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd="/",
-        )
+        # The config goes in as a file, not a pipe we feed: a plugin that fails before reading
+        # it would otherwise surface as a broken pipe (uvloop: "handler is closed") instead of
+        # its own error.
+        config_fd = _memfd(json.dumps(stdin).encode())
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(json.dumps(stdin).encode()), self._timeout
+            proc = await asyncio.create_subprocess_exec(
+                binary,
+                stdin=config_fd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd="/",
             )
+        finally:
+            os.close(config_fd)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self._timeout)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"CNI {command} pod={pod_id} plugin={plugin_type}: no answer in {self._timeout:g}s"
@@ -609,3 +615,15 @@ class CniManager:
             pass
         stderr = err.decode(errors="replace").strip()[-500:]
         return CniPluginError(plugin, command, pod_id, None, f"exit status {rc}: {stderr}")
+
+
+def _memfd(data: bytes) -> int:
+    """An anonymous file holding `data`, positioned at its start."""
+    fd = os.memfd_create("cni-config", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

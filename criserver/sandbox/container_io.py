@@ -1,9 +1,10 @@
 """A running container's two long waits, seen from the host: its output, pumped from the agent
 into the CRI log file, and its exit, reported once the output has drained.
 
-The agent keeps output in an offset-addressed buffer; the offset reached is saved in the pod's
-state dir, so a restarted daemon resumes the log where it stopped (at most about a second of
-output is written twice after a crash, none is lost while the agent still holds it).
+The agent keeps output in an offset-addressed buffer. The offset of what is in the log file
+(whole lines only) is saved in the pod's state dir shortly after it moves, so a restarted
+daemon resumes the log where it stopped: nothing is lost while the agent still holds it, and
+only output from the last SAVE_DELAY before a crash can be written twice.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 OnExit = Callable[[str, int, str, str, int], Awaitable[None]]
 DRAIN_TIMEOUT = 5.0  # how long an exit waits for the last output before it is reported
-SAVE_INTERVAL = 1.0
+SAVE_DELAY = 0.05
 RETRY_DELAY = 0.5
 WAIT_CALL_TIMEOUT = 365 * 24 * 3600.0  # WaitContainer returns when the container exits
 STREAMS = {pb.StdioChunk.STDOUT: "stdout", pb.StdioChunk.STDERR: "stderr"}
@@ -42,6 +43,9 @@ class ContainerIO:
         self.exited = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self._waiter: asyncio.Task[None] | None = None
+        self._logged_offset = 0  # everything before it is in the log file
+        self._saved_offset = 0
+        self._saver: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self.log is not None:
@@ -55,7 +59,7 @@ class ContainerIO:
 
     async def close(self) -> None:
         """Stop following (daemon shutdown or pod gone); the container itself is untouched."""
-        for task in (self._waiter, self._pump):
+        for task in (self._waiter, self._pump, self._saver):
             if task is not None:
                 task.cancel()
                 try:
@@ -64,6 +68,8 @@ class ContainerIO:
                     pass
                 except Exception:  # closing must not fail: it runs on the way out
                     log.exception("container io task failed container=%s", self.container_id)
+        if self._logged_offset != self._saved_offset:
+            await asyncio.to_thread(self._save_offset, self._logged_offset)
         if self.log is not None:
             await self.log.close()
 
@@ -71,8 +77,8 @@ class ContainerIO:
 
     async def _pump_output(self) -> None:
         assert self.log is not None
-        offset = await asyncio.to_thread(self._load_offset)
-        saved_at = time.monotonic()
+        offset = self._logged_offset = self._saved_offset = await asyncio.to_thread(
+            self._load_offset)
         request = pb.ReadStdioRequest(container_id=self.container_id, follow=True)
         while True:
             request.offset = offset
@@ -85,15 +91,27 @@ class ContainerIO:
                     if chunk.eof:
                         await asyncio.to_thread(self._save_offset, offset)
                         return
-                    if time.monotonic() - saved_at > SAVE_INTERVAL:
-                        await asyncio.to_thread(self._save_offset, offset)
-                        saved_at = time.monotonic()
+                    if not self.log.has_partial:  # all of it is in the file now
+                        self._logged(offset)
             except (Unavailable, DeadlineExceeded) as exc:
                 log.info("container output interrupted container=%s error=%s: retrying",
                          self.container_id, exc.message)
             if self.agent.state is ConnState.CLOSED:
                 return  # the pod's VM is gone: nothing more will come
             await asyncio.sleep(RETRY_DELAY)
+
+    def _logged(self, offset: int) -> None:
+        self._logged_offset = offset
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.create_task(self._save_soon())
+
+    async def _save_soon(self) -> None:
+        """Save the logged offset a moment after it moves: one write for a burst of chunks."""
+        await asyncio.sleep(SAVE_DELAY)
+        while self._saved_offset != self._logged_offset:
+            offset = self._logged_offset
+            await asyncio.to_thread(self._save_offset, offset)
+            self._saved_offset = offset
 
     def _load_offset(self) -> int:
         try:

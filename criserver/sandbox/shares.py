@@ -37,19 +37,24 @@ def pod_shares(images_dir: Path, volumes_dir: Path) -> tuple[Share, ...]:
             Share(VOLUMES_TAG, volumes_dir, read_only=False))
 
 
+def prepare_volumes_root(root: Path) -> None:
+    """Make the directory holding every pod's volumes a private mount of its own (once per
+    daemon start): the volume binds below it then never propagate to other mount namespaces,
+    where copies would pin the directories and keep host data mounted."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.path.ismount(root):
+        _mount(root, root, _MS_BIND)
+    _mount(None, root, _MS_PRIVATE | _MS_REC)
+
+
 class PodVolumes:
-    """The bind mounts of one pod's volumes directory."""
+    """The bind mounts of one pod's volumes directory (below a `prepare_volumes_root` root)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     def create(self) -> None:
-        """Make the directory a private mount of its own: the volume binds in it then never
-        propagate to other mount namespaces, where they would pin the directories."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not os.path.ismount(self.directory):
-            _mount(self.directory, self.directory, _MS_BIND)
-        _mount(None, self.directory, _MS_PRIVATE | _MS_REC)
 
     @staticmethod
     def name_for(container_id: str, host_path: str) -> str:
@@ -86,7 +91,6 @@ class PodVolumes:
         """Unmount everything and remove the directory. Never a recursive delete: a bind mount
         that failed to unmount would expose the host data behind it."""
         await asyncio.to_thread(self._release, "")
-        await asyncio.to_thread(_unmount, self.directory)
         try:
             await asyncio.to_thread(self.directory.rmdir)
         except FileNotFoundError:

@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from criserver.sandbox import assets
+from tests.cri_client import msg
 from tests.daemon import Daemon
 
 pytestmark = pytest.mark.vm
@@ -62,6 +65,7 @@ def vm_daemon() -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
+        remove_all_pods(daemon)
         daemon.kill()
         kill_vms_under(workdir)
         # Kept for a look after a failure: the daemon's log and the guests' consoles.
@@ -72,6 +76,29 @@ def vm_daemon() -> Iterator[Daemon]:
         for console in workdir.rglob("vm.log"):
             shutil.copy(console, keep / f"{console.parent.name}-vm.log")
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def remove_all_pods(daemon: Daemon) -> None:
+    """Remove what the tests left through the daemon itself, so their networks (netns, veths,
+    IP allocations, iptables rules) are torn down too, not just their VMs killed."""
+    if daemon.process is None or daemon.process.poll() is not None:
+        return
+
+    async def remove() -> None:
+        cri = daemon.client()
+        try:
+            for pod in (await cri.runtime.ListPodSandbox()).items:
+                await cri.runtime.RemovePodSandbox(
+                    msg("RemovePodSandboxRequest", pod_sandbox_id=pod.id), timeout=60)
+        finally:
+            await cri.close()
+
+    try:
+        # A thread of its own: callers may be inside a running event loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, remove()).result()
+    except Exception as exc:  # the VMs are killed below in any case
+        print(f"warning: removing the test pods failed: {exc!r}")
 
 
 def qemu_pids(marker: str = "process=criserver-vm") -> dict[int, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -262,3 +263,52 @@ async def test_guest_panic_is_noticed(pod: Pod, tmp_path: Path) -> None:
     assert status.state == enum("CONTAINER_EXITED")  # type: ignore[attr-defined]
     await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
     await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+
+
+async def test_host_port_mapping(pod: Pod, tmp_path: Path) -> None:
+    """A hostPort reaches the container through the portmap plugin's DNAT."""
+    cri = pod.cri
+    host_port = 18000 + int(time.time()) % 1000
+    mapping = msg("PortMapping", protocol=enum("TCP"), container_port=8080, host_port=host_port)
+    pod_id = await cri.run_pod("ctr-hostport", log_directory=str(tmp_path),
+                               port_mappings=[mapping])
+    served = Pod(cri, pod_id, "ctr-hostport", tmp_path, pod.image)
+    try:
+        await served.container("httpd", "sh", "-c",
+                               "mkdir -p /tmp/www && echo via-host-port > /tmp/www/index.html"
+                               " && exec httpd -f -p 8080 -h /tmp/www")
+        status = await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest",
+                                                        pod_sandbox_id=pod_id))
+        # A local address of the host other than loopback: the pod network's gateway.
+        gateway = status.status.network.ip.rsplit(".", 1)[0] + ".1"
+        body = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                body = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                    f"http://{gateway}:{host_port}/", timeout=3).read())
+                break
+            except OSError:
+                await asyncio.sleep(0.5)
+        assert body == b"via-host-port\n"
+    finally:
+        await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+        await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+
+
+async def test_running_container_survives_daemon_restart(pod: Pod, vm_daemon: Daemon) -> None:
+    cid = await pod.container("survivor", "sh", "-c",
+                              "echo before; read line < /tmp/never 2>/dev/null; sleep 4; "
+                              "echo after; exit 5")
+    log = pod.logs / "survivor.log"
+    deadline = time.monotonic() + 30
+    while (not log.exists() or b"before" not in log.read_bytes()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    vm_daemon.stop(signal.SIGKILL)
+    vm_daemon.start()
+    status = await pod.status(cid)
+    assert status.state in (enum("CONTAINER_RUNNING"), enum("CONTAINER_EXITED"))  # type: ignore[attr-defined]
+    status = await pod.wait_exit(cid)
+    assert status.exit_code == 5  # type: ignore[attr-defined]
+    records = [content for stream, _, content in pod.log_records("survivor") if stream == "stdout"]
+    assert records.count(b"before") == 1 and records.count(b"after") == 1, records

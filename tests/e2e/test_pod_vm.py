@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -20,6 +21,7 @@ from tests.e2e.conftest import (
     kill_vms_under,
     microvm_config,
     qemu_pids,
+    remove_all_pods,
     require_assets,
     short_workdir,
     vm_pids_of,
@@ -166,6 +168,41 @@ async def test_boot_timeout_undoes_everything() -> None:
         assert leftovers == []
     finally:
         await cri.close()
+        remove_all_pods(daemon)
         daemon.kill()
         kill_vms_under(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _bridge_ports(daemon: Daemon) -> list[str]:
+    """The links plugged into the daemon's own CNI bridge (other tests may make other links)."""
+    bridge = re.search(r'default_bridge = "(\w+)"', daemon.config_path.read_text())
+    assert bridge is not None
+    ports = Path("/sys/class/net") / bridge[1] / "brif"
+    return sorted(p.name for p in ports.iterdir()) if ports.exists() else []
+
+
+async def test_create_remove_cycles_leave_nothing(vm_daemon: Daemon) -> None:
+    """Pods come and go: no QEMU, link, netns, IP allocation or iptables rule stays behind."""
+    cri = vm_daemon.client()
+    for cycle in range(2):
+        ids = await asyncio.gather(*(cri.run_pod(f"vm-cycle-{cycle}-{i}") for i in range(3)))
+        await asyncio.gather(*(_remove(cri, i) for i in ids))
+        assert all(vm_pids_of(i) == [] for i in ids)
+    assert _bridge_ports(vm_daemon) == []  # every pod's veth is gone
+    network = re.search(r'default_network_name = "([\w-]+)"', vm_daemon.config_path.read_text())
+    assert network is not None
+    assert [rule for rule in await _iptables() if network[1] in rule] == []
+    state = vm_daemon.state / "runtimes" / "microvm"
+    assert list((state / "netns").iterdir()) == []
+    assert list((state / "volumes").iterdir()) == []
+    allocations = [p for p in (Path("/var/lib/cni/networks") / network[1]).glob("*")
+                   if p.name[0].isdigit()]
+    assert allocations == []
+    await cri.close()
+
+
+async def _iptables() -> list[str]:
+    proc = await asyncio.create_subprocess_exec("iptables-save", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return [line for line in out.decode().splitlines() if line.startswith("-A")]

@@ -238,7 +238,7 @@ async def test_plugin_error_is_reported_and_add_rolls_back(net_env: NetEnv) -> N
     with pytest.raises(CniPluginError) as info:
         await cni.add(pod("pod3"), str(path))
     err = info.value
-    assert err.plugin == "bridge" and err.command == "ADD" and err.code is not None
+    assert err.plugin == "bridge" and err.command == "ADD" and err.cni_code is not None
     assert "pod=pod3" in err.message and err.msg
     assert await cni.result("pod3") is None
     assert not (net_env.cache_dir / "results" / "pod3.json").exists()
