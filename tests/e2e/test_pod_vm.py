@@ -206,3 +206,17 @@ async def _iptables() -> list[str]:
     proc = await asyncio.create_subprocess_exec("iptables-save", stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     return [line for line in out.decode().splitlines() if line.startswith("-A")]
+
+
+async def test_host_network_pod_is_refused(vm_daemon: Daemon) -> None:
+    cri = vm_daemon.client()
+    options = msg("NamespaceOption", network=enum("NODE"))
+    linux = msg("LinuxPodSandboxConfig", security_context=msg("LinuxSandboxSecurityContext",
+                                                              namespace_options=options))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.run_pod("vm-hostnet", linux=linux)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hostNetwork" in (err.value.details() or "")
+    assert "vm-hostnet" not in {p.metadata.name for p in
+                                (await cri.runtime.ListPodSandbox()).items}
+    await cri.close()
