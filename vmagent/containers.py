@@ -64,6 +64,24 @@ class Container:
         self.lock = asyncio.Lock()
         self.exec_serial = 0
         self.drainer: asyncio.Future[None] | None = None
+        self.tty = False
+        self.stdin_once = False
+        self.stdin_fd = -1  # our end of its stdin: a pipe's write end, or the pty master (dup)
+        self.console_fd = -1  # the pty master (dup) for resizes, with a tty
+        self.stdin_attached = False  # an attach with stdin has begun (for stdin_once)
+
+    def close_stdin(self) -> None:
+        """The main process sees EOF on stdin (EOT on a terminal): CRI's stdin_once."""
+        if self.stdin_fd < 0:
+            return
+        if self.tty:
+            try:
+                os.write(self.stdin_fd, b"\x04")
+            except OSError:
+                pass
+        _close(self.stdin_fd)
+        self.stdin_fd = -1
+        log.info("container stdin closed id=%s", self.id)
 
     def state(self) -> pb.ContainerState:
         st = pb.ContainerState(container_id=self.id, status=self.status, pid=self.pid,
@@ -150,12 +168,11 @@ class Containers:
             raise GRPCError(Status.INVALID_ARGUMENT, f"bad container id {cid!r}")
         if cid in self._by_id:
             raise GRPCError(Status.ALREADY_EXISTS, f"container {cid} already exists")
-        if req.stdio.tty or req.stdio.stdin:
-            raise GRPCError(Status.UNIMPLEMENTED,
-                            f"container {cid}: tty and stdin are not supported yet")
         spec = load_spec(req.oci_spec_json, cid)
         bundle = os.path.join(self.run_dir, "containers", cid)
         c = Container(cid, req.sandbox_id, bundle, req.stdio.buffer_bytes or DEFAULT_LIMIT)
+        c.tty = req.stdio.tty or bool(spec["process"].get("terminal"))
+        c.stdin_once = req.stdio.stdin_once
         self._by_id[cid] = c  # reserves the id; status UNKNOWN hides it from lookups
         t0 = time.monotonic()
         try:
@@ -188,14 +205,32 @@ class Containers:
             user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path, extra)
         pod = await self._pod_context(req.pid_namespace)
         c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
-                               pid_mode=req.pid_namespace, user=user)
+                               pid_mode=req.pid_namespace, user=user, terminal=c.tty)
         c.cgroup_dir = cgroups.cgroup_dir(c.spec["linux"]["cgroupsPath"])
         config = json.dumps(c.spec).encode()
         await asyncio.to_thread(_write, os.path.join(c.bundle, "config.json"), config)
 
+        pid_file = os.path.join(c.bundle, "init.pid")
+        if c.tty:
+            await self._runc_create_tty(c, pid_file, req.stdio.stdin)
+        else:
+            await self._runc_create_pipes(c, pid_file, req.stdio.stdin)
+        c.pid = _read_int(pid_file)
+        c.created_ns = time.time_ns()
+        c.exited = self.reaper.watch(c.pid)
+        c.exited.add_done_callback(lambda fut: self._on_exit(c, fut))
+        _set_status(c, S.CREATED)
+
+    async def _runc_create_pipes(self, c: Container, pid_file: str, stdin: bool) -> None:
+        """stdout/stderr into the output log; stdin, if asked, a pipe whose write end we keep
+        (so the process sees EOF only when we close it)."""
         loop = asyncio.get_running_loop()
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r = -1
+        if stdin:
+            in_r, c.stdin_fd = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(c.stdin_fd, False)
         open_readers = [2]
 
         def on_eof() -> None:
@@ -205,19 +240,39 @@ class Containers:
 
         c.readers = [PipeReader(loop, out_r, STDOUT, c.output, on_eof),
                      PipeReader(loop, err_r, STDERR, c.output, on_eof)]
-        pid_file = os.path.join(c.bundle, "init.pid")
         try:
             await self.runc.run(["create", "--bundle", c.bundle, "--pid-file", pid_file, c.id],
                                 what=f"container {c.id}: runc create", stdout=out_w,
-                                stderr=err_w, log_path=os.path.join(c.bundle, "runc.log"))
+                                stderr=err_w, stdin=in_r if in_r >= 0 else None,
+                                log_path=os.path.join(c.bundle, "runc.log"))
         finally:
-            os.close(out_w)
-            os.close(err_w)
-        c.pid = _read_int(pid_file)
-        c.created_ns = time.time_ns()
-        c.exited = self.reaper.watch(c.pid)
-        c.exited.add_done_callback(lambda fut: self._on_exit(c, fut))
-        _set_status(c, S.CREATED)
+            for fd in (out_w, err_w, in_r):
+                _close(fd)
+
+    async def _runc_create_tty(self, c: Container, pid_file: str, stdin: bool) -> None:
+        """runc makes the pty in the container and sends us its master: its output is the
+        container's STDOUT; stdin and resizes are written to the same master."""
+        from vmagent.console import ConsoleSocket
+
+        console = ConsoleSocket(os.path.join(c.bundle, "console.sock"))
+        receiving = asyncio.ensure_future(console.receive())
+        # Not pipes: runc's init could keep them open; its errors are in the JSON log.
+        null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            await self.runc.run(["create", "--bundle", c.bundle, "--pid-file", pid_file,
+                                 "--console-socket", console.path, c.id],
+                                what=f"container {c.id}: runc create", stdout=null,
+                                stderr=null, log_path=os.path.join(c.bundle, "runc.log"))
+            master = await asyncio.wait_for(receiving, 10)
+        finally:
+            _close(null)
+            receiving.cancel()
+            console.close()
+        c.console_fd = os.dup(master)
+        if stdin:
+            c.stdin_fd = os.dup(master)
+        c.readers = [PipeReader(asyncio.get_running_loop(), master, STDOUT, c.output,
+                                c.output.close)]
 
     async def _teardown(self, c: Container) -> None:
         """Undo whatever create got to; safe to call on a half-created container."""
@@ -237,6 +292,9 @@ class Containers:
             r.drain()
             r.close()
         c.output.close()
+        _close(c.stdin_fd)
+        _close(c.console_fd)
+        c.stdin_fd = c.console_fd = -1
         if c.rootfs is not None:
             await self.mounts.remove_rootfs(c.rootfs)
             c.rootfs = None
@@ -363,6 +421,14 @@ class Containers:
 def _read_int(path: str) -> int:
     with open(path) as f:  # tmpfs
         return int(f.read().strip())
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _exists(path: str) -> bool:

@@ -9,10 +9,12 @@ execs. Specs with seccomp, AppArmor, SELinux labels or a user namespace are not 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import resource
 import signal
 import struct
+import termios
 from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -123,12 +125,16 @@ def _capset(p: Plan) -> None:
     _check(_libc.syscall(_SYS_CAPSET, header, data), "capset")
 
 
-def _become(p: Plan, stdout: int, stderr: int) -> None:
+def _become(p: Plan, stdout: int, stderr: int, stdin: int = -1, tty: bool = False) -> None:
     """In the final child: everything after the namespaces, then exec."""
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(devnull, 0)
+    os.dup2(stdin if stdin >= 0 else os.open("/dev/null", os.O_RDONLY), 0)
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
+    if tty:
+        # A session of its own with the pty (now fd 0) as its controlling terminal, so ^C,
+        # SIGWINCH and job control reach it.
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     for kind, soft, hard in p.rlimits:
         resource.setrlimit(kind, (soft, hard))
     _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(KEEPCAPS)")
@@ -147,8 +153,10 @@ def _become(p: Plan, stdout: int, stderr: int) -> None:
     os.execvpe(p.argv[0], p.argv, p.env)
 
 
-def spawn(p: Plan, stdout: int, stderr: int) -> tuple[int, int]:
-    """Fork the exec. Returns (pid of our child, read end of its report pipe). The report pipe
+def spawn(p: Plan, stdout: int, stderr: int, *, stdin: int = -1,
+          tty: bool = False) -> tuple[int, int]:
+    """Fork the exec (stdin: /dev/null when -1; tty: stdin is a pty slave to make the
+    controlling terminal). Returns (pid of our child, read end of its report pipe). The report pipe
     carries records (see `parse_report`): the exec'd process's pid in the guest, and an error
     if it could not be started; it closes once the process has exec'd (or failed)."""
     ns_fds = []
@@ -167,7 +175,7 @@ def spawn(p: Plan, stdout: int, stderr: int) -> tuple[int, int]:
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        _child(p, ns_fds[:-1], procs, report_w, stdout, stderr)
+        _child(p, ns_fds[:-1], procs, report_w, stdout, stderr, stdin, tty)
     os.close(report_w)
     for fd in ns_fds:
         os.close(fd)
@@ -175,13 +183,18 @@ def spawn(p: Plan, stdout: int, stderr: int) -> tuple[int, int]:
 
 
 def _child(p: Plan, ns_fds: list[int], procs: int, report: int, stdout: int,
-           stderr: int) -> None:  # pragma: no cover - runs in the child
+           stderr: int, stdin: int = -1,
+           tty: bool = False) -> None:  # pragma: no cover - runs in the child
     code = 127
     try:
         # Forked from the agent: its signal plumbing must not fire here.
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGIO):
             signal.signal(sig, signal.SIG_DFL)
+        # This child never execs, so O_CLOEXEC does not apply: drop the agent's other fds
+        # (an interactive exec's stdin write end, a pty master) or the exec'd process would
+        # never see EOF or hang-up while we wait for it.
+        _close_all_but([*ns_fds, procs, report, stdout, stderr, stdin])
         os.setsid()
         os.write(procs, b"0")  # into the container's cgroup (children inherit it)
         if p.oom_score_adj is not None:
@@ -193,7 +206,7 @@ def _child(p: Plan, ns_fds: list[int], procs: int, report: int, stdout: int,
         pid = os.fork()
         if pid == 0:
             try:
-                _become(p, stdout, stderr)
+                _become(p, stdout, stderr, stdin, tty)
             except BaseException as exc:
                 _report_error(report, exc)
             os._exit(127)
@@ -206,6 +219,15 @@ def _child(p: Plan, ns_fds: list[int], procs: int, report: int, stdout: int,
     except BaseException as exc:
         _report_error(report, exc)
     os._exit(code)
+
+
+def _close_all_but(keep: list[int]) -> None:  # pragma: no cover - runs in the child
+    low = 3
+    for fd in sorted(fd for fd in keep if fd >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, 1 << 20)
 
 
 def _report_error(report: int, exc: BaseException) -> None:  # pragma: no cover - in the child

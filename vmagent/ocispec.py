@@ -44,9 +44,6 @@ def load_spec(raw: bytes, container_id: str) -> dict[str, Any]:
     if not spec["process"].get("args"):
         raise GRPCError(Status.INVALID_ARGUMENT,
                         f"container {container_id}: OCI spec has no process.args")
-    if spec["process"].get("terminal"):
-        raise GRPCError(Status.UNIMPLEMENTED,
-                        f"container {container_id}: terminal (tty) is not supported yet")
     return spec
 
 
@@ -89,14 +86,16 @@ def _namespaces(spec_ns: list[dict[str, Any]], pod: PodContext,
 
 
 def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: PodContext,
-                  pid_mode: int = 0, user: ResolvedUser | None = None) -> dict[str, Any]:
-    """A copy of `spec` ready for runc in this guest."""
+                  pid_mode: int = 0, user: ResolvedUser | None = None,
+                  terminal: bool = False) -> dict[str, Any]:
+    """A copy of `spec` ready for runc in this guest (`terminal`: runc makes a pty for the
+    process and sends its master to the --console-socket)."""
     spec = copy.deepcopy(spec)
     root = spec.get("root") or {}
     read_only = bool(root.get("readonly", False))
     spec["root"] = {"path": rootfs, "readonly": read_only}
     process = spec["process"]
-    process["terminal"] = False
+    process["terminal"] = terminal
     env = [e for e in process.get("env") or [] if isinstance(e, str)]
     if not any(e.startswith("PATH=") for e in env):
         env.insert(0, _DEFAULT_PATH)

@@ -77,13 +77,14 @@ class Runc:
         self.root = root
 
     async def run(self, args: list[str], *, what: str, stdout: int | None = None,
-                  stderr: int | None = None, log_path: str | None = None) -> bytes:
+                  stderr: int | None = None, log_path: str | None = None,
+                  stdin: int | None = None) -> bytes:
         """Run `runc <args>`; returns its stdout (when not redirected).
 
         :raises RuncError: when runc fails (status from `_status_for`).
         """
         status, out, err = await self.run_status(args, what=what, stdout=stdout, stderr=stderr,
-                                                 log_path=log_path)
+                                                 log_path=log_path, stdin=stdin)
         if status.code != 0:
             detail = err or (_log_message(log_path) if log_path else "")
             raise RuncError(_status_for(detail), f"{what}: runc exited {status.code}: {detail}",
@@ -92,10 +93,11 @@ class Runc:
 
     async def run_status(self, args: list[str], *, what: str, stdout: int | None = None,
                          stderr: int | None = None, log_path: str | None = None,
-                         close_after_spawn: tuple[int, ...] = (),
+                         close_after_spawn: tuple[int, ...] = (), stdin: int | None = None,
                          ) -> tuple[ChildExit, bytes, str]:
         """Run `runc <args>` to its end: (exit, stdout, stderr text) for those not redirected.
         `close_after_spawn`: the caller's fds (pipe write ends) that only runc keeps open.
+        `stdin`: runc's stdin (a container's stdin pipe); /dev/null when None.
         Cancelling kills runc."""
         argv = [self.binary, "--root", self.root]
         if log_path:
@@ -111,7 +113,7 @@ class Runc:
             err_r, stderr = os.pipe2(os.O_CLOEXEC)
             fds_to_close.append(stderr)
         try:
-            pid = spawn(argv, None, stdout, stderr)
+            pid = spawn(argv, stdin, stdout, stderr)
         except OSError as exc:
             for fd in (out_r, err_r):
                 if fd >= 0:

@@ -1,6 +1,6 @@
-"""The gRPC servicers: thin classes that hand each RPC to the module that implements it, and
-answer UNIMPLEMENTED (naming the call) for what is not built yet (Exec, Attach, PortForward).
-Container modules are imported on first use: they are not needed for the first health answer.
+"""The gRPC servicers: thin classes that hand each RPC to the module that implements it.
+Container and stream modules are imported on first use: they are not needed for the first
+health answer.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from grpclib.const import Handler, Status
-from grpclib.exceptions import GRPCError
+from grpclib.const import Handler
 
 import vmagent
 from vmagent import guestinfo
@@ -79,22 +78,12 @@ class HealthService:
             agent_pid=os.getpid()))
 
 
-def _unimplemented(name: str) -> GRPCError:
-    return GRPCError(Status.UNIMPLEMENTED, f"Agent.{name} is not implemented yet")
-
-
 class AgentService:
     def __init__(self, state: AgentState) -> None:
         self._s = state
 
     def __mapping__(self) -> dict[str, Handler]:
         return mapping_for("Agent", self)
-
-    async def _unary(self, stream: Stream[Any, Any], name: str) -> None:
-        # Answered before the request is read: a trailers-only UNIMPLEMENTED reply.
-        raise _unimplemented(name)
-
-    _streaming = _unary
 
     # --- sandbox -----------------------------------------------------------------------------
 
@@ -231,13 +220,21 @@ class AgentService:
         await read_stdio(req, self._s.containers.get(req.container_id).output,
                          stream.send_message)
 
-    # --- not yet -------------------------------------------------------------------------------
+    # --- interactive streams ---------------------------------------------------------------
 
-    async def Exec(self, stream: Stream[Any, Any]) -> None:
-        await self._streaming(stream, "Exec")
+    async def Exec(self, stream: Stream[pb.StdioInput, pb.StdioOutput]) -> None:
+        from vmagent.exec_stream import serve_exec
 
-    async def Attach(self, stream: Stream[Any, Any]) -> None:
-        await self._streaming(stream, "Attach")
+        await serve_exec(stream, self._s.reaper, lambda: self._s.containers)
 
-    async def PortForward(self, stream: Stream[Any, Any]) -> None:
-        await self._streaming(stream, "PortForward")
+    async def Attach(self, stream: Stream[pb.StdioInput, pb.StdioOutput]) -> None:
+        from vmagent.attach import serve_attach
+
+        await serve_attach(stream, self._s.containers)
+
+    async def PortForward(
+        self, stream: Stream[pb.PortForwardInput, pb.PortForwardOutput]
+    ) -> None:
+        from vmagent.portforward import serve_port_forward
+
+        await serve_port_forward(stream)

@@ -41,15 +41,16 @@ from criserver.runtime.backend import (
     ExecResult,
     SandboxStarted,
 )
+from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import accel, assets, tap
+from criserver.sandbox import accel, assets, streams, tap
 from criserver.sandbox.channel import AgentAddress, AgentClient
 from criserver.sandbox.cni import CniManager, DefaultNetwork, PortMapping
 from criserver.sandbox.container_io import ContainerIO
 from criserver.sandbox.network import NetworkInfo, PodNetwork
 from criserver.sandbox.podvm import PodVM
 from criserver.sandbox.qemu import Machine, SerialTransport, TapNic, VMSpec
-from criserver.sandbox.shares import PodVolumes, pod_shares
+from criserver.sandbox.shares import PodVolumes, pod_shares, prepare_volumes_root
 from criserver.sandbox.vm import VM
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from vmagent.api import agent_pb2 as pb
@@ -115,6 +116,7 @@ class MicroVMBackend(BaseBackend):
             log.warning("micro-VM backend not ready: %s", exc.message)
         self._accel = await self._choose_accel()
         self._tsc_khz = await asyncio.to_thread(accel.read_tsc_khz)
+        await asyncio.to_thread(prepare_volumes_root, self._volumes_root())
         if self._accel.name == "tcg":
             log.warning("pods run under TCG (software emulation): %s", self._accel.reason)
         for pod in pods:
@@ -197,7 +199,10 @@ class MicroVMBackend(BaseBackend):
     def _volumes(self, pod_id: str) -> PodVolumes:
         # Outside the pod's state dir, which is deleted recursively: never delete through a
         # bind mount of host data.
-        return PodVolumes(self.context.state / "volumes" / pod_id[:16])
+        return PodVolumes(self._volumes_root() / pod_id[:16])
+
+    def _volumes_root(self) -> Path:
+        return self.context.state / "volumes"
 
     def _images_dir(self) -> Path:
         return Path(self.context.config.daemon.root) / "image" / "snapshots"
@@ -316,9 +321,10 @@ class MicroVMBackend(BaseBackend):
 
     async def _vm_ended(self, pod_id: str, reason: str, message: str) -> None:
         self._pods.pop(pod_id, None)
+        # The state first: the pod and its containers carry the VM's reason.
+        await self.context.events.sandbox_exited(pod_id, reason, message)
         for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod_id]:
             await self._io.pop(cid).close()
-        await self.context.events.sandbox_exited(pod_id, reason, message)
 
     async def stop_sandbox(self, pod: PodRecord) -> None:
         handle = self._pods.pop(pod.id, None)
@@ -556,6 +562,32 @@ class MicroVMBackend(BaseBackend):
         if reply.timed_out:
             raise DeadlineExceeded(f"command {cmd!r} timed out after {timeout}s and was killed")
         return ExecResult(exit_code=reply.exit_code, stdout=reply.stdout, stderr=reply.stderr)
+
+    # -- streaming (kubectl exec/attach/port-forward): relays in sandbox/streams.py -----------
+
+    async def exec(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> int:
+        return await streams.exec_in_vm(
+            self._live(pod).agent, container.id, cmd, tty=tty, stdin=stdin, stdout=stdout,
+            stderr=stderr, resize=resize)
+
+    async def attach(
+        self, pod: PodRecord, container: ContainerRecord, *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> None:
+        await streams.attach_in_vm(
+            self._live(pod).agent, container.id, tty=tty, stdin=stdin, stdout=stdout,
+            stderr=stderr, resize=resize)
+
+    async def port_forward(
+        self, pod: PodRecord, port: int, *, inbound: ByteSource, outbound: ByteSink
+    ) -> None:
+        await streams.port_forward_in_vm(self._live(pod).agent, pod.id, port, inbound=inbound,
+                                         outbound=outbound)
 
 
 def _setup_request(pod: PodRecord, network: NetworkInfo | None) -> pb.SetupSandboxRequest:

@@ -6,6 +6,7 @@ guest to boot, reconnection after the connection drops, and errors that name the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import socket
@@ -279,6 +280,35 @@ class AgentClient:
                 self._drop()
             raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
 
+    @contextlib.asynccontextmanager
+    async def duplex(self, name: str) -> AsyncIterator[DuplexStream]:
+        """Bidirectional call `name` (Exec, Attach, PortForward). No timeout; leaving the block
+        before the agent ended the stream (an error, a cancellation) resets it, which the agent
+        takes as "the client is gone". Only the stream's own operations raise mapped errors:
+        exceptions from the caller's code pass through untouched.
+        """
+        await self.connect()
+        channel = self._channel
+        if channel is None:
+            raise self._err(errors.Unavailable, name, "connection lost")
+        method = getattr(AgentStub(channel), name)
+        stream = method.open()
+        try:
+            await stream.__aenter__()
+        except (StreamTerminatedError, ProtocolError, ConnectionError, OSError) as exc:
+            if self._channel is channel:
+                self._drop()
+            raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
+        duplex = DuplexStream(self, channel, name, stream)
+        try:
+            yield duplex
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await stream.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        with contextlib.suppress(Exception):
+            await stream.__aexit__(None, None, None)
+
     async def check(self, *, timeout: float | None = None) -> pb.CheckResponse:
         reply: pb.CheckResponse = await self.call("Check", pb.CheckRequest(), timeout=timeout)
         if self.agent_instance_id not in (None, reply.agent_instance_id):
@@ -339,3 +369,76 @@ class AgentClient:
                        grace_seconds: float = 0.0) -> None:
         await self.call("Shutdown", pb.ShutdownRequest(action=action,  # type: ignore[arg-type]
                                                         grace_seconds=grace_seconds))
+
+
+class DuplexStream:
+    """One open bidirectional agent call: sends are serialised (a message's frames never
+    interleave with another's), errors come out as criserver errors naming the pod and call."""
+
+    def __init__(self, client: AgentClient, channel: _AgentChannel, name: str,
+                 stream: Any) -> None:
+        self._client = client
+        self._channel = channel
+        self._name = name
+        self._stream = stream
+        self._send_lock = asyncio.Lock()
+        self._ended = False
+
+    def _map(self, exc: Exception) -> errors.CriError:
+        c = self._client
+        if isinstance(exc, StreamTerminatedError):
+            # The agent answered with an error status and reset the stream (it had not read
+            # all we sent): the status is in the headers or trailers it sent first.
+            try:
+                self._stream._maybe_raise()
+            except GRPCError as status:
+                exc = status
+        if isinstance(exc, GRPCError):
+            cls = _STATUS_ERRORS.get(exc.status, errors.Internal)
+            return c._err(cls, self._name, f"{exc.status.name}: {exc.message}")
+        if c._channel is self._channel and not isinstance(exc, StreamTerminatedError):
+            c._drop()  # the connection itself broke, not just this stream
+        return c._err(errors.Unavailable, self._name, f"connection lost: {exc}")
+
+    async def send(self, message: Any, *, end: bool = False) -> None:
+        """Send one message (`end`: and half-close our side). A no-op once ended."""
+        async with self._send_lock:
+            if self._ended:
+                return
+            try:
+                await self._stream.send_message(message, end=end)
+            except (GRPCError, StreamTerminatedError, ProtocolError, ConnectionError,
+                    OSError) as exc:
+                raise self._map(exc) from exc
+            self._ended = end
+
+    async def end(self) -> None:
+        """Half-close our side (the agent's next recv sees the end)."""
+        async with self._send_lock:
+            if self._ended:
+                return
+            try:
+                await self._stream.end()
+            except (GRPCError, StreamTerminatedError, ProtocolError, ConnectionError,
+                    OSError) as exc:
+                raise self._map(exc) from exc
+            self._ended = True
+
+    async def recv(self) -> Any | None:
+        """The next message, or None when the agent ended the stream successfully."""
+        try:
+            message = await self._stream.recv_message()
+        except (GRPCError, StreamTerminatedError, ProtocolError, ConnectionError,
+                OSError) as exc:
+            raise self._map(exc) from exc
+        if message is not None:
+            return message
+        # The agent is done. An error status after some messages comes in the trailers,
+        # which grpclib reads only once our side has ended too.
+        await self.end()
+        try:
+            await self._stream.recv_trailing_metadata()
+            return None
+        except (GRPCError, StreamTerminatedError, ProtocolError, ConnectionError,
+                OSError) as exc:
+            raise self._map(exc) from exc

@@ -393,56 +393,64 @@ class TtySize(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
 
 class ExecStart(_message.Message):
-    __slots__ = ("request_id", "container_id", "exec_id", "process", "stdin")
+    __slots__ = ("request_id", "container_id", "exec_id", "process", "stdin", "tty_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    TTY_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     container_id: str
     exec_id: str
     process: Process
     stdin: bool
-    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    tty_size: TtySize
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., stdin: _Optional[bool] = ..., tty_size: _Optional[_Union[TtySize, _Mapping]] = ...) -> None: ...
 
 class AttachStart(_message.Message):
-    __slots__ = ("container_id", "stdin", "stdout", "stderr")
+    __slots__ = ("container_id", "stdin", "stdout", "stderr", "tty_size")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
+    TTY_SIZE_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     stdin: bool
     stdout: bool
     stderr: bool
-    def __init__(self, container_id: _Optional[str] = ..., stdin: _Optional[bool] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ...) -> None: ...
+    tty_size: TtySize
+    def __init__(self, container_id: _Optional[str] = ..., stdin: _Optional[bool] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., tty_size: _Optional[_Union[TtySize, _Mapping]] = ...) -> None: ...
 
 class StdioInput(_message.Message):
-    __slots__ = ("start", "attach", "stdin", "close_stdin", "resize")
+    __slots__ = ("start", "attach", "stdin", "close_stdin", "resize", "output_ack")
     START_FIELD_NUMBER: _ClassVar[int]
     ATTACH_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ACK_FIELD_NUMBER: _ClassVar[int]
     start: ExecStart
     attach: AttachStart
     stdin: bytes
     close_stdin: bool
     resize: TtySize
-    def __init__(self, start: _Optional[_Union[ExecStart, _Mapping]] = ..., attach: _Optional[_Union[AttachStart, _Mapping]] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ..., resize: _Optional[_Union[TtySize, _Mapping]] = ...) -> None: ...
+    output_ack: int
+    def __init__(self, start: _Optional[_Union[ExecStart, _Mapping]] = ..., attach: _Optional[_Union[AttachStart, _Mapping]] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ..., resize: _Optional[_Union[TtySize, _Mapping]] = ..., output_ack: _Optional[int] = ...) -> None: ...
 
 class StdioOutput(_message.Message):
-    __slots__ = ("started_pid", "stdout", "stderr", "exit")
+    __slots__ = ("started_pid", "stdout", "stderr", "exit", "stdin_ack")
     STARTED_PID_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
+    STDIN_ACK_FIELD_NUMBER: _ClassVar[int]
     started_pid: int
     stdout: bytes
     stderr: bytes
     exit: ExitStatus
-    def __init__(self, started_pid: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit: _Optional[_Union[ExitStatus, _Mapping]] = ...) -> None: ...
+    stdin_ack: int
+    def __init__(self, started_pid: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit: _Optional[_Union[ExitStatus, _Mapping]] = ..., stdin_ack: _Optional[int] = ...) -> None: ...
 
 class ReadStdioRequest(_message.Message):
     __slots__ = ("container_id", "offset", "follow")
@@ -483,21 +491,25 @@ class PortForwardStart(_message.Message):
     def __init__(self, port: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PortForwardInput(_message.Message):
-    __slots__ = ("start", "data", "close_write")
+    __slots__ = ("start", "data", "close_write", "ack")
     START_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CLOSE_WRITE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     start: PortForwardStart
     data: bytes
     close_write: bool
-    def __init__(self, start: _Optional[_Union[PortForwardStart, _Mapping]] = ..., data: _Optional[bytes] = ..., close_write: _Optional[bool] = ...) -> None: ...
+    ack: int
+    def __init__(self, start: _Optional[_Union[PortForwardStart, _Mapping]] = ..., data: _Optional[bytes] = ..., close_write: _Optional[bool] = ..., ack: _Optional[int] = ...) -> None: ...
 
 class PortForwardOutput(_message.Message):
-    __slots__ = ("connected", "data", "eof")
+    __slots__ = ("connected", "data", "eof", "ack")
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     EOF_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     connected: bool
     data: bytes
     eof: bool
-    def __init__(self, connected: _Optional[bool] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+    ack: int
+    def __init__(self, connected: _Optional[bool] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., ack: _Optional[int] = ...) -> None: ...
