@@ -64,8 +64,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def serving_uptime(log: Path) -> float | None:
-    m = re.search(r"serving_uptime=([\d.]+)", log.read_text(errors="replace"))
-    return float(m.group(1)) if m else None
+    return guest_marks(log).get("serving")
+
+
+def guest_marks(log: Path) -> dict[str, float]:
+    """Boot-relative seconds from the console: /init reached, agent exec'd/started/serving."""
+    text = log.read_text(errors="replace")
+    marks: dict[str, float] = {}
+    for key, pattern in (("init", r"criserver-init: starting agent .* init=([\d.]+)"),
+                         ("exec", r"criserver-init: starting agent .* exec=([\d.]+)"),
+                         ("started", r"started_uptime=([\d.]+)"),
+                         ("serving", r"serving_uptime=([\d.]+)")):
+        m = re.search(pattern, text)
+        if m:
+            marks[key] = float(m.group(1))
+    return marks
 
 
 async def one_boot(
@@ -93,8 +106,10 @@ async def one_boot(
             "first_byte": t_first - t0,
             "qemu_cpu": cpu_seconds(vm.pid) if vm.pid is not None else None,
             "qemu_up": t_started - t0,
-            "agent_serving_uptime": serving_uptime(spec.log_file),
         }
+        marks = guest_marks(spec.log_file)
+        out.update({f"guest_{k}": marks.get(k) for k in ("init", "exec", "started")})
+        out["agent_serving_uptime"] = marks.get("serving")
         if measure_pss and vm.pid is not None:
             await asyncio.sleep(IDLE_SECONDS)
             pss, rss = pss_kib(vm.pid)
@@ -173,6 +188,8 @@ async def main() -> None:
     for (flavour, machine), res in results.items():
         first = [v for r in res if (v := r["first_byte"]) is not None]
         up = [v for r in res if (v := r["agent_serving_uptime"]) is not None]
+        marks = {k: [v for r in res if (v := r.get(f"guest_{k}")) is not None]
+                 for k in ("init", "exec", "started")}
         cpu = [v for r in res if (v := r["qemu_cpu"]) is not None]
         rows.append(
             (
@@ -183,6 +200,7 @@ async def main() -> None:
                     statistics.median(first),
                     min(first),
                     max(first),
+                    *(statistics.median(v) if v else None for v in marks.values()),
                     statistics.median(up) if up else None,
                     statistics.median(cpu) if cpu else None,
                     res[0].get("pss_mib"),
@@ -195,12 +213,14 @@ async def main() -> None:
     print()
     print(
         "| kernel | machine | QEMU start to /init | first byte: median | min | max "
-        "| agent serving (guest uptime) | QEMU CPU to first byte | QEMU PSS idle | QEMU RSS idle |"
+        "| guest uptime: /init | agent exec | agent started | agent serving "
+        "| QEMU CPU to first byte | QEMU PSS idle | QEMU RSS idle |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for fl, m, (k, med, lo, hi, up_s, cpu_s, pss, rss) in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for fl, m, (k, med, lo, hi, g_init, g_exec, g_start, up_s, cpu_s, pss, rss) in rows:
         print(
-            f"| {fl} | {m} | {fmt(k)} | {fmt(med)} | {fmt(lo)} | {fmt(hi)} | {fmt(up_s)} "
+            f"| {fl} | {m} | {fmt(k)} | {fmt(med)} | {fmt(lo)} | {fmt(hi)} | {fmt(g_init)} "
+            f"| {fmt(g_exec)} | {fmt(g_start)} | {fmt(up_s)} "
             f"| {fmt(cpu_s)} | {fmt(pss, 'MiB')} | {fmt(rss, 'MiB')} |"
         )
 

@@ -11,6 +11,8 @@
 
 export PATH=/bin
 mount -t proc -o nosuid,nodev,noexec proc /proc
+# Boot-relative stamps for the console line below: `read` is a shell builtin (no fork).
+read -r t_init _ < /proc/uptime
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
 
@@ -61,6 +63,7 @@ old_ifs=$IFS
 IFS=,
 for g in $extra; do load_group "$g"; done
 IFS=$old_ifs
+read -r t_modules _ < /proc/uptime
 
 # The root disk is found by its serial, not its name: extra disks may take vda. virtio probing
 # is synchronous in insmod, so the wait (about 1-2 s) only matters on a broken setup.
@@ -90,6 +93,8 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 shm /newroot/dev/shm
 
-echo "criserver-init: starting agent root=$root bus=$bus transport=$transport modules=$extra"
+read -r t_exec _ < /newroot/proc/uptime
+echo "criserver-init: starting agent root=$root bus=$bus transport=$transport modules=$extra" \
+    "init=$t_init modules_loaded=$t_modules exec=$t_exec"
 export PATH=/usr/sbin:/usr/bin HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
 exec /bin/switch_root /newroot /usr/bin/python3 -m vmagent
