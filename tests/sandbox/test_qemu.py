@@ -43,7 +43,7 @@ def test_microvm_serial_defaults() -> None:
     assert argv[0] == "qemu-system-x86_64"
     assert opt(argv, "-machine") == ["microvm,acpi=on"]
     assert opt(argv, "-accel") == ["tcg"]
-    assert opt(argv, "-cpu") == ["qemu64"]
+    assert opt(argv, "-cpu") == ["qemu64,+rdrand"]
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-daemonize"):
         assert flag in argv
     assert opt(argv, "-pidfile") == ["/run/c/pod1/qemu.pid"]
