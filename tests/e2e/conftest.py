@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,10 +48,33 @@ def microvm_config(workdir: Path, **options: object) -> str:
         'backend = "microvm"',
     ]
     if options:
-        rendered = ", ".join(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"'
-                             for k, v in options.items())
+        rendered = ", ".join(f"{k} = {_toml(v)}" for k, v in options.items())
         lines.append(f"options = {{ {rendered} }}")
     return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def network_names(daemon: Daemon) -> tuple[str, str]:
+    """The daemon's private CNI network and bridge names, from its config."""
+    text = daemon.config_path.read_text()
+    network = re.search(r'default_network_name = "([\w-]+)"', text)
+    bridge = re.search(r'default_bridge = "(\w+)"', text)
+    assert network is not None and bridge is not None
+    return network[1], bridge[1]
+
+
+def remove_network(daemon: Daemon) -> None:
+    """What CNI leaves by design once the last pod is gone: the bridge and the IPAM dir."""
+    network, bridge = network_names(daemon)
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+    shutil.rmtree(Path("/var/lib/cni/networks") / network, ignore_errors=True)
 
 
 def short_workdir() -> Path:
@@ -68,6 +93,8 @@ def vm_daemon() -> Iterator[Daemon]:
         remove_all_pods(daemon)
         daemon.kill()
         kill_vms_under(workdir)
+        remove_network(daemon)
+        unmount_under(workdir)
         # Kept for a look after a failure: the daemon's log and the guests' consoles.
         keep = Path(tempfile.gettempdir()) / "criserver-e2e-logs"
         shutil.rmtree(keep, ignore_errors=True)
@@ -118,6 +145,13 @@ def qemu_pids(marker: str = "process=criserver-vm") -> dict[int, str]:
 
 def vm_pids_of(pod_id: str) -> list[int]:
     return [pid for pid, cmd in qemu_pids().items() if f"-name {pod_id}," in cmd]
+
+
+def unmount_under(workdir: Path) -> None:
+    """The daemon keeps its volume mounts for running VMs across restarts; tests end them."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(f"{workdir}/")), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def kill_vms_under(workdir: Path) -> None:

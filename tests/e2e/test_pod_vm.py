@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import time
@@ -20,10 +19,13 @@ from tests.daemon import Daemon
 from tests.e2e.conftest import (
     kill_vms_under,
     microvm_config,
+    network_names,
     qemu_pids,
     remove_all_pods,
+    remove_network,
     require_assets,
     short_workdir,
+    unmount_under,
     vm_pids_of,
 )
 from vmagent.api import agent_pb2 as pb
@@ -171,14 +173,14 @@ async def test_boot_timeout_undoes_everything() -> None:
         remove_all_pods(daemon)
         daemon.kill()
         kill_vms_under(workdir)
+        remove_network(daemon)
+        unmount_under(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _bridge_ports(daemon: Daemon) -> list[str]:
     """The links plugged into the daemon's own CNI bridge (other tests may make other links)."""
-    bridge = re.search(r'default_bridge = "(\w+)"', daemon.config_path.read_text())
-    assert bridge is not None
-    ports = Path("/sys/class/net") / bridge[1] / "brif"
+    ports = Path("/sys/class/net") / network_names(daemon)[1] / "brif"
     return sorted(p.name for p in ports.iterdir()) if ports.exists() else []
 
 
@@ -190,13 +192,12 @@ async def test_create_remove_cycles_leave_nothing(vm_daemon: Daemon) -> None:
         await asyncio.gather(*(_remove(cri, i) for i in ids))
         assert all(vm_pids_of(i) == [] for i in ids)
     assert _bridge_ports(vm_daemon) == []  # every pod's veth is gone
-    network = re.search(r'default_network_name = "([\w-]+)"', vm_daemon.config_path.read_text())
-    assert network is not None
-    assert [rule for rule in await _iptables() if network[1] in rule] == []
+    network = network_names(vm_daemon)[0]
+    assert [rule for rule in await _iptables() if network in rule] == []
     state = vm_daemon.state / "runtimes" / "microvm"
     assert list((state / "netns").iterdir()) == []
     assert list((state / "volumes").iterdir()) == []
-    allocations = [p for p in (Path("/var/lib/cni/networks") / network[1]).glob("*")
+    allocations = [p for p in (Path("/var/lib/cni/networks") / network).glob("*")
                    if p.name[0].isdigit()]
     assert allocations == []
     await cri.close()
