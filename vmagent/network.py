@@ -30,6 +30,8 @@ def device_with_mac(mac: str, sys_net: str = SYS_NET) -> str:
 def ip_commands(iface: pb.Interface, dev: str) -> list[list[str]]:
     """The `ip` invocations that give `dev` the interface's configuration, in order."""
     cmds = [["ip", "link", "set", "dev", "lo", "up"]]
+    if iface.device_mac and iface.device_mac.lower() != iface.mac.lower():
+        cmds.append(["ip", "link", "set", "dev", dev, "address", iface.mac])
     if iface.mtu:
         cmds.append(["ip", "link", "set", "dev", dev, "mtu", str(iface.mtu)])
     for address in iface.addresses:
@@ -50,7 +52,7 @@ def configure(interfaces: Sequence[pb.Interface]) -> None:
     """Apply every interface. Blocking (a few short `ip` runs): call from a thread."""
     for iface in interfaces:
         try:
-            commands = ip_commands(iface, device_with_mac(iface.mac))
+            commands = ip_commands(iface, device_with_mac(iface.device_mac or iface.mac))
         except ValueError as exc:
             raise GRPCError(Status.INVALID_ARGUMENT, f"interface {iface.name}: {exc}") from exc
         for cmd in commands:

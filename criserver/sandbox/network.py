@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,22 +108,50 @@ class PodNetwork:
             raise InvalidArgument(
                 f"pod {namespace}/{name}: hostNetwork pods are not supported by micro-VM sandboxes"
             )
-        path = self.netns_path(pod_id)
-        undo: list[Callable[[], Awaitable[None]]] = []
+        path = await self.prepare(pod_id)
         try:
-            await netns.create(path)
-            undo.append(lambda: netns.remove(path))
-            pod = PodRef(pod_id, name, namespace, uid)
-            result = await self.cni.add(pod, str(path), port_mappings)  # undoes its own failure
-            # teardown, not a bare DEL: take_over may have moved the addresses off eth0.
-            undo.append(lambda: self.teardown(pod_id))
+            return await self.connect(pod_id, name, namespace, uid, port_mappings)
+        except BaseException:
+            await netns.remove(path)
+            raise
+
+    async def prepare(self, pod_id: str) -> Path:
+        """The first half of setup: the pod's netns with an unconnected tap, which is all QEMU
+        needs to start. Undo with `teardown`.
+
+        :raises AlreadyExists: the pod's netns exists (tear down first).
+        """
+        path = self.netns_path(pod_id)
+        await netns.create(path)
+        try:
+            await tap.create_tap(path)
+        except BaseException:
+            await netns.remove(path)
+            raise
+        return path
+
+    async def connect(
+        self,
+        pod_id: str,
+        name: str,
+        namespace: str,
+        uid: str,
+        port_mappings: Sequence[PortMapping] = (),
+    ) -> NetworkInfo:
+        """The second half of setup, while the VM boots: CNI ADD in the prepared netns, then
+        the CNI interface's traffic moved to the tap. Undoes its own steps on failure, except
+        the prepared netns (`teardown` removes everything)."""
+        path = self.netns_path(pod_id)
+        pod = PodRef(pod_id, name, namespace, uid)
+        result = await self.cni.add(pod, str(path), port_mappings)  # undoes its own failure
+        try:
             tap_info, guest = await tap.take_over(path, self.cni.ifname)
         except BaseException:
-            for step in reversed(undo):
-                try:
-                    await step()
-                except Exception:
-                    log.exception("network setup undo failed pod=%s", pod_id)
+            # Not a bare DEL: take_over may have moved the addresses off eth0 already.
+            try:
+                await self.teardown_cni(pod_id)
+            except Exception:
+                log.exception("network setup undo failed pod=%s", pod_id)
             raise
         ips = result.pod_ips(self.cni.ifname)
         log.info("pod network ready pod=%s ips=%s netns=%s", pod_id, ",".join(ips), path)
@@ -132,6 +160,12 @@ class PodNetwork:
     async def teardown(self, pod_id: str) -> None:
         """CNI DEL with the cached ADD, then remove the netns. Safe to repeat; safe when the VM
         died or the netns is already gone. Stop the VM first: its tap fd pins the netns."""
+        await self.teardown_cni(pod_id)
+        await netns.remove(self.netns_path(pod_id))
+        log.info("pod network removed pod=%s", pod_id)
+
+    async def teardown_cni(self, pod_id: str) -> None:
+        """CNI DEL with the cached ADD result, the netns left in place."""
         path = self.netns_path(pod_id)
         result = await self.cni.result(pod_id)
         if result is not None:
@@ -142,5 +176,3 @@ class PodNetwork:
                 await netns.create(path)
             await tap.give_back(path, result.pod_addresses(self.cni.ifname), self.cni.ifname)
         await self.cni.delete(pod_id, str(path))
-        await netns.remove(path)
-        log.info("pod network removed pod=%s", pod_id)

@@ -55,7 +55,7 @@ class TapNic:
 
     fd: int
     mac: str
-    mtu: int = 1500
+    mtu: int = 0  # advertised to the guest (virtio host_mtu); 0: not advertised
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,8 @@ def nic_args(nic: TapNic, machine: Machine = Machine.MICROVM, index: int = 0) ->
     """The -netdev/-device pair of one tap NIC."""
     return [
         "-netdev", f"tap,id=net{index},fd={nic.fd},vhost=off",
-        "-device", f"{_bus_device(machine, 'virtio-net')},netdev=net{index},mac={nic.mac},"
-        f"host_mtu={nic.mtu}",
+        "-device", f"{_bus_device(machine, 'virtio-net')},netdev=net{index},mac={nic.mac}"
+        + (f",host_mtu={nic.mtu}" if nic.mtu else ""),
     ]
 
 

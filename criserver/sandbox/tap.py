@@ -199,13 +199,27 @@ async def take_over(
     return await netns_mod.on_netlink_loop(_take_over, netns_path, ifname, tap_name, guest_name)
 
 
+async def create_tap(netns_path: Path, tap_name: str = TAP_NAME) -> None:
+    """A persistent tap in the pod netns, before CNI has run, so QEMU can start on it while the
+    network is still being set up; `take_over` later joins it to the CNI interface."""
+
+    def create() -> None:
+        try:
+            socket.if_nametoindex(tap_name)
+            return  # made already (a retried setup): attaching again would fail if in use
+        except OSError:
+            _create_persistent_tap(tap_name)
+
+    try:
+        await netns_mod.run_in(netns_path, create)
+    except OSError as exc:
+        raise Internal(f"create tap {tap_name} in {netns_path}: {exc}") from exc
+
+
 async def _take_over(
     netns_path: Path, ifname: str, tap_name: str, guest_name: str
 ) -> tuple[TapInfo, GuestInterface]:
-    try:
-        await netns_mod.run_in(netns_path, _create_persistent_tap, tap_name)
-    except OSError as exc:
-        raise Internal(f"create tap {tap_name} in {netns_path}: {exc}") from exc
+    await create_tap(netns_path, tap_name)
     async with netns_mod.rtnl(netns_path) as ipr:
         veth = await _one_link(ipr, ifname)
         tap = await _one_link(ipr, tap_name)

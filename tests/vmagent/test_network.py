@@ -36,3 +36,12 @@ def test_device_found_by_mac(tmp_path: Path) -> None:
     assert device_with_mac("02:aa:bb:cc:dd:ee", str(tmp_path)) == "eth0"
     with pytest.raises(GRPCError):
         device_with_mac("02:00:00:00:00:99", str(tmp_path))
+
+
+def test_device_booted_with_another_mac_gets_the_pod_mac() -> None:
+    iface = pb.Interface(name="eth0", mac="0a:58:0a:01:02:03", device_mac="02:00:aa:bb:cc:dd",
+                         addresses=["10.1.2.3/24"])
+    assert ip_commands(iface, "eth0")[:2] == [
+        ["ip", "link", "set", "dev", "lo", "up"],
+        ["ip", "link", "set", "dev", "eth0", "address", "0a:58:0a:01:02:03"],
+    ]

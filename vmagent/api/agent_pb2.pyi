@@ -69,18 +69,20 @@ class SetupSandboxRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., resolv_conf: _Optional[str] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., hosts: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ...) -> None: ...
 
 class Interface(_message.Message):
-    __slots__ = ("name", "mac", "mtu", "addresses", "routes")
+    __slots__ = ("name", "mac", "mtu", "addresses", "routes", "device_mac")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     MTU_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MAC_FIELD_NUMBER: _ClassVar[int]
     name: str
     mac: str
     mtu: int
     addresses: _containers.RepeatedScalarFieldContainer[str]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
-    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+    device_mac: str
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., device_mac: _Optional[str] = ...) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("destination", "gateway")
