@@ -24,7 +24,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.cri_client import msg
-from tests.daemon import Daemon
+from tests.daemon import Daemon, unmount_under
 from tests.e2e.conftest import kill_vms_under, microvm_config, remove_all_pods, short_workdir
 from tests.image.oci import Pusher
 from tests.registry import _start_registry, _stop, busybox_full_image
@@ -94,6 +94,7 @@ async def main() -> None:
         remove_all_pods(daemon)
         daemon.kill()
         kill_vms_under(workdir)
+        unmount_under(workdir)
         _stop(registry)
         shutil.rmtree(workdir, ignore_errors=True)
     pod_rate = args.mib / statistics.median(pod_times)

@@ -77,6 +77,12 @@ class Daemon:
             self.process.kill()
             self.process.wait()
 
+    def close(self) -> None:
+        """Kill the daemon and end the mounts it keeps for VMs across restarts (its volumes
+        directory): what a test does at the end, never in the middle."""
+        self.kill()
+        unmount_under(self.workdir)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -84,3 +90,10 @@ class Daemon:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+
+def unmount_under(workdir: Path) -> None:
+    """Lazily unmount everything mounted below `workdir`, deepest first."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(f"{workdir}/")), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)

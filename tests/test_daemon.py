@@ -187,4 +187,4 @@ async def test_not_ready_conditions_carry_reason(tmp_path: Path) -> None:
         if not condition.status:
             assert condition.reason and condition.message
     await cri.close()
-    daemon.kill()
+    daemon.close()

@@ -49,7 +49,14 @@ from criserver.sandbox.cni import CniManager, DefaultNetwork, PortMapping
 from criserver.sandbox.container_io import ContainerIO
 from criserver.sandbox.network import NetworkInfo, PodNetwork
 from criserver.sandbox.podvm import PodVM
-from criserver.sandbox.qemu import Machine, SerialTransport, TapNic, VMSpec
+from criserver.sandbox.qemu import (
+    AgentTransport,
+    Machine,
+    SerialTransport,
+    TapNic,
+    VMSpec,
+    VsockTransport,
+)
 from criserver.sandbox.shares import PodVolumes, pod_shares, prepare_volumes_root
 from criserver.sandbox.vm import VM
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
@@ -78,6 +85,8 @@ class MicroVMOptions:
     boot_timeout: float = 60.0
     stop_grace: float = 10.0
     network: bool = True  # false: pods without networking (no CNI), e.g. on hosts without it
+    # Agent channel: vsock where the host has /dev/vhost-vsock, else virtio-serial ("auto").
+    transport: str = "auto"
 
 
 class MicroVMBackend(BaseBackend):
@@ -88,6 +97,9 @@ class MicroVMBackend(BaseBackend):
         self.settings: MicroVMOptions = build_options(
             MicroVMOptions, options, f"runtimes.{context.handler}.options"
         )
+        if self.settings.transport not in ("auto", "vsock", "serial"):
+            raise InvalidArgument(f"runtimes.{context.handler}.options.transport: "
+                                  f"{self.settings.transport!r} is not auto, vsock or serial")
         if self.settings.machine not in {m.value for m in Machine}:
             raise InvalidArgument(f"runtimes.{context.handler}.options.machine: "
                                   f"{self.settings.machine!r} is not microvm or q35")
@@ -219,7 +231,7 @@ class MicroVMBackend(BaseBackend):
             initramfs=self._assets.initramfs,
             root_disk=self._assets.root,
             root_serial=self._assets.root_serial,
-            transport=SerialTransport(state_dir / "agent.sock"),
+            transport=self._transport(pod),
             tsc_khz=self._tsc_khz,
             machine=Machine(self.settings.machine),
             accel=self._accel.name if self._accel else "tcg",
@@ -241,9 +253,25 @@ class MicroVMBackend(BaseBackend):
             vcpus = math.ceil(resources.cpu_quota / resources.cpu_period)
         return memory + self.settings.memory_overhead_mib, max(1, min(vcpus, os.cpu_count() or 1))
 
-    def _agent(self, pod: PodRecord) -> AgentClient:
-        socket_path = self._pod_state_dir(pod.id) / "agent.sock"
-        return AgentClient(pod.id, AgentAddress(unix_path=str(socket_path)))
+    def _transport(self, pod: PodRecord) -> AgentTransport:
+        """The pod's agent channel: what it was started with, or the configured choice."""
+        cid = pod.backend.get("vsockCid")
+        if cid is None and not pod.backend and self._use_vsock():
+            cid = _guest_cid(pod.id)
+        if cid is not None:
+            return VsockTransport(int(cid))
+        return SerialTransport(self._pod_state_dir(pod.id) / "agent.sock")
+
+    def _use_vsock(self) -> bool:
+        if self.settings.transport == "auto":
+            return os.path.exists("/dev/vhost-vsock")
+        return self.settings.transport == "vsock"
+
+    def _agent(self, pod: PodRecord, transport: AgentTransport | None = None) -> AgentClient:
+        transport = transport or self._transport(pod)
+        if isinstance(transport, VsockTransport):
+            return AgentClient(pod.id, AgentAddress(vsock_cid=transport.guest_cid))
+        return AgentClient(pod.id, AgentAddress(unix_path=str(transport.socket_path)))
 
     def _live(self, pod: PodRecord) -> PodVM:
         handle = self._pods.get(pod.id)
@@ -280,7 +308,7 @@ class MicroVMBackend(BaseBackend):
             for nic in nics:
                 os.close(nic.fd)  # QEMU holds its own copy
         undo.push("kill vm", vm.kill)
-        handle = PodVM(pod.id, vm, self._agent(pod))
+        handle = PodVM(pod.id, vm, self._agent(pod, spec.transport))
         undo.push("close agent", _sync(handle.agent.close))
         connecting = asyncio.create_task(self._connect_network(pod))
         try:
@@ -314,6 +342,10 @@ class MicroVMBackend(BaseBackend):
             "guestAssets": self._assets.version if self._assets else "",
             "consoleLog": str(spec.log_file),
             "netns": network.netns if network else "",
+            "agentTransport": "vsock" if isinstance(spec.transport, VsockTransport)
+            else "virtio-serial",
+            **({"vsockCid": spec.transport.guest_cid}
+               if isinstance(spec.transport, VsockTransport) else {}),
         })
 
     async def _connect_network(self, pod: PodRecord) -> NetworkInfo | None:
@@ -597,6 +629,11 @@ class MicroVMBackend(BaseBackend):
     ) -> None:
         await streams.port_forward_in_vm(self._live(pod).agent, pod.id, port, inbound=inbound,
                                          outbound=outbound)
+
+
+def _guest_cid(pod_id: str) -> int:
+    """A vsock CID for the pod, unique on the host in practice (CIDs 0-2 are reserved)."""
+    return 3 + int(pod_id[:8], 16) % (2**31 - 3)
 
 
 def _device_mac(pod_id: str) -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from criserver.sandbox import assets
 from tests.cri_client import msg
-from tests.daemon import Daemon
+from tests.daemon import Daemon, unmount_under
 
 pytestmark = pytest.mark.vm
 
@@ -145,13 +145,6 @@ def qemu_pids(marker: str = "process=criserver-vm") -> dict[int, str]:
 
 def vm_pids_of(pod_id: str) -> list[int]:
     return [pid for pid, cmd in qemu_pids().items() if f"-name {pod_id}," in cmd]
-
-
-def unmount_under(workdir: Path) -> None:
-    """The daemon keeps its volume mounts for running VMs across restarts; tests end them."""
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    for point in sorted((m for m in mounts if m.startswith(f"{workdir}/")), reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def kill_vms_under(workdir: Path) -> None:

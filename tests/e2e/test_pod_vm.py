@@ -15,7 +15,7 @@ import pytest
 
 from criserver.sandbox.channel import AgentAddress, AgentClient
 from tests.cri_client import CRIClient, enum, msg
-from tests.daemon import Daemon
+from tests.daemon import Daemon, unmount_under
 from tests.e2e.conftest import (
     kill_vms_under,
     microvm_config,
@@ -25,7 +25,6 @@ from tests.e2e.conftest import (
     remove_network,
     require_assets,
     short_workdir,
-    unmount_under,
     vm_pids_of,
 )
 from vmagent.api import agent_pb2 as pb

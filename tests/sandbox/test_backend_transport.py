@@ -1,0 +1,59 @@
+"""Which agent channel the micro-VM backend gives a pod (vsock cannot run on this host: no
+/dev/vhost-vsock, so the choice itself is what is tested here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.config import Config
+from criserver.errors import InvalidArgument
+from criserver.runtime.backend import BackendContext
+from criserver.sandbox.backend import MicroVMBackend
+from criserver.sandbox.qemu import SerialTransport, VsockTransport
+from criserver.store.records import PodRecord
+
+POD_ID = "ab" * 32
+
+
+def backend(tmp_path: Path, transport: str) -> MicroVMBackend:
+    context = BackendContext(handler="microvm", root=tmp_path / "root", state=tmp_path / "state",
+                             config=Config(), events=None)  # type: ignore[arg-type]
+    return MicroVMBackend({"transport": transport}, context)
+
+
+def pod(**backend_data: object) -> PodRecord:
+    return PodRecord(id=POD_ID, config=cri.PodSandboxConfig(), runtime_handler="microvm",
+                     created_at=1, backend=dict(backend_data))
+
+
+def test_serial_by_choice(tmp_path: Path) -> None:
+    b = backend(tmp_path, "serial")
+    transport = b._transport(pod())
+    assert transport == SerialTransport(tmp_path / "state" / POD_ID[:16] / "agent.sock")
+    assert b._agent(pod()).address.unix_path == str(transport.socket_path)
+
+
+def test_vsock_by_choice_and_kept_across_restarts(tmp_path: Path) -> None:
+    b = backend(tmp_path, "vsock")
+    transport = b._transport(pod())
+    assert isinstance(transport, VsockTransport) and transport.guest_cid >= 3
+    assert b._agent(pod()).address.vsock_cid == transport.guest_cid
+    # A pod started over virtio-serial stays on it, whatever the host has now.
+    assert isinstance(b._transport(pod(qemuPid=1)), SerialTransport)
+    assert b._transport(pod(vsockCid=77)) == VsockTransport(77)
+
+
+def test_auto_follows_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = backend(tmp_path, "auto")
+    monkeypatch.setattr("os.path.exists", lambda p: p == "/dev/vhost-vsock")
+    assert isinstance(b._transport(pod()), VsockTransport)
+    monkeypatch.setattr("os.path.exists", lambda p: False)
+    assert isinstance(b._transport(pod()), SerialTransport)
+
+
+def test_bad_transport_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="transport"):
+        backend(tmp_path, "carrier-pigeon")
