@@ -423,9 +423,15 @@ class VM:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         # Also whatever QEMU names our pidfile on its command line, pidfile written or not.
-        for pid in await asyncio.to_thread(self._our_qemu_pids):
+        killed = await asyncio.to_thread(self._our_qemu_pids)
+        for pid in killed:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # SIGKILL is not instant: return only once they are gone, so no caller sees an orphan.
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while killed and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            killed = [pid for pid in killed if self._is_our_qemu(pid)]
         await self.detach()
         log.warning("vm start failed, cleaned up vm=%s pid=%s", self.vm_id, self._pid)
 
