@@ -52,26 +52,36 @@ def _remove(*paths: str) -> None:
             pass
 
 
-async def exec_in_container(req: pb.ExecSyncRequest, containers: Containers
-                            ) -> pb.ExecSyncResponse:
-    c = containers.get(req.container_id)
-    if not req.process.argv:
-        raise GRPCError(Status.INVALID_ARGUMENT, "ExecSync: empty argv")
+def plan_exec(containers: Containers, container_id: str, p: pb.Process
+              ) -> tuple[Any, dict[str, Any], Any | None]:
+    """For an exec in a running container: the container, the exec's OCI process (the
+    container's own security settings with the exec's argv/env/cwd/user), and the fast path's
+    plan when the spec allows one (None: runc exec)."""
+    c = containers.get(container_id)
     if c.status != _RUNNING:
         raise GRPCError(Status.FAILED_PRECONDITION,
                         f"container {c.id} is {pb.ContainerState.Status.Name(c.status)}, "
                         "not RUNNING")
-    p = req.process
     user = None
     if p.HasField("user"):
         user = (p.user.uid, p.user.gid, list(p.user.additional_gids))
     process = exec_process(c.spec, list(p.argv), list(p.env), p.cwd, user)
+    fast = None
     if containers.exec_mode != "runc":
         from vmagent import fastexec
 
         fast = fastexec.plan(c.spec, process, c.pid, c.cgroup_dir)
-        if fast is not None:
-            return await _exec_fast(req, containers, fast)
+    return c, process, fast
+
+
+async def exec_in_container(req: pb.ExecSyncRequest, containers: Containers
+                            ) -> pb.ExecSyncResponse:
+    if not req.process.argv:
+        raise GRPCError(Status.INVALID_ARGUMENT, "ExecSync: empty argv")
+    p = req.process
+    c, process, fast = plan_exec(containers, req.container_id, p)
+    if fast is not None:
+        return await _exec_fast(req, containers, fast)
     c.exec_serial += 1
     base = os.path.join(c.bundle, f"exec-{c.exec_serial}")
     proc_file, pid_file, log_file = base + ".json", base + ".pid", base + ".log"

@@ -36,7 +36,6 @@ log = logging.getLogger("vmagent")
 # After the process exits, children it left behind may hold its output open: wait this long.
 _DRAIN_AFTER_EXIT = 0.5
 _EOT = b"\x04"  # what "end of input" is on a terminal in canonical mode
-_RUNNING = pb.ContainerState.RUNNING
 
 
 @dataclass
@@ -144,24 +143,11 @@ async def _spawn_in_guest(start: pb.ExecStart, reaper: Reaper) -> Spawned:
 
 
 async def _spawn_in_container(start: pb.ExecStart, containers: Containers) -> Spawned:
-    from vmagent.ocispec import exec_process
+    from vmagent.container_exec import plan_exec
 
-    c = containers.get(start.container_id)
-    if c.status != _RUNNING:
-        raise GRPCError(Status.FAILED_PRECONDITION,
-                        f"container {c.id} is {pb.ContainerState.Status.Name(c.status)}, "
-                        "not RUNNING")
-    p = start.process
-    user = None
-    if p.HasField("user"):
-        user = (p.user.uid, p.user.gid, list(p.user.additional_gids))
-    process = exec_process(c.spec, list(p.argv), list(p.env), p.cwd, user)
-    if containers.exec_mode != "runc":
-        from vmagent import fastexec
-
-        plan = fastexec.plan(c.spec, process, c.pid, c.cgroup_dir)
-        if plan is not None:
-            return await _spawn_fast(start, containers, plan)
+    _, process, plan = plan_exec(containers, start.container_id, start.process)
+    if plan is not None:
+        return await _spawn_fast(start, containers, plan)
     return await _spawn_runc(start, containers, process)
 
 
