@@ -323,7 +323,9 @@ class MicroVMBackend(BaseBackend):
                                 f"console log: {spec.log_file}") from exc
             raise
         network = await connecting
-        await handle.agent.setup_sandbox(_setup_request(pod, network, nics))
+        # The host's resolv.conf may be read for it: off the event loop.
+        setup = await asyncio.to_thread(_setup_request, pod, network, nics)
+        await handle.agent.setup_sandbox(setup)
         boot_ms = (time.monotonic() - started) * 1000
         self._pods[pod.id] = handle
         undo.push("forget vm", _sync(lambda: self._pods.pop(pod.id, None)))
