@@ -18,6 +18,7 @@ from criserver.runtime import (
     container_status,
     container_stop,
     container_update,
+    metrics,
     runtime_info,
     sandbox_remove,
     sandbox_run,
@@ -30,9 +31,6 @@ from criserver.runtime.streaming import rpc as streaming
 # Why each unimplemented call is: the caller sees this in the UNIMPLEMENTED status.
 MISSING = {
     "CheckpointContainer": "checkpoint/restore of containers is not supported",
-    "ListMetricDescriptors": "pod sandbox metrics are not collected yet",
-    "ListPodSandboxMetrics": "pod sandbox metrics are not collected yet",
-    "StreamPodSandboxMetrics": "pod sandbox metrics are not collected yet",
     "UpdatePodSandboxResources": "resizing a running pod's VM is not supported yet",
 }
 IMAGE_MISSING = {"StreamImages": "use ListImages: streamed image lists are not built yet"}
@@ -70,6 +68,9 @@ def runtime_service(rt: Runtime) -> dict[str, Any]:
         "ListPodSandboxStats": bind(container_stats.list_pod_sandbox_stats),
         "StreamPodSandboxStats": bind(container_stats.stream_pod_sandbox_stats),
         "GetContainerEvents": partial(_events, rt),
+        "ListMetricDescriptors": bind(metrics.list_metric_descriptors),
+        "ListPodSandboxMetrics": bind(metrics.list_pod_sandbox_metrics),
+        "StreamPodSandboxMetrics": bind(metrics.stream_pod_sandbox_metrics),
         "Exec": bind(streaming.exec_),
         "Attach": bind(streaming.attach),
         "PortForward": bind(streaming.port_forward),

@@ -138,6 +138,13 @@ async def test_exec_sync_stop_and_stats(pod: Pod) -> None:
     pod_stats = await pod.cri.runtime.PodSandboxStats(msg("PodSandboxStatsRequest",
                                                           pod_sandbox_id=pod.id))
     assert pod_stats.stats.linux.memory.working_set_bytes.value > 0
+    metrics = await pod.cri.runtime.ListPodSandboxMetrics(msg("ListPodSandboxMetricsRequest"))
+    mine = next(m for m in metrics.pod_metrics if m.pod_sandbox_id == pod.id)
+    ours = next(c for c in mine.container_metrics if c.container_id == cid)
+    by_name = {m.name: m for m in ours.metrics}
+    assert by_name["container_cpu_usage_nanoseconds_total"].value.value > 0
+    assert by_name["container_cpu_usage_nanoseconds_total"].metric_type == enum("COUNTER")
+    assert by_name["container_memory_working_set_bytes"].value.value > 0
     started = time.monotonic()
     # SIGTERM is ignored: the kill follows the grace period.
     await pod.cri.runtime.StopContainer(msg("StopContainerRequest", container_id=cid, timeout=2))

@@ -188,3 +188,15 @@ async def test_events_reach_every_subscriber(cri: CRIClient) -> None:
                 break
         assert got == [(i, enum(t)) for i, t in expected]
         stream.cancel()
+
+
+async def test_metric_descriptors_and_no_metrics_without_stats(cri: CRIClient) -> None:
+    descriptors = await cri.runtime.ListMetricDescriptors(msg("ListMetricDescriptorsRequest"))
+    names = {d.name for d in descriptors.descriptors}
+    assert {"container_cpu_usage_nanoseconds_total", "container_memory_working_set_bytes",
+            "pod_cpu_usage_nanoseconds_total"} <= names
+    assert all(d.help for d in descriptors.descriptors)
+    await _pod(cri)
+    # The inert backend has no stats: its pods have no metrics, and the call still succeeds.
+    metrics = await cri.runtime.ListPodSandboxMetrics(msg("ListPodSandboxMetricsRequest"))
+    assert list(metrics.pod_metrics) == []
