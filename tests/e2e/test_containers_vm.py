@@ -145,6 +145,11 @@ async def test_exec_sync_stop_and_stats(pod: Pod) -> None:
     assert by_name["container_cpu_usage_nanoseconds_total"].value.value > 0
     assert by_name["container_cpu_usage_nanoseconds_total"].metric_type == enum("COUNTER")
     assert by_name["container_memory_working_set_bytes"].value.value > 0
+    await pod.cri.runtime.UpdateContainerResources(msg(
+        "UpdateContainerResourcesRequest", container_id=cid,
+        linux=msg("LinuxContainerResources", memory_limit_in_bytes=96 * 1024 * 1024)))
+    limit = await pod.exec(cid, "sh", "-c", "cat /sys/fs/cgroup/memory.max")
+    assert limit.stdout.strip() == str(96 * 1024 * 1024).encode(), limit  # type: ignore[attr-defined]
     started = time.monotonic()
     # SIGTERM is ignored: the kill follows the grace period.
     await pod.cri.runtime.StopContainer(msg("StopContainerRequest", container_id=cid, timeout=2))
