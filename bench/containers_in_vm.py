@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 from criserver.sandbox import assets as assets_mod
-from criserver.sandbox.accel import read_tsc_khz
 from criserver.sandbox.channel import AgentAddress, AgentClient
-from criserver.sandbox.qemu import SerialTransport, Share, VMSpec
 from criserver.sandbox.vm import VM
-from tests.vmagent.containerkit import busybox_rootfs, make_erofs, oci_spec
+from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec
 from vmagent.api import agent_pb2 as pb
 
 SECCOMP = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
@@ -37,11 +35,7 @@ async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="ctrbench-"))
     (work / "images").mkdir()
     image = make_erofs(busybox_rootfs(work / "rootfs"), work / "images")
-    spec = VMSpec(vm_id=f"ctrbench-{os.getpid()}", state_dir=work, kernel=assets.kernel,
-                  initramfs=assets.initramfs, root_disk=assets.root,
-                  root_serial=assets.root_serial, transport=SerialTransport(work / "agent.sock"),
-                  tsc_khz=read_tsc_khz(), module_groups=("overlay", "9p", "loop"),
-                  pvpanic=False, shares=(Share("criserver.images", work / "images"),))
+    spec = container_vm_spec(f"ctrbench-{os.getpid()}", work, assets)
     machine = VM(spec)
     await machine.start()
     client = AgentClient(spec.vm_id, AgentAddress(unix_path=str(work / "agent.sock")),

@@ -47,8 +47,8 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(roundtrip: Roundtrip, rounds: int) -> tuple[float, float]:
-    for _ in range(50):  # warm-up
+async def measure(roundtrip: Roundtrip, rounds: int, warmup: int = 50) -> tuple[float, float]:
+    for _ in range(warmup):
         await roundtrip()
     samples = []
     for _ in range(rounds):
@@ -92,10 +92,9 @@ async def rtt_direct(backend: LocalBackend, rounds: int) -> tuple[float, float]:
         await task
 
 
-async def rtt_spdy(server: StreamingServer, backend: LocalBackend,
-                   rounds: int) -> tuple[float, float]:
-    client = await SpdyClient.connect(exec_url(server, backend, ["cat"], stdin=True),
-                                      ["v4.channel.k8s.io"])
+async def rtt_spdy(url: str, rounds: int, warmup: int = 50) -> tuple[float, float]:
+    """1-byte round trips through `cat` exec'd at `url` (an exec URL with stdin)."""
+    client = await SpdyClient.connect(url, ["v4.channel.k8s.io"])
     await client.open_stream({"streamType": "error"})
     stdin = await client.open_stream({"streamType": "stdin"})
     stdout = await client.open_stream({"streamType": "stdout"})
@@ -105,7 +104,7 @@ async def rtt_spdy(server: StreamingServer, backend: LocalBackend,
         await stdout.read()
 
     try:
-        return await measure(roundtrip, rounds)
+        return await measure(roundtrip, rounds, warmup)
     finally:
         await client.close()
 
@@ -157,8 +156,8 @@ async def main() -> None:
     try:
         print(f"interactive exec round trip, 1 byte through `cat` ({args.rounds} rounds):")
         for label, run in (("direct on the backend", rtt_direct(backend, args.rounds)),
-                           ("SPDY/3.1 (v4.channel.k8s.io)", rtt_spdy(server, backend,
-                                                                     args.rounds)),
+                           ("SPDY/3.1 (v4.channel.k8s.io)", rtt_spdy(
+                               exec_url(server, backend, ["cat"], stdin=True), args.rounds)),
                            ("WebSocket (v5.channel.k8s.io)", rtt_websocket(server, backend,
                                                                            args.rounds))):
             p50, p99 = await run

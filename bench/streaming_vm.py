@@ -21,12 +21,12 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.streaming import measure, rtt_spdy  # noqa: E402
 from criserver.runtime.streaming.interface import (  # noqa: E402
     ByteSink,
     ByteSource,
@@ -37,14 +37,12 @@ from criserver.runtime.streaming.remotecommand import StdioRequest  # noqa: E402
 from criserver.runtime.streaming.server import StreamingServer  # noqa: E402
 from criserver.sandbox import assets as assets_mod  # noqa: E402
 from criserver.sandbox import streams  # noqa: E402
-from criserver.sandbox.accel import read_tsc_khz  # noqa: E402
 from criserver.sandbox.channel import AgentAddress, AgentClient  # noqa: E402
-from criserver.sandbox.qemu import SerialTransport, Share, VMSpec  # noqa: E402
 from criserver.sandbox.vm import VM  # noqa: E402
 from criserver.store.records import ContainerRecord, PodRecord  # noqa: E402
 from tests.runtime.streaming.conftest import CONTAINER, POD  # noqa: E402
 from tests.runtime.streaming.spdy_client import SpdyClient  # noqa: E402
-from tests.vmagent.containerkit import busybox_rootfs, make_erofs, oci_spec  # noqa: E402
+from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec  # noqa: E402
 from vmagent.api import agent_pb2 as pb  # noqa: E402
 from vmagent.credit import WINDOW  # noqa: E402
 
@@ -76,21 +74,7 @@ class VMStreams:
                                          outbound=outbound)
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def measure(roundtrip: Callable[[], Awaitable[None]], rounds: int) -> tuple[float, float]:
-    for _ in range(20):  # warm-up (TCG translates the hot paths first)
-        await roundtrip()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        await roundtrip()
-        samples.append((time.perf_counter() - start) * 1000)
-    return pct(samples, 0.5), pct(samples, 0.99)
-
+WARMUP = 20  # round trips before measuring: TCG translates the hot paths first
 
 async def rtt_agent(agent: AgentClient, cid: str, rounds: int) -> tuple[float, float]:
     """cat through an Exec stream on the agent channel, acking output as the relay does."""
@@ -107,27 +91,11 @@ async def rtt_agent(agent: AgentClient, cid: str, rounds: int) -> tuple[float, f
                     await s.send(pb.StdioInput(output_ack=len(msg.stdout)))
                     return
 
-        result = await measure(roundtrip, rounds)
+        result = await measure(roundtrip, rounds, WARMUP)
         await s.send(pb.StdioInput(close_stdin=True))
         while await s.recv() is not None:
             pass
     return result
-
-
-async def rtt_spdy(url: str, rounds: int) -> tuple[float, float]:
-    client = await SpdyClient.connect(url, ["v4.channel.k8s.io"])
-    await client.open_stream({"streamType": "error"})
-    stdin = await client.open_stream({"streamType": "stdin"})
-    stdout = await client.open_stream({"streamType": "stdout"})
-
-    async def roundtrip() -> None:
-        await stdin.write(b"x")
-        await stdout.read()
-
-    try:
-        return await measure(roundtrip, rounds)
-    finally:
-        await client.close()
 
 
 REQUEST = b"GET /blob HTTP/1.0\r\n\r\n"
@@ -170,11 +138,7 @@ async def main(assets_dir: Path, rounds: int, mib: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="strbench-"))
     (work / "images").mkdir()
     image = make_erofs(busybox_rootfs(work / "rootfs"), work / "images")
-    spec = VMSpec(vm_id=f"strbench-{os.getpid()}", state_dir=work, kernel=assets.kernel,
-                  initramfs=assets.initramfs, root_disk=assets.root,
-                  root_serial=assets.root_serial, transport=SerialTransport(work / "agent.sock"),
-                  tsc_khz=read_tsc_khz(), module_groups=("overlay", "9p", "loop"),
-                  pvpanic=False, shares=(Share("criserver.images", work / "images"),))
+    spec = container_vm_spec(f"strbench-{os.getpid()}", work, assets)
     machine = VM(spec)
     await machine.start()
     agent = AgentClient(spec.vm_id, AgentAddress(unix_path=str(work / "agent.sock")),
@@ -203,7 +167,7 @@ async def main(assets_dir: Path, rounds: int, mib: int) -> None:
         print(f"interactive exec round trip, 1 byte through `cat` in the container "
               f"({rounds} rounds):")
         for label, run in (("agent channel alone", rtt_agent(agent, "shell", rounds)),
-                           ("SPDY/3.1 into the VM", rtt_spdy(exec_url, rounds))):
+                           ("SPDY/3.1 into the VM", rtt_spdy(exec_url, rounds, WARMUP))):
             p50, p99 = await run
             print(f"  {label:24s} p50 {p50:.2f} ms  p99 {p99:.2f} ms")
         await asyncio.sleep(1)  # httpd is up by now (the blob is written before it starts)

@@ -72,11 +72,12 @@ class GuestAssets:
                     f"guest assets {self.path}: {name} has size {size}, "
                     f"manifest says {meta['size']}"
                 )
-            if full and _sha256(p) != meta["sha256"]:
+            if full and sha256_file(p) != meta["sha256"]:
                 raise AssetsError(f"guest assets {self.path}: {name} does not match its sha256")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

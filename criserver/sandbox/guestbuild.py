@@ -187,14 +187,6 @@ def _run(step: str, argv: list[str], **kw: object) -> subprocess.CompletedProces
         raise BuildError(f"{step}: {argv[0]} not found (install it)") from e
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tree_files(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
@@ -519,8 +511,8 @@ def inputs_digest(cfg: BuildConfig, src: Sources) -> str:
     h = hashlib.sha256()
     desc = {
         "builder": BUILDER_VERSION,
-        "builder_sha256": _sha256_file(Path(__file__)),
-        "init_sha256": _sha256_file(GUEST_SRC / "init.sh"),
+        "builder_sha256": assets_mod.sha256_file(Path(__file__)),
+        "init_sha256": assets_mod.sha256_file(GUEST_SRC / "init.sh"),
         "flavour": cfg.flavour,
         "pyc_mode": cfg.pyc_mode,
         "kernel_release": src.kernel_release,
@@ -748,7 +740,10 @@ def build(cfg: BuildConfig) -> Path:
         build_root(src, stage, cfg.pyc_mode)
         make_erofs(stage, out / "root.erofs", digest)
         files = {
-            name: {"size": (out / name).stat().st_size, "sha256": _sha256_file(out / name)}
+            name: {
+                "size": (out / name).stat().st_size,
+                "sha256": assets_mod.sha256_file(out / name),
+            }
             for name in ("vmlinux", "initramfs.cpio", "root.erofs")
         }
         manifest: dict[str, object] = {

@@ -11,6 +11,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from criserver.sandbox.accel import read_tsc_khz
+from criserver.sandbox.assets import GuestAssets
+from criserver.sandbox.qemu import SerialTransport, Share, VMSpec
+
 BUSYBOX = "/bin/busybox"
 
 
@@ -40,6 +44,20 @@ def make_erofs(root: Path, out_dir: Path) -> str:
     name = f"{digest}.erofs"
     tmp.rename(out_dir / name)
     return name
+
+
+def container_vm_spec(vm_id: str, work: Path, assets: GuestAssets,
+                      shared: Path | None = None) -> VMSpec:
+    """A VM that can run containers (overlay, 9p, loop module groups) with `<work>/images`
+    exported as the image share and, if given, `shared` as the volumes share."""
+    shares = [Share("criserver.images", work / "images", read_only=True)]
+    if shared is not None:
+        shares.append(Share("criserver.shared", shared, read_only=False))
+    return VMSpec(vm_id=vm_id, state_dir=work, kernel=assets.kernel,
+                  initramfs=assets.initramfs, root_disk=assets.root,
+                  root_serial=assets.root_serial, transport=SerialTransport(work / "agent.sock"),
+                  tsc_khz=read_tsc_khz(), module_groups=("overlay", "9p", "loop"),
+                  pvpanic=False, shares=tuple(shares))
 
 
 def oci_spec(args: list[str], *, env: list[str] | None = None,

@@ -21,11 +21,9 @@ import pytest
 
 from criserver import errors
 from criserver.sandbox import assets as assets_mod
-from criserver.sandbox.accel import read_tsc_khz
 from criserver.sandbox.channel import AgentAddress, AgentClient
-from criserver.sandbox.qemu import SerialTransport, Share, VMSpec
 from criserver.sandbox.vm import VM
-from tests.vmagent.containerkit import busybox_rootfs, make_erofs, oci_spec
+from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec
 from vmagent.api import agent_pb2 as pb
 from vmagent.api.agent_grpc import AgentStub
 
@@ -106,13 +104,7 @@ async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
     images.mkdir()
     shared.mkdir()
     image = make_erofs(busybox_rootfs(work / "rootfs"), images)
-    spec = VMSpec(vm_id=f"ctrtest-{os.getpid()}", state_dir=work, kernel=assets.kernel,
-                  initramfs=assets.initramfs, root_disk=assets.root,
-                  root_serial=assets.root_serial,
-                  transport=SerialTransport(work / "agent.sock"), tsc_khz=read_tsc_khz(),
-                  module_groups=("overlay", "9p", "loop"), pvpanic=False,
-                  shares=(Share("criserver.images", images, read_only=True),
-                          Share("criserver.shared", shared, read_only=False)))
+    spec = container_vm_spec(f"ctrtest-{os.getpid()}", work, assets, shared)
     machine = VM(spec)
     await machine.start()
     client = AgentClient(spec.vm_id, AgentAddress(unix_path=str(work / "agent.sock")),
