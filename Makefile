@@ -7,11 +7,13 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 # Debian packages: QEMU and the guest's kernel/userland (qemu-system-x86, linux-image-*,
-# busybox-static, runc, python3, erofs-utils, cpio, lz4), pod networking
+# busybox-static, runc, python3, erofs-utils, cpio, lz4; gcc, libc6-dev and libseccomp-dev
+# build the agent's static exec helper guest/vmexec.c), pod networking
 # (containernetworking-plugins, iproute2, iptables), and the tests' registry and tools
 # (docker-registry, skopeo, apache2-utils for htpasswd, socat).
 APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-amd64 \
 	busybox-static runc python3 python3-venv erofs-utils squashfs-tools cpio lz4 zstd \
+	gcc libc6-dev libseccomp-dev \
 	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat
 
 .PHONY: install install-service deps venv proto guest run test lint typecheck bench clean

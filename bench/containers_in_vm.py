@@ -1,5 +1,7 @@
-"""Container numbers in one real micro-VM (TCG): create/start latency, ExecSync `true` through
-the fast path and through `runc exec`, and guest memory per idle container.
+"""Container numbers in real micro-VMs (TCG): create/start latency, guest memory per idle
+container, and ExecSync `true` at the agent: in the guest itself (no container: the floor),
+through vmexec with and without the RuntimeDefault seccomp profile, and (a second VM whose agent
+runs with exec_mode=runc) through `runc exec`.
 
 Usage: .venv/bin/python -m bench.containers_in_vm [--assets DIR] [--containers N] [--execs N]
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -15,14 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from criserver.runtime.seccomp_default import default_profile
 from criserver.sandbox import assets as assets_mod
 from criserver.sandbox.channel import AgentAddress, AgentClient
+from criserver.sandbox.qemu import VMSpec
 from criserver.sandbox.vm import VM
 from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec
 from vmagent.api import agent_pb2 as pb
-
-SECCOMP = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
-           "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -30,12 +32,45 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] * 1000
 
 
+async def exec_times(client: AgentClient, cid: str, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        r = await client.exec_sync(pb.ExecSyncRequest(
+            container_id=cid, process=pb.Process(argv=["true"]), timeout_seconds=30))
+        times.append(time.monotonic() - t0)
+        assert r.exit_code == 0, r
+    return times
+
+
+def report(label: str, times: list[float]) -> None:
+    print(f"ExecSync true, {label}: p50 {pct(times, 50):.1f} ms  p99 {pct(times, 99):.1f} ms  "
+          f"(n={len(times)})")
+
+
+def seccomp_spec() -> bytes:
+    spec = json.loads(oci_spec(["sleep", "100000"]))
+    spec["linux"]["seccomp"] = default_profile(spec["process"]["capabilities"]["bounding"])
+    return json.dumps(spec).encode()
+
+
 async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
     assets = assets_mod.load(assets_dir)
     work = Path(tempfile.mkdtemp(prefix="ctrbench-"))
     (work / "images").mkdir()
     image = make_erofs(busybox_rootfs(work / "rootfs"), work / "images")
-    spec = container_vm_spec(f"ctrbench-{os.getpid()}", work, assets)
+    for exec_mode in ("auto", "runc"):
+        (work / exec_mode).mkdir()
+        (work / exec_mode / "images").symlink_to(work / "images")
+        spec = dataclasses.replace(
+            container_vm_spec(f"ctrbench-{os.getpid()}-{exec_mode}", work / exec_mode, assets),
+            agent_settings={"exec_mode": exec_mode})
+        await one_vm(spec, image, exec_mode, n_containers, n_execs)
+
+
+async def one_vm(spec: VMSpec, image: str, exec_mode: str, n_containers: int,
+                 n_execs: int) -> None:
+    work = spec.state_dir
     machine = VM(spec)
     await machine.start()
     client = AgentClient(spec.vm_id, AgentAddress(unix_path=str(work / "agent.sock")),
@@ -54,6 +89,12 @@ async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
             return t1 - t0, time.monotonic() - t1
 
         warm = await create("warmup", oci_spec(["sleep", "100000"]))  # first use: mounts
+        if exec_mode == "runc":
+            await create("seccomp", seccomp_spec())
+            report("runc exec, RuntimeDefault seccomp", await exec_times(
+                client, "seccomp", n_execs))
+            await client.shutdown()
+            return
         print(f"first container (mounts the share and image): create {warm[0]:.3f}s "
               f"start {warm[1]:.3f}s")
         await asyncio.sleep(2)
@@ -72,20 +113,10 @@ async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
         print(f"guest memory per idle container: {(before - after) / n_containers / 2**20:.2f} "
               f"MiB (MemAvailable delta); cgroup memory.current median "
               f"{statistics.median(cg) / 2**20:.2f} MiB")
-        seccomp = json.loads(oci_spec(["sleep", "100000"]))
-        seccomp["linux"]["seccomp"] = SECCOMP
-        await create("runcpath", json.dumps(seccomp).encode())
-        for label, cid in (("guest (no container)", ""), ("fast path", "idle0"),
-                           ("runc exec", "runcpath")):
-            times = []
-            for _ in range(n_execs):
-                t0 = time.monotonic()
-                r = await client.exec_sync(pb.ExecSyncRequest(
-                    container_id=cid, process=pb.Process(argv=["true"]), timeout_seconds=30))
-                times.append(time.monotonic() - t0)
-                assert r.exit_code == 0
-            print(f"ExecSync true, {label}: p50 {pct(times, 50):.1f} ms  p99 "
-                  f"{pct(times, 99):.1f} ms  (n={n_execs})")
+        await create("seccomp", seccomp_spec())
+        for label, cid in (("guest (no container)", ""), ("vmexec", "idle0"),
+                           ("vmexec, RuntimeDefault seccomp", "seccomp")):
+            report(label, await exec_times(client, cid, n_execs))
         await client.shutdown()
     finally:
         client.close()

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -25,6 +25,9 @@ from vmagent.rootfs import SHARED_TAG, Mounts, Rootfs, dir_bytes, remove_tree
 from vmagent.runc import Runc, RuncError
 from vmagent.stdio import DEFAULT_LIMIT, STDERR, STDOUT, OutputLog, PipeReader
 from vmagent.users import resolve_in_rootfs
+
+if TYPE_CHECKING:
+    from vmagent.fastexec import Plan
 
 log = logging.getLogger("vmagent")
 
@@ -63,6 +66,8 @@ class Container:
         self.stopped = asyncio.Event()
         self.lock = asyncio.Lock()
         self.exec_serial = 0
+        self.exec_plan: Plan | None = None  # vmexec's plan for execs with only an argv
+        self.exec_filter = b""  # the spec's seccomp profile compiled for vmexec, once
         self.drainer: asyncio.Future[None] | None = None
         self.tty = False
         self.stdin_once = False
@@ -111,9 +116,11 @@ def _set_status(c: Container, new: int) -> None:
 class Containers:
     """Every container of the pod, and the pod-level resources they share."""
 
-    def __init__(self, reaper: Reaper, run_dir: str, exec_mode: str = "auto") -> None:
+    def __init__(self, reaper: Reaper, run_dir: str, exec_mode: str = "auto",
+                 vmexec: str = "") -> None:
         self.reaper = reaper
         self.exec_mode = exec_mode
+        self.vmexec = vmexec
         self.run_dir = run_dir
         self.runc = Runc(reaper)
         self.mounts = Mounts(run_dir)

@@ -148,43 +148,25 @@ async def _spawn_in_container(start: pb.ExecStart, containers: Containers) -> Sp
     _, process, plan = plan_exec(containers, start.container_id, start.process)
     if plan is not None:
         return await _spawn_fast(start, containers, plan)
+    assert process is not None
     return await _spawn_runc(start, containers, process)
 
 
 async def _spawn_fast(start: pb.ExecStart, containers: Containers, plan: Any) -> Spawned:
-    from vmagent import fastexec
+    from vmagent.container_exec import start_fast
 
     tty = start.process.tty
     c = containers.get(start.container_id)
     io, child = _stdio_pair(tty, start.stdin, start.tty_size if tty else None, c.pid)
     try:
-        pid, report_r = fastexec.spawn(plan, child[1], child[2], stdin=child[0], tty=tty)
-    except OSError as exc:
-        io.close()
-        raise GRPCError(Status.FAILED_PRECONDITION, f"container {start.container_id}: exec: "
-                        f"cannot enter the container: {exc}") from exc
-    finally:
-        close_quietly(*set(child))
-    exited = containers.reaper.watch(pid)
-    report = bytearray()
-    try:
-        os.set_blocking(report_r, False)
-        # The report pipe closes once the process has exec'd (or failed to).
-        while chunk := await read_chunk(report_r):
-            report += chunk
+        pid, exited = await start_fast(containers, c.id, plan, child[1], child[2],
+                                       stdin=child[0], tty=tty)
     except BaseException:
-        kill_pid(pid)
         io.close()
         raise
     finally:
-        close_quietly(report_r)
-    target, error = fastexec.parse_report(bytes(report))
-    if error:
-        await exited
-        io.close()
-        raise GRPCError(Status.FAILED_PRECONDITION, f"container {start.container_id}: exec "
-                        f"{start.process.argv[0]!r} failed: {error}")
-    return Spawned(exited, [p for p in (target, pid) if p > 0], io)
+        close_quietly(*set(child))
+    return Spawned(exited, [pid], io)
 
 
 async def _spawn_runc(start: pb.ExecStart, containers: Containers,

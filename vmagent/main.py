@@ -37,6 +37,7 @@ async def serve(settings: Settings, started_uptime: float) -> int:
     reaper.install()
     state = AgentState(reaper, settings.run_dir, started_uptime)
     state.exec_mode = settings.exec_mode
+    state.vmexec = settings.vmexec
     server = AgentServer(
         [HealthService(state), AgentService(state)], settings.transport,
         port_name=settings.port_name, vsock_port=settings.vsock_port,

@@ -48,13 +48,15 @@ class AgentState:
         self.shutdown_requested: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._containers: Containers | None = None
         self.exec_mode = "auto"
+        self.vmexec = ""
 
     @property
     def containers(self) -> Containers:
         if self._containers is None:
             from vmagent.containers import Containers
 
-            self._containers = Containers(self.reaper, self.run_dir, self.exec_mode)
+            self._containers = Containers(self.reaper, self.run_dir, self.exec_mode,
+                                          self.vmexec)
         return self._containers
 
 

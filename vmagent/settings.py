@@ -25,9 +25,12 @@ _FIELDS: dict[str, tuple[type, object]] = {
     # Power the VM off with reboot(2) on Shutdown or a fatal error, instead of exiting.
     # Defaults to on for PID 1 or when the kernel command line carries criserver.* words.
     "power_off": (bool, False),
-    # ExecSync in containers: "auto" (the agent's fork+setns path when the spec allows it,
+    # ExecSync in containers: "auto" (the agent's vmexec path when the spec allows it,
     # else `runc exec`) or "runc" (always `runc exec`).
     "exec_mode": (str, "auto"),
+    # The fast path's helper binary (guest/vmexec.c; "": where the guest image puts it).
+    # Without it every exec goes through runc.
+    "vmexec": (str, ""),
 }
 
 
@@ -40,6 +43,7 @@ class Settings:
     poll_interval: float
     power_off: bool
     exec_mode: str
+    vmexec: str
 
     def __init__(self, **values: object) -> None:
         for name, (_, default) in _FIELDS.items():

@@ -35,6 +35,9 @@ GUEST_SRC = REPO_ROOT / "guest"
 BUILDER_VERSION = 1
 
 PYTHON = "python3.11"
+CC = "gcc"
+VMEXEC_SOURCE = "vmexec.c"
+VMEXEC_PATH = "/usr/lib/criserver/vmexec"  # where vmagent.fastexec looks for it
 ROOT_SERIAL = "criserver-root"
 # The root is read-only and built together with its .pyc: checking a hash would only re-read and
 # hash every imported .py under emulation (about 0.5 s of the agent's start under TCG).
@@ -513,6 +516,8 @@ def inputs_digest(cfg: BuildConfig, src: Sources) -> str:
         "builder": BUILDER_VERSION,
         "builder_sha256": assets_mod.sha256_file(Path(__file__)),
         "init_sha256": assets_mod.sha256_file(GUEST_SRC / "init.sh"),
+        "vmexec_sha256": assets_mod.sha256_file(GUEST_SRC / VMEXEC_SOURCE),
+        "vmexec_toolchain": _vmexec_toolchain(),
         "flavour": cfg.flavour,
         "pyc_mode": cfg.pyc_mode,
         "kernel_release": src.kernel_release,
@@ -610,6 +615,7 @@ def build_root(src: Sources, stage: Path, pyc_mode: str) -> None:
         if WHEEL_DROP.search(rel) and ".dist-info" not in rel:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(site / "bin", ignore_errors=True)
+    build_vmexec(stage / VMEXEC_PATH.lstrip("/"))
     shutil.copytree(
         src.agent_dir,
         site / "vmagent",
@@ -635,6 +641,23 @@ def build_root(src: Sources, stage: Path, pyc_mode: str) -> None:
             str(stage / "usr/lib" / PYTHON),
             str(site),
         ],
+    )
+
+
+def _vmexec_toolchain() -> str:
+    """What shapes the static vmexec binary besides its source: compiler and static libs."""
+    cc = _run("compiler version", [CC, "--version"]).stdout.decode().splitlines()[0]
+    libs = _run("static lib versions", ["dpkg-query", "-W", "libc6-dev", "libseccomp-dev"])
+    return cc + "; " + " ".join(libs.stdout.decode().split())
+
+
+def build_vmexec(out: Path) -> None:
+    """The agent's exec helper: static (the guest root carries no libseccomp), stripped."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _run(
+        "compile vmexec (apt-get install gcc libc6-dev libseccomp-dev)",
+        [CC, "-O2", "-Wall", "-Werror", "-static", "-s", "-o", str(out),
+         str(GUEST_SRC / VMEXEC_SOURCE), "-lseccomp"],
     )
 
 

@@ -190,16 +190,58 @@ def test_cgroup_parsing_and_reasons(tmp_path: Path) -> None:
         "Completed", "Error", "OOMKilled"]
 
 
-def test_fastexec_plan_falls_back_for_what_it_cannot_do() -> None:
+def test_fastexec_plan_falls_back_for_what_it_cannot_do(tmp_path: Path) -> None:
+    vmexec = tmp_path / "vmexec"
+    vmexec.write_text("#!/bin/sh\n")
+    vmexec.chmod(0o755)
     process = exec_process(SPEC, ["true"], [], "", None)
-    p = fastexec.plan(SPEC, process, 1, "/sys/fs/cgroup/criserver/c1")
-    assert p is not None and p.bounding == 1 << 5 and p.no_new_privs and p.uid == 5
-    for extra in ({"linux": {**SPEC["linux"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}},
-                  {"linux": {"namespaces": [{"type": "user"}]}}):
-        assert fastexec.plan({**SPEC, **extra}, process, 1, "/x") is None
-    assert fastexec.plan(SPEC, {**process, "apparmorProfile": "p"}, 1, "/x") is None
-    bad = {**process, "capabilities": {"bounding": ["CAP_NOPE"]}}
-    assert fastexec.plan(SPEC, bad, 1, "/x") is None
+
+    def plan(spec: dict[str, object], proc: dict[str, object] = process,
+             helper: Path = vmexec) -> fastexec.Plan | None:
+        return fastexec.plan(spec, proc, os.getpid(), "/sys/fs/cgroup/criserver/c1", str(helper))
+
+    p = plan(SPEC)
+    assert p is not None and not p.seccomp_rules and p.argv == ["true"]
+    opts = " ".join(p.options)
+    assert "--uid 5 --gid 6 --bounding 20 --effective 20 --permitted 20" in opts
+    assert "--no-new-privs" in opts
+    seccomp = {"defaultAction": "SCMP_ACT_ALLOW"}
+    with_seccomp = plan({**SPEC, "linux": {**SPEC["linux"], "seccomp": seccomp}})
+    assert with_seccomp is not None and with_seccomp.seccomp_rules
+    for extra in ({"linux": {"namespaces": [{"type": "user"}]}},
+                  {"linux": {"seccomp": {**seccomp, "listenerPath": "/run/l.sock"}}},
+                  {"linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOTIFY"}}}):
+        assert plan({**SPEC, **extra}) is None
+    assert plan(SPEC, {**process, "apparmorProfile": "p"}) is None
+    assert plan(SPEC, {**process, "capabilities": {"bounding": ["CAP_NOPE"]}}) is None
+    assert plan(SPEC, helper=tmp_path / "missing") is None
+
+
+def test_seccomp_rules_follow_runc() -> None:
+    rules, flags = fastexec.seccomp_rules({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+        "flags": ["SECCOMP_FILTER_FLAG_LOG"],
+        "syscalls": [
+            {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+            {"names": ["reboot"], "action": "SCMP_ACT_ERRNO"},  # the default again: skipped
+            {"names": ["chmod"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+            {"names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [
+                {"index": 0, "value": 0, "op": "SCMP_CMP_EQ"},
+                {"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]},
+            {"names": ["clone"], "action": "SCMP_ACT_ALLOW", "args": [
+                {"index": 0, "value": 0x7E020000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"},
+                {"index": 1, "value": 3, "op": "SCMP_CMP_NE"}]},
+        ]})
+    allow, errno = 0x7FFF0000, 0x50000
+    assert flags == 2
+    assert rules.splitlines() == [
+        f"default {errno} 1", "arch x86_64", "arch x86",
+        f"rule {allow} 0 read", f"rule {allow} 0 write", f"rule {errno} 13 chmod",
+        # Two conditions on one argument: an OR, one rule each.
+        f"rule {allow} 0 personality 0 4 0 0", f"rule {allow} 0 personality 0 4 8 0",
+        f"rule {allow} 0 clone 0 7 {0x7E020000} 0 1 1 3 0",
+    ]
 
 
 def test_fastexec_report() -> None:
@@ -212,7 +254,6 @@ def test_fastexec_report() -> None:
     assert fastexec.parse_report(b"") == (0, "")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and cgroups")
 def test_fastexec_capability_table_matches_the_kernel() -> None:
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     assert len(fastexec.CAPS) >= last + 1

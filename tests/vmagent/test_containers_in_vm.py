@@ -9,6 +9,8 @@ One VM for the module (TCG boots are slow). Needs the guest assets with the loop
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -20,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from criserver import errors
+from criserver.runtime.streaming.interface import TerminalSize
 from criserver.sandbox import assets as assets_mod
 from criserver.sandbox.channel import AgentAddress, AgentClient
+from criserver.sandbox.streams import exec_in_vm
 from criserver.sandbox.vm import VM
 from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec
 from vmagent.api import agent_pb2 as pb
@@ -89,8 +93,8 @@ def _by_stream(chunks: list[pb.StdioChunk]) -> tuple[bytes, bytes]:
     return out, err
 
 
-@pytest.fixture(scope="module")
-async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
+async def _boot_pod(tmp_path_factory: pytest.TempPathFactory,
+                    settings: dict[str, str]) -> AsyncIterator[Pod]:
     try:
         assets = assets_mod.load(ASSETS_DIR)
     except assets_mod.AssetsError as exc:
@@ -104,7 +108,9 @@ async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
     images.mkdir()
     shared.mkdir()
     image = make_erofs(busybox_rootfs(work / "rootfs"), images)
-    spec = container_vm_spec(f"ctrtest-{os.getpid()}", work, assets, shared)
+    spec = dataclasses.replace(
+        container_vm_spec(f"ctrtest-{os.getpid()}-{work.name}", work, assets, shared),
+        agent_settings=settings)
     machine = VM(spec)
     await machine.start()
     client = AgentClient(spec.vm_id, AgentAddress(unix_path=str(work / "agent.sock")),
@@ -121,6 +127,24 @@ async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
             await machine.kill()
         log = spec.log_file.read_text(errors="replace") if spec.log_file.exists() else ""
         print(f"--- guest console ---\n{log[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
+    async for p in _boot_pod(tmp_path_factory, {}):
+        yield p
+
+
+@pytest.fixture(scope="module")
+async def runc_pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
+    """An agent that execs through `runc exec` only: the path specs vmexec cannot serve take."""
+    async for p in _boot_pod(tmp_path_factory, {"exec_mode": "runc"}):
+        yield p
+
+
+@pytest.fixture(params=["vmexec", "runc"])
+def exec_pod(request: pytest.FixtureRequest) -> Pod:
+    return request.getfixturevalue("pod" if request.param == "vmexec" else "runc_pod")  # type: ignore[no-any-return]
 
 
 async def test_output_exit_code_and_delete(pod: Pod) -> None:
@@ -161,15 +185,19 @@ SECCOMP = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_6
                          "errnoRet": 1}]}
 
 
-@pytest.mark.parametrize("path", ["fast", "runc"])
-async def test_exec_sync_in_container(pod: Pod, path: str) -> None:
+async def _exec_target(pod: Pod) -> str:
+    """A running container with a seccomp filter and CAP_NET_RAW dropped."""
     spec = json.loads(oci_spec(["sleep", "100000"]))
-    if path == "runc":
-        # A seccomp filter is what the fast path leaves to runc.
-        spec["linux"]["seccomp"] = SECCOMP
+    spec["linux"]["seccomp"] = SECCOMP
     spec["process"]["capabilities"]["bounding"].remove("CAP_NET_RAW")
     cid = await pod.create([], spec=json.dumps(spec).encode())
     await pod.call("StartContainer", pb.StartContainerRequest(container_id=cid))
+    return cid
+
+
+async def test_exec_sync_in_container(exec_pod: Pod) -> None:
+    pod = exec_pod
+    cid = await _exec_target(pod)
     try:
         r = await pod.exec(cid, "true")
         assert (r.exit_code, r.timed_out) == (0, False)
@@ -197,11 +225,8 @@ async def test_exec_sync_in_container(pod: Pod, path: str) -> None:
         r = await pod.exec(cid, "sh", "-c", "echo $FOO; pwd", env=["FOO=bar", "PATH=/bin"],
                            cwd="/tmp")
         assert r.stdout == b"bar\n/tmp\n", r
-        r = await pod.exec(cid, "mkdir", "/tmp/made")
-        if path == "runc":
-            assert r.exit_code != 0 and b"ermitted" in r.stderr, r
-        else:
-            assert r.exit_code == 0, r
+        r = await pod.exec(cid, "sh", "-c", "grep Seccomp: /proc/self/status; mkdir /tmp/made")
+        assert r.stdout == b"Seccomp:\t2\n" and b"ermitted" in r.stderr, r
         # Timeout: the process is killed, and the answer says so.
         r = await pod.exec(cid, "sleep", "100", timeout=1)
         assert r.timed_out
@@ -221,8 +246,50 @@ async def test_exec_sync_in_container(pod: Pod, path: str) -> None:
             await pod.exec(cid, "true")
             times.append(time.monotonic() - t0)
         times.sort()
-        print(f"ExecSync true ({path} path, host-observed): p50 "
+        print(f"ExecSync true (host-observed): p50 "
               f"{statistics.median(times) * 1000:.1f} ms max of 30 {times[-1] * 1000:.1f} ms")
+    finally:
+        await pod.delete(cid)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def close(self) -> None:
+        pass
+
+
+async def _chunks(*items: bytes) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
+
+
+async def test_exec_stream_in_container(exec_pod: Pod) -> None:
+    """Interactive exec (kubectl exec) through the agent's Exec stream, with and without a
+    terminal: stdin, output, exit code, and the container's seccomp filter."""
+    pod = exec_pod
+    cid = await _exec_target(pod)
+    try:
+        out, err = _Collect(), _Collect()
+        code = await asyncio.wait_for(exec_in_vm(
+            pod.client, cid, ["sh", "-c", "cat; grep Seccomp: /proc/self/status; "
+                              "mkdir /tmp/x; exit 5"], tty=False,
+            stdin=_chunks(b"from stdin\n"), stdout=out, stderr=err, resize=None), 60)
+        assert code == 5 and out.data == b"from stdin\nSeccomp:\t2\n", out.data
+        assert b"ermitted" in err.data, err.data
+
+        async def sizes() -> AsyncIterator[TerminalSize]:
+            yield TerminalSize(width=91, height=27)
+
+        out = _Collect()
+        code = await asyncio.wait_for(exec_in_vm(
+            pod.client, cid, ["sh", "-c", "stty size; tty; exit 3"], tty=True, stdin=None,
+            stdout=out, stderr=None, resize=sizes()), 60)
+        assert code == 3 and b"27 91" in out.data and b"/dev/pts/" in out.data, out.data
     finally:
         await pod.delete(cid)
 
