@@ -56,7 +56,9 @@ typecheck: venv
 test: install lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# containerd is the same-run baseline of bench/exec_baseline.py (no daemon of it is started).
 bench: install
+	$(MAKE) deps APT_PACKAGES=containerd
 	$(PY) bench/cri_latency.py
 
 clean:
