@@ -37,9 +37,13 @@ from tests.daemon import Daemon  # noqa: E402
 from tests.e2e.conftest import kill_vms_under, vm_pids_of  # noqa: E402
 
 
-def daemon_config(workdir: Path, tag: str, network: bool, boot_timeout: float) -> str:
-    """The micro-VM handler on a private CNI network (as tests/e2e does): never the host's."""
+def daemon_config(workdir: Path, tag: str, network: bool, boot_timeout: float,
+                  options: dict[str, int | bool] | None = None) -> str:
+    """The micro-VM handler on a private CNI network (as tests/e2e does): never the host's.
+    `options`: more microvm backend options (numbers and booleans)."""
     subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
+    extra = "".join(f", {k} = {str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in (options or {}).items())
     return (
         "[runtime]\ndefault_handler = \"microvm\"\n"
         "[network]\n"
@@ -50,18 +54,19 @@ def daemon_config(workdir: Path, tag: str, network: bool, boot_timeout: float) -
         "[runtimes.microvm]\n"
         'backend = "microvm"\n'
         f"options = {{ network = {'true' if network else 'false'}, "
-        f"boot_timeout = {boot_timeout} }}\n"
+        f"boot_timeout = {boot_timeout}{extra} }}\n"
     )
 
 
 class BenchDaemon:
     """A daemon in its own short work dir; `close` kills it and every QEMU it started."""
 
-    def __init__(self, network: bool, boot_timeout: float = 60.0) -> None:
+    def __init__(self, network: bool, boot_timeout: float = 60.0,
+                 options: dict[str, int | bool] | None = None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="crb-", dir="/tmp"))
         self.tag = secrets.token_hex(3)
         self.daemon = Daemon(self.workdir, config=daemon_config(self.workdir, self.tag, network,
-                                                                 boot_timeout))
+                                                                 boot_timeout, options))
 
     def __enter__(self) -> BenchDaemon:
         self.daemon.start()
@@ -77,6 +82,8 @@ class BenchDaemon:
         for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
             subprocess.run(["umount", "-l", m], check=False, capture_output=True)
         subprocess.run(["ip", "link", "del", f"crb{self.tag}"], check=False, capture_output=True)
+        # host-local's allocations of the private network (its pods are gone).
+        shutil.rmtree(f"/var/lib/cni/networks/crb-{self.tag}", ignore_errors=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

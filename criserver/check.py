@@ -97,6 +97,18 @@ def _kvm_device() -> Result:
                   required=False)
 
 
+def _ksm(options: MicroVMOptions) -> Result:
+    from criserver.sandbox import ksm
+
+    state = ksm.state()
+    if state == "on":
+        return Result("KSM", True, "on: identical guest pages are shared between pods")
+    hint = ("the daemon turns it on at start (ksm = true)" if options.ksm
+            else "echo 1 > /sys/kernel/mm/ksm/run, or ksm = true in the microvm options")
+    return Result("KSM", False, f"{state}: each pod's VM keeps its own copy of identical pages "
+                  "(~80 MiB more per idle pod)", hint, required=False)
+
+
 def run_checks(config: Config) -> int:
     """Print the checks; exit status 1 when a required one fails."""
     handler = config.runtimes.get("microvm")
@@ -106,7 +118,7 @@ def run_checks(config: Config) -> int:
     )
     checks: list[Callable[[], Result]] = [
         lambda: _qemu(options), _kvm_device, lambda: _accelerator(config, options), _vsock,
-        lambda: _assets(options), lambda: _cni(config), _cgroups,
+        lambda: _assets(options), lambda: _cni(config), _cgroups, lambda: _ksm(options),
     ]
     failed = False
     for check in checks:

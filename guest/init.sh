@@ -21,6 +21,7 @@ transport=serial
 extra=
 probe=
 debug=
+pr_order=
 read -r cmdline < /proc/cmdline
 for w in $cmdline; do
     case "$w" in
@@ -29,6 +30,7 @@ for w in $cmdline; do
         criserver.modules=*) extra=${w#*=} ;;
         criserver.probe=*) probe=${w#*=} ;;
         criserver.init_debug=*) debug=${w#*=} ;;
+        criserver.pr_order=*) pr_order=${w#*=} ;;
     esac
 done
 
@@ -64,6 +66,10 @@ IFS=,
 for g in $extra; do load_group "$g"; done
 IFS=$old_ifs
 read -r t_modules _ < /proc/uptime
+# Free page reporting (virtio_balloon): the smallest free block the guest reports to the host.
+if [ -n "$pr_order" ] && [ -w /sys/module/page_reporting/parameters/page_reporting_order ]; then
+    echo "$pr_order" > /sys/module/page_reporting/parameters/page_reporting_order
+fi
 
 # The root disk is found by its serial, not its name: extra disks may take vda. virtio probing
 # is synchronous in insmod, so the wait (about 1-2 s) only matters on a broken setup.

@@ -43,7 +43,7 @@ from criserver.runtime.backend import (
 )
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import accel, assets, streams, tap
+from criserver.sandbox import accel, assets, ksm, streams, tap
 from criserver.sandbox.channel import AgentAddress, AgentClient
 from criserver.sandbox.cni import CniManager, DefaultNetwork, PortMapping
 from criserver.sandbox.container_io import ContainerIO
@@ -87,6 +87,13 @@ class MicroVMOptions:
     network: bool = True  # false: pods without networking (no CNI), e.g. on hosts without it
     # Agent channel: vsock where the host has /dev/vhost-vsock, else virtio-serial ("auto").
     transport: str = "auto"
+    # Host memory per pod. TCG's translation cache, MiB (0: QEMU's default of up to 1 GiB; an
+    # idle guest fills ~76 MiB, and smaller caches slow guest code: 48 about 2x, 32 about 4x).
+    tcg_tb_size_mib: int = 64
+    # The guest hands pages it frees back to the host (virtio-balloon free page reporting).
+    free_page_reporting: bool = True
+    # Turn on the host's kernel samepage merging at start (host-wide; see sandbox/ksm.py).
+    ksm: bool = False
 
 
 class MicroVMBackend(BaseBackend):
@@ -131,6 +138,12 @@ class MicroVMBackend(BaseBackend):
         await asyncio.to_thread(prepare_volumes_root, self._volumes_root())
         if self._accel.name == "tcg":
             log.warning("pods run under TCG (software emulation): %s", self._accel.reason)
+        if self.settings.ksm:
+            try:
+                before = await asyncio.to_thread(ksm.enable)
+                log.info("kernel samepage merging on (was %s)", before)
+            except OSError as exc:
+                log.warning("cannot turn on kernel samepage merging: %s", exc)
         for pod in pods:
             if pod.state == PodState.READY:
                 await self._adopt(pod, [c for c in containers if c.pod_id == pod.id])
@@ -176,6 +189,8 @@ class MicroVMBackend(BaseBackend):
             "accelerator": self._accel.name if self._accel else "unknown",
             "acceleratorReason": self._accel.reason if self._accel else "",
             "tscKhz": self._tsc_khz,
+            "tcgTbSizeMib": self.settings.tcg_tb_size_mib,
+            "ksm": await asyncio.to_thread(ksm.state),
             "guestAssets": str(self._assets.path) if self._assets else self._assets_error,
             "guestKernel": self._assets.kernel_release if self._assets else "",
             "pods": len(self._pods),
@@ -241,6 +256,8 @@ class MicroVMBackend(BaseBackend):
             nics=nics,
             shares=pod_shares(self._images_dir(), self._volumes(pod.id).directory),
             qemu_binary=self.settings.qemu_binary,
+            tcg_tb_size_mib=self.settings.tcg_tb_size_mib,
+            free_page_reporting=self.settings.free_page_reporting,
         )
 
     def _size(self, config: cri.PodSandboxConfig) -> tuple[int, int]:

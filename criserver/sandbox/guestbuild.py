@@ -68,6 +68,8 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "loop": ("loop",),
     # QEMU's ISA pvpanic is an ACPI device (QEMU0001) on both machines: pvpanic_mmio drives it.
     "pvpanic": ("pvpanic_mmio",),
+    # virtio-balloon: free page reporting hands pages the guest frees back to the host.
+    "balloon": ("virtio_balloon",),
 }
 # Flavours without a module (the cloud kernel has no 9p) simply lack that group.
 

@@ -96,6 +96,20 @@ def test_kvm_uses_host_cpu() -> None:
     assert opt(build_command(spec(accel="kvm")), "-cpu") == ["host"]
 
 
+def test_host_memory_options() -> None:
+    argv = build_command(spec(tcg_tb_size_mib=64, free_page_reporting=True))
+    assert opt(argv, "-accel") == ["tcg,tb-size=64"]
+    assert "virtio-balloon-device,free-page-reporting=on" in opt(argv, "-device")
+    words = kernel_cmdline(spec(free_page_reporting=True, page_reporting_order=3)).split()
+    assert "criserver.pr_order=3" in words
+    assert any(w.startswith("criserver.modules=") and "balloon" in w for w in words)
+    # The translation cache is TCG's alone; q35 gets the PCI balloon.
+    assert opt(build_command(spec(accel="kvm", tcg_tb_size_mib=64)), "-accel") == ["kvm"]
+    q35 = build_command(spec(machine=Machine.Q35, free_page_reporting=True))
+    assert "virtio-balloon-pci,free-page-reporting=on" in opt(q35, "-device")
+    assert not any("balloon" in d for d in opt(build_command(spec()), "-device"))
+
+
 def test_nics_and_extra_disks() -> None:
     s = spec(
         nics=(TapNic(fd=7, mac="02:00:00:00:00:01", mtu=1450),),
@@ -137,6 +151,8 @@ def test_9p_shares() -> None:
         {"agent_settings": {"log level": "x"}},
         {"agent_settings": {"k": "has space"}},
         {"memory_mib": 16},
+        {"tcg_tb_size_mib": -1},
+        {"page_reporting_order": 11},
         {"shares": (Share("bad tag", Path("/x")),)},
     ],
 )
