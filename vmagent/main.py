@@ -8,6 +8,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from vmagent import guestinfo
 from vmagent.settings import Settings, load
@@ -75,6 +77,15 @@ def _request(fut: asyncio.Future[int]) -> None:
         fut.set_result(0)
 
 
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """On uvloop when the guest has it (it does: guestbuild installs it), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main(argv: list[str], started_uptime: float | None = None) -> int:
     if started_uptime is None:
         started_uptime = guestinfo.uptime()
@@ -84,7 +95,7 @@ def main(argv: list[str], started_uptime: float | None = None) -> int:
              guestinfo.uptime(), settings)
     action = None
     try:
-        action = asyncio.run(serve(settings, started_uptime))
+        action = _run(serve(settings, started_uptime))
     except BaseException:
         log.exception("agent failed")
         if not settings.power_off:
