@@ -126,7 +126,8 @@ async def timed(call: Callable[[], Awaitable[None]], n: int) -> list[float]:
     return out
 
 
-async def run(execs: int, block: int, warmup: int, with_runc: bool) -> None:
+async def run(execs: int, block: int, warmup: int, with_runc: bool,
+              tb_size: int | None) -> None:
     reg_dir = Path(tempfile.mkdtemp(prefix="execb-reg-", dir="/tmp"))
     registry = _start_registry(reg_dir / "open", htpasswd=False)
     crid: BenchDaemon | None = None
@@ -134,7 +135,8 @@ async def run(execs: int, block: int, warmup: int, with_runc: bool) -> None:
         await push_images(registry.base)
         image = f"{registry.host}/e2e/busybox:latest"
         pause = f"{registry.host}/bench/pause:latest"
-        crid = BenchDaemon(network=True)
+        crid = BenchDaemon(network=True, options=None if tb_size is None
+                           else {"tcg_tb_size_mib": tb_size})
         with Containerd(registry.host, pause) as ctrd, crid:
             targets = [Target("containerd", ctrd.client()),
                        Target("criserver", crid.daemon.client())]
@@ -199,8 +201,10 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=10, help="calls per block before switching")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls per runtime first")
     ap.add_argument("--no-runc", action="store_true", help="skip the direct `runc exec` line")
+    ap.add_argument("--tb-size", type=int, default=None,
+                    help="criserver's tcg_tb_size_mib (default: the backend's)")
     args = ap.parse_args()
-    asyncio.run(run(args.execs, args.block, args.warmup, not args.no_runc))
+    asyncio.run(run(args.execs, args.block, args.warmup, not args.no_runc, args.tb_size))
 
 
 if __name__ == "__main__":

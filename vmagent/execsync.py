@@ -130,6 +130,8 @@ def _kill_group(pid: int) -> None:
 
 
 def kill_pid(pid: int, signum: int = signal.SIGKILL) -> None:
+    if pid <= 0:  # 0 or -1 would signal our own process group, or everything
+        return
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
