@@ -112,7 +112,9 @@ def runc_exec(root: Path, cid: str) -> Callable[[], Awaitable[None]]:
     argv = [RUNC_BIN, "--root", str(root), "exec", cid, "true"]
 
     async def call() -> None:
-        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL)
+        if await proc.wait() != 0:
+            raise RuntimeError(f"{argv}: exit {proc.returncode}")
 
     return call
 
