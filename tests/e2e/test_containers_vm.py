@@ -18,6 +18,7 @@ import pytest
 
 from tests.cri_client import CRIClient, enum, msg
 from tests.daemon import Daemon
+from tests.e2e.conftest import vm_pids_of
 
 pytestmark = pytest.mark.vm
 
@@ -229,6 +230,30 @@ async def test_pod_network_reaches_container(pod: Pod, tmp_path: Path) -> None:
         await pod.cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest",
                                                    pod_sandbox_id=other.id))
     await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=server))
+
+
+def _qemu_rss_mib(pod: Pod) -> float:
+    [qemu] = vm_pids_of(pod.id)
+    status = Path(f"/proc/{qemu}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)[1]) / 1024  # type: ignore[index]
+
+
+async def test_memory_the_guest_frees_returns_to_the_host(pod: Pod) -> None:
+    """Free page reporting (virtio-balloon): 80 MiB written into a container's writable layer
+    (guest RAM: tmpfs) and deleted again leave QEMU's resident memory."""
+    cid = await pod.container("memfree", "sleep", "100000")
+    try:
+        r = await pod.exec(cid, "sh", "-c", "head -c 83886080 /dev/zero > /fill", timeout=120)
+        assert r.exit_code == 0, r  # type: ignore[attr-defined]
+        full = _qemu_rss_mib(pod)
+        r = await pod.exec(cid, "rm", "/fill")
+        assert r.exit_code == 0, r  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 30
+        while _qemu_rss_mib(pod) > full - 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert _qemu_rss_mib(pod) <= full - 50, (full, _qemu_rss_mib(pod))
+    finally:
+        await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
 
 
 async def test_log_reopen(pod: Pod) -> None:
