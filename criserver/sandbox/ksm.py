@@ -12,18 +12,18 @@ KSM_RUN = Path("/sys/kernel/mm/ksm/run")
 _STATES = {"0": "off", "1": "on", "2": "off (unmerging)"}
 
 
-def state(run_file: Path = KSM_RUN) -> str:
+def state(run_file: Path | None = None) -> str:
     """"on", "off", "off (unmerging)" or "unavailable: <why>" (sysfs: no blocking I/O)."""
     try:
-        raw = run_file.read_text().strip()
+        raw = (run_file or KSM_RUN).read_text().strip()
     except OSError as exc:
         return f"unavailable: {exc.strerror}"
     return _STATES.get(raw, f"unknown ({raw})")
 
 
-def enable(run_file: Path = KSM_RUN) -> str:
+def enable(run_file: Path | None = None) -> str:
     """Turn KSM on; returns the state before. Raises OSError when it cannot be changed."""
     before = state(run_file)
     if before != "on":
-        run_file.write_text("1\n")
+        (run_file or KSM_RUN).write_text("1\n")
     return before

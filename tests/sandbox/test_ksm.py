@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from criserver.config import Config
+from criserver.runtime.backend import BackendContext
 from criserver.sandbox import ksm
+from criserver.sandbox.backend import MicroVMBackend
 
 
 def test_state_and_enable(tmp_path: Path) -> None:
@@ -18,3 +23,22 @@ def test_state_and_enable(tmp_path: Path) -> None:
     run.write_text("2\n")
     assert ksm.state(run) == "off (unmerging)"
 
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+async def test_backend_turns_ksm_on_only_when_configured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wanted: bool) -> None:
+    run = tmp_path / "run"
+    run.write_text("0\n")
+    monkeypatch.setattr(ksm, "KSM_RUN", run)
+    context = BackendContext(handler="microvm", root=tmp_path / "root",
+                             state=tmp_path / "state", config=Config(),
+                             events=None)  # type: ignore[arg-type]
+    backend = MicroVMBackend({"ksm": wanted, "accelerator": "tcg", "network": False,
+                              "assets_dir": str(tmp_path / "no-assets")}, context)
+    await backend.start([], [])
+    try:
+        assert ksm.state() == ("on" if wanted else "off")
+        assert (await backend.status()).info["ksm"] == ksm.state()
+    finally:
+        await backend.close()
