@@ -10,6 +10,7 @@ from criserver.config import Config
 from criserver.runtime.backend import BackendContext
 from criserver.sandbox import ksm
 from criserver.sandbox.backend import MicroVMBackend
+from tests.daemon import unmount_under
 
 
 def test_state_and_enable(tmp_path: Path) -> None:
@@ -42,3 +43,4 @@ async def test_backend_turns_ksm_on_only_when_configured(
         assert (await backend.status()).info["ksm"] == ksm.state()
     finally:
         await backend.close()
+        unmount_under(tmp_path)  # the backend's private bind mount of its volumes root
