@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -82,10 +83,13 @@ def guest_marks(log: Path) -> dict[str, float]:
 
 
 async def one_boot(
-    a: assets_mod.GuestAssets, machine: Machine, tsc: int | None, measure_pss: bool
+    a: assets_mod.GuestAssets, machine: Machine, tsc: int | None, measure_pss: bool,
+    **vm_options: Any,
 ) -> dict[str, float | None]:
+    """`vm_options`: more VMSpec fields (e.g. the backend's host-memory settings)."""
     d = Path(tempfile.mkdtemp(prefix="cribench-", dir="/tmp"))
     spec = VMSpec(
+        **vm_options,
         vm_id=f"bench-{d.name}",
         state_dir=d,
         kernel=a.kernel,

@@ -31,10 +31,13 @@ from boot_floor import IDLE_SECONDS, one_boot, pss_kib  # noqa: E402
 
 from criserver.sandbox import assets as assets_mod  # noqa: E402
 from criserver.sandbox.accel import read_tsc_khz  # noqa: E402
+from criserver.sandbox.backend import MicroVMOptions  # noqa: E402
 from criserver.sandbox.qemu import Machine  # noqa: E402
 from tests.cri_client import CRIClient, msg  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 from tests.e2e.conftest import kill_vms_under, vm_pids_of  # noqa: E402
+
+DEFAULTS = MicroVMOptions()
 
 
 def daemon_config(workdir: Path, tag: str, network: bool, boot_timeout: float,
@@ -107,7 +110,11 @@ async def sequential(
         clients = {"net": net_d.daemon.client(), "nonet": nonet_d.daemon.client()}
         try:
             for i in range(runs):
-                floor = await one_boot(a, Machine.MICROVM, tsc, measure_pss=False)
+                # The same VM as the daemon's pods get (translation cache, page reporting).
+                floor = await one_boot(
+                    a, Machine.MICROVM, tsc, measure_pss=False,
+                    tcg_tb_size_mib=DEFAULTS.tcg_tb_size_mib,
+                    free_page_reporting=DEFAULTS.free_page_reporting)
                 out["floor"].append(float(floor["first_byte"] or 0.0))
                 for kind, cri in clients.items():
                     pod_id, took = await run_pod(cri, f"bench-{kind}-{i}")
