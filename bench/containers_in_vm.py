@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -57,15 +58,19 @@ def seccomp_spec() -> bytes:
 async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
     assets = assets_mod.load(assets_dir)
     work = Path(tempfile.mkdtemp(prefix="ctrbench-"))
-    (work / "images").mkdir()
-    image = make_erofs(busybox_rootfs(work / "rootfs"), work / "images")
-    for exec_mode in ("auto", "runc"):
-        (work / exec_mode).mkdir()
-        (work / exec_mode / "images").symlink_to(work / "images")
-        spec = dataclasses.replace(
-            container_vm_spec(f"ctrbench-{os.getpid()}-{exec_mode}", work / exec_mode, assets),
-            agent_settings={"exec_mode": exec_mode})
-        await one_vm(spec, image, exec_mode, n_containers, n_execs)
+    try:
+        (work / "images").mkdir()
+        image = make_erofs(busybox_rootfs(work / "rootfs"), work / "images")
+        for exec_mode in ("auto", "runc"):
+            (work / exec_mode).mkdir()
+            (work / exec_mode / "images").symlink_to(work / "images")
+            spec = dataclasses.replace(
+                container_vm_spec(f"ctrbench-{os.getpid()}-{exec_mode}", work / exec_mode,
+                                  assets),
+                agent_settings={"exec_mode": exec_mode})
+            await one_vm(spec, image, exec_mode, n_containers, n_execs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 async def one_vm(spec: VMSpec, image: str, exec_mode: str, n_containers: int,
