@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import os
 import struct
 from typing import Any
@@ -23,6 +24,7 @@ from grpclib.exceptions import GRPCError
 
 from vmagent import runc
 from vmagent.execsync import Capture, kill_pid
+from vmagent.fdio import write_all
 from vmagent.pid1 import Reaper
 
 DEFAULT_VMEXEC = "/usr/lib/criserver/vmexec"
@@ -161,13 +163,9 @@ class Plan:
         return other
 
 
-_OWN_NS: dict[str, int] = {}
-
-
+@functools.cache
 def _own_ns(ns: str) -> int:
-    if ns not in _OWN_NS:
-        _OWN_NS[ns] = os.stat(f"/proc/self/ns/{ns}").st_ino
-    return _OWN_NS[ns]
+    return os.stat(f"/proc/self/ns/{ns}").st_ino
 
 
 def plan(container_spec: dict[str, Any], process: dict[str, Any], init_pid: int,
@@ -197,6 +195,10 @@ async def compile_filter(p: Plan, reaper: Reaper) -> bytes:
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = runc.spawn([p.vmexec, "seccomp-compile"], in_r, out_w, err_w)
+    except BaseException:
+        for fd in (in_w, out_r, err_r):
+            os.close(fd)
+        raise
     finally:
         for fd in (in_r, out_w, err_w):
             os.close(fd)
@@ -205,8 +207,11 @@ async def compile_filter(p: Plan, reaper: Reaper) -> bytes:
     out = Capture(loop, out_r, 16 << 20)
     err = Capture(loop, err_r, 65536)
     try:
-        # A profile is a few KiB: more than a pipe holds only for absurd ones, so write off-loop.
-        await asyncio.to_thread(_write_all, in_w, p.seccomp_rules.encode())
+        try:
+            os.set_blocking(in_w, False)
+            await write_all(in_w, p.seccomp_rules.encode())
+        finally:
+            os.close(in_w)  # end of the rules
         status = await exited
         await asyncio.wait({out.eof, err.eof}, timeout=1.0)
     except BaseException:
@@ -220,15 +225,6 @@ async def compile_filter(p: Plan, reaper: Reaper) -> bytes:
                 or f"exit {status.code}").removeprefix("vmexec: ")
         raise GRPCError(Status.INVALID_ARGUMENT, f"seccomp profile: {text}")
     return bytes(out.data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
 
 
 def spawn(p: Plan, stdout: int, stderr: int, *, stdin: int = -1, tty: bool = False,
