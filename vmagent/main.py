@@ -56,7 +56,8 @@ async def serve(settings: Settings, started_uptime: float) -> int:
     loop.call_soon(become_subreaper)
     # Boot left ~10 MB of page cache (Python's start-up files) the idle agent no longer needs:
     # dropped once the guest settled, free page reporting returns it to the host.
-    loop.call_later(10.0, _drop_page_cache)
+    if settings.drop_boot_cache:
+        loop.call_later(10.0, _drop_page_cache)
     action = await state.shutdown_requested
     # Let the Shutdown answer leave before the connection goes away.
     await asyncio.sleep(0.05)

@@ -1,13 +1,17 @@
-"""SetupSandbox: the pod-level state of the guest (hostname, resolv.conf, hosts, sysctls).
-Files go under the agent's run directory (tmpfs) and are bind-mounted into containers later.
+"""SetupSandbox: the pod-level state of the guest (clock, RNG, hostname, resolv.conf, hosts,
+sysctls). Files go under the agent's run directory (tmpfs) and are bind-mounted into containers
+later.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
+import time
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -16,6 +20,9 @@ from vmagent.api import agent_pb2 as pb
 
 log = logging.getLogger("vmagent")
 
+# linux/random.h: add bytes (crediting their bits), then reseed the kernel's generator from them.
+_RNDADDENTROPY = 0x40085203
+_RNDRESEEDCRNG = 0x5207
 _SYSCTL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./:")
 
 
@@ -51,10 +58,38 @@ def apply_sysctl(key: str, value: str) -> None:
         raise GRPCError(code, f"sysctl {key}={value!r}: {exc.strerror}") from exc
 
 
+def set_clock(realtime_ns: int) -> None:
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, realtime_ns)
+    except OSError as exc:
+        raise GRPCError(Status.INTERNAL, f"set the clock: {exc.strerror}") from exc
+
+
+def reseed_rng(entropy: bytes, device: str = "/dev/urandom") -> None:
+    """Mix `entropy` into the kernel RNG and reseed it now, not at its next periodic reseed."""
+    if len(entropy) % 4:
+        raise GRPCError(Status.INVALID_ARGUMENT, "entropy must be a multiple of 4 bytes")
+    pool_info = struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
+    try:
+        fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _RNDADDENTROPY, pool_info)
+            fcntl.ioctl(fd, _RNDRESEEDCRNG)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise GRPCError(Status.INTERNAL, f"reseed the RNG: {exc.strerror}") from exc
+
+
 def setup_sandbox(req: pb.SetupSandboxRequest, run_dir: str) -> pb.SetupSandboxResponse:
-    """Apply the pod settings in the order a failure is cheapest to report: validate, then act."""
+    """Apply the pod settings in the order a failure is cheapest to report: validate, then act.
+    The clock and RNG come first: everything after may use them."""
     for key in req.sysctls:
         sysctl_path(key)
+    if req.realtime_ns:
+        set_clock(req.realtime_ns)
+    if req.entropy:
+        reseed_rng(req.entropy)
     os.makedirs(run_dir, exist_ok=True)
     resp = pb.SetupSandboxResponse()
     if req.hostname:

@@ -220,3 +220,75 @@ async def test_host_network_pod_is_refused(vm_daemon: Daemon) -> None:
     assert "vm-hostnet" not in {p.metadata.name for p in
                                 (await cri.runtime.ListPodSandbox()).items}
     await cri.close()
+
+
+def _memory_mapping(pid: int) -> dict[str, int]:
+    """smaps fields (kB) of the QEMU's mapping of a template memory file."""
+    fields: dict[str, int] = {}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split(" ")[0]:
+            inside = line.rstrip().endswith("/memory") and "/templates/" in line
+        elif inside and line.split(":")[0] in ("Rss", "Shared_Clean", "Shared_Dirty"):
+            fields[line.split(":")[0]] = fields.get(line.split(":")[0], 0) + int(line.split()[1])
+    return fields
+
+
+async def test_pods_start_from_a_template(vm_daemon: Daemon) -> None:
+    """The first pod of a shape boots, and a template is built from its shape in the
+    background; the next pods are restored from it, share its memory, and still get a clock,
+    RNG state, host name and network of their own."""
+    cri = vm_daemon.client()
+    first = await cri.run_pod("vm-tmpl-first")
+    _, info = await _status(cri, first)
+    deadline = time.monotonic() + 240
+    while not list(vm_daemon.state.glob("runtimes/*/templates/*/state")):
+        assert time.monotonic() < deadline, "no template built"
+        await asyncio.sleep(0.5)
+    (state_file,) = vm_daemon.state.glob("runtimes/*/templates/*/state")
+    # A clone wakes up with the template's clock: give it something to catch up.
+    await asyncio.sleep(max(0.0, state_file.stat().st_mtime + 10 - time.time()))
+    clones = await asyncio.gather(*(
+        cri.run_pod(f"vm-tmpl-{i}", hostname=f"clone-{i}") for i in range(2)))
+    pids = []
+    for pod_id in clones:
+        state, info = await _status(cri, pod_id)
+        assert state == enum("SANDBOX_READY")
+        assert info["template"] == state_file.parent.name, info
+        pids.append(info["qemuPid"])
+    ips = [(await cri.runtime.PodSandboxStatus(msg(
+        "PodSandboxStatusRequest", pod_sandbox_id=p))).status.network.ip for p in clones]
+    await asyncio.sleep(1)
+    for pid in pids:
+        # The guest RAM the clones did not write is one copy in the host's page cache.
+        mapping = _memory_mapping(pid)
+        assert mapping["Shared_Clean"] + mapping["Shared_Dirty"] >= 16 * 1024, mapping
+    state_dirs = [Path((await _status(cri, p))[1]["stateDir"]) for p in clones]
+    await cri.close()
+
+    assert vm_daemon.stop() == 0
+    seen_random = set()
+    for i, state_dir in enumerate(state_dirs):
+        agent = AgentClient(clones[i], AgentAddress(unix_path=str(state_dir / "agent.sock")))
+
+        async def guest(*argv: str) -> str:
+            reply = await agent.exec_sync(pb.ExecSyncRequest(  # noqa: B023
+                process=pb.Process(argv=list(argv)), timeout_seconds=20))
+            assert reply.exit_code == 0, reply.stderr
+            return reply.stdout.decode().strip()
+
+        try:
+            guest_time = int(await guest("date", "+%s"))
+            assert abs(guest_time - time.time()) < 3, (guest_time, time.time())
+            assert await guest("hostname") == f"clone-{i}"
+            seen_random.add(await guest("sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"))
+            assert f"inet {ips[i]}/" in await guest("ip", "-4", "addr", "show")
+            assert await guest("cat", "/sys/class/net/eth0/address") != "02:c5:00:00:00:01"
+        finally:
+            agent.close()
+    assert len(seen_random) == 2
+    vm_daemon.start()
+    cri = vm_daemon.client()
+    for pod_id in (first, *clones):
+        await _remove(cri, pod_id)
+    await cri.close()

@@ -44,7 +44,7 @@ class CheckResponse(_message.Message):
     def __init__(self, agent_version: _Optional[str] = ..., agent_instance_id: _Optional[str] = ..., kernel_release: _Optional[str] = ..., boot_id: _Optional[str] = ..., boot_time_unix_nanos: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., agent_started_uptime_seconds: _Optional[float] = ..., agent_serving_uptime_seconds: _Optional[float] = ..., transport: _Optional[str] = ..., connection_serial: _Optional[int] = ..., sandbox_ready: _Optional[bool] = ..., agent_pid: _Optional[int] = ...) -> None: ...
 
 class SetupSandboxRequest(_message.Message):
-    __slots__ = ("request_id", "sandbox_id", "hostname", "resolv_conf", "sysctls", "hosts", "interfaces")
+    __slots__ = ("request_id", "sandbox_id", "hostname", "resolv_conf", "sysctls", "hosts", "interfaces", "realtime_ns", "entropy")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class SetupSandboxRequest(_message.Message):
     SYSCTLS_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    REALTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sandbox_id: str
     hostname: str
@@ -66,7 +68,9 @@ class SetupSandboxRequest(_message.Message):
     sysctls: _containers.ScalarMap[str, str]
     hosts: str
     interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
-    def __init__(self, request_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., resolv_conf: _Optional[str] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., hosts: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ...) -> None: ...
+    realtime_ns: int
+    entropy: bytes
+    def __init__(self, request_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., resolv_conf: _Optional[str] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., hosts: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., realtime_ns: _Optional[int] = ..., entropy: _Optional[bytes] = ...) -> None: ...
 
 class Interface(_message.Message):
     __slots__ = ("name", "mac", "mtu", "addresses", "routes", "device_mac")
