@@ -6,8 +6,12 @@ kernel and the rest.
     .venv/bin/python -m bench.pod_memory [--pods 20] [--idle 30] [--no-baseline] [--no-ksm]
 
 Measured in one run: a baseline daemon with QEMU's own defaults (translation cache up to 1 GiB,
-no free page reporting), then a daemon with criserver's defaults, then the same pods again
-once the host's KSM has merged identical pages (KSM is restored to its previous settings).
+no free page reporting, every pod booted), then criserver's defaults with templates off (every
+pod booted), then criserver's defaults (pods cloned from a template, built by a first pod that
+is removed before the N start), then the same pods again once the host's KSM has merged
+identical pages (KSM is restored to its previous settings). With templates, each pod is also
+charged 1/N of the template's memory file (an upper bound: PSS already counts the part of it
+the clones map).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.exec_baseline import push_images
-from bench.pod_start import BenchDaemon
+from bench.pod_start import BenchDaemon, build_template
 from tests.cri_client import CRIClient, msg
 from tests.e2e.conftest import vm_pids_of
 from tests.registry import _start_registry, _stop
@@ -53,7 +57,9 @@ def usage(pid: int, guest_mib: int) -> Usage:
         m = MAPPING.match(line)
         if m:
             size_mib = (int(m[2], 16) - int(m[1], 16)) >> 20
-            if "vmlinux" in m[4]:
+            if m[4].endswith("/memory") and "/templates/" in m[4]:
+                kind = "guest RAM"  # a clone's: the template's file, mapped privately
+            elif "vmlinux" in m[4]:
                 kind = "kernel"
             elif m[3].startswith("rwx"):
                 kind = "tcg"
@@ -96,15 +102,23 @@ async def start_pods(cri: CRIClient, image: str, n: int) -> list[str]:
     return list(pods)
 
 
-def measure(pods: list[str], guest_mib: int) -> list[Usage]:
-    return [usage(pid, guest_mib) for pod in pods for pid in vm_pids_of(pod)]
+def measure(pods: list[str], guest_mib: int, workdir: Path | None = None) -> list[Usage]:
+    usages = [usage(pid, guest_mib) for pod in pods for pid in vm_pids_of(pod)]
+    if workdir is not None:
+        files = list(workdir.glob("state/runtimes/*/templates/*/memory"))
+        resident = sum(f.stat().st_blocks * 512 for f in files) / 2**20
+        for u in usages:
+            if resident:
+                u.pss["template file 1/N"] = resident / len(usages)
+    return usages
 
 
 def _ksm_read(name: str) -> int:
     return int((KSM / name).read_text())
 
 
-async def with_ksm(pods: list[str], guest_mib: int, wait: float) -> tuple[list[Usage], str]:
+async def with_ksm(pods: list[str], guest_mib: int, wait: float,
+                   workdir: Path | None) -> tuple[list[Usage], str]:
     """Turn KSM on (scanning fast), wait until sharing stops growing, measure, restore."""
     saved = {n: (KSM / n).read_text() for n in ("run", "pages_to_scan", "sleep_millisecs")}
     try:
@@ -120,7 +134,7 @@ async def with_ksm(pods: list[str], guest_mib: int, wait: float) -> tuple[list[U
             last = max(last, sharing)
         note = (f"KSM converged in {time.monotonic() - t0:.0f} s, pages_sharing {last}, "
                 f"full scans {_ksm_read('full_scans')}")
-        return measure(pods, guest_mib), note
+        return measure(pods, guest_mib, workdir), note
     finally:
         if saved["run"].strip() != "1":
             (KSM / "run").write_text("2")  # unmerge what we merged
@@ -131,14 +145,18 @@ async def with_ksm(pods: list[str], guest_mib: int, wait: float) -> tuple[list[U
 async def batch(label: str, image: str, n: int, idle: float, options: dict[str, int | bool],
                 base: float | None, ksm_wait: float) -> float:
     guest_mib = 256 + 64  # default_memory_mib + memory_overhead_mib
+    templates = options.get("templates", True)
     with BenchDaemon(network=True, boot_timeout=max(60.0, 15.0 * n), options=options) as bd:
         cri = bd.daemon.client()
+        workdir = bd.workdir if templates else None
         try:
+            if workdir is not None:
+                await build_template(cri, workdir)
             pods = await start_pods(cri, image, n)
             await asyncio.sleep(idle)
-            per_pod = report(label, measure(pods, guest_mib), base)
+            per_pod = report(label, measure(pods, guest_mib, workdir), base)
             if ksm_wait > 0:
-                usages, note = await with_ksm(pods, guest_mib, ksm_wait)
+                usages, note = await with_ksm(pods, guest_mib, ksm_wait, workdir)
                 report(label + " + host KSM", usages, base)
                 print(f"  {note}", flush=True)
         finally:
@@ -166,9 +184,11 @@ async def main() -> None:
               "vs baseline |\n|---|---|---|---|---|---|", flush=True)
         base = None
         if not args.no_baseline:
-            base = await batch("QEMU defaults (no tb-size, no page reporting)", image,
-                               args.pods, args.idle,
-                               {"tcg_tb_size_mib": 0, "free_page_reporting": False}, None, 0)
+            base = await batch("QEMU defaults (no tb-size, no page reporting, booted)", image,
+                               args.pods, args.idle, {"tcg_tb_size_mib": 0, "templates": False,
+                                                      "free_page_reporting": False}, None, 0)
+            await batch("criserver defaults, templates off (booted)", image, args.pods,
+                        args.idle, {"templates": False}, base, 0)
         options: dict[str, int | bool] = {}
         if args.tb_size is not None:
             options["tcg_tb_size_mib"] = args.tb_size

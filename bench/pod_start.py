@@ -3,9 +3,10 @@
 
     .venv/bin/python bench/pod_start.py [--runs 5] [--concurrent 20] [--skip-concurrent]
 
-Prints markdown tables: sequential RunPodSandbox with and without networking (the backend
-option `network = false` disables CNI) and its ratio to the floor; N pods started at once (wall
-time, per-pod latency p50/max) and QEMU PSS/RSS per idle pod. Uses the installed guest assets
+Prints markdown tables: sequential RunPodSandbox of booted pods (templates off) with and
+without networking (the backend option `network = false` disables CNI), and of pods cloned from
+a template (network on), with their ratios to the floor; N pods started at once (wall time,
+per-pod latency p50/max) and QEMU PSS/RSS per idle pod. Uses the installed guest assets
 (the ones the daemon boots). The host has 2 shared cores: compare ratios, not absolute times.
 """
 
@@ -101,14 +102,34 @@ async def remove_pod(cri: CRIClient, pod_id: str) -> None:
     await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
 
 
+async def build_template(cri: CRIClient, workdir: Path) -> None:
+    """A first pod boots; the daemon then builds the template the next pods are cloned from.
+    The pod is removed again."""
+    t0 = time.monotonic()
+    pod_id, _ = await run_pod(cri, "bench-template")
+    while not list(workdir.glob("state/runtimes/*/templates/*/state")):
+        if time.monotonic() - t0 > 300:
+            raise RuntimeError("no template built within 300 s")
+        await asyncio.sleep(0.5)
+    print(f"  template ready {time.monotonic() - t0:.0f} s after the first pod was asked for",
+          flush=True)
+    await remove_pod(cri, pod_id)
+
+
 async def sequential(
     runs: int, a: assets_mod.GuestAssets, tsc: int | None
 ) -> dict[str, list[float]]:
-    """Floor, pod with network, pod without, round-robin so host load drifts hit all three."""
-    out: dict[str, list[float]] = {"floor": [], "net": [], "nonet": []}
-    with BenchDaemon(network=True) as net_d, BenchDaemon(network=False) as nonet_d:
-        clients = {"net": net_d.daemon.client(), "nonet": nonet_d.daemon.client()}
+    """Floor, booted pod with network and without, cloned pod: round-robin so host load drifts
+    hit all of them."""
+    out: dict[str, list[float]] = {"floor": [], "net": [], "nonet": [], "clone": []}
+    booted = {"templates": False}
+    with BenchDaemon(network=True, options=booted) as net_d, \
+            BenchDaemon(network=False, options=booted) as nonet_d, \
+            BenchDaemon(network=True) as clone_d:
+        clients = {"net": net_d.daemon.client(), "nonet": nonet_d.daemon.client(),
+                   "clone": clone_d.daemon.client()}
         try:
+            await build_template(clients["clone"], clone_d.workdir)
             for i in range(runs):
                 # The same VM as the daemon's pods get (translation cache, page reporting).
                 floor = await one_boot(
@@ -121,7 +142,8 @@ async def sequential(
                     out[kind].append(took)
                     await remove_pod(cri, pod_id)
                 print(f"  run {i + 1}: floor {out['floor'][-1]:.2f} s, "
-                      f"pod+net {out['net'][-1]:.2f} s, pod {out['nonet'][-1]:.2f} s", flush=True)
+                      f"pod+net {out['net'][-1]:.2f} s, pod {out['nonet'][-1]:.2f} s, "
+                      f"clone+net {out['clone'][-1]:.2f} s", flush=True)
         finally:
             for cri in clients.values():
                 await cri.close()
@@ -134,6 +156,7 @@ async def concurrent(n: int) -> dict[str, object]:
     with BenchDaemon(network=True, boot_timeout=max(60.0, 15.0 * n)) as bd:
         cri = bd.daemon.client()
         try:
+            await build_template(cri, bd.workdir)
             t0 = time.monotonic()
             results = await asyncio.gather(
                 *(run_pod(cri, f"bench-c{i}") for i in range(n)), return_exceptions=True)
@@ -180,8 +203,9 @@ async def main() -> None:
     print("| what | median | min | max | / floor (median) |")
     print("|---|---|---|---|---|")
     for kind, label in (("floor", "floor: QEMU start -> first agent byte"),
-                        ("net", "RunPodSandbox, network on (CNI)"),
-                        ("nonet", "RunPodSandbox, network = false")):
+                        ("net", "RunPodSandbox, booted, network on (CNI)"),
+                        ("nonet", "RunPodSandbox, booted, network = false"),
+                        ("clone", "RunPodSandbox, cloned from a template, network on")):
         v = seq[kind]
         print(f"| {label} | {statistics.median(v):.2f} s | {min(v):.2f} s | {max(v):.2f} s "
               f"| {statistics.median(v) / floor:.2f}x |")

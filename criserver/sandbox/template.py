@@ -130,8 +130,9 @@ class TemplateStore:
         """The template to clone `spec` from, if one is built (a stat and a touch: the least
         recently used template is the one evicted)."""
         template = Template(self.root / template_key(spec))
+        now = time.time_ns()  # not the file system's coarse clock: order matters here
         try:
-            os.utime(template.state)
+            os.utime(template.state, ns=(now, now))
         except FileNotFoundError:
             return None
         return template

@@ -9,6 +9,7 @@ import pytest
 from criserver.errors import InvalidArgument
 from criserver.sandbox.qemu import (
     ExtraDisk,
+    GuestMemory,
     Machine,
     SerialTransport,
     Share,
@@ -154,8 +155,28 @@ def test_9p_shares() -> None:
         {"tcg_tb_size_mib": -1},
         {"page_reporting_order": 11},
         {"shares": (Share("bad tag", Path("/x")),)},
+        {"memory_file": GuestMemory(Path("/t,x/memory"), shared=False)},
+        # A clone's reported page would be punched out of the template file.
+        {"memory_file": GuestMemory(Path("/t/memory"), shared=False),
+         "free_page_reporting": True},
     ],
 )
 def test_rejects_bad_specs(bad: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument, match="pod1"):
         build_command(spec(**bad))
+
+
+def test_guest_memory_file_and_incoming() -> None:
+    template = build_command(spec(memory_mib=320,
+                                  memory_file=GuestMemory(Path("/t/memory"), shared=True)))
+    assert opt(template, "-machine") == ["microvm,acpi=on,memory-backend=ram"]
+    assert opt(template, "-object") == [
+        "memory-backend-file,id=ram,size=320M,mem-path=/t/memory,share=on"]
+    assert "-incoming" not in template
+    clone = build_command(spec(memory_mib=320, incoming=True,
+                               memory_file=GuestMemory(Path("/t/memory"), shared=False)))
+    assert opt(clone, "-object") == [
+        "memory-backend-file,id=ram,size=320M,mem-path=/t/memory,share=off"]
+    assert opt(clone, "-incoming") == ["defer"]
+    plain = build_command(spec())
+    assert "-object" not in plain and opt(plain, "-machine") == ["microvm,acpi=on"]

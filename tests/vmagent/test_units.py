@@ -14,7 +14,7 @@ from vmagent.api import agent_grpc
 from vmagent.idempotency import RecentRequests
 from vmagent.mapping import mapping_for
 from vmagent.port import find_port
-from vmagent.sandbox import sysctl_path
+from vmagent.sandbox import reseed_rng, sysctl_path
 from vmagent.service import AgentService, HealthService
 from vmagent.settings import load
 
@@ -26,6 +26,23 @@ def test_settings_from_cmdline_then_argv(tmp_path: Path) -> None:
     s = load(["--transport=unix:/x", "--power_off=false"], str(cmdline))
     assert (s.transport, s.vsock_port, s.poll_interval, s.power_off) == (
         "unix:/x", 2000, 0.5, False)
+
+
+def test_templates_keep_their_boot_cache(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("criserver.drop_boot_cache=0\n")
+    assert not load([], str(cmdline)).drop_boot_cache
+    cmdline.write_text("quiet\n")
+    assert load([], str(cmdline)).drop_boot_cache
+
+
+def test_reseed_rng_checks_its_input_and_reports_errors(tmp_path: Path) -> None:
+    with pytest.raises(GRPCError, match="multiple of 4"):
+        reseed_rng(b"abc")
+    not_a_device = tmp_path / "urandom"
+    not_a_device.write_bytes(b"")
+    with pytest.raises(GRPCError, match="reseed the RNG"):
+        reseed_rng(b"\0" * 32, device=str(not_a_device))  # ENOTTY: the ioctl reached the file
 
 
 def test_settings_power_off_defaults_on_in_a_vm(tmp_path: Path) -> None:
