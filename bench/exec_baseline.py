@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.containerd_kit import RUNC_BIN, Containerd
-from bench.pod_start import BenchDaemon, pct
+from bench.pod_start import BenchDaemon, build_template, pct
 from tests.cri_client import CRIClient, msg
 from tests.image.oci import Pusher
 from tests.registry import _start_registry, _stop, busybox_full_image
@@ -143,6 +143,8 @@ async def run(execs: int, block: int, warmup: int, with_runc: bool,
             targets = [Target("containerd", ctrd.client()),
                        Target("criserver", crid.daemon.client())]
             try:
+                # criserver's pod is a clone of a template, as pods are once one is built.
+                await build_template(targets[1].cri, crid.workdir)
                 for t in targets:
                     await setup(t, image)
                 ns = await pod_netns(targets[0].cri, targets[0].pod_id)

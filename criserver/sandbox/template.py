@@ -219,8 +219,7 @@ class TemplateStore:
                     nics=nics,
                     shares=shares,
                     memory_file=GuestMemory(work / "memory", shared=True),
-                    # Clones keep the page cache they share; nothing to return without a balloon.
-                    agent_settings={**spec.agent_settings, "drop_boot_cache": "0"},
+                    agent_settings={**spec.agent_settings, "template": "1"},
                 )
                 await _boot_and_save(template_spec, work / "state", self._boot_timeout)
             await asyncio.to_thread(_publish, work, final.directory)

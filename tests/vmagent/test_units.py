@@ -30,10 +30,10 @@ def test_settings_from_cmdline_then_argv(tmp_path: Path) -> None:
 
 def test_templates_keep_their_boot_cache(tmp_path: Path) -> None:
     cmdline = tmp_path / "cmdline"
-    cmdline.write_text("criserver.drop_boot_cache=0\n")
-    assert not load([], str(cmdline)).drop_boot_cache
+    cmdline.write_text("criserver.template=1\n")
+    assert load([], str(cmdline)).template
     cmdline.write_text("quiet\n")
-    assert load([], str(cmdline)).drop_boot_cache
+    assert not load([], str(cmdline)).template
 
 
 def test_reseed_rng_checks_its_input_and_reports_errors(tmp_path: Path) -> None:
