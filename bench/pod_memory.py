@@ -10,8 +10,7 @@ no free page reporting, every pod booted), then criserver's defaults with templa
 pod booted), then criserver's defaults (pods cloned from a template, built by a first pod that
 is removed before the N start), then the same pods again once the host's KSM has merged
 identical pages (KSM is restored to its previous settings). With templates, each pod is also
-charged 1/N of the template's memory file (an upper bound: PSS already counts the part of it
-the clones map).
+charged 1/N of the template file's pages that no pod maps (those it maps are in its PSS).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ class Usage:
 
     pss: dict[str, float] = field(default_factory=dict)
     rss: float = 0.0
+    template_file_pss: float = 0.0  # the template's own pages in that (not copied-on-write)
 
     @property
     def total(self) -> float:
@@ -53,11 +53,13 @@ def usage(pid: int, guest_mib: int) -> Usage:
     executable anonymous mapping; the kernel is the mapped vmlinux file."""
     out = Usage()
     kind = "other"
+    template = False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         m = MAPPING.match(line)
         if m:
             size_mib = (int(m[2], 16) - int(m[1], 16)) >> 20
-            if m[4].endswith("/memory") and "/templates/" in m[4]:
+            template = m[4].endswith("/memory") and "/templates/" in m[4]
+            if template:
                 kind = "guest RAM"  # a clone's: the template's file, mapped privately
             elif "vmlinux" in m[4]:
                 kind = "kernel"
@@ -69,6 +71,10 @@ def usage(pid: int, guest_mib: int) -> Usage:
                 kind = "other"
         elif line.startswith("Pss:"):
             out.pss[kind] = out.pss.get(kind, 0.0) + int(line.split()[1]) / 1024
+            if template:
+                out.template_file_pss += int(line.split()[1]) / 1024
+        elif template and line.startswith("Anonymous:"):
+            out.template_file_pss -= int(line.split()[1]) / 1024
         elif line.startswith("Rss:"):
             out.rss += int(line.split()[1]) / 1024
     return out
@@ -105,11 +111,15 @@ async def start_pods(cri: CRIClient, image: str, n: int) -> list[str]:
 def measure(pods: list[str], guest_mib: int, workdir: Path | None = None) -> list[Usage]:
     usages = [usage(pid, guest_mib) for pod in pods for pid in vm_pids_of(pod)]
     if workdir is not None:
+        # The template's pages no clone maps are in no PSS: shared out among the pods.
         files = list(workdir.glob("state/runtimes/*/templates/*/memory"))
         resident = sum(f.stat().st_blocks * 512 for f in files) / 2**20
+        unmapped = max(0.0, resident - sum(u.template_file_pss for u in usages))
         for u in usages:
             if resident:
-                u.pss["template file 1/N"] = resident / len(usages)
+                u.pss["template unmapped 1/N"] = unmapped / len(usages)
+        print(f"  template memory file: {resident:.0f} MiB resident, {unmapped:.0f} MiB of it "
+              "mapped by no pod", flush=True)
     return usages
 
 
@@ -117,8 +127,7 @@ def _ksm_read(name: str) -> int:
     return int((KSM / name).read_text())
 
 
-async def with_ksm(pods: list[str], guest_mib: int, wait: float,
-                   workdir: Path | None) -> tuple[list[Usage], str]:
+async def with_ksm(pods: list[str], guest_mib: int, wait: float) -> tuple[list[Usage], str]:
     """Turn KSM on (scanning fast), wait until sharing stops growing, measure, restore."""
     saved = {n: (KSM / n).read_text() for n in ("run", "pages_to_scan", "sleep_millisecs")}
     try:
@@ -134,7 +143,7 @@ async def with_ksm(pods: list[str], guest_mib: int, wait: float,
             last = max(last, sharing)
         note = (f"KSM converged in {time.monotonic() - t0:.0f} s, pages_sharing {last}, "
                 f"full scans {_ksm_read('full_scans')}")
-        return measure(pods, guest_mib, workdir), note
+        return measure(pods, guest_mib), note
     finally:
         if saved["run"].strip() != "1":
             (KSM / "run").write_text("2")  # unmerge what we merged
@@ -154,9 +163,14 @@ async def batch(label: str, image: str, n: int, idle: float, options: dict[str, 
                 await build_template(cri, workdir)
             pods = await start_pods(cri, image, n)
             await asyncio.sleep(idle)
-            per_pod = report(label, measure(pods, guest_mib, workdir), base)
+            before = measure(pods, guest_mib, workdir)
+            per_pod = report(label, before, base)
             if ksm_wait > 0:
-                usages, note = await with_ksm(pods, guest_mib, ksm_wait, workdir)
+                usages, note = await with_ksm(pods, guest_mib, ksm_wait)
+                # KSM's merged pages blur a clone's file and copied pages in smaps: the
+                # template's unmapped share is the one measured before.
+                for u in usages:
+                    u.pss.update({k: v for k, v in before[0].pss.items() if "template" in k})
                 report(label + " + host KSM", usages, base)
                 print(f"  {note}", flush=True)
         finally:
