@@ -303,10 +303,7 @@ class MicroVMBackend(BaseBackend):
         return self.settings.transport == "vsock"
 
     def _agent(self, pod: PodRecord, transport: AgentTransport | None = None) -> AgentClient:
-        transport = transport or self._transport(pod)
-        if isinstance(transport, VsockTransport):
-            return AgentClient(pod.id, AgentAddress(vsock_cid=transport.guest_cid))
-        return AgentClient(pod.id, AgentAddress(unix_path=str(transport.socket_path)))
+        return AgentClient(pod.id, AgentAddress.of(transport or self._transport(pod)))
 
     def _live(self, pod: PodRecord) -> PodVM:
         handle = self._pods.get(pod.id)

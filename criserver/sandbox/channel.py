@@ -22,6 +22,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
 from criserver import errors
+from criserver.sandbox.qemu import AgentTransport, VsockTransport
 from vmagent.api import agent_pb2 as pb
 from vmagent.api.agent_grpc import AgentStub, HealthStub
 
@@ -68,6 +69,13 @@ class AgentAddress:
         if self.unix_path is not None:
             return f"unix:{self.unix_path}"
         return f"vsock:{self.vsock_cid}:{self.vsock_port}"
+
+    @classmethod
+    def of(cls, transport: AgentTransport) -> AgentAddress:
+        """Where the agent of a VM started with `transport` is reached from the host."""
+        if isinstance(transport, VsockTransport):
+            return cls(vsock_cid=transport.guest_cid)
+        return cls(unix_path=str(transport.socket_path))
 
 
 class _WatchedH2Protocol(H2Protocol):

@@ -239,11 +239,7 @@ async def _boot_and_save(spec: VMSpec, state: Path, boot_timeout: float) -> None
     vm = VM(spec)
     await vm.start()
     try:
-        if isinstance(spec.transport, VsockTransport):
-            address = AgentAddress(vsock_cid=spec.transport.guest_cid)
-        else:
-            address = AgentAddress(unix_path=str(spec.transport.socket_path))
-        agent = AgentClient(spec.vm_id, address)
+        agent = AgentClient(spec.vm_id, AgentAddress.of(spec.transport))
         try:
             await agent.wait_ready(time.monotonic() + boot_timeout)
         finally:
