@@ -2,6 +2,7 @@
 this same machine, measured in one run, blocks alternating so host noise hits both alike.
 
     .venv/bin/python -m bench.exec_baseline [--execs 100] [--block 10] [--warmup 5] [--no-runc]
+                                            [--booted] [--tb-size MIB]
 
 Both runtimes are driven through their CRI socket by the same client (tests/cri_client.py, the
 reference proto): PullImage, RunPodSandbox, CreateContainer (busybox `sleep 100000`),
@@ -129,7 +130,7 @@ async def timed(call: Callable[[], Awaitable[None]], n: int) -> list[float]:
 
 
 async def run(execs: int, block: int, warmup: int, with_runc: bool,
-              tb_size: int | None) -> None:
+              tb_size: int | None, booted: bool) -> None:
     reg_dir = Path(tempfile.mkdtemp(prefix="execb-reg-", dir="/tmp"))
     registry = _start_registry(reg_dir / "open", htpasswd=False)
     crid: BenchDaemon | None = None
@@ -137,14 +138,17 @@ async def run(execs: int, block: int, warmup: int, with_runc: bool,
         await push_images(registry.base)
         image = f"{registry.host}/e2e/busybox:latest"
         pause = f"{registry.host}/bench/pause:latest"
-        crid = BenchDaemon(network=True, options=None if tb_size is None
-                           else {"tcg_tb_size_mib": tb_size})
+        options: dict[str, int | bool] = {} if tb_size is None else {"tcg_tb_size_mib": tb_size}
+        if booted:
+            options["templates"] = False
+        crid = BenchDaemon(network=True, options=options)
         with Containerd(registry.host, pause) as ctrd, crid:
             targets = [Target("containerd", ctrd.client()),
                        Target("criserver", crid.daemon.client())]
             try:
-                # criserver's pod is a clone of a template, as pods are once one is built.
-                await build_template(targets[1].cri, crid.workdir)
+                if not booted:
+                    # criserver's pod is a clone of a template, as pods are once one is built.
+                    await build_template(targets[1].cri, crid.workdir)
                 for t in targets:
                     await setup(t, image)
                 ns = await pod_netns(targets[0].cri, targets[0].pod_id)
@@ -207,8 +211,11 @@ def main() -> None:
     ap.add_argument("--no-runc", action="store_true", help="skip the direct `runc exec` line")
     ap.add_argument("--tb-size", type=int, default=None,
                     help="criserver's tcg_tb_size_mib (default: the backend's)")
+    ap.add_argument("--booted", action="store_true",
+                    help="criserver's pod boots (templates = false) instead of being a clone")
     args = ap.parse_args()
-    asyncio.run(run(args.execs, args.block, args.warmup, not args.no_runc, args.tb_size))
+    asyncio.run(run(args.execs, args.block, args.warmup, not args.no_runc, args.tb_size,
+                    args.booted))
 
 
 if __name__ == "__main__":

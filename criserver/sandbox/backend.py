@@ -332,7 +332,8 @@ class MicroVMBackend(BaseBackend):
             tap_fd = await tap.open_tap_fd(netns_path)
             nics = (TapNic(tap_fd, _device_mac(pod.id)),)
         spec = self._spec(pod, nics)
-        template = self.templates.ready(spec) if self.templates is not None else None
+        template = (await asyncio.to_thread(self.templates.ready, spec)
+                    if self.templates is not None else None)
         if template is not None:
             spec = template.clone_spec(spec)
         undo.push("remove pod state dir", _sync(lambda: shutil.rmtree(spec.state_dir, True)))

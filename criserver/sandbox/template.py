@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -102,14 +103,20 @@ def template_key(spec: VMSpec) -> str:
     """Names the template `spec` can be cloned from. The guest assets' paths carry their
     digest; QEMU's binary is identified by size and mtime (a new QEMU may save other state)."""
     shape = shape_of(spec)
-    qemu = shutil.which(shape.qemu_binary) or shape.qemu_binary
+    blob = json.dumps([build_command(shape), _binary_identity(shape.qemu_binary)]).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=8)
+def _binary_identity(name: str) -> str:
+    """Cached for the daemon's life: a QEMU upgraded under a running daemon is picked up at its
+    restart, like the rest of its configuration."""
+    qemu = shutil.which(name) or name
     try:
         st = os.stat(qemu)
-        binary = f"{os.path.realpath(qemu)}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
-        binary = qemu
-    blob = json.dumps([build_command(shape), binary]).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
+        return qemu
+    return f"{os.path.realpath(qemu)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 class TemplateStore:
@@ -127,7 +134,7 @@ class TemplateStore:
         self._lock = asyncio.Lock()  # one build at a time: each is a full boot
 
     def ready(self, spec: VMSpec) -> Template | None:
-        """The template to clone `spec` from, if one is built (a stat and a touch: the least
+        """The template to clone `spec` from, if one is built. Blocking (a touch: the least
         recently used template is the one evicted)."""
         template = Template(self.root / template_key(spec))
         now = time.time_ns()  # not the file system's coarse clock: order matters here
