@@ -69,6 +69,7 @@ GUEST_RUN_DIR = "/run/criserver"  # where the agent keeps the pod's hosts/resolv
 MODULE_GROUPS = ("overlay", "9p", "loop")  # containers: image mounts, volumes, overlays
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
 CREATE_TIMEOUT = 120.0  # the first container of a pod mounts its shares and image
+_TEMPLATE_NETNS = "template-"  # pod ids are hex: no pod's netns is named like this
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 PID_MODES = {cri.POD: pb.CreateContainerRequest.PID_POD,
              cri.CONTAINER: pb.CreateContainerRequest.PID_CONTAINER}
@@ -152,6 +153,10 @@ class MicroVMBackend(BaseBackend):
         await asyncio.to_thread(prepare_volumes_root, self._volumes_root())
         if self.templates is not None:
             await asyncio.to_thread(self.templates.prune)
+            # The scratch netns of a build a crash cut short (see _scratch_nics).
+            for path in await asyncio.to_thread(
+                    lambda: list(self.network.netns_dir.glob(f"{_TEMPLATE_NETNS}*"))):
+                await netns.remove(path)
         if self._accel.name == "tcg":
             log.warning("pods run under TCG (software emulation): %s", self._accel.reason)
         if self.settings.ksm:
@@ -408,7 +413,7 @@ class MicroVMBackend(BaseBackend):
             return
         if count > 1:
             raise InvalidArgument(f"template {name}: pods have one NIC, not {count}")
-        path = await self.network.prepare(f"template-{name}")
+        path = await self.network.prepare(f"{_TEMPLATE_NETNS}{name}")
         try:
             fd = await tap.open_tap_fd(path)
             try:

@@ -194,6 +194,10 @@ async def test_create_remove_cycles_leave_nothing(vm_daemon: Daemon) -> None:
     network = network_names(vm_daemon)[0]
     assert [rule for rule in await _iptables() if network in rule] == []
     state = vm_daemon.state / "runtimes" / "microvm"
+    # A template build may be under way (a netns of its own, for its NIC): let it finish.
+    deadline = time.monotonic() + 240
+    while list((state / "templates").glob("*.tmp")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
     assert list((state / "netns").iterdir()) == []
     assert list((state / "volumes").iterdir()) == []
     allocations = [p for p in (Path("/var/lib/cni/networks") / network).glob("*")
