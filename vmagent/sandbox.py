@@ -62,7 +62,8 @@ def set_clock(realtime_ns: int) -> None:
     try:
         time.clock_settime_ns(time.CLOCK_REALTIME, realtime_ns)
     except OSError as exc:
-        raise GRPCError(Status.INTERNAL, f"set the clock: {exc.strerror}") from exc
+        code = Status.INVALID_ARGUMENT if exc.errno == errno.EINVAL else Status.INTERNAL
+        raise GRPCError(code, f"set the clock to {realtime_ns} ns: {exc.strerror}") from exc
 
 
 def reseed_rng(entropy: bytes, device: str = "/dev/urandom") -> None:

@@ -81,15 +81,15 @@ class Template:
         )
 
 
-def shape_of(spec: VMSpec) -> VMSpec:
+def shape_of(spec: VMSpec, state_dir: Path = _PLACEHOLDER) -> VMSpec:
     """The parts of `spec` a clone shares with its template (what the guest was booted with and
-    which devices it has); per-pod values replaced by fixed ones."""
+    which devices it has); per-pod values replaced by fixed ones, the state dir by `state_dir`."""
     transport = (VsockTransport(TEMPLATE_CID) if isinstance(spec.transport, VsockTransport)
-                 else SerialTransport(_PLACEHOLDER / "agent.sock"))
+                 else SerialTransport(state_dir / "agent.sock"))
     return dataclasses.replace(
         spec,
         vm_id="template",
-        state_dir=_PLACEHOLDER,
+        state_dir=state_dir,
         transport=transport,
         nics=tuple(TapNic(-1, TEMPLATE_MAC, nic.mtu) for nic in spec.nics),
         shares=tuple(dataclasses.replace(s, path=_PLACEHOLDER / s.tag) for s in spec.shares),
@@ -219,10 +219,8 @@ class TemplateStore:
                                for s in spec.shares)
                 await asyncio.to_thread(_make_dirs, [s.path for s in shares])
                 template_spec = dataclasses.replace(
-                    shape_of(spec),
+                    shape_of(spec, work),
                     vm_id=f"template-{key[:12]}",
-                    state_dir=work,
-                    transport=_template_transport(spec, work),
                     nics=nics,
                     shares=shares,
                     memory_file=GuestMemory(work / "memory", shared=True),
@@ -234,12 +232,6 @@ class TemplateStore:
             await asyncio.to_thread(shutil.rmtree, work, True)
             raise
         return final
-
-
-def _template_transport(spec: VMSpec, work: Path) -> SerialTransport | VsockTransport:
-    if isinstance(spec.transport, VsockTransport):
-        return VsockTransport(TEMPLATE_CID)
-    return SerialTransport(work / "agent.sock")
 
 
 async def _boot_and_save(spec: VMSpec, state: Path, boot_timeout: float) -> None:
