@@ -2,6 +2,8 @@
 #   sudo make run    install everything a fresh Debian bookworm host needs, then run the daemon
 #   sudo make test   install the same, then lint and run the whole test suite
 SHELL := /bin/bash
+# Go as Debian-free machines have it (go.dev's tarball in /usr/local/go).
+export PATH := $(PATH):/usr/local/go/bin
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -16,7 +18,17 @@ APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-a
 	gcc libc6-dev libseccomp-dev \
 	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat
 
-.PHONY: install install-service deps venv proto guest run test lint typecheck bench clean
+.PHONY: install install-service deps venv proto guest run test lint typecheck bench clean tools
+
+# The real CRI clients, built from their Go modules through the Go module proxy into a
+# git-ignored directory named by version (a new version builds afresh; nothing is committed).
+# Go's module and build caches live under .cache/go so a CI machine keeps them between runs.
+CRI_TOOLS_VERSION := v1.37.0
+TOOLS_DIR := .tools/cri-tools-$(CRI_TOOLS_VERSION)
+GO_ENV := GOMODCACHE=$(CURDIR)/.cache/go/mod GOCACHE=$(CURDIR)/.cache/go/build \
+	GOFLAGS=-modcacherw CGO_ENABLED=0 GOTOOLCHAIN=local
+CRI_TOOLS_SRC = $(shell $(GO_ENV) go mod download -json sigs.k8s.io/cri-tools@$(CRI_TOOLS_VERSION) \
+	| sed -n 's/^\t"Dir": "\(.*\)",$$/\1/p')
 
 install: deps venv guest
 	ln -sf $(CURDIR)/$(VENV)/bin/criserver /usr/local/bin/criserver
@@ -44,6 +56,17 @@ proto: venv
 guest: venv
 	$(PY) -m criserver.sandbox.guestbuild
 
+tools: $(TOOLS_DIR)/crictl $(TOOLS_DIR)/critest
+
+$(TOOLS_DIR)/crictl:
+	mkdir -p $(TOOLS_DIR)
+	$(GO_ENV) GOBIN=$(CURDIR)/$(TOOLS_DIR) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION)
+
+# critest is a ginkgo test binary, not a main package: compile its test in the module itself.
+$(TOOLS_DIR)/critest:
+	mkdir -p $(TOOLS_DIR)
+	cd $(CRI_TOOLS_SRC) && $(GO_ENV) go test -c -o $(CURDIR)/$@ ./cmd/critest
+
 run: install
 	$(VENV)/bin/criserver serve
 
@@ -53,7 +76,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy criserver vmagent
 
-test: install lint typecheck
+test: install tools lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # containerd is the same-run baseline of bench/exec_baseline.py (no daemon of it is started).
