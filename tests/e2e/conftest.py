@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,9 +85,17 @@ def short_workdir() -> Path:
 @pytest.fixture(scope="module")
 def vm_daemon() -> Iterator[Daemon]:
     """One micro-VM daemon per test module (booting guests under TCG is the slow part)."""
+    with running_vm_daemon() as daemon:
+        yield daemon
+
+
+@contextmanager
+def running_vm_daemon(extra_config: str = "") -> Iterator[Daemon]:
+    """A micro-VM daemon on a network of its own; afterwards its pods, VMs, network and
+    mounts are gone, and its log and the guests' consoles are kept for a look."""
     require_assets()
     workdir = short_workdir()
-    daemon = Daemon(workdir, config=microvm_config(workdir)).start()
+    daemon = Daemon(workdir, config=microvm_config(workdir) + extra_config).start()
     try:
         yield daemon
     finally:
