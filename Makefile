@@ -15,6 +15,7 @@ PYTEST_ARGS ?=
 # (docker-registry, skopeo, apache2-utils for htpasswd, socat).
 APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-amd64 \
 	busybox-static runc python3 python3-venv erofs-utils squashfs-tools cpio lz4 zstd \
+	ca-certificates \
 	gcc libc6-dev libseccomp-dev \
 	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat
 
@@ -39,7 +40,7 @@ deps:
 		for p in $(APT_PACKAGES); do dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
 venv: $(VENV)/.installed
