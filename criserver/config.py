@@ -8,6 +8,7 @@ values of the wrong type or range, naming the key, before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,12 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A field of a backend's options dataclass (validated by `build_options`): its default,
+    the help text `criserver config default` prints, and checks (choices, min, max)."""
+    return _f(default, help, **kw)
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,8 @@ def _render_table(name: str, obj: Any) -> list[str]:
         if f.name == "options" and isinstance(value, dict):
             continue
         if f.metadata.get("help"):
-            lines.append(f"# {f.metadata['help']}")
+            lines += [f"# {line}" for line in textwrap.wrap(
+                f.metadata["help"], 96, break_on_hyphens=False, break_long_words=False)]
         lines.append(f"{f.name} = {_toml_value(value)}")
     lines.append("")
     return lines

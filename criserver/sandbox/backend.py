@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
-from criserver.config import build_options
+from criserver.config import build_options, option
 from criserver.errors import (
     CriError,
     DeadlineExceeded,
@@ -66,6 +66,7 @@ from vmagent.api import agent_pb2 as pb
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 GUEST_RUN_DIR = "/run/criserver"  # where the agent keeps the pod's hosts/resolv.conf/hostname
+GUEST_IMAGE_VOLUMES_DIR = f"{GUEST_RUN_DIR}/imagevolumes"  # the agent binds image volumes here
 MODULE_GROUPS = ("overlay", "9p", "loop")  # containers: image mounts, volumes, overlays
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
 CREATE_TIMEOUT = 120.0  # the first container of a pod mounts its shares and image
@@ -77,32 +78,43 @@ PID_MODES = {cri.POD: pb.CreateContainerRequest.PID_POD,
 
 @dataclass(frozen=True)
 class MicroVMOptions:
-    assets_dir: str = str(assets.DEFAULT_ASSETS_DIR)
-    machine: str = "microvm"
-    accelerator: str = "auto"  # auto (probe KVM, else TCG), kvm or tcg
-    qemu_binary: str = "qemu-system-x86_64"
-    default_memory_mib: int = 256
-    memory_overhead_mib: int = 64
-    default_vcpus: int = 1
-    boot_timeout: float = 60.0
-    stop_grace: float = 10.0
-    network: bool = True  # false: pods without networking (no CNI), e.g. on hosts without it
-    # Agent channel: vsock where the host has /dev/vhost-vsock, else virtio-serial ("auto").
-    transport: str = "auto"
-    # Host memory per pod. TCG's translation cache, MiB (0: QEMU's default of up to 1 GiB; a
-    # booted idle guest fills ~76 MiB and a cache of 48 slowed its boot ~10%; a clone of a
-    # template fills ~53 MiB starting a container: 56 measured no slower than 64).
-    tcg_tb_size_mib: int = 56
-    # The guest hands pages it frees back to the host (virtio-balloon free page reporting).
-    free_page_reporting: bool = True
-    # Turn on the host's kernel samepage merging at start (host-wide; see sandbox/ksm.py).
-    ksm: bool = False
-    # Start pods by restoring a saved, booted guest of the same shape (sandbox/template.py):
-    # ~0.3 s instead of a boot, and guest pages shared between pods. The first pod of a shape
-    # boots; its template is built in the background for the next ones.
-    templates: bool = True
-    templates_dir: str = ""  # "": <daemon state>/templates (keep it on tmpfs: it is guest RAM)
-    max_templates: int = 4
+    """`[runtimes.<handler>.options]` of a microvm handler; `criserver config default` prints
+    each with its help text."""
+
+    assets_dir: str = option(str(assets.DEFAULT_ASSETS_DIR),
+                             "Guest kernel, initramfs and root filesystem (built by make guest)")
+    machine: str = option("microvm", "QEMU machine: microvm, or q35 (PCI, ~0.1 s slower boot)")
+    accelerator: str = option("auto", "auto (KVM when a probe boot proves it works, else TCG), "
+                                      "kvm or tcg", choices=("auto", "kvm", "tcg"))
+    qemu_binary: str = option("qemu-system-x86_64", "QEMU executable, a name on PATH or a path")
+    default_memory_mib: int = option(256, "Guest memory of a pod without a memory limit, MiB",
+                                     min=1)
+    memory_overhead_mib: int = option(64, "Guest memory added to every pod's limit for the "
+                                          "guest kernel and agent, MiB", min=0)
+    default_vcpus: int = option(1, "vCPUs of a pod without a CPU limit", min=1)
+    boot_timeout: float = option(60.0, "Seconds a pod's guest may take to answer", min=0)
+    stop_grace: float = option(10.0, "Seconds a stopping pod's guest gets to power off, and a "
+                                     "killed container to exit", min=0)
+    network: bool = option(True, "Give pods networking (CNI); false: pods without network, "
+                                 "e.g. on hosts without CNI")
+    transport: str = option("auto", "Agent channel: vsock, serial (virtio-serial), or auto "
+                                    "(vsock where the host has /dev/vhost-vsock)")
+    # Host memory per pod. A booted idle guest fills ~76 MiB of translation cache and a cache
+    # of 48 slowed its boot ~10%; a clone of a template fills ~53 MiB starting a container:
+    # 56 measured no slower than 64.
+    tcg_tb_size_mib: int = option(56, "TCG's translation cache per pod, MiB (0: QEMU's "
+                                      "default, which grows to 1 GiB)", min=0)
+    free_page_reporting: bool = option(True, "The guest hands the pages it frees back to the "
+                                             "host (virtio-balloon free page reporting)")
+    ksm: bool = option(False, "Turn on the host's kernel samepage merging at start: shares "
+                              "identical pages across pods' VMs (host-wide)")
+    templates: bool = option(True, "Start pods by restoring a saved, booted guest of the same "
+                                   "shape (~0.3 s instead of a boot, guest pages shared); the "
+                                   "first pod of a shape boots and its template is built in "
+                                   "the background")
+    templates_dir: str = option("", "Where templates (guest RAM) are kept; empty: "
+                                    "<daemon state>/templates. Keep it on a tmpfs")
+    max_templates: int = option(4, "Most templates kept (one per VM shape)", min=0)
 
 
 class MicroVMBackend(BaseBackend):
@@ -529,10 +541,25 @@ class MicroVMBackend(BaseBackend):
         if images is None or image is None:
             raise NotFound(f"image {config.image.image!r} is not present: pull it first")
         snapshot = images.snapshot_path(image.id)
+        volume_images: dict[str, str] = {}  # container_path -> image id
+        guest_images: dict[str, str] = {}  # container_path -> where the agent binds the image
+        agent_mounts: list[pb.Mount] = []
+        for index, m in enumerate(config.mounts):
+            if not m.image.image:
+                continue
+            mounted = images.get(m.image.image)
+            if mounted is None:
+                raise NotFound(f"image {m.image.image!r} of the image volume at "
+                               f"{m.container_path} is not present: pull it first")
+            volume_images[m.container_path] = mounted.id
+            guest_images[m.container_path] = f"{GUEST_IMAGE_VOLUMES_DIR}/{container.id}/{index}"
+            agent_mounts.append(pb.Mount(
+                type="erofs", source=f"image:{images.snapshot_path(mounted.id).name}",
+                target=guest_images[m.container_path], sub_path=m.image_sub_path))
         volumes = self._volumes(pod.id)
         undo.push("release volumes", lambda: volumes.release(container.id))
         guest_paths = {m.host_path: await volumes.bind(container.id, m.host_path)
-                       for m in config.mounts}
+                       for m in config.mounts if not m.image.image}
         pid_mode = config.linux.security_context.namespace_options.pid
         if pid_mode not in PID_MODES:
             raise Unimplemented(f"container pid namespace mode {cri.NamespaceMode.Name(pid_mode)}"
@@ -544,7 +571,7 @@ class MicroVMBackend(BaseBackend):
                                    pid="/proc/1/ns/pid" if pid_mode == cri.POD else None),
             guest_paths.__getitem__,
             container_id=container.id, sandbox_id=pod.id, image_name=config.image.image,
-            sandbox_dir=GUEST_RUN_DIR,
+            sandbox_dir=GUEST_RUN_DIR, image_volumes=guest_images,
         )
         spec_json = generated.to_json()
         request = pb.CreateContainerRequest(
@@ -557,8 +584,10 @@ class MicroVMBackend(BaseBackend):
             stdio=pb.StdioOptions(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
             user=_agent_user(generated),
             pid_namespace=PID_MODES[pid_mode],
+            mounts=agent_mounts,
+            strict_supplemental_groups=not generated.merge_image_groups,
         )
-        await handle.agent.call("CreateContainer", request, timeout=CREATE_TIMEOUT)
+        state = await handle.agent.call("CreateContainer", request, timeout=CREATE_TIMEOUT)
         undo.push("delete container in guest", lambda: handle.agent.call(
             "DeleteContainer", pb.DeleteContainerRequest(container_id=container.id, force=True)))
         spec_file = self._pod_root_dir(pod.id) / f"{container.id}.json"
@@ -568,6 +597,9 @@ class MicroVMBackend(BaseBackend):
             image_id=image.id,
             image_ref=digests[0] if digests else image.id,
             backend={"snapshot": str(snapshot), "volumes": len(guest_paths)},
+            volume_images=volume_images,
+            user=(state.user.uid, state.user.gid, tuple(state.user.additional_gids))
+            if state.HasField("user") else None,
         )
 
     async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
