@@ -53,7 +53,14 @@ def _accelerator(config: Config, options: MicroVMOptions) -> Result:
     except assets.AssetsError:
         found = None
     state = Path(config.daemon.state) / "runtimes" / "microvm"
-    chosen = asyncio.run(accel.detect(state, found, qemu_binary=options.qemu_binary))
+    chosen = accel.cached(state, options.qemu_binary)
+    if chosen is None and accel.probing(state):
+        # The daemon probes in the background after it starts; its verdict is cached.
+        return Result("accelerator", False, "probing: a KVM probe boot is running, pods wait "
+                      "for its verdict", f"run criserver check again within "
+                      f"{accel.PROBE_TIMEOUT:.0f}s", required=False)
+    if chosen is None:
+        chosen = asyncio.run(accel.detect(state, found, qemu_binary=options.qemu_binary))
     if chosen.name == "kvm":
         return Result("accelerator", True, f"KVM: {chosen.reason}")
     return Result("accelerator", True, f"TCG (software emulation, slow): {chosen.reason}",

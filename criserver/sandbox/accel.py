@@ -1,13 +1,16 @@
 """Pick QEMU's accelerator (KVM only when a real boot proves it works, else TCG) and read the
 host TSC rate the guest kernel needs under TCG.
 
-The KVM probe boots the guest kernel once and caches the verdict per host boot.
+The KVM probe boots the guest kernel once and caches the verdict per host boot. One probe runs at
+a time per state dir, whoever starts it (the daemon, in the background, or `criserver check`):
+the others wait for its verdict, or see that it is `probing`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -15,6 +18,7 @@ import re
 import signal
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +30,8 @@ PROBE_MARKER = b"CRISERVER_PROBE_OK"
 PROBE_TIMEOUT = 8.0  # KVM reaches /init in well under a second; nested KVM here never does
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _CACHE_NAME = "accel.json"
+_LOCK_NAME = "accel.lock"  # held while a probe runs
+LOCK_POLL = 0.1
 
 
 @dataclass(frozen=True)
@@ -106,20 +112,66 @@ async def detect(
 ) -> Accel:
     """Return the accelerator to use, probing KVM at most once per host boot.
 
-    Without assets (nothing to boot) KVM cannot be proven and TCG is chosen.
+    Without assets (nothing to boot) KVM cannot be proven and TCG is chosen. While another
+    process probes, this waits for its verdict instead of booting a second probe.
     """
-    cache = state_dir / _CACHE_NAME
-    boot_id = _boot_id()
-    if use_cache:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            data = json.loads(await asyncio.to_thread(cache.read_text))
-            if data["boot_id"] == boot_id and data["qemu_binary"] == qemu_binary:
-                return Accel(name=data["name"], reason=data["reason"] + " (cached)")
-    accel = await _probe(state_dir, assets, qemu_binary, probe_wait)
-    log.info("accelerator chosen accel=%s reason=%r", accel.name, accel.reason)
-    data = {"boot_id": boot_id, "qemu_binary": qemu_binary, **asdict(accel)}
-    await asyncio.to_thread(_write_atomic, cache, json.dumps(data) + "\n")
+    if use_cache and (found := await asyncio.to_thread(cached, state_dir, qemu_binary)):
+        return found
+    async with _probe_lock(state_dir):
+        if use_cache and (found := await asyncio.to_thread(cached, state_dir, qemu_binary)):
+            return found  # probed by another process while we waited for the lock
+        accel = await _probe(state_dir, assets, qemu_binary, probe_wait)
+        log.info("accelerator chosen accel=%s reason=%r", accel.name, accel.reason)
+        data = {"boot_id": _boot_id(), "qemu_binary": qemu_binary, **asdict(accel)}
+        await asyncio.to_thread(_write_atomic, state_dir / _CACHE_NAME, json.dumps(data) + "\n")
     return accel
+
+
+def cached(state_dir: Path, qemu_binary: str = "qemu-system-x86_64") -> Accel | None:
+    """The verdict probed earlier in this host boot for `qemu_binary`, if any."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads((state_dir / _CACHE_NAME).read_text())
+        if data["boot_id"] == _boot_id() and data["qemu_binary"] == qemu_binary:
+            return Accel(name=data["name"], reason=data["reason"] + " (cached)")
+    return None
+
+
+def probing(state_dir: Path) -> bool:
+    """Whether a probe is running now for this state dir (in this or another process)."""
+    try:
+        fd = os.open(state_dir / _LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the shared lock taken
+    return False
+
+
+@contextlib.asynccontextmanager
+async def _probe_lock(state_dir: Path) -> AsyncIterator[None]:
+    """Hold the state dir's probe lock (an flock, so it is released if the holder dies).
+    Polled rather than blocked on, so a cancelled waiter leaves no thread behind."""
+    path = state_dir / _LOCK_NAME
+
+    def open_lock() -> int:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    fd = await asyncio.to_thread(open_lock)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -141,7 +141,8 @@ class MicroVMBackend(BaseBackend):
         )
         self._assets: assets.GuestAssets | None = None
         self._assets_error = "guest assets not loaded yet"
-        self._accel: accel.Accel | None = None
+        self._accel: accel.Accel | None = None  # None while the KVM probe runs
+        self._accel_probe: asyncio.Task[accel.Accel] | None = None
         self._tsc_khz: int | None = None
         self._pods: dict[str, PodVM] = {}
         self._io: dict[str, ContainerIO] = {}
@@ -160,7 +161,7 @@ class MicroVMBackend(BaseBackend):
         except assets.AssetsError as exc:
             self._assets_error = exc.message
             log.warning("micro-VM backend not ready: %s", exc.message)
-        self._accel = await self._choose_accel()
+        self._start_accel_choice()
         self._tsc_khz = await asyncio.to_thread(accel.read_tsc_khz)
         await asyncio.to_thread(prepare_volumes_root, self._volumes_root())
         if self.templates is not None:
@@ -169,8 +170,6 @@ class MicroVMBackend(BaseBackend):
             for path in await asyncio.to_thread(
                     lambda: list(self.network.netns_dir.glob(f"{_TEMPLATE_NETNS}*"))):
                 await netns.remove(path)
-        if self._accel.name == "tcg":
-            log.warning("pods run under TCG (software emulation): %s", self._accel.reason)
         if self.settings.ksm:
             try:
                 before = await asyncio.to_thread(ksm.enable)
@@ -181,12 +180,38 @@ class MicroVMBackend(BaseBackend):
             if pod.state == PodState.READY:
                 await self._adopt(pod, [c for c in containers if c.pod_id == pod.id])
 
-    async def _choose_accel(self) -> accel.Accel:
+    def _start_accel_choice(self) -> None:
+        """Choose the accelerator: set in the configuration, or probed in the background (a
+        probe boot takes up to accel.PROBE_TIMEOUT on a fresh host boot), so the daemon serves
+        at once and only pod creation waits for the verdict (`_accelerator`)."""
         wanted = self.settings.accelerator
         if wanted in ("kvm", "tcg"):
-            return accel.Accel(name=wanted, reason="set in the configuration")
-        return await accel.detect(self.context.state, self._assets,
-                                  qemu_binary=self.settings.qemu_binary)
+            self._chosen(accel.Accel(name=wanted, reason="set in the configuration"))
+        else:
+            self._accel_probe = asyncio.create_task(self._probe_accel(), name="kvm-probe")
+
+    async def _probe_accel(self) -> accel.Accel:
+        try:
+            chosen = await accel.detect(self.context.state, self._assets,
+                                        qemu_binary=self.settings.qemu_binary)
+        except Exception as exc:  # the probe's own failure must not leave pods waiting
+            log.exception("KVM probe failed")
+            chosen = accel.Accel("tcg", f"KVM probe failed: {exc!r}")
+        self._chosen(chosen)
+        return chosen
+
+    def _chosen(self, chosen: accel.Accel) -> None:
+        self._accel = chosen
+        if chosen.name == "tcg":
+            log.warning("pods run under TCG (software emulation): %s", chosen.reason)
+
+    async def _accelerator(self) -> accel.Accel:
+        """The accelerator, once chosen: waits for the probe if it still runs."""
+        if self._accel is not None:
+            return self._accel
+        assert self._accel_probe is not None, "start() not called"
+        # Shielded: a cancelled RunPodSandbox must not cancel the probe the next pod awaits.
+        return await asyncio.shield(self._accel_probe)
 
     async def _adopt(self, pod: PodRecord, containers: list[ContainerRecord]) -> None:
         try:
@@ -208,6 +233,10 @@ class MicroVMBackend(BaseBackend):
                 self._follow(pod, container)
 
     async def close(self) -> None:
+        if self._accel_probe is not None and not self._accel_probe.done():
+            self._accel_probe.cancel()  # the probe kills its QEMU on the way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accel_probe
         if self.templates is not None:
             await self.templates.close()
         for io in list(self._io.values()):
@@ -221,8 +250,9 @@ class MicroVMBackend(BaseBackend):
         info: dict[str, Any] = {
             "backend": self.name,
             "machine": self.settings.machine,
-            "accelerator": self._accel.name if self._accel else "unknown",
-            "acceleratorReason": self._accel.reason if self._accel else "",
+            "accelerator": self._accel.name if self._accel else "probing",
+            "acceleratorReason": self._accel.reason if self._accel else
+            "a KVM probe boot is running; pods wait for its verdict",
             "tscKhz": self._tsc_khz,
             "tcgTbSizeMib": self.settings.tcg_tb_size_mib,
             "templates": self.settings.templates,
@@ -336,6 +366,7 @@ class MicroVMBackend(BaseBackend):
         if namespaces.network == cri.NODE:
             raise InvalidArgument(
                 "hostNetwork pods cannot run in a micro-VM: the VM has its own network stack")
+        await self._accelerator()
         started = time.monotonic()
         self._spec(pod)  # fails early without assets
         volumes = self._volumes(pod.id)

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from criserver import check
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.config import Config, DaemonConfig
+from criserver.errors import FailedPrecondition
+from criserver.runtime.backend import BackendContext
+from criserver.runtime.undo import UndoStack
 from criserver.sandbox import accel
 from criserver.sandbox.assets import GuestAssets
+from criserver.sandbox.backend import MicroVMBackend, MicroVMOptions
+from criserver.store.records import PodRecord
+from tests.daemon import unmount_under
 
 
 def _read_cache_and_boot_id(state_dir: Path) -> tuple[dict[str, str], str]:
@@ -55,3 +67,95 @@ async def test_probe_marker_is_reached_under_tcg(tmp_path: Path, guest_assets: G
         tmp_path, guest_assets, "qemu-system-x86_64", 60.0, accel_name="tcg"
     )
     assert result.name == "tcg" and "booted to /init" in result.reason
+
+
+class _GatedProbe:
+    """A stand-in for the probe boot: runs until released, counts the boots."""
+
+    def __init__(self, verdict: accel.Accel) -> None:
+        self.verdict = verdict
+        self.release = asyncio.Event()
+        self.boots = 0
+
+    async def __call__(self, *args: object, **kwargs: object) -> accel.Accel:
+        self.boots += 1
+        await self.release.wait()
+        return self.verdict
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_one_probe_at_a_time_and_its_verdict_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = _GatedProbe(accel.Accel("tcg", "stand-in probe"))
+    monkeypatch.setattr(accel, "_probe", probe)
+    assert not accel.probing(tmp_path) and accel.cached(tmp_path) is None
+    first = asyncio.create_task(accel.detect(tmp_path, None))
+    await _until(lambda: accel.probing(tmp_path))
+    second = asyncio.create_task(accel.detect(tmp_path, None))  # e.g. `criserver check`
+    await asyncio.sleep(3 * accel.LOCK_POLL)
+    assert not first.done() and not second.done() and probe.boots == 1
+    probe.release.set()
+    assert (await first).reason == "stand-in probe"
+    assert (await second).reason == "stand-in probe (cached)"
+    assert probe.boots == 1 and not accel.probing(tmp_path)
+    assert accel.cached(tmp_path) == accel.Accel("tcg", "stand-in probe (cached)")
+
+
+async def test_backend_serves_while_probing_and_pods_wait_for_the_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = _GatedProbe(accel.Accel("tcg", "stand-in probe"))
+    monkeypatch.setattr(accel, "_probe", probe)
+    context = BackendContext(handler="microvm", root=tmp_path / "root",
+                             state=tmp_path / "state", config=Config(),
+                             events=None)  # type: ignore[arg-type]
+    backend = MicroVMBackend({"network": False, "templates": False,
+                              "assets_dir": str(tmp_path / "no-assets")}, context)
+    try:
+        await asyncio.wait_for(backend.start([], []), 5)  # not held up by the probe
+        info = (await backend.status()).info
+        assert info["accelerator"] == "probing"
+        pod = PodRecord(id="ab" * 32, config=cri.PodSandboxConfig(), runtime_handler="microvm",
+                        created_at=1)
+        run = asyncio.create_task(backend.run_sandbox(pod, UndoStack("test")))
+        await asyncio.sleep(0.2)
+        assert not run.done()  # waiting for the verdict
+        probe.release.set()
+        with pytest.raises(FailedPrecondition):  # then on to its next step: no guest assets
+            await run
+        info = (await backend.status()).info
+        assert (info["accelerator"], info["acceleratorReason"]) == ("tcg", "stand-in probe")
+        # A daemon restart in the same host boot takes the cached verdict.
+        await backend.close()
+        backend = MicroVMBackend({"network": False, "templates": False,
+                                  "assets_dir": str(tmp_path / "no-assets")}, context)
+        await backend.start([], [])
+        assert (await backend._accelerator()).reason == "stand-in probe (cached)"
+        assert probe.boots == 1
+    finally:
+        await backend.close()
+        unmount_under(tmp_path)  # the backend's private bind mount of its volumes root
+
+
+def test_check_reports_probing_while_the_daemon_probes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = Config(daemon=DaemonConfig(state=str(tmp_path)))
+    state = tmp_path / "runtimes" / "microvm"
+    state.mkdir(parents=True)
+    options = MicroVMOptions(assets_dir=str(tmp_path / "no-assets"))
+    with open(state / "accel.lock", "w") as held:  # what the daemon holds while it probes
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = check._accelerator(config, options)
+    assert not result.ok and not result.required and result.detail.startswith("probing")
+    monkeypatch.setattr(accel, "_probe", _GatedProbe(accel.Accel("tcg", "stand-in")))
+    accel._probe.release.set()  # type: ignore[attr-defined]
+    asyncio.run(accel.detect(state, None))
+    result = check._accelerator(config, options)
+    assert result.detail == "TCG (software emulation, slow): stand-in (cached)"
