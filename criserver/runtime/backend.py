@@ -70,6 +70,15 @@ class BackendStatus:
 
 
 @dataclass(frozen=True)
+class BackendFeatures:
+    """What a backend's pods support, reported per runtime handler in Status (kubelet refuses
+    pods that need a feature their handler lacks). Declared once per backend class."""
+
+    recursive_read_only_mounts: bool = False
+    user_namespaces: bool = False  # user namespaces and idmap mounts, as Kubernetes needs them
+
+
+@dataclass(frozen=True)
 class SandboxStarted:
     ips: tuple[str, ...] = ()
     backend: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +101,8 @@ class ExecResult:
 @runtime_checkable
 class SandboxBackend(Protocol):
     """Everything the runtime asks of a backend. Calls for one pod never overlap."""
+
+    features: BackendFeatures
 
     async def start(self, pods: list[PodRecord], containers: list[ContainerRecord]) -> None:
         """Daemon start: re-adopt the live sandboxes of this handler, clean up the dead."""
@@ -153,6 +164,7 @@ class BaseBackend:
     """A backend that supports nothing: subclasses override what they implement."""
 
     name = "base"
+    features = BackendFeatures()
 
     def __init__(self, options: dict[str, Any], context: BackendContext) -> None:
         self.options = options

@@ -41,11 +41,15 @@ async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
         ),
     ]
     response = cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
-    for name in sorted(rt.backends):
+    # The default handler under the empty name (what a pod naming no handler gets), then
+    # every configured handler under its own name, the default's included.
+    for label, name in [("", default), *((name, name) for name in sorted(rt.backends))]:
+        features = rt.backends[name].features
         response.runtime_handlers.append(cri.RuntimeHandler(
-            name=name if name != default else "",
-            features=cri.RuntimeHandlerFeatures(recursive_read_only_mounts=False,
-                                                user_namespaces=False),
+            name=label,
+            features=cri.RuntimeHandlerFeatures(
+                recursive_read_only_mounts=features.recursive_read_only_mounts,
+                user_namespaces=features.user_namespaces),
         ))
     if request.verbose:
         response.info["config"] = info_json(rt.config.as_dict())

@@ -35,6 +35,7 @@ from criserver.errors import (
 from criserver.runtime import oci_spec
 from criserver.runtime.backend import (
     BackendContext,
+    BackendFeatures,
     BackendStatus,
     BaseBackend,
     ContainerCreated,
@@ -119,6 +120,11 @@ class MicroVMOptions:
 
 class MicroVMBackend(BaseBackend):
     name = "microvm"
+    # What Status reports for this backend's handlers. Turn one on with its implementation.
+    features = BackendFeatures(
+        recursive_read_only_mounts=False,
+        user_namespaces=False,
+    )
 
     def __init__(self, options: dict[str, Any], context: BackendContext) -> None:
         super().__init__(options, context)
