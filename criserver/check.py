@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -116,6 +117,42 @@ def _ksm(options: MicroVMOptions) -> Result:
                   "(~80 MiB more per idle pod)", hint, required=False)
 
 
+def filesystem_of(path: Path, mounts: str | None = None) -> tuple[str, str]:
+    """The mount point holding `path` (which need not exist yet) and its filesystem type."""
+    if mounts is None:
+        mounts = Path("/proc/self/mounts").read_text()
+    path = Path(os.path.abspath(path))
+    best = ("/", "")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes blanks in mount points as octal: "\040".
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        if (path == Path(point) or Path(point) in path.parents) and len(point) >= len(best[0]):
+            best = (point, fields[2])  # the last of stacked mounts is the visible one
+    return best
+
+
+def _templates_dir(config: Config, options: MicroVMOptions) -> Result:
+    if not options.templates:
+        return Result("templates dir", True, "pod VM templates are off", required=False)
+    # As the backend places it (its state dir is <daemon state>/runtimes/<handler>).
+    directory = Path(options.templates_dir or
+                     Path(config.daemon.state) / "runtimes" / "microvm" / "templates")
+    point, fstype = filesystem_of(directory)
+    if fstype == "tmpfs":
+        return Result("templates dir", True, f"{directory} is on a tmpfs ({point})")
+    return Result(
+        "templates dir", False,
+        f"{directory} is on {fstype or 'an unknown filesystem'} ({point}), not a tmpfs: each "
+        "template's guest RAM is written to disk and read back from it",
+        f"mkdir -p {directory} && mount -t tmpfs -o mode=0700 tmpfs {directory} (and add it to "
+        "/etc/fstab), or set "
+        "runtimes.microvm.options.templates_dir to a directory on a tmpfs such as /dev/shm",
+        required=False)
+
+
 def run_checks(config: Config) -> int:
     """Print the checks; exit status 1 when a required one fails."""
     handler = config.runtimes.get("microvm")
@@ -126,6 +163,7 @@ def run_checks(config: Config) -> int:
     checks: list[Callable[[], Result]] = [
         lambda: _qemu(options), _kvm_device, lambda: _accelerator(config, options), _vsock,
         lambda: _assets(options), lambda: _cni(config), _cgroups, lambda: _ksm(options),
+        lambda: _templates_dir(config, options),
     ]
     failed = False
     for check in checks:
