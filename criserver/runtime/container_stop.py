@@ -1,19 +1,32 @@
-"""StopContainer: signal, wait for the grace period, then kill; idempotent once stopped."""
+"""StopContainer: signal, wait for the grace period, then kill; idempotent once stopped, and
+an unknown container is stopped already."""
 
 from __future__ import annotations
 
+import logging
+
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import NotFound
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord
+
+log = logging.getLogger(__name__)
 
 
 async def stop_container(
     rt: Runtime, request: cri.StopContainerRequest
 ) -> cri.StopContainerResponse:
-    container = rt.containers.get(request.container_id)
+    try:
+        container = rt.containers.get(request.container_id)  # an empty ID is still refused
+    except NotFound:
+        # The CRI: no error once the container is stopped, and one that is gone is.
+        log.info("stop of unknown container container=%s: nothing to do", request.container_id)
+        return cri.StopContainerResponse()
     pod = rt.pods.get(container.pod_id)
     async with rt.container_locks.hold(container.id):
-        await stop_running(rt, pod, rt.containers.get(container.id), max(request.timeout, 0))
+        current = rt.containers.find(container.id)
+        if current is not None:  # else removed while we waited for the lock
+            await stop_running(rt, pod, current, max(request.timeout, 0))
     return cri.StopContainerResponse()
 
 

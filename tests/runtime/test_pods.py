@@ -152,7 +152,6 @@ async def test_unknown_ids_not_found(cri: CRIClient) -> None:
         (cri.runtime.PodSandboxStatus, msg("PodSandboxStatusRequest", pod_sandbox_id="ab" * 32)),
         (cri.runtime.ContainerStatus, msg("ContainerStatusRequest", container_id="ab" * 32)),
         (cri.runtime.StartContainer, msg("StartContainerRequest", container_id="ab" * 32)),
-        (cri.runtime.StopContainer, msg("StopContainerRequest", container_id="ab" * 32)),
         (cri.runtime.CreateContainer, msg("CreateContainerRequest", pod_sandbox_id="ab" * 32,
                                           config=cri.container_config("c"))),
     ]:
@@ -162,6 +161,36 @@ async def test_unknown_ids_not_found(cri: CRIClient) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest", pod_sandbox_id=""))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_stop_and_remove_of_unknown_ids_succeed(cri: CRIClient) -> None:
+    """The CRI: stop and remove are idempotent, no error once the object is stopped or gone."""
+    unknown = "ab" * 32
+    await cri.runtime.StopContainer(msg("StopContainerRequest", container_id=unknown))
+    await cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=unknown))
+    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=unknown))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=unknown))
+    pod_id = await cri.run_pod("gone")
+    cid = await cri.create_container(pod_id, "c", pod_name="gone")
+    await cri.runtime.StartContainer(msg("StartContainerRequest", container_id=cid))
+    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    for _ in range(2):  # the container went with its pod
+        await cri.runtime.StopContainer(msg("StopContainerRequest", container_id=cid, timeout=1))
+        await cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
+        await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+
+
+async def test_stop_and_remove_refuse_an_empty_id(cri: CRIClient) -> None:
+    for call, request in [
+        (cri.runtime.StopContainer, msg("StopContainerRequest", container_id="")),
+        (cri.runtime.RemoveContainer, msg("RemoveContainerRequest", container_id="")),
+        (cri.runtime.StopPodSandbox, msg("StopPodSandboxRequest", pod_sandbox_id="")),
+        (cri.runtime.RemovePodSandbox, msg("RemovePodSandboxRequest", pod_sandbox_id="")),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, call
+        assert "must not be empty" in (err.value.details() or ""), call
 
 
 async def test_ambiguous_prefix(cri: CRIClient) -> None:
