@@ -210,6 +210,9 @@ class AgentClient:
         self._channel = None
         if self._state is ConnState.READY:
             self._state = ConnState.IDLE
+        # Closed even though the connection is gone: grpclib's Channel only forgets its
+        # protocol on close(), and one collected unclosed logs "Unclosed connection".
+        channel.close()
         log.warning("agent connection lost pod=%s address=%s error=%s", self.pod_id,
                     self.address, exc)
 

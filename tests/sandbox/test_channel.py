@@ -5,7 +5,10 @@ silent servers stand in for a VM whose agent does not answer."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import warnings
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -183,3 +186,34 @@ async def test_closed_client_fails_fast(client: AgentClient) -> None:
     client.close()
     with pytest.raises(errors.FailedPrecondition):
         await client.check()
+
+
+async def test_lost_connection_is_closed_not_left_to_the_collector(
+    tmp_path: Path, client: AgentClient
+) -> None:
+    """A VM that ends takes its agent's connection along; the channel that held it must be
+    closed, or collecting it logs asyncio's "Unclosed connection" error."""
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(str(context.get("message"))))
+    try:
+        agent = await start_agent(tmp_path, transport="unix")
+        try:
+            await client.check()
+            channel = weakref.ref(client._channel)  # type: ignore[arg-type]
+        finally:
+            await agent.stop()
+        for _ in range(250):  # the loss is noticed asynchronously
+            if client.state is ConnState.IDLE:
+                break
+            await asyncio.sleep(0.02)
+        assert client.state is ConnState.IDLE
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            gc.collect()
+        assert channel() is None
+        assert [str(w.message) for w in seen if "Unclosed" in str(w.message)] == []
+        assert [m for m in reported if "Unclosed" in m] == []
+    finally:
+        loop.set_exception_handler(previous)
