@@ -151,6 +151,8 @@ class MicroVMBackend(BaseBackend):
         self._accel_probe: asyncio.Task[accel.Accel] | None = None
         self._tsc_khz: int | None = None
         self._pods: dict[str, PodVM] = {}
+        # Pods this daemon stopped completely (VM gone, network torn down), until removed.
+        self._stopped: set[str] = set()
         self._io: dict[str, ContainerIO] = {}
         self.templates: TemplateStore | None = None
         if self.settings.templates:
@@ -492,6 +494,8 @@ class MicroVMBackend(BaseBackend):
             await self._io.pop(cid).close()
 
     async def stop_sandbox(self, pod: PodRecord) -> None:
+        if pod.id in self._stopped:
+            return  # RemovePodSandbox stops again what StopPodSandbox stopped: nothing is left
         handle = self._pods.pop(pod.id, None)
         for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod.id]:
             await self._io.pop(cid).close()
@@ -502,6 +506,7 @@ class MicroVMBackend(BaseBackend):
         if self.settings.network:
             # After QEMU is gone: its tap fd pins the netns.
             await self.network.teardown(pod.id)
+        self._stopped.add(pod.id)
         log.info("pod vm stopped pod=%s", pod.id)
 
     async def _power_off(self, handle: PodVM) -> None:
@@ -523,15 +528,11 @@ class MicroVMBackend(BaseBackend):
             await vm.kill()
 
     async def remove_sandbox(self, pod: PodRecord) -> None:
-        if pod.id in self._pods:
-            await self.stop_sandbox(pod)
-        else:
-            await self._kill_leftover(pod)
-            if self.settings.network:
-                await self.network.teardown(pod.id)
+        await self.stop_sandbox(pod)  # returns at once when it ran already
         await self._volumes(pod.id).remove_all()
         await asyncio.to_thread(shutil.rmtree, self._pod_state_dir(pod.id), True)
         await asyncio.to_thread(shutil.rmtree, self._pod_root_dir(pod.id), True)
+        self._stopped.discard(pod.id)
 
     async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]:
         info: dict[str, Any] = dict(pod.backend)

@@ -185,8 +185,9 @@ def _remove(path: Path) -> bool:
     return existed
 
 
-async def remove(path: Path) -> None:
-    """Unpin and delete the namespace at path; a missing path is fine (idempotent).
+async def remove(path: Path) -> bool:
+    """Unpin and delete the namespace at path; a missing path is fine (idempotent). Returns
+    whether there was one.
 
     The kernel frees the namespace (and the devices inside) once nothing else holds it, e.g. a
     QEMU still holding a tap fd keeps it alive until that QEMU exits.
@@ -197,6 +198,7 @@ async def remove(path: Path) -> None:
         raise Internal(f"remove network namespace {path}: {exc}") from exc
     if existed:
         log.debug("netns removed path=%s", path)
+    return existed
 
 
 def _release_dir(directory: Path) -> None:

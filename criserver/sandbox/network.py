@@ -157,15 +157,19 @@ class PodNetwork:
         log.info("pod network ready pod=%s ips=%s netns=%s", pod_id, ",".join(ips), path)
         return NetworkInfo(pod_id, str(path), ips, tap_info, guest, result.raw)
 
-    async def teardown(self, pod_id: str) -> None:
+    async def teardown(self, pod_id: str) -> bool:
         """CNI DEL with the cached ADD, then remove the netns. Safe to repeat; safe when the VM
-        died or the netns is already gone. Stop the VM first: its tap fd pins the netns."""
-        await self.teardown_cni(pod_id)
-        await netns.remove(self.netns_path(pod_id))
-        log.info("pod network removed pod=%s", pod_id)
+        died or the netns is already gone. Stop the VM first: its tap fd pins the netns.
+        Returns whether there was anything to remove."""
+        added = await self.teardown_cni(pod_id)
+        existed = await netns.remove(self.netns_path(pod_id))
+        if added or existed:
+            log.info("pod network removed pod=%s", pod_id)
+        return added or existed
 
-    async def teardown_cni(self, pod_id: str) -> None:
-        """CNI DEL with the cached ADD result, the netns left in place."""
+    async def teardown_cni(self, pod_id: str) -> bool:
+        """CNI DEL with the cached ADD result, the netns left in place. Returns whether there
+        was a cached ADD."""
         path = self.netns_path(pod_id)
         result = await self.cni.result(pod_id)
         if result is not None:
@@ -176,3 +180,4 @@ class PodNetwork:
                 await netns.create(path)
             await tap.give_back(path, result.pod_addresses(self.cni.ifname), self.cni.ifname)
         await self.cni.delete(pod_id, str(path))
+        return result is not None

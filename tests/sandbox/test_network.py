@@ -252,13 +252,13 @@ async def test_pod_network_setup_and_teardown(net_env: NetEnv) -> None:
     with pytest.raises(AlreadyExists):
         await net.setup("pod1", "web", "default", "uid1")
 
-    await net.teardown("pod1")
-    await net.teardown("pod1")  # idempotent
+    assert await net.teardown("pod1")
+    assert not await net.teardown("pod1")  # idempotent, and says there was nothing left
     assert gone(info.netns) and net_env.allocations() == []
     rules = await nat_rules()
     assert await net_env.our_rules() == [] and not [r for r in rules if "18095" in r]
     assert not {r.split()[1] for r in rules if r.startswith("-N ")} & chains
-    await net.teardown("never-created")
+    assert not await net.teardown("never-created")
 
 
 @needs_root_cni
@@ -266,7 +266,7 @@ async def test_teardown_when_the_netns_is_already_gone(net_env: NetEnv) -> None:
     net = net_env.pod_network()
     info = await net.setup("pod2", "web", "default", "uid2", [PortMapping(18096, 80)])
     await netns.remove(Path(info.netns))  # e.g. removed by hand, or a crash mid-teardown
-    await net.teardown("pod2")
+    assert await net.teardown("pod2")  # the CNI side was still there
     assert gone(info.netns) and net_env.allocations() == []
     assert await net_env.our_rules() == []
     assert not [r for r in await nat_rules() if "18096" in r]
