@@ -19,7 +19,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-a
 	gcc libc6-dev libseccomp-dev \
 	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat
 
-.PHONY: install install-service deps venv proto guest run test lint typecheck bench clean tools
+.PHONY: install install-service deps venv proto guest run test lint typecheck bench clean tools conformance-assets
 
 # The real CRI clients, built from their Go modules through the Go module proxy into a
 # git-ignored directory named by version (a new version builds afresh; nothing is committed).
@@ -68,6 +68,12 @@ $(TOOLS_DIR)/critest:
 	mkdir -p $(TOOLS_DIR)
 	cd $(CRI_TOOLS_SRC) && $(GO_ENV) go test -c -o $(CURDIR)/$@ ./cmd/critest
 
+# What the images critest and crictl pull are made of (tests/conformance/images.py): a full
+# static busybox from Debian's source package, Debian's nginx with its libraries, pause, nnp.
+# The script skips what .cache/conformance already holds.
+conformance-assets:
+	tests/conformance/build-assets.sh .cache/conformance
+
 run: install
 	$(VENV)/bin/criserver serve
 
@@ -77,7 +83,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy criserver vmagent
 
-test: install tools lint typecheck
+test: install tools conformance-assets lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # containerd is the same-run baseline of bench/exec_baseline.py (no daemon of it is started).
