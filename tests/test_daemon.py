@@ -159,6 +159,7 @@ async def test_status_and_runtime_config(tmp_path: Path) -> None:
     config = json.loads(status.info["config"])
     assert config["daemon"]["root"] == str(daemon.root)
     assert json.loads(status.info["host"])["cpus"] >= 1
+    assert status.features.supplemental_groups_policy
     runtime_config = await cri.runtime.RuntimeConfig(msg("RuntimeConfigRequest"))
     assert runtime_config.linux.cgroup_driver == enum("CGROUPFS")
 

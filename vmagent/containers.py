@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError
 
 from vmagent import cgroups, mountutil
 from vmagent.api import agent_pb2 as pb
+from vmagent.imagevolumes import ImageVolume, mount_volume, unmount_volume
 from vmagent.ocispec import PodContext, complete_spec, load_spec
 from vmagent.pid1 import ChildExit, Reaper
 from vmagent.podns import PodNamespaces
@@ -59,6 +60,7 @@ class Container:
         self.exit: pb.ExitStatus | None = None
         self.spec: dict[str, Any] = {}
         self.rootfs: Rootfs | None = None
+        self.image_volumes: list[ImageVolume] = []
         self.cgroup_dir = ""
         self.output = OutputLog(buffer)
         self.readers: list[PipeReader] = []
@@ -94,6 +96,10 @@ class Container:
                                started_at_unix_nanos=self.started_ns)
         if self.exit is not None:
             st.exit.CopyFrom(self.exit)
+        user = (self.spec.get("process") or {}).get("user") or {}
+        if user:
+            st.user.CopyFrom(pb.User(uid=user.get("uid", 0), gid=user.get("gid", 0),
+                                     additional_gids=user.get("additionalGids") or []))
         return st
 
     def running_init(self) -> bool:
@@ -204,12 +210,15 @@ class Containers:
             if m.source.startswith("tag:") and m.target:
                 await self.mounts.ensure_share(m.source[4:], m.target,
                                                read_only="ro" in m.options)
+            elif m.source.startswith("image:") and m.target:
+                c.image_volumes.append(await mount_volume(self.mounts, m, c.id))
         c.rootfs = await self.mounts.make_rootfs(c.id, c.bundle, req.rootfs)
         user = None
         if req.user:
             extra = [int(g) for g in (spec["process"].get("user") or {}).get("additionalGids")
                      or []]
-            user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path, extra)
+            user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path, extra,
+                                           not req.strict_supplemental_groups)
         pod = await self._pod_context(req.pid_namespace)
         c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
                                pid_mode=req.pid_namespace, user=user, terminal=c.tty)
@@ -305,6 +314,8 @@ class Containers:
         if c.rootfs is not None:
             await self.mounts.remove_rootfs(c.rootfs)
             c.rootfs = None
+        while c.image_volumes:
+            await unmount_volume(self.mounts, c.image_volumes.pop())
         await remove_tree(c.bundle)
 
     def _on_exit(self, c: Container, fut: asyncio.Future[ChildExit]) -> None:

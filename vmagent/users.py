@@ -34,9 +34,10 @@ class ResolvedUser:
                 f"additional_gids={self.additional_gids}, home={self.home!r})")
 
 
-def read_in_root(root: str, path: str) -> str | None:
-    """Content of `path` as seen from inside `root` (symlinks, absolute ones included, resolve
-    within root), or None if it does not exist. Blocking: call from a thread."""
+def resolve_in_root(root: str, path: str) -> str | None:
+    """The real path of `path` as seen from inside `root`: symlinks (absolute ones included)
+    and ".." resolve within root, never above it. None if it does not exist (or loops).
+    Blocking: call from a thread."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     resolved: list[str] = []
     links = 0
@@ -49,7 +50,7 @@ def read_in_root(root: str, path: str) -> str | None:
         candidate = os.path.join(root, *resolved, name)
         try:
             st = os.lstat(candidate)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         if stat.S_ISLNK(st.st_mode):
             links += 1
@@ -61,7 +62,15 @@ def read_in_root(root: str, path: str) -> str | None:
             parts = [p for p in target.split("/") if p not in ("", ".")] + parts
             continue
         resolved.append(name)
-    full = os.path.join(root, *resolved)
+    return os.path.join(root, *resolved)
+
+
+def read_in_root(root: str, path: str) -> str | None:
+    """Content of regular file `path` as seen from inside `root` (see `resolve_in_root`), or
+    None if it does not exist. Blocking: call from a thread."""
+    full = resolve_in_root(root, path)
+    if full is None:
+        return None
     try:
         if not stat.S_ISREG(os.stat(full).st_mode):
             return None
@@ -83,11 +92,13 @@ def _parse(content: str | None, fields: int) -> list[list[str]]:
 
 
 def resolve_user(spec_user: str, passwd: str | None, group: str | None,
-                 extra_gids: list[int] | None = None) -> ResolvedUser:
+                 extra_gids: list[int] | None = None,
+                 image_groups: bool = True) -> ResolvedUser:
     """Resolve "user[:group]" the way container runtimes do: a numeric part is used as is (a
     numeric uid still picks its primary gid and home from passwd when listed there), a name
-    must exist. Supplementary gids: the primary gid, the groups that list the user by name,
-    then `extra_gids` (CRI supplemental groups), without duplicates.
+    must exist. Supplementary gids: the primary gid, the groups that list the user by name
+    (unless not `image_groups`: CRI SupplementalGroupsPolicy Strict), then `extra_gids` (CRI
+    supplemental groups), without duplicates.
 
     :raises GRPCError: INVALID_ARGUMENT for an unknown user or group name or a bad format.
     """
@@ -118,7 +129,7 @@ def resolve_user(spec_user: str, passwd: str | None, group: str | None,
                                 f"group {group_part!r} not found in the image's /etc/group")
             gid = int(g[2])
     gids = [gid]
-    if entry is not None:
+    if entry is not None and image_groups:
         for g in groups:
             members = [m for m in g[3].split(",") if m]
             if entry[0] in members and g[2].isdigit():
@@ -129,8 +140,8 @@ def resolve_user(spec_user: str, passwd: str | None, group: str | None,
     return ResolvedUser(uid, gid, unique, home or "/")
 
 
-def resolve_in_rootfs(spec_user: str, rootfs: str,
-                      extra_gids: list[int] | None = None) -> ResolvedUser:
+def resolve_in_rootfs(spec_user: str, rootfs: str, extra_gids: list[int] | None = None,
+                      image_groups: bool = True) -> ResolvedUser:
     """resolve_user with the rootfs's own files. Blocking: call from a thread."""
     return resolve_user(spec_user, read_in_root(rootfs, "/etc/passwd"),
-                        read_in_root(rootfs, "/etc/group"), extra_gids)
+                        read_in_root(rootfs, "/etc/group"), extra_gids, image_groups)

@@ -89,6 +89,10 @@ class ContainerCreated:
     image_id: str = ""
     image_ref: str = ""
     backend: dict[str, Any] = field(default_factory=dict)
+    # container_path -> image id of each image volume (Mount.image) the backend mounted.
+    volume_images: dict[str, str] = field(default_factory=dict)
+    # uid, gid, supplementary gids the process runs with (ContainerStatus.user), if known.
+    user: tuple[int, int, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ async def _create(rt: Runtime, pod: PodRecord, container: ContainerRecord) -> Co
         created = await rt.backend(pod).create_container(pod, container, undo)
         return await rt.containers.update(container.id, lambda c: replace(
             c, state=ContainerState.CREATED, image_id=created.image_id,
-            image_ref=created.image_ref, backend=created.backend))
+            image_ref=created.image_ref, backend=created.backend,
+            volume_images=created.volume_images, user=created.user))
     except BaseException as exc:
         log.warning("create container failed container=%s pod=%s error=%r",
                     container.id, pod.id, exc)

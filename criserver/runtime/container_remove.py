@@ -36,6 +36,6 @@ async def remove_container_record(rt: Runtime, pod: PodRecord, container: Contai
     await rt.containers.delete(container.id)
     rt.containers.names.release(container.name_key(pod), container.id)
     rt.early_exits.pop(container.id, None)
-    rt.image_released(container.image_id)
+    rt.images_released(container)
     rt.publish(container.id, cri.CONTAINER_DELETED_EVENT, pod)
     log.info("container removed container=%s pod=%s", container.id, pod.id)

@@ -159,13 +159,16 @@ def generate(
     cgroup_parent: str = "",
     pids_limit: int | None = None,
     sandbox_dir: str = SANDBOX_DIR,
+    image_volumes: Mapping[str, str] | None = None,
 ) -> GeneratedSpec:
     """The OCI spec of one container of a pod running in a micro-VM.
 
     Reads the file of a Localhost seccomp profile (small, blocking): call it from a thread, as
-    `generate_async` does. `guest_path` maps each CRI mount's host path to its guest path.
+    `generate_async` does. `guest_path` maps each CRI mount's host path to its guest path;
+    `image_volumes` maps the container_path of each image volume (Mount.image) to the guest
+    path where the agent puts the image (or its sub path).
     :raises InvalidArgument: a CRI or image setting is malformed or impossible in a VM.
-    :raises Unimplemented: devices, image mounts, user namespaces.
+    :raises Unimplemented: devices, image mounts without a guest path, user namespaces.
     :raises FailedPrecondition: the pod lacks a namespace the container asks to share.
     """
     image = image or ImageConfigView()
@@ -207,7 +210,7 @@ def generate(
         process["oomScoreAdj"] = adj
 
     mounts, rootfs_propagation = _mounts(
-        container, sc, guest_path, privileged, sandbox_dir, where
+        container, sc, guest_path, privileged, sandbox_dir, where, image_volumes or {}
     )
     sysctls, skipped = _sysctls(pod, namespaces)
     spec_linux: dict[str, Any] = {
@@ -448,6 +451,7 @@ def _mounts(
     privileged: bool,
     sandbox_dir: str,
     where: str,
+    image_volumes: Mapping[str, str],
 ) -> tuple[list[dict[str, Any]], str]:
     """Default mounts not overridden, then CRI and pod-file mounts, parents before children."""
     supplied: list[dict[str, Any]] = []
@@ -457,9 +461,14 @@ def _mounts(
         if not dest or not os.path.isabs(dest):
             raise InvalidArgument(f"mount container_path {dest!r} is not an absolute path")
         if m.HasField("image") and m.image.image:
-            raise Unimplemented(f"image volume mounts are not supported (mount at {dest})")
-        if not m.host_path:
+            # Read-only by definition: validate.image_mount has refused anything else.
+            source = image_volumes.get(dest)
+            if source is None:
+                raise Unimplemented(f"image volume mounts are not supported (mount at {dest})")
+        elif not m.host_path:
             raise InvalidArgument(f"mount at {dest} has no host_path")
+        else:
+            source = guest_path(m.host_path)
         if m.uidMappings or m.gidMappings:
             raise Unimplemented(f"id-mapped mounts are not supported (mount at {dest})")
         if m.propagation not in PROPAGATION:
@@ -477,7 +486,7 @@ def _mounts(
             propagation = "rshared"
         elif m.propagation == cri.PROPAGATION_HOST_TO_CONTAINER and propagation != "rshared":
             propagation = "rslave"
-        supplied.append(_bind(guest_path(m.host_path), os.path.normpath(dest), options))
+        supplied.append(_bind(source, os.path.normpath(dest), options))
 
     taken = {m["destination"] for m in supplied}
     files_mode = "ro" if sc.readonly_rootfs else "rw"

@@ -64,17 +64,22 @@ class Runtime:
         self.settings[key] = value
 
     def image_in_use(self, image_id: str) -> bool:
-        return any(c.image_id == image_id for c in self.containers.all())
+        """A container runs from it or mounts it as an image volume."""
+        return any(c.uses_image(image_id) for c in self.containers.all())
 
-    def image_released(self, image_id: str) -> None:
-        """A container using `image_id` is gone: collect the image's content if it was removed
-        while in use (RemoveImage keeps the content of images containers still use)."""
-        if self.images is None or not image_id or self.image_in_use(image_id):
+    def images_released(self, container: ContainerRecord) -> None:
+        """`container` is gone: collect the content of its images (root and volumes) that were
+        removed while in use (RemoveImage keeps the content of images containers still use)."""
+        if self.images is None:
             return
-        if self.images.get(image_id) is None:
+        for image_id in {container.image_id, *container.volume_images.values()}:
+            if (not image_id or self.image_in_use(image_id)
+                    or self.images.get(image_id) is not None):
+                continue
             task = asyncio.create_task(self.images.gc(), name=f"image-gc-{image_id}")
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            return  # one collection covers them all
 
     def handler_name(self, requested: str) -> str:
         name = requested or self.config.runtime.default_handler

@@ -40,7 +40,11 @@ async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
             message="" if backend_status.network_ready else backend_status.network_message,
         ),
     ]
-    response = cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
+    response = cri.StatusResponse(
+        status=cri.RuntimeStatus(conditions=conditions),
+        # Strict and Merge are told apart where users are resolved (vmagent/users.py).
+        features=cri.RuntimeFeatures(supplemental_groups_policy=True),
+    )
     # The default handler under the empty name (what a pod naming no handler gets), then
     # every configured handler under its own name, the default's included.
     for label, name in [("", default), *((name, name) for name in sorted(rt.backends))]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 
 from criserver.api.runtime.v1 import api_pb2 as cri
@@ -54,3 +55,21 @@ def container_config(config: cri.ContainerConfig) -> None:
     check_map(config.annotations, "annotations")
     for arg in (*config.command, *config.args):
         check_length(arg, "command argument", 128 * 1024)
+    for mount in config.mounts:
+        if mount.HasField("image") and mount.image.image:
+            image_mount(mount)
+
+
+def image_mount(mount: cri.Mount) -> None:
+    """An image volume (Mount.image, KEP 4639): read-only by definition, no host path, and a
+    sub path that stays inside the image."""
+    where = f"image volume at {mount.container_path!r}"
+    if mount.host_path:
+        raise InvalidArgument(f"{where}: host_path and image are mutually exclusive")
+    if not mount.readonly:
+        raise InvalidArgument(f"{where}: image volumes are read-only, readonly must be set")
+    sub_path = mount.image_sub_path
+    check_length(sub_path, "image_sub_path", 4096)
+    if posixpath.isabs(sub_path) or ".." in sub_path.split("/") or "\0" in sub_path:
+        raise InvalidArgument(f"{where}: image_sub_path {sub_path!r} is not a relative path "
+                              "inside the image")

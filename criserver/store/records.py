@@ -140,10 +140,17 @@ class ContainerRecord:
     reason: str = ""
     message: str = ""
     backend: dict[str, Any] = field(default_factory=dict)
+    # Image volumes (Mount.image): the id of the image mounted at each container_path.
+    volume_images: dict[str, str] = field(default_factory=dict)
+    # What the process runs as, as the backend resolved it: uid, gid, supplementary gids.
+    user: tuple[int, int, tuple[int, ...]] | None = None
 
     @property
     def labels(self) -> dict[str, str]:
         return dict(self.config.labels)
+
+    def uses_image(self, image_id: str) -> bool:
+        return self.image_id == image_id or image_id in self.volume_images.values()
 
     def name_key(self, pod: PodRecord) -> str:
         m, p = self.config.metadata, pod.config.metadata
@@ -157,6 +164,9 @@ class ContainerRecord:
     def from_row(cls, id_: str, pod_id: str, config: bytes, record: str) -> ContainerRecord:
         doc = json.loads(record)
         doc["state"] = ContainerState(doc["state"])
+        if doc.get("user") is not None:
+            uid, gid, groups = doc["user"]
+            doc["user"] = (uid, gid, tuple(groups))
         return cls(id=id_, pod_id=pod_id, config=cri.ContainerConfig.FromString(config), **doc)
 
     def to_cri(self) -> cri.Container:
@@ -189,12 +199,34 @@ class ContainerRecord:
             message=self.message,
             labels=self.config.labels,
             annotations=self.config.annotations,
-            mounts=self.config.mounts,
+            mounts=self._mounts(),
             log_path=self.log_path,
             resources=cri.ContainerResources(linux=self.config.linux.resources)
             if self.config.linux.HasField("resources")
             else None,
+            user=self._user(),
         )
+
+    def _mounts(self) -> list[cri.Mount]:
+        if not self.volume_images:
+            return list(self.config.mounts)
+        mounts = []
+        for mount in self.config.mounts:
+            image_id = self.volume_images.get(mount.container_path) if mount.image.image else None
+            if image_id:
+                reported = cri.Mount()
+                reported.CopyFrom(mount)
+                reported.image.image_ref = image_id  # the id PullImage returned for it
+                mount = reported
+            mounts.append(mount)
+        return mounts
+
+    def _user(self) -> cri.ContainerUser | None:
+        if self.user is None:
+            return None
+        uid, gid, groups = self.user
+        return cri.ContainerUser(linux=cri.LinuxContainerUser(
+            uid=uid, gid=gid, supplemental_groups=groups))
 
     def _image_spec(self) -> cri.ImageSpec:
         # The image as the caller named it; image_id/image_ref carry the resolved identity.

@@ -43,8 +43,15 @@ class InertBackend(BaseBackend):
     async def create_container(
         self, pod: PodRecord, container: ContainerRecord, undo: UndoStack
     ) -> ContainerCreated:
-        return ContainerCreated(image_id=f"sha256:{'0' * 64}",
-                                image_ref=container.config.image.image)
+        sc = container.config.linux.security_context
+        # Echoes what a real backend resolves: the image volumes' ids and the user.
+        return ContainerCreated(
+            image_id=f"sha256:{'0' * 64}", image_ref=container.config.image.image,
+            volume_images={m.container_path: m.image.image for m in container.config.mounts
+                           if m.image.image},
+            user=(sc.run_as_user.value, sc.run_as_user.value, tuple(sc.supplemental_groups))
+            if sc.HasField("run_as_user") else None,
+        )
 
     async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
         return time.time_ns()

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from tests.cri_client import CRIClient, enum, msg
+from tests.daemon import Daemon
 
 
 async def _pod(cri: CRIClient, name: str = "pod") -> str:
@@ -200,3 +201,47 @@ async def test_metric_descriptors_and_no_metrics_without_stats(cri: CRIClient) -
     # The inert backend has no stats: its pods have no metrics, and the call still succeeds.
     metrics = await cri.runtime.ListPodSandboxMetrics(msg("ListPodSandboxMetricsRequest"))
     assert list(metrics.pod_metrics) == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"readonly": False},  # image volumes are read-only by definition
+     {"readonly": True, "host_path": "/h"},
+     {"readonly": True, "image_sub_path": "../etc"},
+     {"readonly": True, "image_sub_path": "/etc"}],
+)
+async def test_image_volume_refused(cri: CRIClient, fields: dict[str, object]) -> None:
+    pod = await _pod(cri)
+    mount = msg("Mount", container_path="/iv", image=msg("ImageSpec", image="sha256:" + "1" * 64),
+                **fields)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.create_container(pod, "iv", mounts=[mount])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not (await cri.runtime.ListContainers()).containers
+
+
+async def test_status_reports_image_volumes_and_user(daemon: Daemon) -> None:
+    image_id = "sha256:" + "1" * 64
+    cri = daemon.client()
+    pod = await _pod(cri)
+    mounts = [msg("Mount", container_path="/iv", readonly=True, image_sub_path="etc",
+                  image=msg("ImageSpec", image=image_id, user_specified_image="vol:1")),
+              msg("Mount", container_path="/data", host_path="/h")]
+    security = msg("LinuxContainerSecurityContext", run_as_user=msg("Int64Value", value=1000),
+                   supplemental_groups=[1000, 1234])
+    cid = await cri.create_container(pod, "iv", mounts=mounts, linux=msg(
+        "LinuxContainerConfig", security_context=security))
+    await cri.close()
+    daemon.stop()  # what is reported survives a restart
+    daemon.start()
+    cri = daemon.client()
+    status = (await cri.runtime.ContainerStatus(
+        msg("ContainerStatusRequest", container_id=cid))).status
+    by_path = {m.container_path: m for m in status.mounts}
+    assert by_path["/iv"].image.image_ref == image_id
+    assert by_path["/iv"].image.user_specified_image == "vol:1"
+    assert by_path["/iv"].image_sub_path == "etc" and by_path["/iv"].readonly
+    assert by_path["/data"].host_path == "/h" and not by_path["/data"].HasField("image")
+    user = status.user.linux
+    assert (user.uid, user.gid, list(user.supplemental_groups)) == (1000, 1000, [1000, 1234])
+    await cri.close()

@@ -771,6 +771,17 @@ def test_mounts_parents_before_children() -> None:
     assert dests.index("/a") < dests.index("/a/b") < dests.index("/a/b/c")
 
 
+def test_image_volume_mount_binds_the_agents_guest_path() -> None:
+    mount = cri.Mount(container_path="/mnt/iv/", readonly=True, image_sub_path="etc",
+                      image=cri.ImageSpec(image="sha256:abc"))
+    guest_path = "/run/criserver/imagevolumes/c1/0"
+    spec = gen(container_config(mounts=[mount]), image_volumes={"/mnt/iv/": guest_path}).spec
+    assert mount_at(spec, "/mnt/iv") == {
+        "destination": "/mnt/iv", "type": "bind", "source": guest_path,
+        "options": ["rbind", "rprivate", "ro"],  # never noexec: the image's binaries run
+    }
+
+
 def test_image_volumes_ignored() -> None:
     image = ImageConfigView(cmd=("x",), volumes=("/var/lib/data",))
     dests = [m["destination"] for m in gen(image=image).spec["mounts"]]

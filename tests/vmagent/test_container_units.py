@@ -15,7 +15,13 @@ from grpclib.exceptions import GRPCError
 from vmagent import cgroups, fastexec
 from vmagent.ocispec import PodContext, complete_spec, exec_process, load_spec
 from vmagent.stdio import STDERR, STDOUT, OutputLog
-from vmagent.users import ResolvedUser, read_in_root, resolve_in_rootfs, resolve_user
+from vmagent.users import (
+    ResolvedUser,
+    read_in_root,
+    resolve_in_root,
+    resolve_in_rootfs,
+    resolve_user,
+)
 
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
           "# comment\n"
@@ -42,6 +48,14 @@ def test_resolve_user_keeps_supplemental_groups_after_the_image_ones() -> None:
     assert got.additional_gids == [1001, 2000, 5000]
 
 
+def test_resolve_user_strict_leaves_out_the_image_groups() -> None:
+    """SupplementalGroupsPolicy Strict: the primary gid (still from passwd) and the CRI's
+    supplemental groups, nothing /etc/group lists the user in."""
+    got = resolve_user("1000", PASSWD, GROUP, extra_gids=[1234], image_groups=False)
+    assert (got.uid, got.gid, got.additional_gids) == (1000, 1001, [1001, 1234])
+    assert resolve_user("web:www", PASSWD, GROUP, image_groups=False).additional_gids == [33]
+
+
 @pytest.mark.parametrize("user", ["nobody", "app:nogroup", ":0", ""])
 def test_resolve_user_rejects_unknown_names(user: str) -> None:
     with pytest.raises(GRPCError) as err:
@@ -66,6 +80,18 @@ def test_passwd_symlinks_resolve_inside_the_rootfs(tmp_path: Path) -> None:
     assert read_in_root(str(root), "/etc/passwd") is None
     (root / "etc/loop").symlink_to("loop")
     assert read_in_root(str(root), "/etc/loop") is None
+
+
+def test_resolve_in_root_stays_inside(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr/etc").mkdir(parents=True)
+    (root / "etc").symlink_to("/usr/etc")
+    assert resolve_in_root(str(root), "etc") == str(root / "usr/etc")
+    assert resolve_in_root(str(root), "../../etc/.") == str(root / "usr/etc")
+    assert resolve_in_root(str(root), "") == str(root)
+    assert resolve_in_root(str(root), "missing") is None
+    (root / "file").write_text("x")
+    assert resolve_in_root(str(root), "file/below") is None
 
 
 SPEC = {

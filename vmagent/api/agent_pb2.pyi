@@ -173,16 +173,18 @@ class ContainerStats(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., timestamp_unix_nanos: _Optional[int] = ..., cpu_usage_nanos: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_working_set_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., writable_layer_bytes: _Optional[int] = ...) -> None: ...
 
 class Mount(_message.Message):
-    __slots__ = ("type", "source", "target", "options")
+    __slots__ = ("type", "source", "target", "options", "sub_path")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SUB_PATH_FIELD_NUMBER: _ClassVar[int]
     type: str
     source: str
     target: str
     options: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, type: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
+    sub_path: str
+    def __init__(self, type: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., sub_path: _Optional[str] = ...) -> None: ...
 
 class Rootfs(_message.Message):
     __slots__ = ("lowers", "upper", "read_only")
@@ -207,7 +209,7 @@ class StdioOptions(_message.Message):
     def __init__(self, tty: _Optional[bool] = ..., stdin: _Optional[bool] = ..., stdin_once: _Optional[bool] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("request_id", "container_id", "sandbox_id", "oci_spec_json", "rootfs", "stdio", "mounts", "user", "pid_namespace")
+    __slots__ = ("request_id", "container_id", "sandbox_id", "oci_spec_json", "rootfs", "stdio", "mounts", "user", "pid_namespace", "strict_supplemental_groups")
     class PidNamespace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PID_CONTAINER: _ClassVar[CreateContainerRequest.PidNamespace]
@@ -225,6 +227,7 @@ class CreateContainerRequest(_message.Message):
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    STRICT_SUPPLEMENTAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     container_id: str
     sandbox_id: str
@@ -234,7 +237,8 @@ class CreateContainerRequest(_message.Message):
     mounts: _containers.RepeatedCompositeFieldContainer[Mount]
     user: str
     pid_namespace: CreateContainerRequest.PidNamespace
-    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., stdio: _Optional[_Union[StdioOptions, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., user: _Optional[str] = ..., pid_namespace: _Optional[_Union[CreateContainerRequest.PidNamespace, str]] = ...) -> None: ...
+    strict_supplemental_groups: bool
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., stdio: _Optional[_Union[StdioOptions, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., user: _Optional[str] = ..., pid_namespace: _Optional[_Union[CreateContainerRequest.PidNamespace, str]] = ..., strict_supplemental_groups: _Optional[bool] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
     __slots__ = ("request_id", "container_id")
@@ -293,7 +297,7 @@ class ContainerRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
 class ContainerState(_message.Message):
-    __slots__ = ("container_id", "status", "pid", "created_at_unix_nanos", "started_at_unix_nanos", "exit")
+    __slots__ = ("container_id", "status", "pid", "created_at_unix_nanos", "started_at_unix_nanos", "exit", "user")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[ContainerState.Status]
@@ -312,13 +316,15 @@ class ContainerState(_message.Message):
     CREATED_AT_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     status: ContainerState.Status
     pid: int
     created_at_unix_nanos: int
     started_at_unix_nanos: int
     exit: ExitStatus
-    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerState.Status, str]] = ..., pid: _Optional[int] = ..., created_at_unix_nanos: _Optional[int] = ..., started_at_unix_nanos: _Optional[int] = ..., exit: _Optional[_Union[ExitStatus, _Mapping]] = ...) -> None: ...
+    user: User
+    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerState.Status, str]] = ..., pid: _Optional[int] = ..., created_at_unix_nanos: _Optional[int] = ..., started_at_unix_nanos: _Optional[int] = ..., exit: _Optional[_Union[ExitStatus, _Mapping]] = ..., user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
 
 class ListContainersResponse(_message.Message):
     __slots__ = ("containers",)
