@@ -19,7 +19,13 @@ from grpclib.exceptions import GRPCError
 from vmagent import cgroups, mountutil
 from vmagent.api import agent_pb2 as pb
 from vmagent.imagevolumes import ImageVolume, mount_volume, unmount_volume
-from vmagent.ocispec import PodContext, complete_spec, load_spec
+from vmagent.ocispec import (
+    PodContext,
+    complete_spec,
+    guest_devices,
+    load_spec,
+    wants_guest_devices,
+)
 from vmagent.pid1 import ChildExit, Reaper
 from vmagent.podns import PodNamespaces
 from vmagent.rootfs import SHARED_TAG, Mounts, Rootfs, dir_bytes, remove_tree
@@ -220,8 +226,10 @@ class Containers:
             user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path, extra,
                                            not req.strict_supplemental_groups)
         pod = await self._pod_context(req.pid_namespace)
+        devices = await asyncio.to_thread(guest_devices) if wants_guest_devices(spec) else None
         c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
-                               pid_mode=req.pid_namespace, user=user, terminal=c.tty)
+                               pid_mode=req.pid_namespace, user=user, terminal=c.tty,
+                               devices=devices)
         c.cgroup_dir = cgroups.cgroup_dir(c.spec["linux"]["cgroupsPath"])
         config = json.dumps(c.spec).encode()
         await asyncio.to_thread(_write, os.path.join(c.bundle, "config.json"), config)

@@ -1,11 +1,14 @@
 """Completing the host's OCI runtime spec with what only the guest knows: the rootfs path, the
-resolved user, the guest cgroup, the pod's files and /dev/shm, and the pod's namespaces.
+resolved user, the guest cgroup, the pod's files and /dev/shm, the pod's namespaces, and the
+guest's devices for privileged containers.
 Pure functions on the spec dict (unit-tested on the host); the caller gathers the inputs.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import stat
 from typing import Any
 
 from grpclib.const import Status
@@ -14,6 +17,11 @@ from grpclib.exceptions import GRPCError
 from vmagent.users import ResolvedUser
 
 CGROUP_PARENT = "/criserver"
+# Set by the host on a privileged container's spec: it gets every device node of the guest.
+GUEST_DEVICES_ANNOTATION = "io.criserver.guest-devices"
+# What runc skips when it lists a host's devices (libcontainer/devices): not device nodes of
+# their own, or mounted separately.
+_SKIPPED_DEV_DIRS = frozenset({"pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev"})
 _DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -45,6 +53,36 @@ def load_spec(raw: bytes, container_id: str) -> dict[str, Any]:
         raise GRPCError(Status.INVALID_ARGUMENT,
                         f"container {container_id}: OCI spec has no process.args")
     return spec
+
+
+def wants_guest_devices(spec: dict[str, Any]) -> bool:
+    return (spec.get("annotations") or {}).get(GUEST_DEVICES_ANNOTATION) == "true"
+
+
+def guest_devices(dev_dir: str = "/dev") -> list[dict[str, Any]]:
+    """Every device node under the guest's /dev as `linux.devices` entries: what containerd
+    gives a privileged container on a host (its HostDevices). Blocking: call it in a thread."""
+    devices = []
+    for dirpath, dirnames, filenames in os.walk(dev_dir):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DEV_DIRS)
+        for name in sorted(filenames):
+            if name == "console":  # runc sets /dev/console up itself
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:  # gone meanwhile
+                continue
+            if stat.S_ISCHR(st.st_mode):
+                kind = "c"
+            elif stat.S_ISBLK(st.st_mode):
+                kind = "b"
+            else:
+                continue
+            devices.append({"path": path, "type": kind, "major": os.major(st.st_rdev),
+                            "minor": os.minor(st.st_rdev), "fileMode": stat.S_IMODE(st.st_mode),
+                            "uid": st.st_uid, "gid": st.st_gid})
+    return devices
 
 
 def _pod_mounts(pod: PodContext, read_only_root: bool) -> list[dict[str, Any]]:
@@ -87,10 +125,13 @@ def _namespaces(spec_ns: list[dict[str, Any]], pod: PodContext,
 
 def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: PodContext,
                   pid_mode: int = 0, user: ResolvedUser | None = None,
-                  terminal: bool = False) -> dict[str, Any]:
+                  terminal: bool = False,
+                  devices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A copy of `spec` ready for runc in this guest (`terminal`: runc makes a pty for the
-    process and sends its master to the --console-socket)."""
+    process and sends its master to the --console-socket; `devices`: `guest_devices()` for a
+    spec that `wants_guest_devices`)."""
     spec = copy.deepcopy(spec)
+    (spec.get("annotations") or {}).pop(GUEST_DEVICES_ANNOTATION, None)
     root = spec.get("root") or {}
     read_only = bool(root.get("readonly", False))
     spec["root"] = {"path": rootfs, "readonly": read_only}
@@ -123,6 +164,10 @@ def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: 
     # The host's cgroup parent means nothing in the guest; the guest has one cgroup per
     # container under a parent of its own.
     linux["cgroupsPath"] = f"{CGROUP_PARENT}/{container_id}"
+    if devices:
+        listed = [d for d in linux.get("devices") or [] if isinstance(d, dict)]
+        taken = {d.get("path") for d in listed}
+        linux["devices"] = listed + [dict(d) for d in devices if d["path"] not in taken]
     # Hooks name host binaries, which the guest does not have.
     spec.pop("hooks", None)
     return spec

@@ -137,7 +137,7 @@ async def generate_async(
     pod: cri.PodSandboxConfig,
     image: ImageConfigView | None,
     namespaces: PodNamespaces,
-    guest_path: Callable[[str], str],
+    guest_path: Callable[[cri.Mount], str],
     **kwargs: Any,
 ) -> GeneratedSpec:
     """`generate` in a thread: it may read a Localhost seccomp profile from the host's disk."""
@@ -151,7 +151,7 @@ def generate(
     pod: cri.PodSandboxConfig,
     image: ImageConfigView | None,
     namespaces: PodNamespaces,
-    guest_path: Callable[[str], str],
+    guest_path: Callable[[cri.Mount], str],
     *,
     container_id: str,
     sandbox_id: str,
@@ -164,7 +164,7 @@ def generate(
     """The OCI spec of one container of a pod running in a micro-VM.
 
     Reads the file of a Localhost seccomp profile (small, blocking): call it from a thread, as
-    `generate_async` does. `guest_path` maps each CRI mount's host path to its guest path;
+    `generate_async` does. `guest_path` maps each CRI host path mount to its guest path;
     `image_volumes` maps the container_path of each image volume (Mount.image) to the guest
     path where the agent puts the image (or its sub path).
     :raises InvalidArgument: a CRI or image setting is malformed or impossible in a VM.
@@ -447,7 +447,7 @@ def _default_mounts(privileged: bool) -> list[dict[str, Any]]:
 def _mounts(
     container: cri.ContainerConfig,
     sc: cri.LinuxContainerSecurityContext,
-    guest_path: Callable[[str], str],
+    guest_path: Callable[[cri.Mount], str],
     privileged: bool,
     sandbox_dir: str,
     where: str,
@@ -468,7 +468,7 @@ def _mounts(
         elif not m.host_path:
             raise InvalidArgument(f"mount at {dest} has no host_path")
         else:
-            source = guest_path(m.host_path)
+            source = guest_path(m)
         if m.uidMappings or m.gidMappings:
             raise Unimplemented(f"id-mapped mounts are not supported (mount at {dest})")
         if m.propagation not in PROPAGATION:

@@ -58,11 +58,17 @@ from criserver.sandbox.qemu import (
     VMSpec,
     VsockTransport,
 )
-from criserver.sandbox.shares import PodVolumes, pod_shares, prepare_volumes_root
+from criserver.sandbox.shares import (
+    PodVolumes,
+    pod_shares,
+    prepare_volumes_root,
+    with_submounts,
+)
 from criserver.sandbox.template import TEMPLATE_MAC, TemplateStore
 from criserver.sandbox.vm import VM
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from vmagent.api import agent_pb2 as pb
+from vmagent.ocispec import GUEST_DEVICES_ANNOTATION
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -596,8 +602,9 @@ class MicroVMBackend(BaseBackend):
                 target=guest_images[m.container_path], sub_path=m.image_sub_path))
         volumes = self._volumes(pod.id)
         undo.push("release volumes", lambda: volumes.release(container.id))
-        guest_paths = {m.host_path: await volumes.bind(container.id, m.host_path)
-                       for m in config.mounts if not m.image.image}
+        guest_volumes = {(m.host_path, _volume_mode(m)): await volumes.bind(
+            container.id, m.host_path, _volume_mode(m)) for m in config.mounts
+            if not m.image.image}
         pid_mode = config.linux.security_context.namespace_options.pid
         if pid_mode not in PID_MODES:
             raise Unimplemented(f"container pid namespace mode {cri.NamespaceMode.Name(pid_mode)}"
@@ -607,10 +614,16 @@ class MicroVMBackend(BaseBackend):
             # The agent replaces these with the guest's own namespace paths.
             oci_spec.PodNamespaces(ipc="/proc/1/ns/ipc", uts="/proc/1/ns/uts",
                                    pid="/proc/1/ns/pid" if pid_mode == cri.POD else None),
-            guest_paths.__getitem__,
+            lambda m: guest_volumes[(m.host_path, _volume_mode(m))].guest_path,
             container_id=container.id, sandbox_id=pod.id, image_name=config.image.image,
             sandbox_dir=GUEST_RUN_DIR, image_volumes=guest_images,
         )
+        generated.spec["mounts"] = with_submounts(
+            generated.spec["mounts"], {v.guest_path: v for v in guest_volumes.values()})
+        annotations = generated.spec.setdefault("annotations", {})
+        annotations.pop(GUEST_DEVICES_ANNOTATION, None)  # never the user's to set
+        if generated.guest_devices:
+            annotations[GUEST_DEVICES_ANNOTATION] = "true"
         spec_json = generated.to_json()
         request = pb.CreateContainerRequest(
             request_id=f"create-{container.id}",
@@ -634,7 +647,7 @@ class MicroVMBackend(BaseBackend):
         return ContainerCreated(
             image_id=image.id,
             image_ref=digests[0] if digests else image.id,
-            backend={"snapshot": str(snapshot), "volumes": len(guest_paths)},
+            backend={"snapshot": str(snapshot), "volumes": len(guest_volumes)},
             volume_images=volume_images,
             user=(state.user.uid, state.user.gid, tuple(state.user.additional_gids))
             if state.HasField("user") else None,
@@ -835,6 +848,11 @@ def _hosts(hostname: str, ips: list[str]) -> str:
         for ip in ips or ["127.0.1.1"]:
             hosts += f"{ip}\t{hostname}\n"
     return hosts
+
+
+def _volume_mode(m: cri.Mount) -> str:
+    """How the host shares a CRI mount's path (shares.MODES); oci_spec refuses bad mixes."""
+    return "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"
 
 
 def _agent_user(generated: oci_spec.GeneratedSpec) -> str:

@@ -76,6 +76,25 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # Flavours without a module (the cloud kernel has no 9p) simply lack that group.
 
+# Modules the guest loads only on demand: the kernel asks /sbin/modprobe (busybox, reading the
+# root's modules.dep and modules.alias) when a container creates a bridge, a veth, a vxlan, an
+# nftables rule... Files on the erofs root cost nothing at boot. Paths under the kernel's
+# modules dir; their dependencies come along.
+ON_DEMAND_MODULES = (
+    "kernel/net/802/", "kernel/net/8021q/", "kernel/net/bridge/", "kernel/net/llc/",
+    "kernel/net/core/", "kernel/net/ipv4/", "kernel/net/ipv6/", "kernel/net/netfilter/",
+    "kernel/net/sched/", "kernel/net/xfrm/", "kernel/net/key/", "kernel/net/packet/",
+    "kernel/net/sctp/", "kernel/net/tls/", "kernel/net/psample/", "kernel/net/openvswitch/",
+    "kernel/net/mpls/", "kernel/net/nsh/", "kernel/net/vmw_vsock/",
+    "kernel/drivers/net/bonding/", "kernel/drivers/net/ipvlan/", "kernel/drivers/net/team/",
+    "kernel/drivers/net/vxlan/", "kernel/drivers/net/wireguard/",
+    "kernel/drivers/net/dummy.ko", "kernel/drivers/net/geneve.ko", "kernel/drivers/net/ifb.ko",
+    "kernel/drivers/net/macvlan.ko", "kernel/drivers/net/macvtap.ko",
+    "kernel/drivers/net/nlmon.ko", "kernel/drivers/net/tap.ko", "kernel/drivers/net/tun.ko",
+    "kernel/drivers/net/veth.ko", "kernel/drivers/net/vrf.ko",
+    "kernel/fs/fuse/", "kernel/fs/overlayfs/",
+)
+
 # Stdlib parts the agent never needs. Directories and files relative to /usr/lib/python3.11.
 STDLIB_DROP_DIRS = {
     "test",
@@ -175,6 +194,7 @@ class Sources:
     modules_dir: Path
     module_groups: dict[str, list[str]]  # group -> module names in load order
     module_files: dict[str, Path]  # module name -> .ko
+    on_demand_modules: list[str]  # paths under modules_dir, for the root's modprobe
     host_files: list[Path]  # binaries, libraries and stdlib files copied from the host
     agent_dir: Path
     agent_kind: str  # "vmagent" (the repo's) or "standin"
@@ -325,6 +345,44 @@ def resolve_modules(
         ordered[group] = order
     used = {m for order in ordered.values() for m in order}
     return ordered, {m: files[m] for m in sorted(used)}
+
+
+def on_demand_modules(modules_dir: Path, prefixes: Iterable[str]) -> list[str]:
+    """Paths (relative to `modules_dir`) of the modules under `prefixes` and their dependencies,
+    from modules.dep."""
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        target, _, rest = line.partition(":")
+        deps[target] = rest.split()
+    wanted = [t for t in deps if t.startswith(tuple(prefixes))]
+    chosen: set[str] = set()
+    while wanted:
+        target = wanted.pop()
+        if target not in chosen:
+            chosen.add(target)
+            wanted.extend(deps.get(target, ()))
+    return sorted(chosen)
+
+
+def install_modules(modules_dir: Path, paths: list[str], dest: Path) -> None:
+    """Copy modules into `dest` (the root's /lib/modules/<release>) with a modules.dep and a
+    modules.alias limited to them: what busybox modprobe reads."""
+    chosen = set(paths)
+    for rel in paths:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(modules_dir / rel, dest / rel)
+    dep_lines = [line for line in (modules_dir / "modules.dep").read_text().splitlines()
+                 if line.partition(":")[0] in chosen]
+    (dest / "modules.dep").write_text("".join(f"{line}\n" for line in dep_lines))
+    names = {_module_name(rel) for rel in paths}
+    alias_lines = []
+    alias_file = modules_dir / "modules.alias"
+    if alias_file.exists():
+        for line in alias_file.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "alias" and _module_name(parts[2]) in names:
+                alias_lines.append(line)
+    (dest / "modules.alias").write_text("".join(f"{line}\n" for line in alias_lines))
 
 
 # --- python, libraries, packages -------------------------------------------------------------
@@ -481,6 +539,7 @@ def resolve_sources(cfg: BuildConfig) -> Sources:
         modules_dir=modules_dir,
         module_groups=groups,
         module_files=module_files,
+        on_demand_modules=on_demand_modules(modules_dir, ON_DEMAND_MODULES),
         host_files=host_files,
         agent_dir=agent_dir,
         agent_kind=agent_kind,
@@ -528,6 +587,7 @@ def inputs_digest(cfg: BuildConfig, src: Sources) -> str:
         "kernel_release": src.kernel_release,
         "packages": src.packages,
         "module_groups": src.module_groups,
+        "on_demand_modules": src.on_demand_modules,
         "wheels": [w.name for w in src.wheels],
         "host_files": [str(p) for p in src.host_files],
         "agent_kind": src.agent_kind,
@@ -593,6 +653,10 @@ def build_root(src: Sources, stage: Path, pyc_mode: str) -> None:
             and not (stage / "usr/sbin" / a).exists()
         ):
             (stage / "usr/bin" / a).symlink_to("busybox")
+    # The kernel runs /sbin/modprobe (kernel.modprobe) to load a module on demand.
+    (stage / "usr/sbin/modprobe").symlink_to("../bin/busybox")
+    install_modules(src.modules_dir, src.on_demand_modules,
+                    stage / "usr/lib/modules" / src.kernel_release)
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (stage / "etc/group").write_text("root:x:0:\n")
     (stage / "etc/os-release").write_text('ID=criserver-guest\nNAME="criserver guest"\n')

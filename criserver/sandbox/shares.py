@@ -5,6 +5,11 @@ container's root filesystem is one EROFS file in it) and the pod's volumes direc
 (read-write). A CRI mount's host path (kubelet's emptyDir, configMap, secret, hostPath) is
 bind-mounted into the pod's volumes directory under a name of ours, so the guest sees it under
 /run/criserver/shared/<name> while the data stays on the host.
+
+Read-only volumes are made read-only here, on the host, where the guest cannot undo it: the
+bind's top mount for `ro` (mounts below it stay as they are, as runc's `ro`), every mount of
+it for `rro`. 9p shows the guest one file system without the host's mounts below the volume,
+so for `ro` the guest gets those mount points as binds of their own (`with_submounts`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import errno
 import hashlib
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from criserver.errors import InvalidArgument, NotFound
 from criserver.sandbox.qemu import Share
@@ -29,7 +37,23 @@ GUEST_VOLUMES_DIR = "/run/criserver/shared"
 
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _MNT_DETACH = 2
+_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+MODES = ("rw", "ro", "rro")  # a volume's access: read-write, read-only, recursively read-only
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume as the guest sees it: its path, and for `ro` the mount points below it on the
+    host (relative paths, parents first, each with its own read-only flag)."""
+
+    guest_path: str
+    submounts: tuple[tuple[str, bool], ...] = ()
 
 
 def pod_shares(images_dir: Path, volumes_dir: Path) -> tuple[Share, ...]:
@@ -42,7 +66,7 @@ def prepare_volumes_root(root: Path) -> None:
     daemon start): the volume binds below it then never propagate to other mount namespaces,
     where copies would pin the directories and keep host data mounted."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not os.path.ismount(root):
+    if not _is_mount_point(root):
         _mount(root, root, _MS_BIND)
     _mount(None, root, _MS_PRIVATE | _MS_REC)
 
@@ -57,31 +81,37 @@ class PodVolumes:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @staticmethod
-    def name_for(container_id: str, host_path: str) -> str:
+    def name_for(container_id: str, host_path: str, mode: str = "rw") -> str:
         digest = hashlib.sha256(host_path.encode()).hexdigest()[:16]
-        return f"{container_id[:16]}-{digest}"
+        # One bind per access mode: a container may mount one path read-write and read-only.
+        return f"{container_id[:16]}-{digest}" + ("" if mode == "rw" else f"-{mode}")
 
-    async def bind(self, container_id: str, host_path: str) -> str:
-        """Expose `host_path` to the guest; return its guest path.
+    async def bind(self, container_id: str, host_path: str, mode: str = "rw") -> Volume:
+        """Expose `host_path` to the guest with access `mode` (one of MODES).
 
         :raises InvalidArgument: a relative path; NotFound: it does not exist.
         """
         if not os.path.isabs(host_path):
             raise InvalidArgument(f"mount host path {host_path!r} is not absolute")
-        name = self.name_for(container_id, host_path)
-        await asyncio.to_thread(self._bind, Path(host_path), self.directory / name)
-        return f"{GUEST_VOLUMES_DIR}/{name}"
+        if mode not in MODES:
+            raise InvalidArgument(f"mount host path {host_path}: unknown mode {mode!r}")
+        name = self.name_for(container_id, host_path, mode)
+        submounts = await asyncio.to_thread(self._bind, Path(host_path), self.directory / name,
+                                            mode)
+        return Volume(f"{GUEST_VOLUMES_DIR}/{name}", submounts)
 
-    def _bind(self, source: Path, target: Path) -> None:
+    def _bind(self, source: Path, target: Path, mode: str) -> tuple[tuple[str, bool], ...]:
         if not source.exists():
             raise NotFound(f"mount host path {source} does not exist")
-        if target.exists() and os.path.ismount(target):
-            return  # the same container's retry
-        if source.is_dir():
-            target.mkdir(exist_ok=True)
-        else:
-            target.touch(exist_ok=True)
-        _mount(source, target, _MS_BIND | _MS_REC)
+        if not (target.exists() and _is_mount_point(target)):  # else the same container's retry
+            if source.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                target.touch(exist_ok=True)
+            _mount(source, target, _MS_BIND | _MS_REC)
+        if mode != "rw":
+            _set_read_only(target, recursive=mode == "rro")
+        return submounts_of(target) if mode == "ro" else ()
 
     async def release(self, container_id: str) -> None:
         """Unmount and remove every volume of one container; idempotent."""
@@ -115,6 +145,62 @@ class PodVolumes:
         log.debug("volumes released dir=%s prefix=%s", self.directory, prefix)
 
 
+def with_submounts(mounts: list[dict[str, Any]], volumes: dict[str, Volume]
+                   ) -> list[dict[str, Any]]:
+    """OCI mounts with, after each bind of a volume that has mount points below it on the
+    host, a bind of each of them (read-only only where the host's is): runc's `ro` then makes
+    only the volume's top read-only in the guest too. `volumes` is keyed by guest path."""
+    out: list[dict[str, Any]] = []
+    for m in mounts:
+        out.append(m)
+        volume = volumes.get(m.get("source", "")) if m.get("type") == "bind" else None
+        if volume is None:
+            continue
+        options = [o for o in m.get("options") or [] if o not in ("ro", "rw", "rro")]
+        for rel, read_only in volume.submounts:
+            out.append({"destination": f"{m['destination'].rstrip('/')}/{rel}", "type": "bind",
+                        "source": f"{volume.guest_path}/{rel}",
+                        "options": [*options, "ro" if read_only else "rw"]})
+    return out
+
+
+def submounts_of(target: Path) -> tuple[tuple[str, bool], ...]:
+    """Mount points strictly below `target` in this mount namespace: (relative path,
+    read-only), parents first."""
+    prefix = str(target).rstrip("/") + "/"
+    found: dict[str, bool] = {}
+    with open("/proc/self/mountinfo") as f:  # procfs
+        for line in f:
+            fields = line.split()
+            point = _unescape(fields[4])
+            if point.startswith(prefix):
+                found[point[len(prefix):]] = "ro" in fields[5].split(",")
+    return tuple(sorted(found.items(), key=lambda item: item[0].count("/")))
+
+
+def _is_mount_point(path: Path) -> bool:
+    # Not os.path.ismount: it compares devices, and a bind from the same file system has the
+    # same device as its parent directory.
+    want = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:  # procfs
+        return any(_unescape(line.split()[4]) == want for line in f)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def _set_read_only(target: Path, recursive: bool) -> None:
+    # mount_setattr changes only the read-only flag (a bind remount would reset nosuid & co.).
+    attr = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY)
+    flags = _AT_RECURSIVE if recursive else 0
+    if _libc.mount_setattr(_AT_FDCWD, str(target).encode(), flags, ctypes.byref(attr),
+                           ctypes.sizeof(attr)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"make {target} read-only: {os.strerror(code)}")
+
+
 def _mount(source: Path | None, target: Path, flags: int) -> None:
     src = str(source).encode() if source is not None else None
     if _libc.mount(src, str(target).encode(), None, flags, None) != 0:
@@ -123,7 +209,7 @@ def _mount(source: Path | None, target: Path, flags: int) -> None:
 
 
 def _unmount(path: Path) -> None:
-    while os.path.ismount(path):
+    while _is_mount_point(path):
         if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
             code = ctypes.get_errno()
             if code in (errno.EINVAL, errno.ENOENT):

@@ -44,8 +44,8 @@ IMAGE = ImageConfigView(
 )
 
 
-def guest(host_path: str) -> str:
-    return SHARED + host_path
+def guest(mount: cri.Mount) -> str:
+    return SHARED + mount.host_path
 
 
 def pod_config(**kw: Any) -> cri.PodSandboxConfig:
@@ -848,7 +848,7 @@ class RuncHost:
     ) -> subprocess.CompletedProcess[str]:
         cid = "t" + uuid.uuid4().hex[:12]
         out = generate(
-            container, pod or pod_config(), None, ns or self.ns, lambda p: p,
+            container, pod or pod_config(), None, ns or self.ns, lambda m: m.host_path,
             container_id=cid, sandbox_id="p", cgroup_parent=self.cgroup_parent,
             sandbox_dir=str(self.sandbox_dir),
         )

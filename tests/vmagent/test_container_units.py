@@ -13,7 +13,15 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from vmagent import cgroups, fastexec
-from vmagent.ocispec import PodContext, complete_spec, exec_process, load_spec
+from vmagent.ocispec import (
+    GUEST_DEVICES_ANNOTATION,
+    PodContext,
+    complete_spec,
+    exec_process,
+    guest_devices,
+    load_spec,
+    wants_guest_devices,
+)
 from vmagent.stdio import STDERR, STDOUT, OutputLog
 from vmagent.users import (
     ResolvedUser,
@@ -143,6 +151,43 @@ def test_complete_spec_user_and_pid_modes() -> None:
     assert ns["pid"] == "/proc/43/ns/pid"
     out = complete_spec(SPEC, container_id="c1", rootfs="/r", pod=POD, pid_mode=2)
     assert "pid" not in {n["type"] for n in out["linux"]["namespaces"]}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_guest_devices_lists_device_nodes_as_runc_does(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    (dev / "pts").mkdir(parents=True)
+    (dev / "block").mkdir()
+    os.mknod(dev / "null", 0o20666, os.makedev(1, 3))
+    os.chmod(dev / "null", 0o666)  # whatever the umask
+    os.mknod(dev / "block/vda", 0o60660, os.makedev(254, 0))
+    os.chmod(dev / "block/vda", 0o660)
+    os.mknod(dev / "pts/0", 0o20620, os.makedev(136, 0))  # devpts: mounted on its own
+    os.mknod(dev / "console", 0o20600, os.makedev(5, 1))  # runc makes its own
+    (dev / "stdin").symlink_to("/proc/self/fd/0")
+    (dev / "file").write_text("")
+    assert guest_devices(str(dev)) == [
+        {"path": f"{dev}/null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o666,
+         "uid": 0, "gid": 0},
+        {"path": f"{dev}/block/vda", "type": "b", "major": 254, "minor": 0, "fileMode": 0o660,
+         "uid": 0, "gid": 0},
+    ]
+
+
+def test_complete_spec_adds_guest_devices_of_a_privileged_container() -> None:
+    spec = json.loads(json.dumps(SPEC))
+    spec["annotations"] = {GUEST_DEVICES_ANNOTATION: "true", "user": "kept"}
+    spec["linux"]["devices"] = [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]
+    assert wants_guest_devices(spec) and not wants_guest_devices(SPEC)
+    found = [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 228},
+             {"path": "/dev/vda", "type": "b", "major": 254, "minor": 0}]
+    out = complete_spec(spec, container_id="c1", rootfs="/r", pod=POD, devices=found)
+    assert out["linux"]["devices"] == [  # the spec's own entry wins over the guest's
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+        {"path": "/dev/vda", "type": "b", "major": 254, "minor": 0}]
+    assert out["annotations"] == {"user": "kept"}  # the agent's marker stays out of runc's
+    assert "devices" not in complete_spec(SPEC, container_id="c1", rootfs="/r",
+                                          pod=POD)["linux"]
 
 
 def test_load_spec_rejects() -> None:
