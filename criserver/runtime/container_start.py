@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition
+from criserver.runtime.container_log import ContainerLog
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerState, PodState
 
@@ -28,6 +29,8 @@ async def start_container(
             raise FailedPrecondition(
                 f"pod sandbox {pod.id} of container {container.id} is not ready"
             )
+        if container.log_path:
+            await _create_log(container.log_path)
         try:
             started_at = await rt.backend(pod).start_container(pod, container)
         except Exception as exc:
@@ -41,3 +44,15 @@ async def start_container(
             await rt.mark_container_exited(container, *early)
     log.info("container started container=%s pod=%s", container.id, pod.id)
     return cri.StartContainerResponse()
+
+
+async def _create_log(path: str) -> None:
+    """The CRI log file exists from StartContainer on, empty until the container writes (as
+    containerd makes it): kubelet, `crictl logs` and critest open it as soon as the container
+    runs, and a container that never writes has an empty log, not none. The backend appends.
+
+    :raises Internal: the file cannot be created.
+    """
+    log_file = ContainerLog(path)
+    await log_file.open()
+    await log_file.close()

@@ -128,7 +128,7 @@ class MicroVMBackend(BaseBackend):
     name = "microvm"
     # What Status reports for this backend's handlers. Turn one on with its implementation.
     features = BackendFeatures(
-        recursive_read_only_mounts=False,
+        recursive_read_only_mounts=True,
         user_namespaces=False,
     )
 

@@ -10,7 +10,6 @@ only output from the last SAVE_DELAY before a crash can be written twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -25,7 +24,9 @@ from vmagent.api import agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 OnExit = Callable[[str, int, str, str, int], Awaitable[None]]
-DRAIN_TIMEOUT = 5.0  # how long an exit waits for the last output before it is reported
+# An exit is reported once its output is all in the log, however long that takes while output
+# keeps coming; a pump that moves nothing for this long (the VM gone, a broken stream) is given up.
+DRAIN_STALL = 5.0
 SAVE_DELAY = 0.05
 RETRY_DELAY = 0.5
 WAIT_CALL_TIMEOUT = 365 * 24 * 3600.0  # WaitContainer returns when the container exits
@@ -44,6 +45,7 @@ class ContainerIO:
         self._pump: asyncio.Task[None] | None = None
         self._waiter: asyncio.Task[None] | None = None
         self._logged_offset = 0  # everything before it is in the log file
+        self._chunks = 0  # chunks received: the pump's progress, seen while draining
         self._saved_offset = 0
         self._saver: asyncio.Task[None] | None = None
 
@@ -84,6 +86,7 @@ class ContainerIO:
             request.offset = offset
             try:
                 async for chunk in self.agent.stream("ReadStdio", request):
+                    self._chunks += 1
                     if chunk.data:
                         await self.log.write(STREAMS[chunk.stream], chunk.data,
                                              chunk.time_unix_nanos or None)
@@ -126,6 +129,25 @@ class ContainerIO:
 
     # -- exit ------------------------------------------------------------------------------
 
+    async def _drain_output(self) -> None:
+        """Wait for the pump to write the rest of the output: it ends at the agent's end of
+        output, which follows the exit. Whoever sees EXITED (it is reported after this) then
+        finds every byte in the file, as kubelet and critest expect."""
+        pump = self._pump
+        if pump is None:
+            return
+        while not pump.done():
+            chunks = self._chunks
+            await asyncio.wait({pump}, timeout=DRAIN_STALL)
+            if not pump.done() and self._chunks == chunks:
+                log.warning("container output stalled after its exit, logging what came "
+                            "container=%s", self.container_id)
+                pump.cancel()
+                await asyncio.wait({pump})
+        if not pump.cancelled() and pump.exception() is not None:
+            log.warning("container output not all logged container=%s error=%s",
+                        self.container_id, pump.exception())
+
     async def _wait_exit(self) -> None:
         request = pb.WaitContainerRequest(container_id=self.container_id)
         while True:
@@ -145,10 +167,7 @@ class ContainerIO:
                 status = pb.ExitStatus(exit_code=255, reason="Error",
                                        finished_at_unix_nanos=time.time_ns())
                 break
-        if self._pump is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, CriError):
-                await asyncio.wait_for(asyncio.shield(self._pump), DRAIN_TIMEOUT)
-            self._pump.cancel()
+        await self._drain_output()
         if self.log is not None:
             await self.log.close()
         self.exited.set()
