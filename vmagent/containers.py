@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from vmagent import cgroups, mountutil
+from vmagent import cgroups, metrics, mountutil
 from vmagent.api import agent_pb2 as pb
 from vmagent.imagevolumes import ImageVolume, mount_volume, unmount_volume
 from vmagent.ocispec import (
@@ -429,19 +429,30 @@ class Containers:
                                 what=f"container {c.id}: runc update")
         log.info("container resources updated id=%s", c.id)
 
-    async def stats(self, ids: list[str]) -> list[pb.ContainerStats]:
+    async def stats(self, ids: list[str], details: bool = False) -> list[pb.ContainerStats]:
+        """Usage of each container; with `details`, all that the CRI metrics report too."""
         chosen = [self.get(i) for i in ids] if ids else self.all()
         out = []
         for c in chosen:
             u = cgroups.usage(c.cgroup_dir)
             upper = c.rootfs.upper if c.rootfs is not None else ""
             layer = await asyncio.to_thread(dir_bytes, upper) if upper else 0
-            out.append(pb.ContainerStats(
+            stats = pb.ContainerStats(
                 container_id=c.id, timestamp_unix_nanos=time.time_ns(),
                 cpu_usage_nanos=u.cpu_usage_ns, memory_usage_bytes=u.memory_usage,
                 memory_working_set_bytes=u.memory_working_set, memory_rss_bytes=u.memory_rss,
-                pids=u.pids, writable_layer_bytes=layer))
+                pids=u.pids, writable_layer_bytes=layer)
+            if details:
+                # Walks /proc of every process in it: a thread, not the event loop.
+                stats.details.CopyFrom(await asyncio.to_thread(
+                    metrics.container_details, c.cgroup_dir, upper))
+            out.append(stats)
         return out
+
+    def network_pid(self) -> int | str:
+        """A process in the pod's network namespace: a running container's init (containers
+        share the guest's), or the agent itself."""
+        return next((c.pid for c in self.all() if c.running_init()), "self")
 
 
 def _read_int(path: str) -> int:

@@ -120,14 +120,19 @@ class AgentService:
     async def Stats(self, stream: Stream[pb.StatsRequest, pb.StatsResponse]) -> None:
         req = await stream.recv_message()
         assert req is not None
-        containers = await self._s.containers.stats(list(req.container_ids))
+        containers = await self._s.containers.stats(list(req.container_ids), req.details)
         mem = guestinfo.meminfo()
         load1, procs = guestinfo.loadavg()
-        await stream.send_message(pb.StatsResponse(guest=pb.GuestStats(
+        reply = pb.StatsResponse(guest=pb.GuestStats(
             timestamp_unix_nanos=time.time_ns(), memory_total_bytes=mem.get("MemTotal", 0),
             memory_available_bytes=mem.get("MemAvailable", 0),
             cpu_usage_nanos=guestinfo.cpu_usage_ns(), load1=load1, processes=procs),
-            containers=containers))
+            containers=containers)
+        if req.details:
+            from vmagent.metrics import interfaces
+
+            reply.interfaces.extend(interfaces(self._s.containers.network_pid()))
+        await stream.send_message(reply)
 
     # --- processes ---------------------------------------------------------------------------
 

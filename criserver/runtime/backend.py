@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import InvalidArgument, Unimplemented
+from criserver.runtime.metric_sample import PodSample, from_stats
 from criserver.store.records import ContainerRecord, PodRecord
 
 if TYPE_CHECKING:
@@ -132,6 +133,9 @@ class SandboxBackend(Protocol):
 
     async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats: ...
 
+    async def sandbox_metrics(self, pod: PodRecord) -> PodSample:
+        """The pod and its containers measured for the CRI metrics, in one go."""
+
     async def create_container(
         self, pod: PodRecord, container: ContainerRecord, undo: UndoStack
     ) -> ContainerCreated: ...
@@ -206,6 +210,10 @@ class BaseBackend:
 
     async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
         raise self._unimplemented("PodSandboxStats")
+
+    async def sandbox_metrics(self, pod: PodRecord) -> PodSample:
+        # A backend with stats has the metrics they carry.
+        return from_stats(await self.sandbox_stats(pod))
 
     async def create_container(
         self, pod: PodRecord, container: ContainerRecord, undo: UndoStack

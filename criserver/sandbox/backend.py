@@ -42,9 +42,10 @@ from criserver.runtime.backend import (
     ExecResult,
     SandboxStarted,
 )
+from criserver.runtime.metric_sample import PodSample
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import accel, assets, ksm, netns, streams, tap
+from criserver.sandbox import accel, assets, guest_metrics, ksm, netns, streams, tap
 from criserver.sandbox.channel import AgentAddress, AgentClient
 from criserver.sandbox.cni import CniManager, DefaultNetwork, PortMapping
 from criserver.sandbox.container_io import ContainerIO
@@ -572,6 +573,10 @@ class MicroVMBackend(BaseBackend):
                 containers=[_container_stats(s, None) for s in reply.containers],
             ),
         )
+
+    async def sandbox_metrics(self, pod: PodRecord) -> PodSample:
+        reply = await self._live(pod).agent.stats(pb.StatsRequest(details=True))
+        return guest_metrics.pod_sample(reply)
 
     # -- containers ------------------------------------------------------------------------
 

@@ -194,9 +194,9 @@ async def test_events_reach_every_subscriber(cri: CRIClient) -> None:
 async def test_metric_descriptors_and_no_metrics_without_stats(cri: CRIClient) -> None:
     descriptors = await cri.runtime.ListMetricDescriptors(msg("ListMetricDescriptorsRequest"))
     names = {d.name for d in descriptors.descriptors}
-    assert {"container_cpu_usage_nanoseconds_total", "container_memory_working_set_bytes",
-            "pod_cpu_usage_nanoseconds_total"} <= names
-    assert all(d.help for d in descriptors.descriptors)
+    assert {"container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
+            "container_network_receive_bytes_total"} <= names
+    assert all(d.help and d.label_keys for d in descriptors.descriptors)
     await _pod(cri)
     # The inert backend has no stats: its pods have no metrics, and the call still succeeds.
     metrics = await cri.runtime.ListPodSandboxMetrics(msg("ListPodSandboxMetricsRequest"))

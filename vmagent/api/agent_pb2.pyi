@@ -123,18 +123,44 @@ class ShutdownRequest(_message.Message):
     def __init__(self, action: _Optional[_Union[ShutdownRequest.Action, str]] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("container_ids",)
+    __slots__ = ("container_ids", "details")
     CONTAINER_IDS_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     container_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, container_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    details: bool
+    def __init__(self, container_ids: _Optional[_Iterable[str]] = ..., details: _Optional[bool] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("guest", "containers")
+    __slots__ = ("guest", "containers", "interfaces")
     GUEST_FIELD_NUMBER: _ClassVar[int]
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
     guest: GuestStats
     containers: _containers.RepeatedCompositeFieldContainer[ContainerStats]
-    def __init__(self, guest: _Optional[_Union[GuestStats, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[ContainerStats, _Mapping]]] = ...) -> None: ...
+    interfaces: _containers.RepeatedCompositeFieldContainer[InterfaceStats]
+    def __init__(self, guest: _Optional[_Union[GuestStats, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[ContainerStats, _Mapping]]] = ..., interfaces: _Optional[_Iterable[_Union[InterfaceStats, _Mapping]]] = ...) -> None: ...
+
+class InterfaceStats(_message.Message):
+    __slots__ = ("name", "rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RX_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    RX_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    RX_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TX_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    TX_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TX_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rx_bytes: int
+    rx_packets: int
+    rx_errors: int
+    rx_dropped: int
+    tx_bytes: int
+    tx_packets: int
+    tx_errors: int
+    tx_dropped: int
+    def __init__(self, name: _Optional[str] = ..., rx_bytes: _Optional[int] = ..., rx_packets: _Optional[int] = ..., rx_errors: _Optional[int] = ..., rx_dropped: _Optional[int] = ..., tx_bytes: _Optional[int] = ..., tx_packets: _Optional[int] = ..., tx_errors: _Optional[int] = ..., tx_dropped: _Optional[int] = ...) -> None: ...
 
 class GuestStats(_message.Message):
     __slots__ = ("timestamp_unix_nanos", "memory_total_bytes", "memory_available_bytes", "cpu_usage_nanos", "load1", "processes")
@@ -153,7 +179,7 @@ class GuestStats(_message.Message):
     def __init__(self, timestamp_unix_nanos: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., cpu_usage_nanos: _Optional[int] = ..., load1: _Optional[float] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class ContainerStats(_message.Message):
-    __slots__ = ("container_id", "timestamp_unix_nanos", "cpu_usage_nanos", "memory_usage_bytes", "memory_working_set_bytes", "memory_rss_bytes", "pids", "writable_layer_bytes")
+    __slots__ = ("container_id", "timestamp_unix_nanos", "cpu_usage_nanos", "memory_usage_bytes", "memory_working_set_bytes", "memory_rss_bytes", "pids", "writable_layer_bytes", "details")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     CPU_USAGE_NANOS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +188,7 @@ class ContainerStats(_message.Message):
     MEMORY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     PIDS_FIELD_NUMBER: _ClassVar[int]
     WRITABLE_LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     timestamp_unix_nanos: int
     cpu_usage_nanos: int
@@ -170,7 +197,90 @@ class ContainerStats(_message.Message):
     memory_rss_bytes: int
     pids: int
     writable_layer_bytes: int
-    def __init__(self, container_id: _Optional[str] = ..., timestamp_unix_nanos: _Optional[int] = ..., cpu_usage_nanos: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_working_set_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., writable_layer_bytes: _Optional[int] = ...) -> None: ...
+    details: ContainerDetails
+    def __init__(self, container_id: _Optional[str] = ..., timestamp_unix_nanos: _Optional[int] = ..., cpu_usage_nanos: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_working_set_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., writable_layer_bytes: _Optional[int] = ..., details: _Optional[_Union[ContainerDetails, _Mapping]] = ...) -> None: ...
+
+class ContainerDetails(_message.Message):
+    __slots__ = ("cpu_user_nanos", "cpu_system_nanos", "cpu_periods", "cpu_throttled_periods", "cpu_throttled_nanos", "memory_cache_bytes", "memory_kernel_bytes", "memory_mapped_file_bytes", "memory_swap_bytes", "memory_max_usage_bytes", "memory_failcnt", "memory_pgfault", "memory_pgmajfault", "oom_events", "processes", "threads", "threads_max", "file_descriptors", "sockets", "fs_device", "fs_limit_bytes", "fs_inodes_total", "fs_inodes_free", "io", "spec_cpu_period", "spec_cpu_quota", "spec_cpu_shares", "spec_memory_limit_bytes", "spec_memory_reservation_bytes", "spec_memory_swap_limit_bytes")
+    CPU_USER_NANOS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SYSTEM_NANOS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERIODS_FIELD_NUMBER: _ClassVar[int]
+    CPU_THROTTLED_PERIODS_FIELD_NUMBER: _ClassVar[int]
+    CPU_THROTTLED_NANOS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_KERNEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAPPED_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SWAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAX_USAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FAILCNT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PGFAULT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PGMAJFAULT_FIELD_NUMBER: _ClassVar[int]
+    OOM_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_MAX_FIELD_NUMBER: _ClassVar[int]
+    FILE_DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
+    SOCKETS_FIELD_NUMBER: _ClassVar[int]
+    FS_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FS_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FS_INODES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FS_INODES_FREE_FIELD_NUMBER: _ClassVar[int]
+    IO_FIELD_NUMBER: _ClassVar[int]
+    SPEC_CPU_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    SPEC_CPU_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    SPEC_CPU_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SPEC_MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPEC_MEMORY_RESERVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPEC_MEMORY_SWAP_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu_user_nanos: int
+    cpu_system_nanos: int
+    cpu_periods: int
+    cpu_throttled_periods: int
+    cpu_throttled_nanos: int
+    memory_cache_bytes: int
+    memory_kernel_bytes: int
+    memory_mapped_file_bytes: int
+    memory_swap_bytes: int
+    memory_max_usage_bytes: int
+    memory_failcnt: int
+    memory_pgfault: int
+    memory_pgmajfault: int
+    oom_events: int
+    processes: int
+    threads: int
+    threads_max: int
+    file_descriptors: int
+    sockets: int
+    fs_device: str
+    fs_limit_bytes: int
+    fs_inodes_total: int
+    fs_inodes_free: int
+    io: _containers.RepeatedCompositeFieldContainer[BlockIo]
+    spec_cpu_period: int
+    spec_cpu_quota: int
+    spec_cpu_shares: int
+    spec_memory_limit_bytes: int
+    spec_memory_reservation_bytes: int
+    spec_memory_swap_limit_bytes: int
+    def __init__(self, cpu_user_nanos: _Optional[int] = ..., cpu_system_nanos: _Optional[int] = ..., cpu_periods: _Optional[int] = ..., cpu_throttled_periods: _Optional[int] = ..., cpu_throttled_nanos: _Optional[int] = ..., memory_cache_bytes: _Optional[int] = ..., memory_kernel_bytes: _Optional[int] = ..., memory_mapped_file_bytes: _Optional[int] = ..., memory_swap_bytes: _Optional[int] = ..., memory_max_usage_bytes: _Optional[int] = ..., memory_failcnt: _Optional[int] = ..., memory_pgfault: _Optional[int] = ..., memory_pgmajfault: _Optional[int] = ..., oom_events: _Optional[int] = ..., processes: _Optional[int] = ..., threads: _Optional[int] = ..., threads_max: _Optional[int] = ..., file_descriptors: _Optional[int] = ..., sockets: _Optional[int] = ..., fs_device: _Optional[str] = ..., fs_limit_bytes: _Optional[int] = ..., fs_inodes_total: _Optional[int] = ..., fs_inodes_free: _Optional[int] = ..., io: _Optional[_Iterable[_Union[BlockIo, _Mapping]]] = ..., spec_cpu_period: _Optional[int] = ..., spec_cpu_quota: _Optional[int] = ..., spec_cpu_shares: _Optional[int] = ..., spec_memory_limit_bytes: _Optional[int] = ..., spec_memory_reservation_bytes: _Optional[int] = ..., spec_memory_swap_limit_bytes: _Optional[int] = ...) -> None: ...
+
+class BlockIo(_message.Message):
+    __slots__ = ("device", "major", "minor", "read_bytes", "write_bytes", "reads", "writes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAJOR_FIELD_NUMBER: _ClassVar[int]
+    MINOR_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    major: int
+    minor: int
+    read_bytes: int
+    write_bytes: int
+    reads: int
+    writes: int
+    def __init__(self, device: _Optional[str] = ..., major: _Optional[int] = ..., minor: _Optional[int] = ..., read_bytes: _Optional[int] = ..., write_bytes: _Optional[int] = ..., reads: _Optional[int] = ..., writes: _Optional[int] = ...) -> None: ...
 
 class Mount(_message.Message):
     __slots__ = ("type", "source", "target", "options", "sub_path")
