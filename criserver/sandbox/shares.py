@@ -9,7 +9,10 @@ bind-mounted into the pod's volumes directory under a name of ours, so the guest
 Read-only volumes are made read-only here, on the host, where the guest cannot undo it: the
 bind's top mount for `ro` (mounts below it stay as they are, as runc's `ro`), every mount of
 it for `rro`. 9p shows the guest one file system without the host's mounts below the volume,
-so for `ro` the guest gets those mount points as binds of their own (`with_submounts`).
+so the guest gets those mount points as binds of their own (`with_submounts`). Their copies
+are moved out of the volume's bind to mount points of ours beside it: a copy left mounted on
+the host path's own directory would pin it, and the host could not remove that directory
+once it unmounts its original (critest's read-only mount specs do just that).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ IMAGES_TAG = "criserver.images"
 VOLUMES_TAG = "criserver.shared"
 GUEST_VOLUMES_DIR = "/run/criserver/shared"
 
-_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
+_MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 4096, 8192, 16384, 1 << 18
 _MNT_DETACH = 2
 _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 MODES = ("rw", "ro", "rro")  # a volume's access: read-write, read-only, recursively read-only
@@ -48,12 +52,22 @@ class _MountAttr(ctypes.Structure):
 
 
 @dataclass(frozen=True)
+class Submount:
+    """A host mount point below a volume: where it is in the volume, whether it is read-only,
+    and where the guest finds its copy."""
+
+    path: str  # relative to the volume
+    read_only: bool
+    guest_source: str
+
+
+@dataclass(frozen=True)
 class Volume:
-    """A volume as the guest sees it: its path, and for `ro` the mount points below it on the
-    host (relative paths, parents first, each with its own read-only flag)."""
+    """A volume as the guest sees it: its path, and the mount points below it on the host
+    (parents first)."""
 
     guest_path: str
-    submounts: tuple[tuple[str, bool], ...] = ()
+    submounts: tuple[Submount, ...] = ()
 
 
 def pod_shares(images_dir: Path, volumes_dir: Path) -> tuple[Share, ...]:
@@ -96,22 +110,33 @@ class PodVolumes:
         if mode not in MODES:
             raise InvalidArgument(f"mount host path {host_path}: unknown mode {mode!r}")
         name = self.name_for(container_id, host_path, mode)
-        submounts = await asyncio.to_thread(self._bind, Path(host_path), self.directory / name,
-                                            mode)
-        return Volume(f"{GUEST_VOLUMES_DIR}/{name}", submounts)
+        return await asyncio.to_thread(self._bind, Path(host_path), name, mode)
 
-    def _bind(self, source: Path, target: Path, mode: str) -> tuple[tuple[str, bool], ...]:
+    def _bind(self, source: Path, name: str, mode: str) -> Volume:
         if not source.exists():
             raise NotFound(f"mount host path {source} does not exist")
-        if not (target.exists() and _is_mount_point(target)):  # else the same container's retry
-            if source.is_dir():
-                target.mkdir(exist_ok=True)
-            else:
-                target.touch(exist_ok=True)
-            _mount(source, target, _MS_BIND | _MS_REC)
+        target = self.directory / name
+        self._release_exact(name)  # the same container's retry binds afresh
+        if source.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.touch(exist_ok=True)
+        _mount(source, target, _MS_BIND | _MS_REC)
         if mode != "rw":
             _set_read_only(target, recursive=mode == "rro")
-        return submounts_of(target) if mode == "ro" else ()
+        moved: dict[str, str] = {}  # path in the volume -> guest path of its moved copy
+        submounts = []
+        for index, (rel, read_only) in enumerate(submounts_of(target)):
+            parent = next((p for p in moved if rel.startswith(p + "/")), None)
+            if parent is not None:  # moved along with its parent
+                guest_source = f"{moved[parent]}/{rel[len(parent) + 1:]}"
+            else:
+                aside = self.directory / f"{name}.m{index}"
+                aside.mkdir(exist_ok=True)
+                _mount(target / rel, aside, _MS_MOVE)
+                guest_source = moved[rel] = f"{GUEST_VOLUMES_DIR}/{aside.name}"
+            submounts.append(Submount(rel, read_only or mode == "rro", guest_source))
+        return Volume(f"{GUEST_VOLUMES_DIR}/{name}", tuple(submounts))
 
     async def release(self, container_id: str) -> None:
         """Unmount and remove every volume of one container; idempotent."""
@@ -128,11 +153,16 @@ class PodVolumes:
         except OSError as exc:
             log.error("pod volumes directory left behind dir=%s error=%s", self.directory, exc)
 
-    def _release(self, prefix: str) -> None:
+    def _release_exact(self, name: str) -> None:
+        """Unmount one volume and the mounts moved aside from it."""
+        self._release(name, lambda entry: entry == name or entry.startswith(f"{name}.m"))
+
+    def _release(self, prefix: str,
+                 match: Callable[[str], bool] | None = None) -> None:
         if not self.directory.is_dir():
             return
         for entry in self.directory.iterdir():
-            if not entry.name.startswith(prefix):
+            if not (match(entry.name) if match else entry.name.startswith(prefix)):
                 continue
             _unmount(entry)
             try:
@@ -157,10 +187,10 @@ def with_submounts(mounts: list[dict[str, Any]], volumes: dict[str, Volume]
         if volume is None:
             continue
         options = [o for o in m.get("options") or [] if o not in ("ro", "rw", "rro")]
-        for rel, read_only in volume.submounts:
-            out.append({"destination": f"{m['destination'].rstrip('/')}/{rel}", "type": "bind",
-                        "source": f"{volume.guest_path}/{rel}",
-                        "options": [*options, "ro" if read_only else "rw"]})
+        for sub in volume.submounts:
+            out.append({"destination": f"{m['destination'].rstrip('/')}/{sub.path}",
+                        "type": "bind", "source": sub.guest_source,
+                        "options": [*options, "ro" if sub.read_only else "rw"]})
     return out
 
 
