@@ -29,6 +29,8 @@ CRI_TOOLS_VERSION := v1.37.0
 TOOLS_DIR := .tools/cri-tools-$(CRI_TOOLS_VERSION)
 GO_ENV := GOMODCACHE=$(CURDIR)/.cache/go/mod GOCACHE=$(CURDIR)/.cache/go/build \
 	GOFLAGS=-modcacherw CGO_ENABLED=0 GOTOOLCHAIN=local
+# The version the tools print (upstream fills it in at link time, as here).
+CRI_TOOLS_LDFLAGS := -X sigs.k8s.io/cri-tools/pkg/version.Version=$(CRI_TOOLS_VERSION)
 CRI_TOOLS_SRC = $(shell $(GO_ENV) go mod download -json sigs.k8s.io/cri-tools@$(CRI_TOOLS_VERSION) \
 	| sed -n 's/^\t"Dir": "\(.*\)",$$/\1/p')
 
@@ -62,12 +64,14 @@ tools: $(TOOLS_DIR)/crictl $(TOOLS_DIR)/critest
 
 $(TOOLS_DIR)/crictl:
 	mkdir -p $(TOOLS_DIR)
-	$(GO_ENV) GOBIN=$(CURDIR)/$(TOOLS_DIR) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION)
+	$(GO_ENV) GOBIN=$(CURDIR)/$(TOOLS_DIR) go install -ldflags '$(CRI_TOOLS_LDFLAGS)' \
+		sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION)
 
 # critest is a ginkgo test binary, not a main package: compile its test in the module itself.
 $(TOOLS_DIR)/critest:
 	mkdir -p $(TOOLS_DIR)
-	cd $(CRI_TOOLS_SRC) && $(GO_ENV) go test -c -o $(CURDIR)/$@ ./cmd/critest
+	cd $(CRI_TOOLS_SRC) && $(GO_ENV) go test -c -ldflags '$(CRI_TOOLS_LDFLAGS)' \
+		-o $(CURDIR)/$@ ./cmd/critest
 
 # What the images critest and crictl pull are made of (tests/conformance/images.py): a full
 # static busybox from Debian's source package, Debian's nginx with its libraries, pause, nnp.
