@@ -26,9 +26,12 @@ def test_critest(conformance_daemon: Daemon) -> None:
     shutil.rmtree(REPORT_DIR, ignore_errors=True)
     REPORT_DIR.mkdir(parents=True)
     endpoint = f"unix://{conformance_daemon.socket}"
+    config = REPORT_DIR / "crictl.yaml"  # else critest warns that /etc/crictl.yaml is missing
+    config.write_text(f"runtime-endpoint: {endpoint}\nimage-endpoint: {endpoint}\n")
     with open(REPORT_DIR / "critest.log", "wb") as log:
         run = subprocess.run(
-            [str(critest), f"--runtime-endpoint={endpoint}", f"--image-endpoint={endpoint}",
+            [str(critest), f"--config={config}", f"--runtime-endpoint={endpoint}",
+             f"--image-endpoint={endpoint}",
              f"--ginkgo.json-report={REPORT_DIR / 'report.json'}", "--ginkgo.no-color",
              f"--ginkgo.timeout={SUITE_TIMEOUT_MIN}m"],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPORT_DIR,
