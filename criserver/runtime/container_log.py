@@ -58,11 +58,6 @@ class ContainerLog:
             if self._fd is None:
                 self._fd = await asyncio.to_thread(self._open_file)
 
-    def open_now(self) -> None:
-        """`open` for a caller that cannot await (one small open on the calling thread)."""
-        if self._fd is None and not self._closed:
-            self._fd = self._open_file()
-
     async def write(self, stream: str, data: bytes, time_ns: int | None = None) -> None:
         """Log `data` from `stream`; `time_ns` (default now) stamps the lines it completes."""
         if stream not in self._partial:

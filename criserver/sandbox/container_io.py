@@ -51,14 +51,6 @@ class ContainerIO:
 
     def start(self) -> None:
         if self.log is not None:
-            # The file exists once StartContainer returns, as containerd makes it: kubelet and
-            # `crictl logs -f` open it at once, and a container that never writes has an empty
-            # log rather than none.
-            try:
-                self.log.open_now()
-            except CriError as exc:  # the pump's first write tries again and reports it
-                log.warning("cannot create the container log container=%s error=%s",
-                            self.container_id, exc.message)
             self._pump = asyncio.create_task(self._pump_output(),
                                              name=f"log-{self.container_id[:12]}")
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"wait-{self.container_id[:12]}")

@@ -215,17 +215,6 @@ async def test_creates_parent_directories_and_mode(tmp_path: Path) -> None:
     assert lines(parse_file(path)) == [("stdout", b"x")]
 
 
-async def test_open_now_creates_the_empty_file(tmp_path: Path) -> None:
-    # ContainerIO.start: the file is there when StartContainer returns, before any output.
-    path = tmp_path / "pod" / "0.log"
-    log = ContainerLog(str(path))
-    log.open_now()
-    assert path.read_bytes() == b""
-    await log.write("stdout", b"x\n")
-    await log.close()
-    assert lines(parse_file(path)) == [("stdout", b"x")]
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
