@@ -14,7 +14,9 @@ def cgroup_dir(cgroups_path: str, root: str = CGROUP_ROOT) -> str:
     return os.path.join(root, cgroups_path.lstrip("/"))
 
 
-def _read(path: str) -> str:
+def read_or_empty(path: str) -> str:
+    """A cgroup or proc file's text; "" when it is gone or unreadable (a process or cgroup
+    may end while it is read)."""
     try:
         with open(path) as f:
             return f.read()
@@ -33,12 +35,13 @@ def parse_flat_keyed(text: str) -> dict[str, int]:
 
 
 def _single(path: str) -> int:
-    text = _read(path).strip()
+    text = read_or_empty(path).strip()
     return int(text) if text.isdigit() else 0
 
 
 def oom_kills(directory: str) -> int:
-    return parse_flat_keyed(_read(os.path.join(directory, "memory.events"))).get("oom_kill", 0)
+    events = parse_flat_keyed(read_or_empty(os.path.join(directory, "memory.events")))
+    return events.get("oom_kill", 0)
 
 
 class Usage:
@@ -54,8 +57,8 @@ class Usage:
 
 
 def usage(directory: str) -> Usage:
-    cpu = parse_flat_keyed(_read(os.path.join(directory, "cpu.stat")))
-    mem = parse_flat_keyed(_read(os.path.join(directory, "memory.stat")))
+    cpu = parse_flat_keyed(read_or_empty(os.path.join(directory, "cpu.stat")))
+    mem = parse_flat_keyed(read_or_empty(os.path.join(directory, "memory.stat")))
     current = _single(os.path.join(directory, "memory.current"))
     # The kubelet's working set: usage minus the page cache the kernel can drop at once.
     working_set = max(current - mem.get("inactive_file", 0), 0)

@@ -10,18 +10,10 @@ from __future__ import annotations
 import os
 
 from vmagent.api import agent_pb2 as pb
-from vmagent.cgroups import parse_flat_keyed
+from vmagent.cgroups import parse_flat_keyed, read_or_empty
 
 PROC = "/proc"
 SYS = "/sys"
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _limit(text: str) -> int:
@@ -38,7 +30,8 @@ def _count(path: str) -> int:
 
 
 def cgroup_pids(cgroup: str) -> list[int]:
-    return [int(p) for p in _read(os.path.join(cgroup, "cgroup.procs")).split() if p.isdigit()]
+    procs = read_or_empty(os.path.join(cgroup, "cgroup.procs"))
+    return [int(p) for p in procs.split() if p.isdigit()]
 
 
 def shares_of_weight(weight: int) -> int:
@@ -57,7 +50,7 @@ def kernel_memory(mem: dict[str, int]) -> int:
 def fill_cgroup(d: pb.ContainerDetails, cgroup: str) -> None:
     """Everything the cgroup's own files say."""
     def file(name: str) -> str:
-        return _read(os.path.join(cgroup, name))
+        return read_or_empty(os.path.join(cgroup, name))
 
     cpu = parse_flat_keyed(file("cpu.stat"))
     d.cpu_user_nanos = cpu.get("user_usec", 0) * 1000
@@ -136,14 +129,14 @@ def fill_filesystem(d: pb.ContainerDetails, path: str, proc: str = PROC) -> None
         st = os.statvfs(path)
     except OSError:
         return
-    d.fs_device = mount_source(path, _read(os.path.join(proc, "self", "mountinfo")))
+    d.fs_device = mount_source(path, read_or_empty(os.path.join(proc, "self", "mountinfo")))
     d.fs_limit_bytes = st.f_blocks * st.f_frsize
     d.fs_inodes_total = st.f_files
     d.fs_inodes_free = st.f_ffree
 
 
 def device_name(major: int, minor: int, sys: str = SYS) -> str:
-    uevent = _read(os.path.join(sys, "dev", "block", f"{major}:{minor}", "uevent"))
+    uevent = read_or_empty(os.path.join(sys, "dev", "block", f"{major}:{minor}", "uevent"))
     for line in uevent.splitlines():
         key, _, value = line.partition("=")
         if key == "DEVNAME" and value:
@@ -154,7 +147,7 @@ def device_name(major: int, minor: int, sys: str = SYS) -> str:
 def block_io(cgroup: str, sys: str = SYS) -> list[pb.BlockIo]:
     """io.stat: one entry per device, "MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=.. ..."."""
     out = []
-    for line in _read(os.path.join(cgroup, "io.stat")).splitlines():
+    for line in read_or_empty(os.path.join(cgroup, "io.stat")).splitlines():
         dev, *pairs = line.split()
         major, _, minor = dev.partition(":")
         if not (major.isdigit() and minor.isdigit()):
@@ -187,7 +180,7 @@ def interfaces(pid: int | str = "self", proc: str = PROC) -> list[pb.InterfaceSt
     """/proc/<pid>/net/dev: the counters of every interface of that process's network
     namespace but loopback."""
     out = []
-    for line in _read(os.path.join(proc, str(pid), "net", "dev")).splitlines()[2:]:
+    for line in read_or_empty(os.path.join(proc, str(pid), "net", "dev")).splitlines()[2:]:
         name, _, rest = line.partition(":")
         name = name.strip()
         v = [int(x) for x in rest.split() if x.isdigit()]
