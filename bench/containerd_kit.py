@@ -5,6 +5,9 @@ IPAM dir) and a local registry reached over plain HTTP. Never touches the host's
     with Containerd(registry_host="127.0.0.1:5000", pause_ref="127.0.0.1:5000/x/pause:1") as c:
         cri = c.client()   # tests.cri_client.CRIClient on c.socket
 
+`mirrors` names upstream registries ("registry.k8s.io", "docker.io", ...) whose pulls go to the
+local registry too, under the same repository paths (one certs.d/<name>/hosts.toml each).
+
 Needs the Debian package `containerd` (1.6.20 in bookworm: containerd, containerd-shim-runc-v2)
 and `runc`, `containernetworking-plugins`. `close` stops containerd and its shims, unmounts
 what it left under its work dir, deletes the bridge and any pod netns it still knows of.
@@ -21,6 +24,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from tests.cri_client import CRIClient
@@ -111,7 +115,8 @@ def cni_conflist(name: str, bridge: str, subnet: str, ipam_dir: Path) -> str:
 class Containerd:
     """One private containerd process; `close` (or leaving the `with`) undoes everything."""
 
-    def __init__(self, registry_host: str, pause_ref: str, snapshotter: str = "overlayfs") -> None:
+    def __init__(self, registry_host: str, pause_ref: str, snapshotter: str = "overlayfs",
+                 mirrors: Iterable[str] = ()) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
         self.tag = secrets.token_hex(3)
         self.socket = self.work / "containerd.sock"
@@ -126,9 +131,10 @@ class Containerd:
         (self.work / "net.d" / "10-bench.conflist").write_text(
             cni_conflist(self.network, self.bridge, self.subnet, self.work / "ipam"))
         # certs.d/<host:port>/hosts.toml (containerd 1.6 remotes/docker/config hostPaths)
-        hosts = self.work / "certs.d" / registry_host
-        hosts.mkdir(parents=True)
-        (hosts / "hosts.toml").write_text(hosts_toml(registry_host))
+        for name in (registry_host, *mirrors):
+            hosts = self.work / "certs.d" / name
+            hosts.mkdir(parents=True)
+            (hosts / "hosts.toml").write_text(hosts_toml(registry_host))
         self.config_path = self.work / "config.toml"
         self.config_path.write_text(config_toml(self.work, registry_host, pause_ref, snapshotter))
 
