@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError
 
 from vmagent import cgroups, metrics, mountutil
 from vmagent.api import agent_pb2 as pb
+from vmagent.idmap import IdMaps, spec_id_maps
 from vmagent.imagevolumes import ImageVolume, mount_volume, unmount_volume
 from vmagent.ocispec import (
     PodContext,
@@ -170,15 +171,16 @@ class Containers:
                 self._shm = path
             return self._shm
 
-    async def _pod_context(self, pid_mode: int) -> PodContext:
+    async def _pod_context(self, pid_mode: int, id_maps: IdMaps | None) -> PodContext:
         def existing(name: str) -> str:
             path = os.path.join(self.run_dir, name)
             return path if os.path.exists(path) else ""  # tmpfs stat
 
+        holder = await self.podns.ipc_uts(id_maps)
         return PodContext(
             hosts=existing("hosts"), resolv_conf=existing("resolv.conf"),
             hostname=existing("hostname"), shm=await self._pod_shm(),
-            ipc_uts_pid=await self.podns.ipc_uts(),
+            ipc_uts_pid=holder, userns_pid=holder if id_maps is not None else 0,
             pid_ns_pid=await self.podns.pid() if pid_mode == 1 else 0)
 
     async def create(self, req: pb.CreateContainerRequest) -> pb.ContainerState:
@@ -218,14 +220,18 @@ class Containers:
                                                read_only="ro" in m.options)
             elif m.source.startswith("image:") and m.target:
                 c.image_volumes.append(await mount_volume(self.mounts, m, c.id))
-        c.rootfs = await self.mounts.make_rootfs(c.id, c.bundle, req.rootfs)
+        id_maps = spec_id_maps(spec)
+        # The pod's namespaces first: an idmapped rootfs takes the pod's user namespace.
+        pod = await self._pod_context(req.pid_namespace, id_maps)
+        c.rootfs = await self.mounts.make_rootfs(
+            c.id, c.bundle, req.rootfs,
+            idmap=(id_maps, f"/proc/{pod.userns_pid}/ns/user") if id_maps else None)
         user = None
         if req.user:
             extra = [int(g) for g in (spec["process"].get("user") or {}).get("additionalGids")
                      or []]
             user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path, extra,
                                            not req.strict_supplemental_groups)
-        pod = await self._pod_context(req.pid_namespace)
         devices = await asyncio.to_thread(guest_devices) if wants_guest_devices(spec) else None
         c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
                                pid_mode=req.pid_namespace, user=user, terminal=c.tty,

@@ -29,13 +29,15 @@ class PodContext:
     """Pod-level facts a container spec points at."""
 
     def __init__(self, *, hosts: str = "", resolv_conf: str = "", hostname: str = "",
-                 shm: str = "", ipc_uts_pid: int = 0, pid_ns_pid: int = 0) -> None:
+                 shm: str = "", ipc_uts_pid: int = 0, pid_ns_pid: int = 0,
+                 userns_pid: int = 0) -> None:
         self.hosts = hosts  # guest paths of the pod's files ("" when the pod has none)
         self.resolv_conf = resolv_conf
         self.hostname = hostname
         self.shm = shm
         self.ipc_uts_pid = ipc_uts_pid  # holder of the pod's IPC and UTS namespaces
         self.pid_ns_pid = pid_ns_pid  # PID 1 of the pod's PID namespace (PID_POD only)
+        self.userns_pid = userns_pid  # holder of the pod's user namespace (0: none)
 
 
 def load_spec(raw: bytes, container_id: str) -> dict[str, Any]:
@@ -106,9 +108,11 @@ def _namespaces(spec_ns: list[dict[str, Any]], pod: PodContext,
     for ns in spec_ns:
         kind = ns.get("type")
         # The VM is the pod: its network namespace is the pod's, so containers stay in it.
-        if kind in ("network", "ipc", "uts", "pid"):
+        if kind in ("network", "ipc", "uts", "pid", "user"):
             continue
         out.append(dict(ns))
+    if pod.userns_pid:
+        out.append({"type": "user", "path": f"/proc/{pod.userns_pid}/ns/user"})
     if pod.ipc_uts_pid:
         out.append({"type": "ipc", "path": f"/proc/{pod.ipc_uts_pid}/ns/ipc"})
         out.append({"type": "uts", "path": f"/proc/{pod.ipc_uts_pid}/ns/uts"})
@@ -120,6 +124,21 @@ def _namespaces(spec_ns: list[dict[str, Any]], pod: PodContext,
         out.append({"type": "pid", "path": f"/proc/{pod.pid_ns_pid}/ns/pid"})
     if not any(ns.get("type") == "mount" for ns in out):
         out.append({"type": "mount"})
+    return out
+
+
+def _userns_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mounts a container in the pod's user namespace can make: a new sysfs needs a network
+    namespace of that user namespace, and containers stay in the VM's, so /sys is the guest's
+    (read-only unless the spec says rw), bound as runc does for rootless containers."""
+    out = []
+    for m in mounts:
+        if m.get("type") == "sysfs":
+            opts = [o for o in m.get("options") or [] if o in ("nosuid", "noexec", "nodev")]
+            mode = "rw" if "rw" in (m.get("options") or []) else "ro"
+            m = {"destination": m.get("destination", "/sys"), "type": "bind", "source": "/sys",
+                 "options": ["rbind", "rprivate", *opts, mode]}
+        out.append(m)
     return out
 
 
@@ -161,6 +180,8 @@ def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: 
         spec.pop("domainname", None)
     linux = spec.setdefault("linux", {})
     linux["namespaces"] = _namespaces(linux.get("namespaces") or [], pod, pid_mode)
+    if pod.userns_pid:
+        spec["mounts"] = _userns_mounts(spec["mounts"])
     # The host's cgroup parent means nothing in the guest; the guest has one cgroup per
     # container under a parent of its own.
     linux["cgroupsPath"] = f"{CGROUP_PARENT}/{container_id}"

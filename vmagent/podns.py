@@ -2,6 +2,8 @@
 (and, when a container asks for a pod-wide PID namespace, a second holder that is PID 1 there
 and reaps orphans). Container specs join them by /proc/<pid>/ns/<kind> path.
 The network namespace needs no holder: every container uses the VM's own.
+A pod with a user namespace has the holder own it too, created first: namespaces a container
+joins from inside a user namespace must belong to it (setns, and mounting mqueue and procfs).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from vmagent.idmap import IdMaps, write_maps
 from vmagent.pid1 import Reaper
 from vmagent.runc import spawn
 
@@ -55,6 +58,7 @@ class PodNamespaces:
         self._lock = asyncio.Lock()
         self.holder_pid = 0
         self.pid_holder_pid = 0
+        self.id_maps: IdMaps | None = None  # the pod's user namespace, owned by the holder
         # /proc/<pid>/comm of the reaper: the name it was exec'd by, cut to 15 chars.
         self._python_comm = os.path.basename(python)[:15]
 
@@ -77,24 +81,41 @@ class PodNamespaces:
                 raise GRPCError(Status.DEADLINE_EXCEEDED, f"namespace holder {argv} not ready")
             await asyncio.sleep(0.005)
 
-    async def ipc_uts(self) -> int:
+    async def ipc_uts(self, id_maps: IdMaps | None = None) -> int:
         """Pid of the IPC+UTS holder, started on first use (it copies the guest's hostname,
-        which SetupSandbox has set by then)."""
+        which SetupSandbox has set by then); with `id_maps`, in the pod's user namespace.
+        All containers of a pod have the same mappings (or none)."""
         async with self._lock:
-            if self.holder_pid and _comm(self.holder_pid) == "sleep":
+            alive = bool(self.holder_pid) and _comm(self.holder_pid) == "sleep"
+            if alive and id_maps != self.id_maps:
+                raise GRPCError(Status.FAILED_PRECONDITION,
+                                "the pod's containers must all share its user namespace")
+            if alive:
                 return self.holder_pid
-            self.holder_pid = await self._start(
-                ["unshare", "--ipc", "--uts", "--", "sleep", _FOREVER], "sleep", nested=False)
-            log.info("pod namespace holder started pid=%d", self.holder_pid)
-            return self.holder_pid
+            argv = ["unshare", "--ipc", "--uts", "--", "sleep", _FOREVER]
+            if id_maps is not None:
+                argv[1:1] = ["--user"]
+            pid = await self._start(argv, "sleep", nested=False)
+            if id_maps is not None:
+                try:
+                    await asyncio.to_thread(write_maps, pid, id_maps)
+                except OSError as exc:
+                    os.kill(pid, 9)
+                    raise GRPCError(Status.INVALID_ARGUMENT,
+                                    f"user namespace mappings: {exc.strerror}") from exc
+            self.holder_pid, self.id_maps = pid, id_maps
+            log.info("pod namespace holder started pid=%d userns=%s", pid, id_maps is not None)
+            return pid
 
     async def pid(self) -> int:
         """Pid (in the guest) of PID 1 of the pod's shared PID namespace."""
         async with self._lock:
             if self.pid_holder_pid and _comm(self.pid_holder_pid) == self._python_comm:
                 return self.pid_holder_pid
-            self.pid_holder_pid = await self._start(
-                ["unshare", "--pid", "-f", "--", self._python, "-S", "-c", _REAPER],
-                self._python_comm, nested=True)
+            argv = ["unshare", "--pid", "-f", "--", self._python, "-S", "-c", _REAPER]
+            if self.id_maps is not None and self.holder_pid:
+                # Owned by the pod's user namespace, or its containers could not join it.
+                argv[:0] = ["nsenter", f"--user=/proc/{self.holder_pid}/ns/user", "--"]
+            self.pid_holder_pid = await self._start(argv, self._python_comm, nested=True)
             log.info("pod pid namespace holder started pid=%d", self.pid_holder_pid)
             return self.pid_holder_pid

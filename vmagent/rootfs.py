@@ -15,6 +15,7 @@ from grpclib.exceptions import GRPCError
 
 from vmagent import mountutil
 from vmagent.api import agent_pb2 as pb
+from vmagent.idmap import IdMaps, idmapped_clone
 
 log = logging.getLogger("vmagent")
 
@@ -79,24 +80,41 @@ class Mounts:
         raise GRPCError(Status.INVALID_ARGUMENT,
                         f"unsupported rootfs layer source {lower.source!r}")
 
-    async def acquire_image(self, lower: pb.Mount) -> tuple[str, str]:
-        """Mount point of an image layer (mounted on first use) and its key for release."""
+    async def acquire_image(self, lower: pb.Mount,
+                            idmap: tuple[IdMaps, str] | None = None) -> tuple[str, str]:
+        """Mount point of an image layer (mounted on first use) and its key for release.
+        `idmap`: the pod's mappings and its user namespace path; the layer is then an idmapped
+        mount, its files owned by the pod's mapped IDs."""
         fstype = lower.type or "erofs"
         path = await self._image_file(lower)
+        key = f"{path}|{idmap[0].key()}" if idmap else path
         async with self._lock:
-            known = self._images.get(path)
+            known = self._images.get(key)
             if known is not None:
-                self._images[path] = (known[0], known[1] + 1)
-                return known[0], path
+                self._images[key] = (known[0], known[1] + 1)
+                return known[0], key
             self._serial += 1
             target = os.path.join(self._image_mnt_dir, str(self._serial))
 
-            def work() -> str:
-                os.makedirs(target, exist_ok=True)
+            def plain(to: str) -> str:
+                os.makedirs(to, exist_ok=True)
                 if os.path.isdir(path):  # an unpacked layer directory: bind it read-only
-                    mountutil.mount(path, target, "", mountutil.MS_BIND)
+                    mountutil.mount(path, to, "", mountutil.MS_BIND)
                     return path
-                return mountutil.mount_loop(path, target, fstype)
+                return mountutil.mount_loop(path, to, fstype)
+
+            def work() -> str:
+                if idmap is None:
+                    return plain(target)
+                staging = f"{target}.plain"
+                dev = plain(staging)
+                try:
+                    os.makedirs(target, exist_ok=True)
+                    idmapped_clone(staging, target, idmap[1])
+                finally:
+                    # The clone holds the filesystem (and its loop device) from now on.
+                    mountutil.umount(staging, mountutil.MNT_DETACH)
+                return dev
 
             try:
                 dev = await asyncio.to_thread(work)
@@ -104,9 +122,10 @@ class Mounts:
                 raise GRPCError(Status.NOT_FOUND, f"image file {path} not found") from exc
             except OSError as exc:
                 raise GRPCError(Status.INTERNAL, f"mount image {path}: {exc}") from exc
-            self._images[path] = (target, 1)
-            log.info("image mounted file=%s target=%s device=%s", path, target, dev)
-            return target, path
+            self._images[key] = (target, 1)
+            log.info("image mounted file=%s target=%s device=%s idmapped=%s", path, target, dev,
+                     idmap is not None)
+            return target, key
 
     async def release_image(self, key: str) -> None:
         async with self._lock:
@@ -122,8 +141,10 @@ class Mounts:
             await asyncio.to_thread(mountutil.umount, known[0], mountutil.MNT_DETACH)
             log.info("image unmounted file=%s target=%s", key, known[0])
 
-    async def make_rootfs(self, container_id: str, bundle: str, spec: pb.Rootfs) -> Rootfs:
-        """Mount the image layers and the container's overlay under `bundle`/rootfs."""
+    async def make_rootfs(self, container_id: str, bundle: str, spec: pb.Rootfs,
+                          idmap: tuple[IdMaps, str] | None = None) -> Rootfs:
+        """Mount the image layers and the container's overlay under `bundle`/rootfs; with
+        `idmap` (the pod's user namespace), as the container's mapped root owns it."""
         if not spec.lowers:
             raise GRPCError(Status.INVALID_ARGUMENT,
                             f"container {container_id}: rootfs has no image layer")
@@ -134,7 +155,7 @@ class Mounts:
         keys: list[str] = []
         try:
             for lower in spec.lowers:
-                target, key = await self.acquire_image(lower)
+                target, key = await self.acquire_image(lower, idmap)
                 lowers.append(target)
                 keys.append(key)
             rootfs = os.path.join(bundle, "rootfs")
@@ -147,6 +168,10 @@ class Mounts:
             def mount_overlay() -> None:
                 for d in (rootfs, upper, work):
                     os.makedirs(d, exist_ok=True)
+                if idmap is not None:
+                    # The upper dir is the overlay's root directory: the container's root
+                    # owns it, as it owns the idmapped layers (tmpfs is not idmapped in 6.1).
+                    os.chown(upper, *idmap[0].root())
                 mountutil.mount("overlay", rootfs, "overlay", 0, options)
 
             await asyncio.to_thread(mount_overlay)

@@ -18,7 +18,7 @@ from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition, InvalidArgument, Unimplemented
-from criserver.runtime import seccomp_default
+from criserver.runtime import seccomp_default, validate
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def generate(
     `image_volumes` maps the container_path of each image volume (Mount.image) to the guest
     path where the agent puts the image (or its sub path).
     :raises InvalidArgument: a CRI or image setting is malformed or impossible in a VM.
-    :raises Unimplemented: devices, image mounts without a guest path, user namespaces.
+    :raises Unimplemented: devices, image mounts without a guest path.
     :raises FailedPrecondition: the pod lacks a namespace the container asks to share.
     """
     image = image or ImageConfigView()
@@ -184,6 +184,16 @@ def generate(
         raise Unimplemented("devices cannot be passed into a micro-VM pod")
 
     user = _user(sc, image.user)
+    # The pod's user namespace is its containers' (kubelet repeats the pod's options).
+    pod_ns = pod_sc.namespace_options
+    userns = validate.user_namespace(pod_ns)
+    if sc.namespace_options.HasField("userns_options") and (
+        validate.user_namespace(sc.namespace_options) != userns
+        or (userns and sc.namespace_options.userns_options != pod_ns.userns_options)
+    ):
+        raise InvalidArgument("a container's user namespace must be its pod's")
+    if userns and privileged:
+        raise InvalidArgument("privileged containers cannot run in a user namespace")
     caps = _capabilities(sc)
     if image.volumes:
         # Image VOLUMEs stay plain directories of the writable rootfs, as with containerd's
@@ -216,11 +226,14 @@ def generate(
     spec_linux: dict[str, Any] = {
         "cgroupsPath": f"{(cgroup_parent or '/criserver/' + sandbox_id).rstrip('/')}/"
                        f"{container_id}",
-        "namespaces": _namespaces(sc.namespace_options, namespaces, privileged),
+        "namespaces": _namespaces(sc.namespace_options, namespaces, privileged, userns),
         "resources": _resources(linux, privileged, pids_limit),
     }
     if sysctls:
         spec_linux["sysctl"] = sysctls
+    if userns:
+        spec_linux["uidMappings"] = _id_mappings(pod_ns.userns_options.uids)
+        spec_linux["gidMappings"] = _id_mappings(pod_ns.userns_options.gids)
     if not privileged:
         spec_linux["maskedPaths"] = list(sc.masked_paths or DEFAULT_MASKED_PATHS)
         spec_linux["readonlyPaths"] = list(sc.readonly_paths or DEFAULT_READONLY_PATHS)
@@ -512,7 +525,7 @@ def _mounts(
 
 
 def _namespaces(
-    options: cri.NamespaceOption, ns: PodNamespaces, privileged: bool
+    options: cri.NamespaceOption, ns: PodNamespaces, privileged: bool, userns: bool
 ) -> list[dict[str, str]]:
     for kind, mode in (("network", options.network), ("pid", options.pid), ("ipc", options.ipc)):
         if mode == cri.NODE:
@@ -520,12 +533,10 @@ def _namespaces(
                                   "host's namespaces")
     if options.network == cri.TARGET or options.ipc == cri.TARGET:
         raise InvalidArgument("namespace mode TARGET is valid only for the pid namespace")
-    if options.HasField("userns_options") and (
-        options.userns_options.uids or options.userns_options.gids
-    ):
-        raise Unimplemented("user namespaces are not supported")
-
     result: list[dict[str, str]] = [{"type": "mount"}]
+    if userns:
+        # No path: the agent creates the pod's user namespace and has its containers join it.
+        result.append({"type": "user"})
     if options.pid == cri.CONTAINER:
         result.append({"type": "pid"})
     elif options.pid == cri.TARGET:
@@ -548,6 +559,11 @@ def _namespaces(
         # The guest runs cgroup v2: a private cgroup namespace hides the pod's hierarchy.
         result.append({"type": "cgroup"})
     return result
+
+
+def _id_mappings(mappings: Iterable[cri.IDMapping]) -> list[dict[str, int]]:
+    return [{"containerID": m.container_id, "hostID": m.host_id, "size": m.length}
+            for m in mappings]
 
 
 def _sysctls(

@@ -11,6 +11,7 @@ from criserver.errors import InvalidArgument
 MAX_NAME = 253  # a DNS subdomain, as Kubernetes object names are
 MAX_UID = 128
 MAX_MAP_BYTES = 256 * 1024  # Kubernetes' limit on the total size of annotations
+MAX_ID = 1 << 32  # uids and gids are 32-bit
 
 
 def require(value: str, what: str, limit: int = MAX_NAME) -> None:
@@ -43,6 +44,36 @@ def pod_config(config: cri.PodSandboxConfig) -> None:
     check_length(config.log_directory, "log_directory", 4096)
     check_map(config.labels, "labels")
     check_map(config.annotations, "annotations")
+    user_namespace(config.linux.security_context.namespace_options)
+
+
+def user_namespace(options: cri.NamespaceOption) -> bool:
+    """Whether the pod asks for a user namespace of its own (mode POD), with its mappings
+    checked: one uid and one gid mapping, each mapping the container's root (what kubelet
+    sends, and what the pod's idmapped mounts are built for). NODE means none.
+    """
+    if not options.HasField("userns_options"):
+        return False
+    userns = options.userns_options
+    if userns.mode == cri.NODE:
+        if userns.uids or userns.gids:
+            raise InvalidArgument("user namespace mode NODE takes no uid or gid mappings")
+        return False
+    if userns.mode != cri.POD:
+        raise InvalidArgument(f"user namespace mode {cri.NamespaceMode.Name(userns.mode)} is "
+                              "not supported: only POD and NODE")
+    for what, mappings in (("uid", userns.uids), ("gid", userns.gids)):
+        if len(mappings) != 1:
+            raise InvalidArgument(f"user namespace mode POD needs exactly one {what} mapping, "
+                                  f"got {len(mappings)}")
+        m = mappings[0]
+        if m.container_id != 0:
+            raise InvalidArgument(f"user namespace {what} mapping must map container id 0, "
+                                  f"starts at {m.container_id}")
+        if m.length == 0 or m.host_id + m.length > MAX_ID:
+            raise InvalidArgument(f"user namespace {what} mapping host_id={m.host_id} "
+                                  f"length={m.length} is out of range")
+    return True
 
 
 def container_config(config: cri.ContainerConfig) -> None:

@@ -130,7 +130,7 @@ class MicroVMBackend(BaseBackend):
     # What Status reports for this backend's handlers. Turn one on with its implementation.
     features = BackendFeatures(
         recursive_read_only_mounts=True,
-        user_namespaces=False,
+        user_namespaces=True,
     )
 
     def __init__(self, options: dict[str, Any], context: BackendContext) -> None:

@@ -658,14 +658,48 @@ def test_namespaces_pod_pid_without_pod_namespace() -> None:
         namespaces_of(cri.NamespaceOption(pid=cri.POD), PodNamespaces(ipc="/i", uts="/u"))
 
 
-def test_user_namespace_mappings_unimplemented() -> None:
-    mapping = [cri.IDMapping(host_id=1000, container_id=0, length=65536)]
-    options = cri.NamespaceOption(userns_options=cri.UserNamespace(uids=mapping, gids=mapping))
-    with pytest.raises(Unimplemented):
-        namespaces_of(options)
-    # Mode NODE without mappings is what every kubelet sends: no user namespace.
+MAPPING = [cri.IDMapping(host_id=1000, container_id=0, length=65536)]
+USERNS = cri.NamespaceOption(userns_options=cri.UserNamespace(mode=cri.POD, uids=MAPPING,
+                                                               gids=MAPPING))
+
+
+def userns_pod(options: cri.NamespaceOption = USERNS) -> cri.PodSandboxConfig:
+    return pod_config(linux=cri.LinuxPodSandboxConfig(
+        security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)))
+
+
+def test_user_namespace_pod_mode() -> None:
+    # kubelet repeats the pod's options in each container's; the pod's are authoritative.
+    for container in (container_config({"namespace_options": USERNS}), container_config()):
+        linux = gen(container, userns_pod()).spec["linux"]
+        assert {"type": "user"} in linux["namespaces"]  # no path: the agent has the pod's
+        assert linux["uidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 65536}]
+        assert linux["gidMappings"] == linux["uidMappings"]
+
+
+def test_user_namespace_node_mode_is_none() -> None:
+    # Mode NODE without mappings is what every kubelet sends for hostUsers pods.
     node = cri.NamespaceOption(userns_options=cri.UserNamespace(mode=cri.NODE))
-    assert "user" not in {n["type"] for n in namespaces_of(node)}
+    linux = gen(container_config({"namespace_options": node}), userns_pod(node)).spec["linux"]
+    assert "user" not in {n["type"] for n in linux["namespaces"]}
+    assert "uidMappings" not in linux and "gidMappings" not in linux
+
+
+def test_user_namespace_container_differs_from_pod() -> None:
+    other = cri.NamespaceOption(userns_options=cri.UserNamespace(
+        mode=cri.POD, uids=[cri.IDMapping(host_id=5000, length=10)], gids=MAPPING))
+    node = cri.NamespaceOption(userns_options=cri.UserNamespace(mode=cri.NODE))
+    for container_ns, pod in ((other, userns_pod()), (USERNS, userns_pod(node)),
+                              (USERNS, pod_config())):
+        with pytest.raises(InvalidArgument, match="user namespace must be its pod's"):
+            gen(container_config({"namespace_options": container_ns}), pod)
+
+
+def test_user_namespace_refuses_privileged() -> None:
+    pod = userns_pod()
+    pod.linux.security_context.privileged = True
+    with pytest.raises(InvalidArgument, match="privileged"):
+        gen(container_config({"privileged": True}), pod)
 
 
 # --- mounts ---------------------------------------------------------------------------------

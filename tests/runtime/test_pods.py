@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.runtime import validate
 from tests.cri_client import CRIClient, enum, msg
 
 
@@ -130,6 +132,45 @@ async def test_bad_pod_config(cri: CRIClient, config: dict[str, object]) -> None
                                             config=msg("PodSandboxConfig", **fields)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert not (await cri.runtime.ListPodSandbox()).items
+
+
+def _userns(mode: str, *mappings: tuple[int, int, int]) -> object:
+    ids = [msg("IDMapping", container_id=c, host_id=h, length=n) for c, h, n in mappings]
+    return msg("LinuxPodSandboxConfig", security_context=msg(
+        "LinuxSandboxSecurityContext", namespace_options=msg(
+            "NamespaceOption", userns_options=msg("UserNamespace", mode=mode, uids=ids,
+                                                  gids=ids))))
+
+
+@pytest.mark.parametrize("linux", [
+    # critest's UserNamespaces refusals, at RunPodSandbox
+    _userns("POD", (0, 1000, 100000), (0, 2000, 100000)),
+    _userns("POD", (1, 1000, 100000)),
+    _userns("CONTAINER"),
+    _userns("TARGET"),
+    _userns("POD"),  # no mappings
+    _userns("POD", (0, 1000, 0)),
+    _userns("POD", (0, 2**32 - 10, 100)),
+    _userns("NODE", (0, 1000, 100)),
+], ids=["two-mappings", "root-unmapped", "container", "target", "no-mappings", "empty",
+        "overflow", "node-with-mappings"])
+async def test_bad_user_namespace(cri: CRIClient, linux: object) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cri.run_pod("userns", linux=linux)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "user namespace" in (err.value.details() or "")
+    assert not (await cri.runtime.ListPodSandbox()).items
+
+
+def test_user_namespace_modes() -> None:
+    def options(mode: int, n: int = 1) -> cri.NamespaceOption:
+        ids = [cri.IDMapping(container_id=0, host_id=1000, length=65536)] * n
+        return cri.NamespaceOption(userns_options=cri.UserNamespace(mode=mode, uids=ids,
+                                                                    gids=ids))
+
+    assert validate.user_namespace(options(cri.POD)) is True
+    assert validate.user_namespace(options(cri.NODE, 0)) is False
+    assert validate.user_namespace(cri.NamespaceOption()) is False
 
 
 async def test_unknown_handler(cri: CRIClient) -> None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from vmagent import cgroups, fastexec
+from vmagent import cgroups, fastexec, mountutil
+from vmagent.idmap import IdMaps, idmapped_clone, spec_id_maps, write_maps
 from vmagent.ocispec import (
     GUEST_DEVICES_ANNOTATION,
     PodContext,
@@ -328,3 +331,81 @@ def test_fastexec_report() -> None:
 def test_fastexec_capability_table_matches_the_kernel() -> None:
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     assert len(fastexec.CAPS) >= last + 1
+
+
+# --- user namespaces ------------------------------------------------------------------------
+
+USERNS_SPEC = {
+    **SPEC,
+    "mounts": [*SPEC["mounts"],  # type: ignore[list-item]
+               {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"]}],
+    "linux": {**SPEC["linux"],  # type: ignore[dict-item]
+              "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
+              "uidMappings": [{"containerID": 0, "hostID": 1000, "size": 65536}],
+              "gidMappings": [{"containerID": 0, "hostID": 2000, "size": 65536}]},
+}
+
+
+def test_spec_id_maps() -> None:
+    maps = spec_id_maps(USERNS_SPEC)
+    assert maps is not None
+    assert maps.uid_map() == "0 1000 65536\n" and maps.gid_map() == "0 2000 65536\n"
+    assert maps.root() == (1000, 2000)
+    assert spec_id_maps(SPEC) is None
+
+
+@pytest.mark.parametrize("linux", [
+    {"namespaces": [{"type": "user", "path": "/proc/1/ns/user"}]},  # the agent's to choose
+    {"namespaces": [{"type": "user"}]},  # no mappings
+    {"namespaces": [{"type": "user"}], "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}],
+     "uidMappings": [{"containerID": 1, "hostID": 1000, "size": 10}]},  # root unmapped
+    {"namespaces": [{"type": "user"}], "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}],
+     "uidMappings": [{"containerID": 0, "hostID": 2**32 - 1, "size": 10}]},  # overflow
+])
+def test_spec_id_maps_rejects(linux: dict[str, object]) -> None:
+    with pytest.raises(GRPCError) as err:
+        spec_id_maps({"linux": linux})
+    assert err.value.status == Status.INVALID_ARGUMENT
+
+
+def test_complete_spec_joins_the_pods_user_namespace() -> None:
+    pod = PodContext(shm="/run/criserver/shm", ipc_uts_pid=42, userns_pid=42)
+    out = complete_spec(USERNS_SPEC, container_id="c1", rootfs="/r", pod=pod)
+    ns = {n["type"]: n.get("path") for n in out["linux"]["namespaces"]}
+    assert ns["user"] == "/proc/42/ns/user" and ns["ipc"] == "/proc/42/ns/ipc"
+    assert out["linux"]["uidMappings"] == USERNS_SPEC["linux"]["uidMappings"]  # type: ignore[index]
+    # No sysfs of its own without a network namespace of the pod's user namespace.
+    sys_mount = next(m for m in out["mounts"] if m["destination"] == "/sys")
+    assert sys_mount == {"destination": "/sys", "type": "bind", "source": "/sys",
+                         "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev", "ro"]}
+    # Without a user namespace the spec's sysfs stays.
+    plain = complete_spec({**USERNS_SPEC, "linux": SPEC["linux"]}, container_id="c1",
+                          rootfs="/r", pod=POD)
+    assert next(m for m in plain["mounts"] if m["destination"] == "/sys")["type"] == "sysfs"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="idmapped mounts need root")
+def test_idmapped_clone_shifts_owners(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    target.mkdir()
+    (source / "file").write_text("x")
+    holder = subprocess.Popen(["unshare", "--user", "--", "sleep", "30"])
+    try:
+        ns = f"/proc/{holder.pid}/ns/user"
+        for _ in range(200):  # until unshare(2) ran and sleep is exec'd
+            if Path(f"/proc/{holder.pid}/comm").read_text().strip() == "sleep":
+                break
+            time.sleep(0.01)
+        write_maps(holder.pid, IdMaps(uids=((0, 1000, 65536),), gids=((0, 2000, 65536),)))
+        idmapped_clone(str(source), str(target), ns)
+        try:
+            st = (target / "file").stat()
+            assert (st.st_uid, st.st_gid) == (1000, 2000)
+            assert (source / "file").stat().st_uid == 0
+        finally:
+            mountutil.umount(str(target), mountutil.MNT_DETACH)
+    finally:
+        holder.kill()
+        holder.wait()
