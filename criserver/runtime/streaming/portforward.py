@@ -2,9 +2,11 @@
 
 Over SPDY (`portforward.k8s.io`) one connection carries many forwarded connections: each is a
 pair of client-opened streams, `data` and `error`, tied by their `requestID` header and naming
-the pod port in a `port` header. Over WebSocket the ports are fixed by the URL (`?port=`, else
-the CRI request): channel 2i carries port i's data and 2i+1 its errors, and the first message
-on each starts with the port as two little-endian bytes.
+the pod port in a `port` header. Newer clients send the same SPDY session tunnelled in a
+WebSocket (subprotocol `SPDY/3.1+portforward.k8s.io`, see tunnel.py). Otherwise, over
+WebSocket the ports are fixed by the URL (`?port=`, else the CRI request): channel 2i carries
+port i's data and 2i+1 its errors, and the first message on each starts with the port as two
+little-endian bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from criserver.runtime.streaming import upgrade
+from criserver.runtime.streaming import tunnel, upgrade
 from criserver.runtime.streaming.idle import watch_idle
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, StreamingBackend
 from criserver.runtime.streaming.spdy import SpdyStream
@@ -76,10 +78,12 @@ def _parse_port(text: str) -> int | None:
 
 async def spdy_session(
     http: web.Request, request: PortForwardRequest, idle_timeout: float,
-    creation_timeout: float,
+    creation_timeout: float, *, tunnelled: str | None = None,
 ) -> web.StreamResponse:
-    """Serve port-forward over SPDY until the client closes the connection (or idles)."""
-    upgrade.negotiate(http, SPDY_PROTOCOLS)
+    """Serve port-forward over SPDY until the client closes the connection (or idles): over
+    the HTTP connection, or tunnelled in a WebSocket when `tunnelled` names its subprotocol."""
+    if tunnelled is None:
+        upgrade.negotiate(http, SPDY_PROTOCOLS)
     pairs: dict[str, _Pair] = {}
     tasks: set[asyncio.Task[None]] = set()
 
@@ -136,9 +140,16 @@ async def spdy_session(
             await pair.data.close()
             await pair.error.close()
 
-    response, session = await upgrade.upgrade(http, SPDY_PROTOCOLS[0], on_stream,
-                                              request.subject)
-    log.info("streaming session started transport=spdy %s", request.subject)
+    response: web.StreamResponse
+    wire: tunnel.WebSocketWire | None = None
+    if tunnelled is None:
+        response, session = await upgrade.upgrade(http, SPDY_PROTOCOLS[0], on_stream,
+                                                  request.subject)
+    else:
+        response, session, wire = await tunnel.upgrade(http, tunnelled, on_stream,
+                                                       request.subject)
+    log.info("streaming session started transport=%s %s",
+             "spdy" if wire is None else "spdy-over-websocket", request.subject)
     idle = asyncio.ensure_future(watch_idle(lambda: session.last_activity, idle_timeout,
                                             session.close))
     try:
@@ -153,6 +164,8 @@ async def spdy_session(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
+        if wire is not None:
+            await wire.wait_closed()
         log.info("streaming session ended %s", request.subject)
     return response
 

@@ -2,7 +2,8 @@
 
 Routes `/exec/{token}`, `/attach/{token}` and `/portforward/{token}` (GET or POST, as kubelet's)
 take a single-use token naming a prepared request, then serve the session over SPDY/3.1 or
-WebSocket, whichever the client's upgrade asks for. `serving(config)` runs it for the daemon.
+WebSocket (port-forward also SPDY tunnelled in a WebSocket), whichever the client's upgrade
+asks for. `serving(config)` runs it for the daemon.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from criserver.runtime.streaming import portforward, remotecommand, upgrade, websocket
+from criserver.runtime.streaming import portforward, remotecommand, tunnel, upgrade, websocket
 from criserver.runtime.streaming.idle import DEFAULT_CREATION_TIMEOUT, DEFAULT_IDLE_TIMEOUT
 from criserver.runtime.streaming.portforward import PortForwardRequest
 from criserver.runtime.streaming.remotecommand import StdioRequest
@@ -116,6 +117,11 @@ class StreamingServer:
     async def _serve(self, http: web.Request, prepared: PreparedRequest) -> web.StreamResponse:
         ws = upgrade.is_websocket(http)
         if isinstance(prepared, PortForwardRequest):
+            tunnelled = ws and tunnel.tunnelled_protocol(http, portforward.SPDY_PROTOCOLS)
+            if tunnelled:
+                return await portforward.spdy_session(http, prepared, self.idle_timeout,
+                                                      self.creation_timeout,
+                                                      tunnelled=tunnelled)
             if ws:
                 return await portforward.websocket_session(http, prepared, self.idle_timeout)
             return await portforward.spdy_session(http, prepared, self.idle_timeout,

@@ -4,6 +4,8 @@ checksum). It opens streams like client-go's remotecommand and port-forward clie
 
 `flow_control=True` makes it a strict peer: it keeps the server's windows and announces itself
 with a session WINDOW_UPDATE; False behaves like moby/spdystream (no WINDOW_UPDATE at all).
+`connect_tunnelled` runs the same client inside a WebSocket, as client-go's port-forward over
+WebSocket does (subprotocol `SPDY/3.1+portforward.k8s.io`, the bytes in binary messages).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import asyncio
 import struct
 import zlib
 from urllib.parse import urlsplit
+
+import aiohttp
 
 from criserver.runtime.streaming.spdy import DICTIONARY
 
@@ -134,6 +138,28 @@ class SpdyClient:
         client._task = asyncio.create_task(client._read_loop())
         return client
 
+    @classmethod
+    async def connect_tunnelled(cls, url: str, protocols: list[str], flow_control: bool = True,
+                                split: int = 0) -> SpdyClient:
+        """The client in a WebSocket offering `SPDY/3.1+P` for each of `protocols`; `split`
+        cuts what it sends into messages of that many bytes (frames split anywhere)."""
+        http = aiohttp.ClientSession()
+        try:
+            ws = await http.ws_connect(url.replace("http://", "ws://", 1),
+                                       protocols=[f"SPDY/3.1+{p}" for p in protocols])
+        except BaseException:
+            await http.close()
+            raise
+        reader = asyncio.StreamReader()
+        writer = _WebSocketWriter(http, ws, reader, split)
+        client = cls(reader, writer, flow_control)  # type: ignore[arg-type]
+        client.status = 101
+        client.headers = {"sec-websocket-protocol": [ws.protocol or ""]}
+        if flow_control:
+            writer.write(_control(9, 0, struct.pack(">II", 0, 1024 * 1024)))
+        client._task = asyncio.create_task(client._read_loop())
+        return client
+
     async def open_stream(self, headers: dict[str, str], wait_reply: bool = True) -> ClientStream:
         stream_id, self._next_id = self._next_id, self._next_id + 2
         stream = ClientStream(self, stream_id)
@@ -164,6 +190,8 @@ class SpdyClient:
         self.writer.close()
         if self._task is not None:
             self._task.cancel()
+        if isinstance(self.writer, _WebSocketWriter):
+            await self.writer.wait_closed()
 
     async def _read_loop(self) -> None:
         try:
@@ -219,3 +247,53 @@ class SpdyClient:
             self.window_event.set()
         elif kind in (1, 8):
             self._inflate.decompress(payload[4 if kind == 8 else 10:])
+
+
+class _WebSocketWriter:
+    """The StreamWriter calls SpdyClient makes, over a WebSocket's binary messages; it also
+    feeds the client's StreamReader with the messages received."""
+
+    def __init__(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+                 reader: asyncio.StreamReader, split: int) -> None:
+        self.ws = ws
+        self._http = http
+        self._split = split
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._send()),
+                       asyncio.create_task(self._receive(reader))]
+
+    def write(self, data: bytes) -> None:
+        step = self._split or len(data) or 1
+        for i in range(0, len(data), step):
+            self._queue.put_nowait(bytes(data[i:i + step]))
+
+    async def drain(self) -> None:
+        await self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def _send(self) -> None:
+        try:
+            while (message := await self._queue.get()) is not None:
+                try:
+                    await self.ws.send_bytes(message)
+                except ConnectionError:
+                    pass
+                self._queue.task_done()
+            self._queue.task_done()
+        finally:
+            await self.ws.close()
+            await self._http.close()
+
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        try:
+            async for message in self.ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    break
+                reader.feed_data(message.data)
+        finally:
+            reader.feed_eof()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -40,7 +40,7 @@ async def apiserver(server: StreamingServer, backend: LocalBackend,
 def _env(tmp_path: Path, websockets: bool) -> dict[str, str]:
     return {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "kubeconfig"),
             "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": str(websockets).lower(),
-            "KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"}
+            "KUBECTL_PORT_FORWARD_WEBSOCKETS": str(websockets).lower()}
 
 
 async def kubectl(tmp_path: Path, *args: str, stdin: bytes = b"",
@@ -86,12 +86,15 @@ async def test_kubectl_attach(apiserver: FakeApiServer, backend: LocalBackend, t
     assert (code, out) == (0, b"got:a\ngot:b\n"), err
 
 
+@pytest.mark.parametrize("websockets", [False, True], ids=["spdy", "websocket"])
 async def test_kubectl_port_forward(apiserver: FakeApiServer, tmp_path: Path,
-                                    echo_port: int) -> None:
+                                    echo_port: int, websockets: bool) -> None:
+    # Over WebSocket, client-go tunnels the SPDY session (SPDY/3.1+portforward.k8s.io) and
+    # falls back to a SPDY upgrade if refused: the one upgrade seen shows it was not.
     proc = await asyncio.create_subprocess_exec(
         "kubectl", "port-forward", "pod/web", f":{echo_port}", "--address", "127.0.0.1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=_env(tmp_path, False))
+        env=_env(tmp_path, websockets))
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -105,7 +108,7 @@ async def test_kubectl_port_forward(apiserver: FakeApiServer, tmp_path: Path,
             echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
             assert echoed == payload
             writer.close()
-        assert apiserver.upgrades == ["SPDY/3.1"]
+        assert apiserver.upgrades == ["websocket" if websockets else "SPDY/3.1"]
     finally:
         proc.kill()
         await proc.wait()
