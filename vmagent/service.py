@@ -128,10 +128,10 @@ class AgentService:
             memory_available_bytes=mem.get("MemAvailable", 0),
             cpu_usage_nanos=guestinfo.cpu_usage_ns(), load1=load1, processes=procs),
             containers=containers)
-        if req.details:
-            from vmagent.metrics import interfaces
+        from vmagent.metrics import interfaces
 
-            reply.interfaces.extend(interfaces(self._s.containers.network_pid()))
+        # Always, details or not: one /proc read for PodSandboxStats.linux.network.
+        reply.interfaces.extend(interfaces(self._s.containers.network_pid()))
         await stream.send_message(reply)
 
     # --- processes ---------------------------------------------------------------------------

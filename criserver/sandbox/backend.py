@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ GUEST_RUN_DIR = "/run/criserver"  # where the agent keeps the pod's hosts/resolv
 GUEST_IMAGE_VOLUMES_DIR = f"{GUEST_RUN_DIR}/imagevolumes"  # the agent binds image volumes here
 MODULE_GROUPS = ("overlay", "9p", "loop")  # containers: image mounts, volumes, overlays
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
+DEFAULT_INTERFACE = "eth0"  # the guest's name for the pod's CNI interface
 CREATE_TIMEOUT = 120.0  # the first container of a pod mounts its shares and image
 _TEMPLATE_NETNS = "template-"  # pod ids are hex: no pod's netns is named like this
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
@@ -571,6 +572,7 @@ class MicroVMBackend(BaseBackend):
                 process=cri.ProcessUsage(timestamp=now, process_count=cri.UInt64Value(
                     value=guest.processes)),
                 containers=[_container_stats(s, None) for s in reply.containers],
+                network=_network_usage(reply.interfaces, now),
             ),
         )
 
@@ -891,6 +893,25 @@ def _container_stats(stats: pb.ContainerStats, container: ContainerRecord | None
         writable_layer=cri.FilesystemUsage(
             timestamp=now, used_bytes=cri.UInt64Value(value=stats.writable_layer_bytes)),
     )
+
+
+def _network_usage(interfaces: Sequence[pb.InterfaceStats], now: int
+                   ) -> cri.NetworkUsage | None:
+    """The guest's interfaces as CRI network usage: eth0 (the CNI interface carried into the
+    VM) is the default, as containerd's; the others are listed apart, not counted twice."""
+    def usage(i: pb.InterfaceStats) -> cri.NetworkInterfaceUsage:
+        return cri.NetworkInterfaceUsage(
+            name=i.name, rx_bytes=cri.UInt64Value(value=i.rx_bytes),
+            rx_errors=cri.UInt64Value(value=i.rx_errors),
+            tx_bytes=cri.UInt64Value(value=i.tx_bytes),
+            tx_errors=cri.UInt64Value(value=i.tx_errors))
+
+    if not interfaces:
+        return None  # a guest without a pod network: no usage, not zero usage
+    default = next((i for i in interfaces if i.name == DEFAULT_INTERFACE), interfaces[0])
+    return cri.NetworkUsage(
+        timestamp=now, default_interface=usage(default),
+        interfaces=[usage(i) for i in interfaces if i.name != default.name])
 
 
 def _write_file(path: Path, data: bytes) -> None:

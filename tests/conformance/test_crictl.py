@@ -562,15 +562,12 @@ def test_stats_statsp(crictl: Crictl, busybox_pod: Pod, worker: str) -> None:
     assert uint(linux["process"]["processCount"]) > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PodSandboxStats has no linux.network: MicroVMBackend.sandbox_stats asks the agent for "
-    "Stats without details (the agent adds StatsResponse.interfaces only with details) and "
-    "builds no NetworkUsage"))
 def test_statsp_network(crictl: Crictl, busybox_pod: Pod, worker: str) -> None:
     linux = crictl.json("statsp", "--id", busybox_pod.id)["stats"][0]["linux"]
     network = linux["network"]
     assert network["defaultInterface"]["name"] == "eth0", network
     assert uint(network["defaultInterface"]["rxBytes"]) > 0
+    assert uint(network["timestamp"]) > 0
 
 
 def test_update_resources(crictl: Crictl, worker: str) -> None:
@@ -585,13 +582,7 @@ def test_update_resources(crictl: Crictl, worker: str) -> None:
     assert uint(resources["cpuQuota"]) == 50000
 
 
-@pytest.mark.parametrize("transport", [
-    "spdy",
-    pytest.param("websocket", marks=pytest.mark.xfail(strict=True, reason=(
-        "crictl's websocket port-forward is SPDY tunnelled over WebSocket (subprotocol "
-        "SPDY/3.1+portforward.k8s.io, ports in SPDY stream headers); the streaming server "
-        "speaks only the channel protocol (v4, ports from ?port=) and answers 400"))),
-])
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
 def test_port_forward(crictl: Crictl, nginx_pod: Pod, transport: str) -> None:
     port = free_port()
     forward = crictl.popen("port-forward", "-r", transport, nginx_pod.id, f"{port}:80",

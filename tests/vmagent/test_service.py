@@ -187,3 +187,11 @@ async def test_streams_need_a_start_message(stub: AgentStub, name: str) -> None:
 async def test_shutdown_ends_the_agent(agent: RunningAgent, stub: AgentStub) -> None:
     await stub.Shutdown(pb.ShutdownRequest(), timeout=10)
     assert await asyncio.wait_for(agent.proc.wait(), 20) == 0
+
+
+async def test_stats_has_the_interfaces_without_details(agent: RunningAgent,
+                                                        stub: AgentStub) -> None:
+    # PodSandboxStats carries the pod's network usage: a plain Stats call must have it.
+    nsenter(agent.pid, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+    reply = await stub.Stats(pb.StatsRequest(), timeout=10)
+    assert sorted(i.name for i in reply.interfaces) == ["eth0", "peer0"]  # loopback aside

@@ -1,0 +1,60 @@
+"""PodSandboxStats from the agent's Stats answer: the pod's network usage comes with a plain
+(cheap) Stats call, eth0 as the default interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.config import Config
+from criserver.runtime.backend import BackendContext
+from criserver.sandbox.backend import MicroVMBackend
+from criserver.store.records import PodRecord
+from vmagent.api import agent_pb2 as pb
+
+POD = PodRecord(id="ab" * 32, config=cri.PodSandboxConfig(), runtime_handler="microvm",
+                created_at=1)
+
+
+class FakeAgent:
+    def __init__(self, reply: pb.StatsResponse) -> None:
+        self.reply = reply
+        self.requests: list[pb.StatsRequest | None] = []
+
+    async def stats(self, request: pb.StatsRequest | None = None) -> pb.StatsResponse:
+        self.requests.append(request)
+        return self.reply
+
+
+def _backend(tmp_path: Path, agent: FakeAgent) -> MicroVMBackend:
+    context = BackendContext(handler="microvm", root=tmp_path / "root",
+                             state=tmp_path / "state", config=Config(),
+                             events=None)  # type: ignore[arg-type]
+    backend = MicroVMBackend({"assets_dir": str(tmp_path / "no-assets")}, context)
+    backend._pods[POD.id] = SimpleNamespace(agent=agent)  # type: ignore[assignment]
+    return backend
+
+
+async def test_sandbox_stats_carry_network_usage(tmp_path: Path) -> None:
+    agent = FakeAgent(pb.StatsResponse(
+        guest=pb.GuestStats(timestamp_unix_nanos=123),
+        interfaces=[pb.InterfaceStats(name="eth1", rx_bytes=5, tx_bytes=6),
+                    pb.InterfaceStats(name="eth0", rx_bytes=1000, rx_errors=2, tx_bytes=500,
+                                      tx_errors=3)]))
+    stats = await _backend(tmp_path, agent).sandbox_stats(POD)
+    assert not any(r is not None and r.details for r in agent.requests)  # no details: cheap
+    network = stats.linux.network
+    assert network.timestamp == 123
+    default = network.default_interface
+    assert (default.name, default.rx_bytes.value, default.rx_errors.value,
+            default.tx_bytes.value, default.tx_errors.value) == ("eth0", 1000, 2, 500, 3)
+    # the others apart: a consumer adding default and list counts eth0 once
+    assert [(i.name, i.rx_bytes.value, i.tx_bytes.value) for i in network.interfaces] == [
+        ("eth1", 5, 6)]
+
+
+async def test_sandbox_stats_without_interfaces_have_no_network(tmp_path: Path) -> None:
+    agent = FakeAgent(pb.StatsResponse(guest=pb.GuestStats(timestamp_unix_nanos=1)))
+    stats = await _backend(tmp_path, agent).sandbox_stats(POD)
+    assert not stats.linux.HasField("network")
