@@ -24,6 +24,7 @@ from vmagent.ocispec import (
     PodContext,
     complete_spec,
     guest_devices,
+    guest_hugepage_sizes,
     load_spec,
     wants_guest_devices,
 )
@@ -235,7 +236,7 @@ class Containers:
         devices = await asyncio.to_thread(guest_devices) if wants_guest_devices(spec) else None
         c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
                                pid_mode=req.pid_namespace, user=user, terminal=c.tty,
-                               devices=devices)
+                               devices=devices, hugepage_sizes=guest_hugepage_sizes())
         c.cgroup_dir = cgroups.cgroup_dir(c.spec["linux"]["cgroupsPath"])
         config = json.dumps(c.spec).encode()
         await asyncio.to_thread(_write, os.path.join(c.bundle, "config.json"), config)

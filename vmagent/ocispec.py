@@ -142,13 +142,40 @@ def _userns_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def guest_hugepage_sizes(root: str = "/sys/kernel/mm/hugepages") -> frozenset[str]:
+    """The huge page sizes of this guest's kernel, named as the CRI and runc name them ("2MB",
+    "1GB"): the guest's hugetlb cgroup has files for these sizes only."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return frozenset()
+    sizes = set()
+    for name in names:  # hugepages-2048kB
+        kib = name.removeprefix("hugepages-").removesuffix("kB")
+        if kib.isdigit():
+            sizes.add(_page_size_name(int(kib) * 1024))
+    return frozenset(sizes)
+
+
+def _page_size_name(size: int) -> str:
+    """runc's name of a page size (go-units CustomSize "%g%s", base 1024): 2 MiB -> "2MB"."""
+    units = ["B", "KB", "MB", "GB", "TB", "PB"]
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value /= 1024
+        unit += 1
+    return f"{value:g}{units[unit]}"
+
+
 def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: PodContext,
                   pid_mode: int = 0, user: ResolvedUser | None = None,
                   terminal: bool = False,
-                  devices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  devices: list[dict[str, Any]] | None = None,
+                  hugepage_sizes: frozenset[str] | None = None) -> dict[str, Any]:
     """A copy of `spec` ready for runc in this guest (`terminal`: runc makes a pty for the
     process and sends its master to the --console-socket; `devices`: `guest_devices()` for a
-    spec that `wants_guest_devices`)."""
+    spec that `wants_guest_devices`; `hugepage_sizes`: `guest_hugepage_sizes()`, the limits
+    on other sizes are dropped)."""
     spec = copy.deepcopy(spec)
     (spec.get("annotations") or {}).pop(GUEST_DEVICES_ANNOTATION, None)
     root = spec.get("root") or {}
@@ -189,6 +216,17 @@ def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: 
         listed = [d for d in linux.get("devices") or [] if isinstance(d, dict)]
         taken = {d.get("path") for d in listed}
         linux["devices"] = listed + [dict(d) for d in devices if d["path"] not in taken]
+    resources = linux.get("resources") or {}
+    if hugepage_sizes is not None and resources.get("hugepageLimits"):
+        # kubelet limits every huge page size of the node (to 0 unless the pod asks for huge
+        # pages); a size the guest kernel lacks has no hugetlb cgroup file, and runc fails
+        # on it. No page of that size can be had in the guest: there is nothing to limit.
+        kept = [h for h in resources["hugepageLimits"]
+                if isinstance(h, dict) and h.get("pageSize") in hugepage_sizes]
+        if kept:
+            resources["hugepageLimits"] = kept
+        else:
+            del resources["hugepageLimits"]
     # Hooks name host binaries, which the guest does not have.
     spec.pop("hooks", None)
     return spec

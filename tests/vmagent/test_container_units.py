@@ -22,6 +22,7 @@ from vmagent.ocispec import (
     complete_spec,
     exec_process,
     guest_devices,
+    guest_hugepage_sizes,
     load_spec,
     wants_guest_devices,
 )
@@ -191,6 +192,31 @@ def test_complete_spec_adds_guest_devices_of_a_privileged_container() -> None:
     assert out["annotations"] == {"user": "kept"}  # the agent's marker stays out of runc's
     assert "devices" not in complete_spec(SPEC, container_id="c1", rootfs="/r",
                                           pod=POD)["linux"]
+
+
+def test_guest_hugepage_sizes_are_named_as_runc_names_them(tmp_path: Path) -> None:
+    for name in ("hugepages-2048kB", "hugepages-1048576kB", "hugepages-64kB", "other"):
+        (tmp_path / name).mkdir()
+    assert guest_hugepage_sizes(str(tmp_path)) == {"2MB", "1GB", "64KB"}
+    assert guest_hugepage_sizes(str(tmp_path / "missing")) == frozenset()
+
+
+def test_complete_spec_drops_hugepage_limits_of_sizes_the_guest_lacks() -> None:
+    """kubelet limits every huge page size of the node; runc fails on a size whose hugetlb
+    cgroup file the guest kernel does not have."""
+    spec = json.loads(json.dumps(SPEC))
+    spec["linux"]["resources"] = {"memory": {"limit": 1 << 30}, "hugepageLimits": [
+        {"pageSize": "2MB", "limit": 0}, {"pageSize": "1GB", "limit": 0}]}
+    out = complete_spec(spec, container_id="c1", rootfs="/r", pod=POD,
+                        hugepage_sizes=frozenset({"2MB"}))
+    assert out["linux"]["resources"] == {"memory": {"limit": 1 << 30},
+                                         "hugepageLimits": [{"pageSize": "2MB", "limit": 0}]}
+    out = complete_spec(spec, container_id="c1", rootfs="/r", pod=POD,
+                        hugepage_sizes=frozenset())
+    assert out["linux"]["resources"] == {"memory": {"limit": 1 << 30}}
+    assert len(spec["linux"]["resources"]["hugepageLimits"]) == 2  # not mutated
+    assert complete_spec(spec, container_id="c1", rootfs="/r", pod=POD)["linux"][
+        "resources"] == spec["linux"]["resources"]  # no sizes given: left as they are
 
 
 def test_load_spec_rejects() -> None:
