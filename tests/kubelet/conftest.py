@@ -1,0 +1,32 @@
+"""Standalone-node fixtures: a real kubelet (no API server) on the micro-VM daemon, which reaches
+the conformance images through the test registry's mirrors (tests/conformance/conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conformance.conftest import conformance_daemon, conformance_images  # noqa: F401
+from tests.daemon import Daemon
+from tests.kubelet.node import REPO, KubeletNode, kubelet_binary, running_node
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="session")
+def kubelet() -> Path:
+    """The binary `make kubelet` builds; missing: a skip (`make test` does not build it yet,
+    so CI skips too unless its cache keeps one)."""
+    path = kubelet_binary()
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(REPO)} is missing: run `make kubelet`")
+    return path
+
+
+@pytest.fixture(scope="module")
+def node(kubelet: Path, conformance_daemon: Daemon) -> Iterator[KubeletNode]:  # noqa: F811
+    """One kubelet per test module on the module's daemon; its log stays in build/kubelet/."""
+    with running_node(conformance_daemon, kubelet) as started:
+        yield started

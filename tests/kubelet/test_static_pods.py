@@ -1,0 +1,185 @@
+"""Static pods of a real kubelet (no API server) on criserver's micro-VM pods: kubelet reads the
+manifests, drives criserver through the CRI, and reports the pods' status on its read-only port.
+Every test removes its manifest and checks that kubelet tore the pod down completely."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import urllib.request
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import vm_pids_of
+from tests.kubelet.node import (
+    BUSYBOX,
+    NGINX,
+    KubeletNode,
+    runtime_containers,
+    runtime_pods,
+    wait_for,
+)
+
+pytestmark = pytest.mark.vm
+
+# Under TCG: a pod boots in seconds, a container is created in ~2 s, an image is pulled once
+# per daemon; kubelet retries a failed step after backoff. Generous, but bounded.
+START_TIMEOUT = 300
+# kubelet stops a removed pod at once, but removes its sandbox in container GC (every minute).
+GONE_TIMEOUT = 240
+
+
+def pod_manifest(name: str, containers: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        # busybox's sleep ignores SIGTERM as pid 1: do not wait kubelet's default 30 s for it
+        "spec": {"terminationGracePeriodSeconds": 2, "containers": containers, **spec},
+    }
+
+
+def statuses(pod: dict[str, Any], key: str = "containerStatuses") -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in pod.get("status", {}).get(key) or []}
+
+
+def all_running(count: int) -> Any:
+    def check(pod: dict[str, Any]) -> bool:
+        found = statuses(pod)
+        return (pod.get("status", {}).get("phase") == "Running" and len(found) == count
+                and all("running" in s.get("state", {}) and s.get("ready") for s in found.values()))
+
+    return check
+
+
+def sandbox_of(node: KubeletNode, name: str) -> Any:
+    """criserver's sandbox for the static pod `name` (kubelet names it after the pod)."""
+    found = [p for p in runtime_pods(node.daemon) if p.metadata.name == node.full_name(name)]
+    assert len(found) == 1, f"expected one sandbox for {name}, criserver has {found}"
+    return found[0]
+
+
+def pod_subnet(node: KubeletNode) -> ipaddress.IPv4Network:
+    found = re.search(r'default_subnet = "([\d./]+)"', node.daemon.config_path.read_text())
+    assert found is not None
+    return ipaddress.IPv4Network(found[1])
+
+
+def http_get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return str(answer.read().decode())
+    except OSError:
+        return None
+
+
+def remove_and_check_gone(node: KubeletNode, name: str, sandbox_id: str) -> None:
+    """Remove the manifest; kubelet must stop the pod, its VM must end, and kubelet's GC must
+    remove the sandbox and its containers from criserver."""
+    node.remove_manifest(name)
+    wait_for(lambda: node.pod(name) is None, 60, f"kubelet to drop pod {name}",
+             lambda: node.describe(name))
+    wait_for(lambda: not vm_pids_of(sandbox_id), GONE_TIMEOUT,
+             f"the VM of pod {name} to end", lambda: node.describe(name))
+    wait_for(lambda: not [p for p in runtime_pods(node.daemon) if p.id == sandbox_id],
+             GONE_TIMEOUT, f"kubelet's GC to remove the sandbox of pod {name}",
+             lambda: node.describe(name))
+    left = [c for c in runtime_containers(node.daemon) if c.pod_sandbox_id == sandbox_id]
+    assert not left, f"containers left of pod {name}: {left}"
+
+
+def test_two_containers_share_an_empty_dir_and_serve_http(node: KubeletNode) -> None:
+    """busybox writes the page nginx serves from a shared emptyDir; the pod's IP is on the pod
+    network and answers HTTP from the host; removing the manifest removes everything."""
+    node.write_manifest(pod_manifest("web", [
+        {"name": "writer", "image": BUSYBOX,
+         "command": ["sh", "-c", "echo written-by-busybox > /html/index.html; exec sleep 3600"],
+         "volumeMounts": [{"name": "html", "mountPath": "/html"}]},
+        {"name": "nginx", "image": NGINX, "ports": [{"containerPort": 80}],
+         "volumeMounts": [{"name": "html", "mountPath": "/usr/share/nginx/html"}]},
+    ], volumes=[{"name": "html", "emptyDir": {}}]))
+    pod = node.wait_pod("web", all_running(2), START_TIMEOUT, "both containers running")
+
+    ip = ipaddress.IPv4Address(pod["status"]["podIP"])
+    assert ip in pod_subnet(node), f"pod IP {ip} is not on the pod network {pod_subnet(node)}"
+    page = wait_for(lambda: http_get(f"http://{ip}/index.html"), 60,
+                    f"nginx to answer on http://{ip}/", lambda: node.describe("web"))
+    assert page.strip() == "written-by-busybox"
+
+    sandbox = sandbox_of(node, "web")
+    assert sandbox.state == 0  # SANDBOX_READY
+    containers = {c.metadata.name for c in runtime_containers(node.daemon)
+                  if c.pod_sandbox_id == sandbox.id}
+    assert containers == {"writer", "nginx"}
+    assert len(vm_pids_of(sandbox.id)) == 1
+
+    remove_and_check_gone(node, "web", sandbox.id)
+
+
+def started_at(state: dict[str, Any], key: str) -> datetime:
+    return datetime.fromisoformat(state[key].replace("Z", "+00:00"))
+
+
+def test_init_container_completes_before_the_app_starts(node: KubeletNode) -> None:
+    """The init container runs to completion (exit 0) before kubelet creates the app
+    container, which finds the init container's file in the shared emptyDir at its start."""
+    node.write_manifest(pod_manifest("init", [
+        # `cat` fails, and the container with it, if the init container has not run
+        {"name": "app", "image": BUSYBOX,
+         "command": ["sh", "-c", "cat /work/ready && exec sleep 3600"],
+         "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+    ], initContainers=[
+        {"name": "prepare", "image": BUSYBOX,
+         "command": ["sh", "-c", "sleep 2; echo prepared-by-init > /work/ready"],
+         "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+    ], volumes=[{"name": "work", "emptyDir": {}}]))
+    pod = node.wait_pod("init", all_running(1), START_TIMEOUT, "the app container running")
+
+    init = statuses(pod, "initContainerStatuses")["prepare"]
+    done = init["state"].get("terminated")
+    assert done is not None and done["exitCode"] == 0 and done["reason"] == "Completed", init
+    app = statuses(pod)["app"]
+    assert app["restartCount"] == 0, app
+    # RFC 3339 seconds: the app may start within the second the init container ended
+    assert started_at(done, "finishedAt") <= started_at(app["state"]["running"], "startedAt")
+    pattern = f"default_{node.full_name('init')}_*/app/0.log"
+    text = wait_for(lambda: "".join(p.read_text() for p in node.pod_logs.glob(pattern)), 30,
+                    f"the app container's log {pattern} in kubelet's pod logs dir")
+    assert "prepared-by-init" in text
+
+    remove_and_check_gone(node, "init", sandbox_of(node, "init").id)
+
+
+def test_failing_liveness_probe_restarts_the_container_in_the_same_vm(
+        node: KubeletNode) -> None:
+    """An exec liveness probe fails on the first run of the container (its marker file is
+    missing), kubelet kills it and creates attempt 1 in the same sandbox and VM; the second
+    run is healthy and stays up."""
+    script = ("if [ -e /state/started ]; then touch /tmp/healthy; fi; "
+              "touch /state/started; exec sleep 3600")
+    node.write_manifest(pod_manifest("probe", [
+        {"name": "app", "image": BUSYBOX, "command": ["sh", "-c", script],
+         "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+         "livenessProbe": {"exec": {"command": ["cat", "/tmp/healthy"]},
+                           "initialDelaySeconds": 2, "periodSeconds": 3,
+                           "failureThreshold": 1, "timeoutSeconds": 30}},
+    ], volumes=[{"name": "state", "emptyDir": {}}]))
+    node.wait_pod("probe", all_running(1), START_TIMEOUT, "the container running")
+    sandbox = sandbox_of(node, "probe")
+    vms = vm_pids_of(sandbox.id)
+    assert len(vms) == 1
+
+    pod = node.wait_pod(
+        "probe", lambda p: all_running(1)(p) and statuses(p)["app"]["restartCount"] >= 1,
+        START_TIMEOUT, "the container restarted by its liveness probe, running again")
+    app = statuses(pod)["app"]
+    assert app["lastState"]["terminated"]["exitCode"] != 0, app
+    assert sandbox_of(node, "probe").id == sandbox.id, "kubelet made a new sandbox"
+    assert vm_pids_of(sandbox.id) == vms, "the pod's VM changed"
+    attempts = sorted(c.metadata.attempt for c in runtime_containers(node.daemon)
+                      if c.pod_sandbox_id == sandbox.id and c.metadata.name == "app")
+    assert 1 in attempts, f"container attempts in the sandbox: {attempts}"
+
+    remove_and_check_gone(node, "probe", sandbox.id)
