@@ -200,8 +200,11 @@ async def _probe(
     )
     # Boot the kernel + initramfs only; /init prints the marker and reboots (-> QEMU exits).
     # No -cpu host: it aborts QEMU under nested KVM; the default CPU is enough to prove a boot.
+    # setpriv --pdeathsig: a daemon killed during the probe takes its QEMU along (a hung KVM
+    # guest never exits by itself), as the probe runs in the background after every start.
     # fmt: off
     argv = [
+        "setpriv", "--pdeathsig", "KILL", "--",
         qemu_binary, "-machine", "microvm,acpi=on", "-accel", accel_name, "-m", "128",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(assets.kernel), "-initrd", str(assets.initramfs),

@@ -6,6 +6,9 @@ import asyncio
 import fcntl
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,6 +70,67 @@ async def test_probe_marker_is_reached_under_tcg(tmp_path: Path, guest_assets: G
         tmp_path, guest_assets, "qemu-system-x86_64", 60.0, accel_name="tcg"
     )
     assert result.name == "tcg" and "booted to /init" in result.reason
+
+
+@pytest.mark.vm
+def test_a_probe_dies_with_its_daemon(tmp_path: Path, guest_assets: GuestAssets) -> None:
+    """The probe runs in the background after every start: a daemon killed meanwhile must not
+    leave its QEMU behind (a hung KVM guest would run forever)."""
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from criserver.sandbox import accel, assets\n"
+        "a = assets.load(Path(sys.argv[1]).parent, Path(sys.argv[1]).name)\n"
+        # 600 s: the probe is still running when its parent is killed, whatever the host does.
+        "asyncio.run(accel._probe(Path(sys.argv[2]), a, 'qemu-system-x86_64', 600.0,"
+        " accel_name='tcg'))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(guest_assets.path),
+                               str(tmp_path)])
+    marker = "console=ttyS0 quiet panic=-1 criserver.probe=1"
+    try:
+        deadline = time.monotonic() + 30
+        while not (probes := _probe_pids(marker, parent.pid)):
+            assert time.monotonic() < deadline, "the probe's QEMU never started"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        parent.wait()
+    # Killed at once, well before its guest could boot and end it (>= 1.4 s under TCG here).
+    deadline = time.monotonic() + 1.0
+    while any(_alive(pid) for pid in probes):
+        assert time.monotonic() < deadline, f"probe QEMU {probes} outlived its daemon"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie its new parent has yet to reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _comm(proc: Path) -> str:
+    try:
+        return (proc / "comm").read_text()
+    except OSError:
+        return ""
+
+
+def _probe_pids(marker: str, parent: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        # comm: setpriv has set the death signal and exec'd QEMU.
+        if marker in cmdline and ppid == parent and _comm(proc).startswith("qemu"):
+            found.append(int(proc.name))
+    return found
 
 
 class _GatedProbe:
