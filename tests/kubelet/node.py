@@ -381,13 +381,20 @@ class KubeletNode:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def error_lines(self) -> list[str]:
-        """klog's error lines (`E1202 15:04:05.000000 ...`)."""
-        return [line for line in self.log().splitlines() if re.match(r"E\d{4} ", line)]
+    def log_lines(self) -> int:
+        """How many lines kubelet's log has: a mark for `error_lines(since=...)`."""
+        return len(self.log().splitlines())
 
-    def runtime_errors(self) -> list[str]:
-        """Error lines about CRI calls: what criserver answered kubelet with an error."""
-        return [line for line in self.error_lines() if "rpc error" in line]
+    def error_lines(self, since: int = 0) -> list[str]:
+        """klog's error lines (`E1202 15:04:05.000000 ...`) after line `since`."""
+        return [line for line in self.log().splitlines()[since:] if re.match(r"E\d{4} ", line)]
+
+    def runtime_errors(self, since: int = 0) -> list[str]:
+        """kubelet's errors about CRI calls criserver failed, after line `since`. NotFound
+        (kubelet asks for the status of containers it has just removed) and Canceled (kubelet
+        gave up a call itself) are kubelet's normal course with any runtime."""
+        return [line for line in self.error_lines(since)
+                if "rpc error" in line and not re.search(r"code = (NotFound|Canceled)\b", line)]
 
 
 @contextmanager

@@ -75,6 +75,17 @@ def http_get(url: str) -> str | None:
         return None
 
 
+@pytest.fixture
+def log_mark(node: KubeletNode) -> int:
+    """Where kubelet's log stood when the test began."""
+    return node.log_lines()
+
+
+def assert_no_runtime_errors(node: KubeletNode, since: int) -> None:
+    errors = node.runtime_errors(since)
+    assert not errors, "criserver failed kubelet's CRI calls:\n" + "\n".join(errors[:10])
+
+
 def remove_and_check_gone(node: KubeletNode, name: str, sandbox_id: str) -> None:
     """Remove the manifest; kubelet must stop the pod, its VM must end, and kubelet's GC must
     remove the sandbox and its containers from criserver."""
@@ -90,7 +101,8 @@ def remove_and_check_gone(node: KubeletNode, name: str, sandbox_id: str) -> None
     assert not left, f"containers left of pod {name}: {left}"
 
 
-def test_two_containers_share_an_empty_dir_and_serve_http(node: KubeletNode) -> None:
+def test_two_containers_share_an_empty_dir_and_serve_http(node: KubeletNode,
+                                                          log_mark: int) -> None:
     """busybox writes the page nginx serves from a shared emptyDir; the pod's IP is on the pod
     network and answers HTTP from the host; removing the manifest removes everything."""
     node.write_manifest(pod_manifest("web", [
@@ -116,13 +128,15 @@ def test_two_containers_share_an_empty_dir_and_serve_http(node: KubeletNode) -> 
     assert len(vm_pids_of(sandbox.id)) == 1
 
     remove_and_check_gone(node, "web", sandbox.id)
+    assert_no_runtime_errors(node, log_mark)
 
 
 def started_at(state: dict[str, Any], key: str) -> datetime:
     return datetime.fromisoformat(state[key].replace("Z", "+00:00"))
 
 
-def test_init_container_completes_before_the_app_starts(node: KubeletNode) -> None:
+def test_init_container_completes_before_the_app_starts(node: KubeletNode,
+                                                        log_mark: int) -> None:
     """The init container runs to completion (exit 0) before kubelet creates the app
     container, which finds the init container's file in the shared emptyDir at its start."""
     node.write_manifest(pod_manifest("init", [
@@ -150,10 +164,11 @@ def test_init_container_completes_before_the_app_starts(node: KubeletNode) -> No
     assert "prepared-by-init" in text
 
     remove_and_check_gone(node, "init", sandbox_of(node, "init").id)
+    assert_no_runtime_errors(node, log_mark)
 
 
 def test_failing_liveness_probe_restarts_the_container_in_the_same_vm(
-        node: KubeletNode) -> None:
+        node: KubeletNode, log_mark: int) -> None:
     """An exec liveness probe fails on the first run of the container (its marker file is
     missing), kubelet kills it and creates attempt 1 in the same sandbox and VM; the second
     run is healthy and stays up."""
@@ -183,3 +198,4 @@ def test_failing_liveness_probe_restarts_the_container_in_the_same_vm(
     assert 1 in attempts, f"container attempts in the sandbox: {attempts}"
 
     remove_and_check_gone(node, "probe", sandbox.id)
+    assert_no_runtime_errors(node, log_mark)
