@@ -83,7 +83,8 @@ conformance-assets:
 # be `go install`ed (k8s.io/kubernetes replaces its staging modules with its own directories):
 # tools/kubelet/go.mod requires it and pins each staging module to its served version; the
 # version is read there. From an empty build cache: 445 s of CPU (6.5 min on 2 busy cores),
-# 1.6 GB of RAM at most (the link), 2 GB of build cache.
+# 1.6 GB of RAM at most (the link), 2 GB of build cache. make test builds it: the standalone
+# node tests (tests/kubelet/) run in CI.
 KUBELET_VERSION := $(shell sed -n 's/^\tk8s.io\/kubernetes \(v[^ ]*\).*/\1/p' tools/kubelet/go.mod)
 KUBELET := .tools/kubelet-$(KUBELET_VERSION)/kubelet
 KUBELET_SEMVER = $(subst ., ,$(KUBELET_VERSION:v%=%))
@@ -113,7 +114,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy criserver vmagent
 
-test: install tools conformance-assets lint typecheck
+test: install tools kubelet conformance-assets lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # containerd is the same-run baseline of bench/exec_baseline.py (no daemon of it is started).
