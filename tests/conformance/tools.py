@@ -19,11 +19,15 @@ def cri_tools_version() -> str:
 
 
 def cri_tool(name: str) -> Path:
-    """The binary `name` ("crictl" or "critest"); missing: a failure in CI (make test builds
+    """The binary `name` ("crictl" or "critest")."""
+    return built(REPO / ".tools" / f"cri-tools-{cri_tools_version()}" / name, "tools")
+
+
+def built(path: Path, make_target: str) -> Path:
+    """`path`, which `make <make_target>` builds; missing: a failure in CI (make test builds
     it), a skip elsewhere."""
-    path = REPO / ".tools" / f"cri-tools-{cri_tools_version()}" / name
     if not path.exists():
-        message = f"{path.relative_to(REPO)} is missing: run `make tools`"
+        message = f"{path.relative_to(REPO)} is missing: run `make {make_target}`"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
