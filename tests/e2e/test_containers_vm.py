@@ -10,6 +10,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +47,22 @@ class Pod:
         r = await self.cri.runtime.ContainerStatus(msg("ContainerStatusRequest", container_id=cid))
         return r.status
 
-    async def wait_exit(self, cid: str, timeout: float = 60) -> object:
+    async def wait_exit(self, cid: str, timeout: float = 60, poll: float = 0.2) -> object:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = await self.status(cid)
             if status.state == enum("CONTAINER_EXITED"):  # type: ignore[attr-defined]
                 return status
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(poll)
         raise TimeoutError(f"container {cid} did not exit")
+
+    async def remove(self, cid: str) -> None:
+        await self.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
+
+    async def image_id(self) -> str:
+        r = await self.cri.image.ImageStatus(msg("ImageStatusRequest", image=msg(
+            "ImageSpec", image=self.image)))
+        return str(r.image.id)
 
     async def exec(self, cid: str, *cmd: str, timeout: int = 30) -> object:
         return await self.cri.runtime.ExecSync(msg("ExecSyncRequest", container_id=cid,
@@ -66,6 +75,24 @@ class Pod:
             assert match, line
             records.append((match[2].decode(), match[3].decode(), match[4]))
         return records
+
+
+@asynccontextmanager
+async def running_pod(daemon: Daemon, image: str, name: str, logs: Path,
+                      **pod_fields: object) -> AsyncIterator[Pod]:
+    """A pod of `daemon` with `image` pulled, stopped and removed afterwards."""
+    cri = daemon.client()
+    try:
+        await cri.image.PullImage(msg("PullImageRequest", image=msg("ImageSpec", image=image)))
+        pod_id = await cri.run_pod(name, log_directory=str(logs), **pod_fields)
+        try:
+            yield Pod(cri, pod_id, name, logs, image)
+        finally:
+            await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
+            await cri.runtime.RemovePodSandbox(
+                msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    finally:
+        await cri.close()
 
 
 DNS = {"servers": ["10.96.0.10"], "searches": ["ns.svc.cluster.local"], "options": ["ndots:5"]}

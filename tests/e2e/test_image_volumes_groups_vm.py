@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 
-from tests.cri_client import CRIClient, enum, msg
+from tests.cri_client import enum, msg
 from tests.daemon import Daemon
+from tests.e2e.test_containers_vm import Pod, running_pod
 from tests.image.oci import E, Image, Layer, Pusher, tar_bytes
 from tests.registry import Registry
 
@@ -23,48 +23,12 @@ pytestmark = pytest.mark.vm
 VOLUME_PATH = "/mnt/image-volume"  # as critest mounts it
 
 
-class Pod:
-    def __init__(self, cri: CRIClient, pod_id: str, logs: Path, image: str) -> None:
-        self.cri, self.id, self.logs, self.image = cri, pod_id, logs, image
-
-    async def create(self, name: str, *command: str, **fields: object) -> str:
-        return await self.cri.create_container(
-            self.id, name, pod_name="iv-pod", image=self.image, command=list(command),
-            log_path=f"{name}.log", **fields)
-
-    async def run(self, name: str, *command: str, **fields: object) -> str:
-        cid = await self.create(name, *command, **fields)
-        await self.cri.runtime.StartContainer(msg("StartContainerRequest", container_id=cid))
-        return cid
-
-    async def status(self, cid: str) -> object:
-        r = await self.cri.runtime.ContainerStatus(msg("ContainerStatusRequest", container_id=cid))
-        return r.status
-
-    async def exec(self, cid: str, *cmd: str) -> object:
-        return await self.cri.runtime.ExecSync(msg("ExecSyncRequest", container_id=cid,
-                                                   cmd=list(cmd), timeout=30))
-
-    async def remove(self, cid: str) -> None:
-        await self.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
-
-    async def image_id(self) -> str:
-        r = await self.cri.image.ImageStatus(msg("ImageStatusRequest", image=msg(
-            "ImageSpec", image=self.image)))
-        return str(r.image.id)
-
-
 @pytest.fixture(scope="module")
 async def pod(vm_daemon: Daemon, busybox_ref: str,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
-    cri = vm_daemon.client()
-    await cri.image.PullImage(msg("PullImageRequest", image=msg("ImageSpec", image=busybox_ref)))
-    logs = tmp_path_factory.mktemp("iv-logs")
-    pod_id = await cri.run_pod("iv-pod", log_directory=str(logs))
-    yield Pod(cri, pod_id, logs, busybox_ref)
-    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
-    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
-    await cri.close()
+    async with running_pod(vm_daemon, busybox_ref, "iv-pod",
+                           tmp_path_factory.mktemp("iv-logs")) as started:
+        yield started
 
 
 def image_volume(image_id: str, user_specified: str, sub_path: str = "",
@@ -78,7 +42,7 @@ async def test_image_volume_mounted_read_only(pod: Pod) -> None:
     pulled = await pod.cri.image.PullImage(msg("PullImageRequest", image=msg(
         "ImageSpec", image=pod.image)))
     image_id = pulled.image_ref  # what kubelet puts in Mount.image.image
-    cid = await pod.run("iv", "sleep", "3600", mounts=[image_volume(image_id, pod.image)])
+    cid = await pod.container("iv", "sleep", "3600", mounts=[image_volume(image_id, pod.image)])
     mounts = {m.container_path: m for m in (await pod.status(cid)).mounts}  # type: ignore[attr-defined]
     assert mounts[VOLUME_PATH].image.image_ref == image_id
     assert (await pod.exec(cid, "ls", "-A", f"{VOLUME_PATH}/bin/sh")).exit_code == 0  # type: ignore[attr-defined]
@@ -93,7 +57,7 @@ async def test_image_volume_mounted_read_only(pod: Pod) -> None:
 
 async def test_image_volume_sub_path(pod: Pod) -> None:
     image_id = await pod.image_id()
-    cid = await pod.run("iv-sub", "sleep", "3600",
+    cid = await pod.container("iv-sub", "sleep", "3600",
                         mounts=[image_volume(image_id, pod.image, sub_path="etc")])
     assert (await pod.exec(cid, "ls", f"{VOLUME_PATH}/etc/passwd")).exit_code != 0  # type: ignore[attr-defined]
     passwd = await pod.exec(cid, "cat", f"{VOLUME_PATH}/passwd")
@@ -110,7 +74,7 @@ async def test_image_volume_refusals(pod: Pod) -> None:
         (image_volume("sha256:" + "0" * 64, ""), grpc.StatusCode.NOT_FOUND),  # not pulled
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await pod.create("refused", "sleep", "3600", mounts=[mount])
+            await pod.container("refused", "sleep", "3600", start=False, mounts=[mount])
         assert err.value.code() == code, err.value.details()
     assert {c.id for c in (await pod.cri.runtime.ListContainers()).containers} == before
 
@@ -126,7 +90,7 @@ async def test_remove_image_in_use_by_a_volume(pod: Pod, vm_daemon: Daemon,
     ref = f"{registry.host}/e2e/volume:v1"
     image_id = (await pod.cri.image.PullImage(msg("PullImageRequest", image=msg(
         "ImageSpec", image=ref)))).image_ref
-    cid = await pod.run("iv-data", "sleep", "3600",
+    cid = await pod.container("iv-data", "sleep", "3600",
                         mounts=[image_volume(image_id, ref, sub_path="data")])
     await pod.cri.image.RemoveImage(msg("RemoveImageRequest", image=msg("ImageSpec", image=ref)))
     status = await pod.cri.image.ImageStatus(msg("ImageStatusRequest", image=msg(
@@ -137,7 +101,8 @@ async def test_remove_image_in_use_by_a_volume(pod: Pod, vm_daemon: Daemon,
     snapshot = vm_daemon.root / "image" / "snapshots" / f"{image_id.removeprefix('sha256:')}.erofs"
     assert snapshot.exists()
     with pytest.raises(grpc.aio.AioRpcError) as err:  # removed: no new user
-        await pod.create("iv-late", "true", mounts=[image_volume(image_id, ref)])
+        await pod.container("iv-late", "true", start=False,
+                                mounts=[image_volume(image_id, ref)])
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     await pod.remove(cid)
     deadline = time.monotonic() + 30
@@ -149,7 +114,7 @@ async def test_remove_image_in_use_by_a_volume(pod: Pod, vm_daemon: Daemon,
 async def _groups_container(pod: Pod, name: str, policy: str) -> tuple[str, object]:
     security = msg("LinuxContainerSecurityContext", run_as_user=msg("Int64Value", value=1000),
                    supplemental_groups=[1234], supplemental_groups_policy=enum(policy))
-    cid = await pod.run(name, "sh", "-c", "id -G; sleep 3600",
+    cid = await pod.container(name, "sh", "-c", "id -G; sleep 3600",
                         linux=msg("LinuxContainerConfig", security_context=security))
     return cid, await pod.status(cid)
 

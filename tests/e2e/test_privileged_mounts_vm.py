@@ -15,7 +15,7 @@ import pytest
 
 from tests.cri_client import enum, msg
 from tests.daemon import Daemon
-from tests.e2e.test_containers_vm import Pod
+from tests.e2e.test_containers_vm import Pod, running_pod
 
 pytestmark = pytest.mark.vm
 
@@ -26,14 +26,9 @@ PRIVILEGED_POD = msg("LinuxPodSandboxConfig", security_context=msg(
 @pytest.fixture(scope="module")
 async def privileged_pod(vm_daemon: Daemon, busybox_ref: str,
                          tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
-    cri = vm_daemon.client()
-    await cri.image.PullImage(msg("PullImageRequest", image=msg("ImageSpec", image=busybox_ref)))
-    logs = tmp_path_factory.mktemp("logs")
-    pod_id = await cri.run_pod("priv-pod", log_directory=str(logs), linux=PRIVILEGED_POD)
-    yield Pod(cri, pod_id, "priv-pod", logs, busybox_ref)
-    await cri.runtime.StopPodSandbox(msg("StopPodSandboxRequest", pod_sandbox_id=pod_id))
-    await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
-    await cri.close()
+    async with running_pod(vm_daemon, busybox_ref, "priv-pod", tmp_path_factory.mktemp("logs"),
+                           linux=PRIVILEGED_POD) as pod:
+        yield pod
 
 
 def security(**fields: object) -> object:
