@@ -199,3 +199,54 @@ def test_failing_liveness_probe_restarts_the_container_in_the_same_vm(
 
     remove_and_check_gone(node, "probe", sandbox.id)
     assert_no_runtime_errors(node, log_mark)
+
+
+def test_post_start_hook_and_readiness_probe_run_through_exec_sync(
+        node: KubeletNode, log_mark: int) -> None:
+    """kubelet runs a postStart exec hook and an exec readiness probe with ExecSync: the probe
+    passes only once the hook has written its file, so a Ready container shows both ran in it."""
+    node.write_manifest(pod_manifest("ready", [
+        {"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"],
+         "lifecycle": {"postStart": {"exec": {
+             "command": ["sh", "-c", "echo hooked > /tmp/post-start"]}}},
+         "readinessProbe": {"exec": {"command": ["grep", "-q", "hooked", "/tmp/post-start"]},
+                            "periodSeconds": 2, "timeoutSeconds": 30}},
+    ]))
+    pod = node.wait_pod("ready", all_running(1), START_TIMEOUT,
+                        "the container ready by its exec probe")
+    conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+    assert conditions.get("Ready") == "True", conditions
+    assert statuses(pod)["app"]["restartCount"] == 0
+
+    remove_and_check_gone(node, "ready", sandbox_of(node, "ready").id)
+    assert_no_runtime_errors(node, log_mark)
+
+
+def test_restart_policies_never_and_on_failure(node: KubeletNode, log_mark: int) -> None:
+    """restartPolicy Never: a failed container stays failed (pod Failed, no restart).
+    OnFailure: a failed container is restarted, and one that succeeds is not (pod Succeeded)."""
+    node.write_manifest(pod_manifest("never", [
+        {"name": "app", "image": BUSYBOX, "command": ["sh", "-c", "exit 3"]},
+    ], restartPolicy="Never"))
+    # Fails on its first run (no marker in the emptyDir yet), succeeds on the second.
+    node.write_manifest(pod_manifest("onfailure", [
+        {"name": "app", "image": BUSYBOX,
+         "command": ["sh", "-c", "[ -e /state/ran ] && exit 0; touch /state/ran; exit 4"],
+         "volumeMounts": [{"name": "state", "mountPath": "/state"}]},
+    ], restartPolicy="OnFailure", volumes=[{"name": "state", "emptyDir": {}}]))
+
+    never = node.wait_pod("never", lambda p: p.get("status", {}).get("phase") == "Failed",
+                          START_TIMEOUT, "phase Failed")
+    app = statuses(never)["app"]
+    assert app["restartCount"] == 0 and app["state"]["terminated"]["exitCode"] == 3, app
+    on_failure = node.wait_pod(
+        "onfailure", lambda p: p.get("status", {}).get("phase") == "Succeeded",
+        START_TIMEOUT, "phase Succeeded after one restart")
+    app = statuses(on_failure)["app"]
+    assert app["restartCount"] == 1, app
+    assert app["state"]["terminated"]["exitCode"] == 0, app
+    assert app["lastState"]["terminated"]["exitCode"] == 4, app
+
+    for name in ("never", "onfailure"):
+        remove_and_check_gone(node, name, sandbox_of(node, name).id)
+    assert_no_runtime_errors(node, log_mark)
