@@ -58,7 +58,7 @@ proto: venv
 	bash proto/generate.sh
 
 guest: venv
-	$(PY) -m criserver.sandbox.guestbuild
+	$(PY) -m guest.build
 
 tools: $(TOOLS_DIR)/crictl $(TOOLS_DIR)/critest
 
@@ -109,10 +109,10 @@ run: install
 	$(VENV)/bin/criserver serve
 
 lint: venv
-	$(VENV)/bin/ruff check criserver vmagent tests bench
+	$(VENV)/bin/ruff check criserver vmagent guest tests bench
 
 typecheck: venv
-	$(VENV)/bin/mypy criserver vmagent
+	$(VENV)/bin/mypy criserver vmagent guest/build.py
 
 test: install tools kubelet conformance-assets lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from criserver.sandbox.channel import AgentAddress, AgentClient  # noqa: E402
+from criserver.backends.microvm.channel import AgentAddress, AgentClient  # noqa: E402
 from tests.vmagent.agentproc import start_agent  # noqa: E402
 from tests.vmagent.portsim import PortSim  # noqa: E402
 

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from criserver.sandbox import assets as assets_mod  # noqa: E402
-from criserver.sandbox import guestbuild  # noqa: E402
 from criserver.sandbox.accel import PROBE_MARKER, read_tsc_khz  # noqa: E402
 from criserver.sandbox.qemu import Machine, SerialTransport, VMSpec  # noqa: E402
 from criserver.sandbox.vm import VM  # noqa: E402
+from guest import build as guestbuild  # noqa: E402
 
 # What the daemon's HTTP/2 client sends first; the agent answers with its SETTINGS frame.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from criserver.config import NetworkConfig
-from criserver.sandbox import netns
-from criserver.sandbox.cni import CniManager, DefaultNetwork, PortMapping
-from criserver.sandbox.network import PodNetwork
+from criserver.network import netns
+from criserver.network.cni import CniManager, DefaultNetwork, PortMapping
+from criserver.network.pod import PodNetwork
 
 
 async def _sh(*argv: str) -> str:

@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from boot_floor import IDLE_SECONDS, one_boot, pss_kib  # noqa: E402
 
+from criserver.backends.microvm.backend import MicroVMOptions  # noqa: E402
 from criserver.sandbox import assets as assets_mod  # noqa: E402
 from criserver.sandbox.accel import read_tsc_khz  # noqa: E402
-from criserver.sandbox.backend import MicroVMOptions  # noqa: E402
 from criserver.sandbox.qemu import Machine  # noqa: E402
 from tests.cri_client import CRIClient, msg  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402

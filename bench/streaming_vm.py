@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.streaming import measure, rtt_spdy  # noqa: E402
+from criserver.backends.microvm import streams  # noqa: E402
+from criserver.backends.microvm.channel import AgentAddress, AgentClient  # noqa: E402
 from criserver.runtime.streaming.interface import (  # noqa: E402
     ByteSink,
     ByteSource,
@@ -36,8 +38,6 @@ from criserver.runtime.streaming.portforward import PortForwardRequest  # noqa: 
 from criserver.runtime.streaming.remotecommand import StdioRequest  # noqa: E402
 from criserver.runtime.streaming.server import StreamingServer  # noqa: E402
 from criserver.sandbox import assets as assets_mod  # noqa: E402
-from criserver.sandbox import streams  # noqa: E402
-from criserver.sandbox.channel import AgentAddress, AgentClient  # noqa: E402
 from criserver.sandbox.vm import VM  # noqa: E402
 from criserver.store.records import ContainerRecord, PodRecord  # noqa: E402
 from tests.runtime.streaming.conftest import CONTAINER, POD  # noqa: E402

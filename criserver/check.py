@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from criserver.backends.microvm.backend import MicroVMOptions
 from criserver.config import Config, build_options
-from criserver.sandbox.backend import MicroVMOptions
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"criserver {criserver.__version__} (CRI runtime.v1)")
         return 0
     if args.command == "config":
-        from criserver.sandbox.backend import MicroVMOptions
+        from criserver.backends.microvm.backend import MicroVMOptions
 
         print(config_mod.render_default({"microvm": MicroVMOptions()}), end="")
         return 0

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from criserver import check
+from criserver.backends.microvm.backend import MicroVMOptions
 from criserver.config import Config, DaemonConfig
-from criserver.sandbox.backend import MicroVMOptions
 
 MOUNTS = """\
 /dev/vda / ext4 rw 0 0

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from criserver import cli
+from criserver.backends.microvm.backend import MicroVMOptions
 from criserver.config import ConfigError, build_options, load
-from criserver.sandbox.backend import MicroVMOptions
 
 
 def _tables(text: str) -> dict[str, list[tuple[str, list[str]]]]:

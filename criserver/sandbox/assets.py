@@ -97,7 +97,7 @@ def load(assets_dir: Path = DEFAULT_ASSETS_DIR, version: str = "current") -> Gue
     if not link.exists():
         raise AssetsError(
             f"no guest assets at {link}: build them with `make guest` "
-            f"(python -m criserver.sandbox.guestbuild --assets-dir {base})"
+            f"(python -m guest.build --assets-dir {base})"
         )
     path = link.resolve()
     manifest_path = path / "manifest.json"

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pyroute2 import AsyncIPRoute
 
 from criserver.errors import FailedPrecondition, Internal, NotFound
-from criserver.sandbox import netns as netns_mod
+from criserver.network import netns as netns_mod
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.errors import CriError
-from criserver.sandbox.channel import AgentAddress, AgentClient
 from criserver.sandbox.qemu import (
     GuestMemory,
     SerialTransport,

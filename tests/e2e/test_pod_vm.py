@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from criserver.sandbox.channel import AgentAddress, AgentClient
+from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from tests.cri_client import CRIClient, enum, msg
 from tests.daemon import Daemon, unmount_under
 from tests.e2e.conftest import (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm.guest_metrics import pod_sample
 from criserver.runtime import metrics
 from criserver.runtime.metric_sample import (
     BlockIoSample,
@@ -15,7 +16,6 @@ from criserver.runtime.metric_sample import (
     PodSample,
     from_stats,
 )
-from criserver.sandbox.guest_metrics import pod_sample
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord
 from vmagent.api import agent_pb2 as pb
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.runtime.backend import BackendFeatures, BaseBackend
-from criserver.sandbox.backend import MicroVMBackend
 from tests.cri_client import msg
 from tests.daemon import INERT_BACKEND, Daemon
 

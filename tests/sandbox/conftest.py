@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from criserver.sandbox import assets as assets_mod
-from criserver.sandbox import guestbuild
 from criserver.sandbox.accel import read_tsc_khz
 from criserver.sandbox.qemu import SerialTransport, VMSpec
+from guest import build as guestbuild
 
 # Where the VM tests take their assets from: $CRISERVER_GUEST_ASSETS, else the installed ones,
 # else a test build kept between sessions (the build is skipped when its inputs are unchanged).

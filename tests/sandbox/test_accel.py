@@ -16,13 +16,13 @@ import pytest
 
 from criserver import check
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm.backend import MicroVMBackend, MicroVMOptions
 from criserver.config import Config, DaemonConfig
 from criserver.errors import FailedPrecondition
 from criserver.runtime.backend import BackendContext
 from criserver.runtime.undo import UndoStack
 from criserver.sandbox import accel
 from criserver.sandbox.assets import GuestAssets
-from criserver.sandbox.backend import MicroVMBackend, MicroVMOptions
 from criserver.store.records import PodRecord
 from tests.daemon import unmount_under
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from criserver.sandbox import assets as assets_mod
-from criserver.sandbox import guestbuild
+from guest import build as guestbuild
 
 KERNELS = sorted(Path("/boot").glob("vmlinuz-*"))
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.config import Config
 from criserver.runtime.backend import BackendContext
 from criserver.sandbox import ksm
-from criserver.sandbox.backend import MicroVMBackend
 from tests.daemon import unmount_under
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.sandbox import assets as assets_mod
 from criserver.sandbox.accel import read_tsc_khz
-from criserver.sandbox.channel import AgentAddress, AgentClient
 from criserver.sandbox.qemu import SerialTransport, VMSpec
 from criserver.sandbox.vm import VM
 from vmagent.api import agent_pb2 as pb

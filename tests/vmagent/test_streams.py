@@ -1,6 +1,7 @@
 """The agent's Exec and PortForward streams, served by the real agent process on the host
 (Exec with no container runs in the "guest" itself, here the host) and driven through the
-daemon's own relays (criserver.sandbox.streams) and AgentClient over the agent's Unix socket.
+daemon's own relays (criserver.backends.microvm.streams) and AgentClient over the agent's
+Unix socket.
 In-memory sinks and sources stand in for the streaming server's client streams."""
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from criserver import errors
+from criserver.backends.microvm.channel import AgentAddress, AgentClient
+from criserver.backends.microvm.streams import exec_in_vm, port_forward_in_vm
 from criserver.runtime.streaming.interface import TerminalSize
-from criserver.sandbox.channel import AgentAddress, AgentClient
-from criserver.sandbox.streams import exec_in_vm, port_forward_in_vm
 from tests.vmagent.agentproc import RunningAgent, start_agent
 from vmagent.api import agent_pb2 as pb
 from vmagent.api.agent_grpc import AgentStub

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from criserver.sandbox import guestbuild
+from guest import build as guestbuild
 from vmagent import fastexec
 from vmagent.pid1 import ChildExit
 

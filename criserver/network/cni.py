@@ -27,7 +27,7 @@ from criserver.errors import (
     Internal,
     InvalidArgument,
 )
-from criserver.sandbox.netns import is_netns
+from criserver.network.netns import is_netns
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from criserver.errors import InvalidArgument
-from criserver.sandbox import netns, tap
-from criserver.sandbox.cni import CniManager, NetworkStatus, PodRef, PortMapping
+from criserver.network import netns
+from criserver.network.cni import CniManager, NetworkStatus, PodRef, PortMapping
+from criserver.sandbox import tap
 from criserver.sandbox.tap import GuestInterface, GuestRoute, TapInfo
 
 log = logging.getLogger(__name__)

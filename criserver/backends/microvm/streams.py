@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from criserver.backends.microvm.channel import AgentClient, DuplexStream
 from criserver.errors import Internal
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource, TerminalSize
-from criserver.sandbox.channel import AgentClient, DuplexStream
 from vmagent.api import agent_pb2 as pb
 from vmagent.credit import Credit
 

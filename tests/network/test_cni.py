@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from criserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from criserver.sandbox import netns
-from criserver.sandbox.cni import (
+from criserver.network import netns
+from criserver.network.cni import (
     CniManager,
     CniPluginError,
     CniResult,
@@ -22,7 +22,7 @@ from criserver.sandbox.cni import (
     default_conflist,
     parse_cidrs,
 )
-from tests.sandbox.test_network_support import (
+from tests.network.test_network_support import (
     CNI_BIN,
     NetEnv,
     chains_of,

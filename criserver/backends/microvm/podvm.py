@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from criserver.sandbox.channel import AgentClient
+from criserver.backends.microvm.channel import AgentClient
 from criserver.sandbox.vm import VM, EventKind, VMEvent
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm import guest_metrics, streams
+from criserver.backends.microvm.channel import AgentAddress, AgentClient
+from criserver.backends.microvm.container_io import ContainerIO
+from criserver.backends.microvm.podvm import PodVM
+from criserver.backends.microvm.shares import (
+    PodVolumes,
+    pod_shares,
+    prepare_volumes_root,
+    with_submounts,
+)
 from criserver.config import build_options, option
 from criserver.errors import (
     CriError,
@@ -32,6 +42,9 @@ from criserver.errors import (
     NotFound,
     Unimplemented,
 )
+from criserver.network import netns
+from criserver.network.cni import CniManager, DefaultNetwork, PortMapping
+from criserver.network.pod import NetworkInfo, PodNetwork
 from criserver.runtime import oci_spec
 from criserver.runtime.backend import (
     BackendContext,
@@ -45,12 +58,7 @@ from criserver.runtime.backend import (
 from criserver.runtime.metric_sample import PodSample
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import accel, assets, guest_metrics, ksm, netns, streams, tap
-from criserver.sandbox.channel import AgentAddress, AgentClient
-from criserver.sandbox.cni import CniManager, DefaultNetwork, PortMapping
-from criserver.sandbox.container_io import ContainerIO
-from criserver.sandbox.network import NetworkInfo, PodNetwork
-from criserver.sandbox.podvm import PodVM
+from criserver.sandbox import accel, assets, ksm, tap
 from criserver.sandbox.qemu import (
     AgentTransport,
     Machine,
@@ -58,12 +66,6 @@ from criserver.sandbox.qemu import (
     TapNic,
     VMSpec,
     VsockTransport,
-)
-from criserver.sandbox.shares import (
-    PodVolumes,
-    pod_shares,
-    prepare_volumes_root,
-    with_submounts,
 )
 from criserver.sandbox.template import TEMPLATE_MAC, TemplateStore
 from criserver.sandbox.vm import VM

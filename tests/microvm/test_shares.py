@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from criserver.errors import InvalidArgument
-from criserver.sandbox.shares import (
+from criserver.backends.microvm.shares import (
     GUEST_VOLUMES_DIR,
     PodVolumes,
     Submount,
@@ -22,6 +21,7 @@ from criserver.sandbox.shares import (
     prepare_volumes_root,
     with_submounts,
 )
+from criserver.errors import InvalidArgument
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 

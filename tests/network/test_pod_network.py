@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 
 from criserver.errors import AlreadyExists, InvalidArgument, NotFound
-from criserver.sandbox import netns, tap
-from criserver.sandbox.cni import PodRef, PortMapping
-from criserver.sandbox.network import (
+from criserver.network import netns
+from criserver.network.cni import PodRef, PortMapping
+from criserver.network.pod import (
     GuestInterface,
     GuestRoute,
     NetworkInfo,
 )
+from criserver.sandbox import tap
 from criserver.sandbox.qemu import TapNic, nic_args
 from criserver.sandbox.tap import collect
-from tests.sandbox.test_network_support import (
+from tests.network.test_network_support import (
     NetEnv,
     chains_of,
     gone,

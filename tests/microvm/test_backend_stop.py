@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.config import Config
 from criserver.runtime.backend import BackendContext
-from criserver.sandbox.backend import MicroVMBackend
 from criserver.store.records import PodRecord
 
 POD = PodRecord(id="cd" * 32, config=cri.PodSandboxConfig(), runtime_handler="microvm",
@@ -42,7 +42,7 @@ async def test_stop_then_remove_tears_the_network_down_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend, network = _backend(tmp_path)
-    caplog.set_level(logging.INFO, "criserver.sandbox.backend")
+    caplog.set_level(logging.INFO, "criserver.backends.microvm.backend")
     # kubelet stops (often more than once); RemovePodSandbox stops again, then removes.
     await backend.stop_sandbox(POD)
     await backend.stop_sandbox(POD)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from criserver.sandbox import container_io
-from criserver.sandbox.channel import ConnState
-from criserver.sandbox.container_io import ContainerIO
+from criserver.backends.microvm import container_io
+from criserver.backends.microvm.channel import ConnState
+from criserver.backends.microvm.container_io import ContainerIO
 from vmagent.api import agent_pb2 as pb
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.config import Config
 from criserver.errors import InvalidArgument
 from criserver.runtime.backend import BackendContext
-from criserver.sandbox.backend import MicroVMBackend
 from criserver.sandbox.qemu import SerialTransport, VsockTransport
 from criserver.store.records import PodRecord
 

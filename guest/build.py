@@ -30,8 +30,9 @@ from criserver.sandbox import assets as assets_mod
 
 log = logging.getLogger("criserver.guestbuild")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GUEST_SRC = REPO_ROOT / "guest"
+# This tool lives in the repository's guest/ directory, beside what it builds.
+GUEST_SRC = Path(__file__).resolve().parent
+REPO_ROOT = GUEST_SRC.parent
 BUILDER_VERSION = 1
 
 PYTHON = "python3.11"
@@ -906,7 +907,7 @@ def prune(assets_dir: Path, keep: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m criserver.sandbox.guestbuild", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m guest.build", description=__doc__)
     ap.add_argument("--assets-dir", type=Path, default=assets_mod.DEFAULT_ASSETS_DIR)
     ap.add_argument("--flavour", choices=("amd64", "cloud"), default="amd64")
     ap.add_argument("--kernel-release", help="e.g. 6.1.0-56-amd64 (default: newest installed)")

@@ -7,9 +7,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.config import Config
 from criserver.runtime.backend import BackendContext
-from criserver.sandbox.backend import MicroVMBackend
 from criserver.store.records import PodRecord
 from vmagent.api import agent_pb2 as pb
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from criserver import errors
-from criserver.sandbox.channel import AgentAddress, AgentClient, ConnState
+from criserver.backends.microvm.channel import AgentAddress, AgentClient, ConnState
 from tests.vmagent.agentproc import start_agent
 from tests.vmagent.portsim import PortSim
 from vmagent.api import agent_pb2 as pb

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from criserver.config import NetworkConfig
-from criserver.sandbox import netns
-from criserver.sandbox.cni import CniManager, DefaultNetwork
-from criserver.sandbox.network import PodNetwork
+from criserver.network import netns
+from criserver.network.cni import CniManager, DefaultNetwork
+from criserver.network.pod import PodNetwork
 
 CNI_BIN = "/usr/lib/cni"
 

@@ -16,9 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from criserver.backends.microvm.channel import AgentClient, ConnState
 from criserver.errors import CriError, DeadlineExceeded, Unavailable
 from criserver.runtime.container_log import ContainerLog
-from criserver.sandbox.channel import AgentClient, ConnState
 from vmagent.api import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
