@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition
+from criserver.runtime import exit_codes
 from criserver.runtime.container_log import ContainerLog
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerState, PodState
@@ -34,14 +35,14 @@ async def start_container(
         try:
             started_at = await rt.backend(pod).start_container(pod, container)
         except Exception as exc:
-            await rt.mark_container_exited(container, 128, "StartError", str(exc))
+            await rt.mark_container_exited(container, exit_codes.start_failed(exc))
             raise
         container = await rt.containers.update(container.id, lambda c: replace(
             c, state=ContainerState.RUNNING, started_at=started_at))
         rt.publish(container.id, cri.CONTAINER_STARTED_EVENT, pod)
         early = rt.early_exits.pop(container.id, None)
         if early is not None:
-            await rt.mark_container_exited(container, *early)
+            await rt.mark_container_exited(container, early)
     log.info("container started container=%s pod=%s", container.id, pod.id)
     return cri.StartContainerResponse()
 

@@ -7,6 +7,7 @@ import logging
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import NotFound
+from criserver.runtime import exit_codes
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord
 
@@ -41,4 +42,4 @@ async def stop_running(
     await rt.backend(pod).stop_container(pod, container, timeout)
     current = rt.containers.find(container.id)
     if current is not None and current.state != ContainerState.EXITED:
-        await rt.mark_container_exited(current, 137, "Error", "stopped; no exit status reported")
+        await rt.mark_container_exited(current, exit_codes.stop_unreported())

@@ -17,13 +17,20 @@ from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config
 from criserver.errors import InvalidArgument
 from criserver.image.service import ImageService
+from criserver.runtime import exit_codes
 from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock
 from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.store.db import Database
 from criserver.store.objects import ContainerStore, PodStore
-from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+from criserver.store.records import (
+    ContainerExit,
+    ContainerRecord,
+    ContainerState,
+    PodRecord,
+    PodState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ class Runtime:
         self.images = images
         self.streaming: LazyStreaming | None = None
         # Exits the backend reported while StartContainer had not yet recorded RUNNING.
-        self.early_exits: dict[str, tuple[int, str, str, int]] = {}
+        self.early_exits: dict[str, ContainerExit] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
@@ -132,14 +139,9 @@ class Runtime:
         return pod
 
     async def mark_container_exited(
-        self,
-        container: ContainerRecord,
-        exit_code: int,
-        reason: str,
-        message: str = "",
-        finished_at: int | None = None,
+        self, container: ContainerRecord, exit: ContainerExit
     ) -> ContainerRecord:
-        finished = finished_at or time.time_ns()
+        finished = exit.finished_at or time.time_ns()
         changed = False
 
         def change(c: ContainerRecord) -> ContainerRecord:
@@ -147,15 +149,15 @@ class Runtime:
             if c.state == ContainerState.EXITED:
                 return c  # exited already: the first report stands
             changed = True
-            return replace(c, state=ContainerState.EXITED, exit_code=exit_code, reason=reason,
-                           message=message, finished_at=finished)
+            return replace(c, state=ContainerState.EXITED, exit_code=exit.code,
+                           reason=exit.reason, message=exit.message, finished_at=finished)
 
         container = await self.containers.update(container.id, change)
         if not changed:
             return container
         self.publish(container.id, cri.CONTAINER_STOPPED_EVENT, self.pods.find(container.pod_id))
         log.info("container exited container=%s pod=%s exit_code=%d reason=%s",
-                 container.id, container.pod_id, exit_code, reason)
+                 container.id, container.pod_id, exit.code, exit.reason)
         return container
 
 
@@ -173,23 +175,22 @@ class BackendEventSink:
         for container in rt.containers.of_pod(pod_id):
             if container.state in (ContainerState.CREATED, ContainerState.RUNNING,
                                    ContainerState.UNKNOWN):
-                await rt.mark_container_exited(container, 255, reason, message)
+                await rt.mark_container_exited(container, exit_codes.sandbox_gone(reason, message))
         if pod.state == PodState.READY:
             await rt.mark_pod_notready(pod, reason, message)
 
     async def container_exited(
         self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
     ) -> None:
+        exit = ContainerExit(exit_code, reason, message, finished_at)
         container = self._runtime.containers.find(container_id)
         if container is None:
             return
         if container.state == ContainerState.CREATED:
             # It started and exited before StartContainer recorded it as running.
-            self._runtime.early_exits[container_id] = (exit_code, reason, message, finished_at)
+            self._runtime.early_exits[container_id] = exit
         elif container.state in (ContainerState.RUNNING, ContainerState.UNKNOWN):
-            await self._runtime.mark_container_exited(
-                container, exit_code, reason, message, finished_at
-            )
+            await self._runtime.mark_container_exited(container, exit)
 
 
 def info_json(value: Any) -> str:

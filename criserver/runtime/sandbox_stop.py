@@ -6,6 +6,7 @@ import logging
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import NotFound
+from criserver.runtime import exit_codes
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerState, PodRecord, PodState
 
@@ -35,6 +36,5 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> PodRecord:
     for container in rt.containers.of_pod(pod.id):
         if container.state in (ContainerState.CREATED, ContainerState.RUNNING,
                                ContainerState.UNKNOWN):
-            # The VM is gone, so is every process in it: SIGKILL's exit code.
-            await rt.mark_container_exited(container, 137, "Error", "pod sandbox stopped")
+            await rt.mark_container_exited(container, exit_codes.pod_stopped())
     return await rt.mark_pod_notready(pod)

@@ -125,6 +125,16 @@ class PodRecord:
 
 
 @dataclass(frozen=True)
+class ContainerExit:
+    """How a container's process ended (finished_at 0: when it is recorded)."""
+
+    code: int
+    reason: str
+    message: str = ""
+    finished_at: int = 0
+
+
+@dataclass(frozen=True)
 class ContainerRecord:
     id: str
     pod_id: str
