@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import replace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition, InvalidArgument
@@ -13,7 +12,7 @@ from criserver.runtime import validate
 from criserver.runtime.runtime import Runtime
 from criserver.runtime.sandbox_run import new_id
 from criserver.runtime.undo import UndoStack
-from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+from criserver.store.records import ContainerRecord, PodRecord, PodState
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +33,12 @@ async def create_container(
         name = container.name_key(pod)
         rt.containers.names.reserve(name, container.id)
         try:
-            await rt.containers.add(container)
+            await rt.transitions.add_container(container)
             container = await _create(rt, pod, container)
         except BaseException:
             if rt.containers.find(container.id) is None:
                 rt.containers.names.release(name, container.id)
             raise
-    rt.publish(container.id, cri.CONTAINER_CREATED_EVENT, pod)
     log.info("container created container=%s pod=%s name=%s", container.id, pod.id, name)
     return cri.CreateContainerResponse(container_id=container.id)
 
@@ -49,21 +47,17 @@ async def _create(rt: Runtime, pod: PodRecord, container: ContainerRecord) -> Co
     undo = UndoStack(f"container {container.id}")
     try:
         created = await rt.backend(pod).create_container(pod, container, undo)
-        return await rt.containers.update(container.id, lambda c: replace(
-            c, state=ContainerState.CREATED, image_id=created.image_id,
-            image_ref=created.image_ref, backend=created.backend,
-            volume_images=created.volume_images, user=created.user))
+        return await rt.transitions.container_created(container.id, created)
     except BaseException as exc:
         log.warning("create container failed container=%s pod=%s error=%r",
                     container.id, pod.id, exc)
         failed = await undo.rollback()
         error = str(exc)
         if failed:
-            await rt.containers.update(container.id, lambda c: replace(
-                c, state=ContainerState.UNKNOWN, reason="CreateFailed",
-                message=f"{error}; cleanup incomplete: {', '.join(failed)}"))
+            await rt.transitions.container_create_failed(
+                container.id, f"{error}; cleanup incomplete: {', '.join(failed)}")
         else:
-            await rt.containers.delete(container.id)
+            await rt.transitions.drop_container(container.id)
         raise
 
 

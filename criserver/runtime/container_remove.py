@@ -33,9 +33,6 @@ async def remove_container_record(rt: Runtime, pod: PodRecord, container: Contai
     """Remove one container (caller holds its lock), killing it first if it still runs."""
     await stop_running(rt, pod, container, 0)
     await rt.backend(pod).remove_container(pod, container)
-    await rt.containers.delete(container.id)
-    rt.containers.names.release(container.name_key(pod), container.id)
-    rt.early_exits.pop(container.id, None)
+    await rt.transitions.remove_container(pod, container)
     rt.images_released(container)
-    rt.publish(container.id, cri.CONTAINER_DELETED_EVENT, pod)
     log.info("container removed container=%s pod=%s", container.id, pod.id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition
@@ -35,14 +34,9 @@ async def start_container(
         try:
             started_at = await rt.backend(pod).start_container(pod, container)
         except Exception as exc:
-            await rt.mark_container_exited(container, exit_codes.start_failed(exc))
+            await rt.transitions.container_exited(container.id, exit_codes.start_failed(exc))
             raise
-        container = await rt.containers.update(container.id, lambda c: replace(
-            c, state=ContainerState.RUNNING, started_at=started_at))
-        rt.publish(container.id, cri.CONTAINER_STARTED_EVENT, pod)
-        early = rt.early_exits.pop(container.id, None)
-        if early is not None:
-            await rt.mark_container_exited(container, early)
+        await rt.transitions.container_started(container.id, started_at)
     log.info("container started container=%s pod=%s", container.id, pod.id)
     return cri.StartContainerResponse()
 

@@ -42,4 +42,4 @@ async def stop_running(
     await rt.backend(pod).stop_container(pod, container, timeout)
     current = rt.containers.find(container.id)
     if current is not None and current.state != ContainerState.EXITED:
-        await rt.mark_container_exited(current, exit_codes.stop_unreported())
+        await rt.transitions.container_exited(current.id, exit_codes.stop_unreported())

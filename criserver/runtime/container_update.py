@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition
 from criserver.runtime.runtime import Runtime
@@ -20,14 +18,7 @@ async def update_container_resources(
         if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
             raise FailedPrecondition(f"container {container.id} is {container.state}")
         await rt.backend(pod).update_container_resources(pod, container, request.linux)
-
-        def with_resources(c):  # type: ignore[no-untyped-def]
-            config = cri.ContainerConfig()
-            config.CopyFrom(c.config)
-            config.linux.resources.CopyFrom(request.linux)
-            return replace(c, config=config)
-
-        await rt.containers.update(container.id, with_resources)
+        await rt.transitions.resources_updated(container.id, request.linux)
     return cri.UpdateContainerResourcesResponse()
 
 

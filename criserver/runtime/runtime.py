@@ -1,7 +1,7 @@
 """The runtime's shared state: stores, backends, events and locks, handed to each RPC module.
 
-State changes that have several causes (a stop asked by kubelet, a VM that died) go through the
-transition helpers here, so every path updates the store and publishes the same CRI event.
+The stores are read here; every change to a pod or container goes through `transitions`, which
+persists it and publishes its CRI event.
 """
 
 from __future__ import annotations
@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from dataclasses import replace
 from typing import Any
 
-from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config
 from criserver.errors import InvalidArgument
 from criserver.image.service import ImageService
@@ -22,6 +19,7 @@ from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock
 from criserver.runtime.streaming.lazy import LazyStreaming
+from criserver.runtime.transitions import Transitions
 from criserver.store.db import Database
 from criserver.store.objects import ContainerStore, PodStore
 from criserver.store.records import (
@@ -54,8 +52,7 @@ class Runtime:
         self.settings: dict[str, str] = {}
         self.images = images
         self.streaming: LazyStreaming | None = None
-        # Exits the backend reported while StartContainer had not yet recorded RUNNING.
-        self.early_exits: dict[str, ContainerExit] = {}
+        self.transitions = Transitions(self.pods, self.containers, self.events)
         self._background: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
@@ -100,69 +97,9 @@ class Runtime:
     def backend(self, pod: PodRecord) -> SandboxBackend:
         return self.backends[pod.runtime_handler]
 
-    # -- events --------------------------------------------------------------------------
-
-    def publish(self, subject_id: str, kind: int, pod: PodRecord | None) -> None:
-        """One CRI event; `subject_id` is a container, or the pod itself for pod events."""
-        event = cri.ContainerEventResponse(
-            container_id=subject_id,
-            container_event_type=kind,  # type: ignore[arg-type]
-            created_at=time.time_ns(),
-        )
-        if pod is not None:
-            event.pod_sandbox_status.CopyFrom(pod.to_cri_status())
-            event.containers_statuses.extend(
-                c.to_cri_status() for c in self.containers.of_pod(pod.id)
-                if c.state != ContainerState.INIT
-            )
-        self.events.publish(event)
-
-    # -- transitions with several causes --------------------------------------------------
-
-    async def mark_pod_notready(
-        self, pod: PodRecord, reason: str = "", message: str = ""
-    ) -> PodRecord:
-        changed = False
-
-        def change(p: PodRecord) -> PodRecord:
-            nonlocal changed
-            if p.state == PodState.NOTREADY:
-                return p  # not ready already: the first cause stands
-            changed = True
-            return replace(p, state=PodState.NOTREADY, reason=reason, message=message)
-
-        pod = await self.pods.update(pod.id, change)
-        if not changed:
-            return pod
-        self.publish(pod.id, cri.CONTAINER_STOPPED_EVENT, pod)
-        log.info("pod not ready pod=%s reason=%s %s", pod.id, reason or "stopped", message)
-        return pod
-
-    async def mark_container_exited(
-        self, container: ContainerRecord, exit: ContainerExit
-    ) -> ContainerRecord:
-        finished = exit.finished_at or time.time_ns()
-        changed = False
-
-        def change(c: ContainerRecord) -> ContainerRecord:
-            nonlocal changed
-            if c.state == ContainerState.EXITED:
-                return c  # exited already: the first report stands
-            changed = True
-            return replace(c, state=ContainerState.EXITED, exit_code=exit.code,
-                           reason=exit.reason, message=exit.message, finished_at=finished)
-
-        container = await self.containers.update(container.id, change)
-        if not changed:
-            return container
-        self.publish(container.id, cri.CONTAINER_STOPPED_EVENT, self.pods.find(container.pod_id))
-        log.info("container exited container=%s pod=%s exit_code=%d reason=%s",
-                 container.id, container.pod_id, exit.code, exit.reason)
-        return container
-
 
 class BackendEventSink:
-    """The `BackendEvents` a backend reports to: turns them into the transitions above."""
+    """The `BackendEvents` a backend reports to: turns them into transitions."""
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -175,22 +112,16 @@ class BackendEventSink:
         for container in rt.containers.of_pod(pod_id):
             if container.state in (ContainerState.CREATED, ContainerState.RUNNING,
                                    ContainerState.UNKNOWN):
-                await rt.mark_container_exited(container, exit_codes.sandbox_gone(reason, message))
+                await rt.transitions.container_exited(
+                    container.id, exit_codes.sandbox_gone(reason, message))
         if pod.state == PodState.READY:
-            await rt.mark_pod_notready(pod, reason, message)
+            await rt.transitions.pod_not_ready(pod_id, reason, message)
 
     async def container_exited(
         self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
     ) -> None:
-        exit = ContainerExit(exit_code, reason, message, finished_at)
-        container = self._runtime.containers.find(container_id)
-        if container is None:
-            return
-        if container.state == ContainerState.CREATED:
-            # It started and exited before StartContainer recorded it as running.
-            self._runtime.early_exits[container_id] = exit
-        elif container.state in (ContainerState.RUNNING, ContainerState.UNKNOWN):
-            await self._runtime.mark_container_exited(container, exit)
+        await self._runtime.transitions.exit_reported(
+            container_id, ContainerExit(exit_code, reason, message, finished_at))
 
 
 def info_json(value: Any) -> str:

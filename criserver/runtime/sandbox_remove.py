@@ -30,8 +30,6 @@ async def remove_pod_sandbox(
             async with rt.container_locks.hold(container.id):
                 await remove_container_record(rt, pod, container)
         await backend.remove_sandbox(pod)
-        await rt.pods.delete(pod.id)
-        rt.pods.names.release(pod.name_key, pod.id)
-    rt.publish(pod.id, cri.CONTAINER_DELETED_EVENT, pod)
+        await rt.transitions.remove_pod(pod)
     log.info("pod removed pod=%s", pod.id)
     return cri.RemovePodSandboxResponse()

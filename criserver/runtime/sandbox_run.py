@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import replace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.runtime import validate
 from criserver.runtime.runtime import Runtime
 from criserver.runtime.undo import UndoStack
-from criserver.store.records import PodRecord, PodState
+from criserver.store.records import PodRecord
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +31,12 @@ async def run_pod_sandbox(
         async with rt.pod_locks.hold(pod.id):
             # Persisted before anything starts, so a daemon that dies half-way finds the INIT
             # record at start-up and cleans up after it.
-            await rt.pods.add(pod)
+            await rt.transitions.add_pod(pod)
             pod = await _start(rt, pod)
     except BaseException:
         if rt.pods.find(pod.id) is None:
             rt.pods.names.release(pod.name_key, pod.id)
         raise
-    rt.publish(pod.id, cri.CONTAINER_CREATED_EVENT, pod)
-    rt.publish(pod.id, cri.CONTAINER_STARTED_EVENT, pod)
     log.info("pod ready pod=%s name=%s handler=%s", pod.id, pod.name_key, handler)
     return cri.RunPodSandboxResponse(pod_sandbox_id=pod.id)
 
@@ -48,8 +45,7 @@ async def _start(rt: Runtime, pod: PodRecord) -> PodRecord:
     undo = UndoStack(f"pod {pod.id}")
     try:
         started = await rt.backend(pod).run_sandbox(pod, undo)
-        return await rt.pods.update(pod.id, lambda p: replace(
-            p, state=PodState.READY, ips=started.ips, backend=started.backend))
+        return await rt.transitions.pod_ready(pod.id, started)
     except BaseException as exc:
         log.warning("run pod failed pod=%s name=%s error=%r", pod.id, pod.name_key, exc)
         failed = await undo.rollback()
@@ -57,9 +53,8 @@ async def _start(rt: Runtime, pod: PodRecord) -> PodRecord:
         if failed:
             # Something may be left behind: keep the pod (NOTREADY) so RemovePodSandbox can
             # retry the cleanup, rather than forgetting resources we can no longer find.
-            await rt.pods.update(pod.id, lambda p: replace(
-                p, state=PodState.NOTREADY, reason="SetupFailed",
-                message=f"{error}; cleanup incomplete: {', '.join(failed)}"))
+            await rt.transitions.pod_setup_failed(
+                pod.id, f"{error}; cleanup incomplete: {', '.join(failed)}")
         else:
-            await rt.pods.delete(pod.id)
+            await rt.transitions.drop_pod(pod.id)
         raise

@@ -36,5 +36,5 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> PodRecord:
     for container in rt.containers.of_pod(pod.id):
         if container.state in (ContainerState.CREATED, ContainerState.RUNNING,
                                ContainerState.UNKNOWN):
-            await rt.mark_container_exited(container, exit_codes.pod_stopped())
-    return await rt.mark_pod_notready(pod)
+            await rt.transitions.container_exited(container.id, exit_codes.pod_stopped())
+    return await rt.transitions.pod_not_ready(pod.id)

@@ -69,10 +69,13 @@ class Events:
         async for event in rt.events.subscribe():
             self.received.append(event)
 
-    async def names(self) -> list[tuple[str, str]]:
+    async def all(self) -> list[cri.ContainerEventResponse]:
         await asyncio.sleep(0)  # let the collector drain the queue
+        return list(self.received)
+
+    async def names(self) -> list[tuple[str, str]]:
         return [(e.container_id, cri.ContainerEventType.Name(e.container_event_type))
-                for e in self.received]
+                for e in await self.all()]
 
     async def close(self) -> None:
         self._task.cancel()
