@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import NotFound
 from criserver.runtime.backend import ContainerCreated, SandboxStarted
 from criserver.runtime.events import EventBroadcaster
 from criserver.store.objects import ContainerStore, PodStore
@@ -33,8 +34,6 @@ class Transitions:
         self.pods = pods
         self.containers = containers
         self.events = events
-        # Exits the backend reported while StartContainer had not yet recorded RUNNING.
-        self._early_exits: dict[str, ContainerExit] = {}
 
     # -- pods ------------------------------------------------------------------------------
 
@@ -110,9 +109,8 @@ class Transitions:
         container = await self.containers.update(container_id, lambda c: replace(
             c, state=ContainerState.RUNNING, started_at=started_at))
         self._publish_container(container, cri.CONTAINER_STARTED_EVENT)
-        early = self._early_exits.pop(container_id, None)
-        if early is not None:
-            container = await self.container_exited(container_id, early)
+        if container.early_exit is not None:
+            container = await self.container_exited(container_id, container.early_exit)
         return container
 
     async def container_exited(self, container_id: str, exit: ContainerExit) -> ContainerRecord:
@@ -125,7 +123,8 @@ class Transitions:
                 return c  # exited already: the first report stands
             changed = True
             return replace(c, state=ContainerState.EXITED, exit_code=exit.code,
-                           reason=exit.reason, message=exit.message, finished_at=finished)
+                           reason=exit.reason, message=exit.message, finished_at=finished,
+                           early_exit=None)
 
         container = await self.containers.update(container_id, change)
         if changed:
@@ -137,12 +136,18 @@ class Transitions:
     async def exit_reported(self, container_id: str, exit: ContainerExit) -> None:
         """The backend saw the process end: an exit now, or kept for StartContainer if it has
         not yet recorded the container as running."""
-        container = self.containers.find(container_id)
-        if container is None:
-            return
-        if container.state == ContainerState.CREATED:
-            self._early_exits[container_id] = exit
-        elif container.state in (ContainerState.RUNNING, ContainerState.UNKNOWN):
+        def keep_if_created(c: ContainerRecord) -> ContainerRecord:
+            return replace(c, early_exit=exit) if c.state == ContainerState.CREATED else c
+
+        # The state is checked and the exit kept in one store update: StartContainer records
+        # RUNNING through the same store, so the exit is either kept for it or applied here.
+        # (Not under the container's CRI lock: StartContainer and StopContainer hold it while
+        # the backend runs, and a backend may report the exit before those calls return.)
+        try:
+            container = await self.containers.update(container_id, keep_if_created)
+        except NotFound:
+            return  # removed meanwhile
+        if container.state in (ContainerState.RUNNING, ContainerState.UNKNOWN):
             await self.container_exited(container_id, exit)
 
     async def resources_updated(self, container_id: str,
@@ -158,7 +163,6 @@ class Transitions:
     async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
         await self.containers.delete(container.id)
         self.containers.names.release(container.name_key(pod), container.id)
-        self._early_exits.pop(container.id, None)
         self._publish_container(container, cri.CONTAINER_DELETED_EVENT, pod)
 
     # -- events ----------------------------------------------------------------------------

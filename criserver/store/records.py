@@ -154,6 +154,9 @@ class ContainerRecord:
     volume_images: dict[str, str] = field(default_factory=dict)
     # What the process runs as, as the backend resolved it: uid, gid, supplementary gids.
     user: tuple[int, int, tuple[int, ...]] | None = None
+    # An exit the backend reported while the container was still CREATED (before StartContainer
+    # recorded RUNNING): persisted so it survives a restart, applied once RUNNING is recorded.
+    early_exit: ContainerExit | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -177,6 +180,8 @@ class ContainerRecord:
         if doc.get("user") is not None:
             uid, gid, groups = doc["user"]
             doc["user"] = (uid, gid, tuple(groups))
+        if doc.get("early_exit") is not None:
+            doc["early_exit"] = ContainerExit(**doc["early_exit"])
         return cls(id=id_, pod_id=pod_id, config=cri.ContainerConfig.FromString(config), **doc)
 
     def to_cri(self) -> cri.Container:
@@ -249,5 +254,7 @@ def _doc(record: Any, skip: set[str]) -> dict[str, Any]:
         if f.name in skip:
             continue
         value = getattr(record, f.name)
+        if isinstance(value, ContainerExit):
+            value = dataclasses.asdict(value)
         doc[f.name] = list(value) if isinstance(value, tuple) else value
     return doc

@@ -96,3 +96,25 @@ async def test_resources_update_changes_the_config_only(tmp_path: Path) -> None:
         c = p.container(cid)
         assert (c.state, c.config.linux.resources.cpu_shares) == (ContainerState.CREATED, 512)
         assert c.config.metadata.name == "c" and len(await p.events.all()) == before
+
+
+async def test_an_early_exit_survives_a_restart(tmp_path: Path) -> None:
+    async with in_process(tmp_path / "db") as p:
+        cid = await p.create(await p.run_pod())
+        await BackendEventSink(p.rt).container_exited(cid, 2, "Error", "gone early", 11)
+        assert p.container(cid).state == ContainerState.CREATED
+    async with in_process(tmp_path / "db") as p:  # the daemon restarted
+        assert p.container(cid).early_exit == ContainerExit(2, "Error", "gone early", 11)
+        await p.start(cid)
+        c = p.container(cid)
+        assert (c.state, c.exit_code, c.finished_at, c.early_exit) == (
+            ContainerState.EXITED, 2, 11, None)
+        assert await p.events.names() == [(cid, STARTED), (cid, STOPPED)]
+
+
+async def test_an_exit_for_a_removed_container_is_ignored(tmp_path: Path) -> None:
+    async with in_process(tmp_path / "db") as p:
+        cid = await p.create(await p.run_pod())
+        await p.remove(cid)
+        await BackendEventSink(p.rt).container_exited(cid, 0, "Completed", "", 1)
+        assert p.rt.containers.find(cid) is None
