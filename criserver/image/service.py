@@ -1,5 +1,6 @@
 """The image subsystem's composition root: pulls, lookups, removal, garbage collection,
-imports and disk usage, over the content store, the snapshots and the image records.
+imports and disk usage, over the content store, the snapshots and the image records (kept in
+criserver/store/images.py, in the daemon's database).
 
 The daemon builds one `ImageService`, `await start()`s it and hands it to `ImageServicer`; the
 containers code uses `get()` and `snapshot_path()`.
@@ -14,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +27,11 @@ from criserver.image.auth import Credentials
 from criserver.image.content import ContentStore
 from criserver.image.flight import SingleFlight
 from criserver.image.pull import Puller, Resolved
-from criserver.image.records import ImageRecord, ImageStore, LayerRecord
 from criserver.image.registry import Progress, RegistryClient
 from criserver.image.snapshot import SnapshotStore
 from criserver.image.unpack import Limits
 from criserver.store.db import Database
+from criserver.store.images import ImageRecord, ImageStore, LayerRecord
 
 if TYPE_CHECKING:
     import aiohttp
@@ -97,7 +98,20 @@ class ImageService:
 
         :raises InvalidArgument: `text` is neither an id nor a valid reference.
         """
-        return self.records.lookup(text)
+        image_id = reference.parse_image_id(text)
+        if image_id is not None:
+            record = self.records.visible(image_id)
+            if record is not None:
+                return record
+        try:
+            ref = reference.parse(text)
+        except InvalidArgument:
+            if image_id is not None:
+                return None  # an id nothing has: not an invalid reference
+            raise
+        if ref.digest:
+            return self.records.with_digest(ref.with_digest(ref.digest))
+        return self.records.tagged(ref.tagged)
 
     def get_by_id(self, image_id: str) -> ImageRecord | None:
         """By exact id, including images removed while still in use by containers."""
@@ -106,7 +120,7 @@ class ImageService:
     def images(self, filter_text: str = "") -> list[ImageRecord]:
         """Visible images, oldest first; with a filter, the one image it names (or none)."""
         if filter_text:
-            record = self.records.lookup(filter_text)
+            record = self.get(filter_text)
             return [record] if record is not None else []
         return sorted(self.records.all(), key=lambda r: r.created_ns)
 
@@ -193,13 +207,12 @@ class ImageService:
     async def remove(self, text: str) -> None:
         """Remove the image `text` names, with all its tags. Missing images are no error.
         Content of an image still used by containers stays until it is unused."""
-        record = self.records.lookup(text)
+        record = self.get(text)
         if record is None:
             return
         if self.in_use(record.id):
-            record.removed = True
-            record.repo_tags, record.repo_digests = [], []
-            await self.records.save(record)
+            # A new record, as the store holds only what it has written.
+            await self.records.save(replace(record, removed=True, repo_tags=[], repo_digests=[]))
             log.info("image removed, content kept while in use image_id=%s", record.id)
         else:
             await self.records.delete(record.id)

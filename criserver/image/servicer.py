@@ -13,8 +13,8 @@ from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as _api_pb2
 from criserver.errors import InvalidArgument
-from criserver.image.records import ImageRecord
 from criserver.image.service import FsUsage, ImageService
+from criserver.store.images import ImageRecord
 
 # Generated protobuf code has no type information.
 api_pb2: Any = _api_pb2

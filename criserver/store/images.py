@@ -1,8 +1,8 @@
-"""Image records: what criserver knows about each pulled image, kept in memory and written
-through to the `images` table as JSON.
+"""The image store: what criserver knows about each pulled image, kept in memory and written
+through to the `images` table of the daemon's database as JSON, beside pods and containers.
 
-Lookups accept what CRI callers send: an image id (with or without `sha256:`), a tag in any
-normalisable form (`busybox` = `docker.io/library/busybox:latest`) or `name@digest`.
+It matches exact ids, tags and digest references only; turning what a CRI caller typed into
+those (`busybox` = `docker.io/library/busybox:latest`) is the image service's job.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import sqlite3
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from criserver.errors import InvalidArgument
-from criserver.image import reference
 from criserver.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -63,7 +61,8 @@ class ImageRecord:
 
 
 class ImageStore:
-    """All image records, indexed by id, tag and digest reference."""
+    """All image records, by id; tags and digest references are matched by scanning (a node
+    holds tens of images, not thousands)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -86,28 +85,18 @@ class ImageStore:
     def by_id(self, image_id: str) -> ImageRecord | None:
         return self._by_id.get(image_id)
 
-    def lookup(self, text: str) -> ImageRecord | None:
-        """The visible image `text` names, or None. :raises InvalidArgument: unparsable."""
-        image_id = reference.parse_image_id(text)
-        if image_id is not None:
-            record = self._by_id.get(image_id)
-            if record is not None and not record.removed:
-                return record
-        try:
-            ref = reference.parse(text)
-        except InvalidArgument:
-            if image_id is not None:
-                return None
-            raise
-        for record in self._by_id.values():
-            if record.removed:
-                continue
-            if ref.digest:
-                if ref.with_digest(ref.digest) in record.repo_digests:
-                    return record
-            elif ref.tagged in record.repo_tags:
-                return record
-        return None
+    def visible(self, image_id: str) -> ImageRecord | None:
+        """The image with this exact id, unless it was removed."""
+        record = self._by_id.get(image_id)
+        return record if record is not None and not record.removed else None
+
+    def tagged(self, tag: str) -> ImageRecord | None:
+        """The visible image carrying this normalised tag (a tag names one image at most)."""
+        return next((r for r in self.all() if tag in r.repo_tags), None)
+
+    def with_digest(self, repo_digest: str) -> ImageRecord | None:
+        """The visible image pulled as this normalised `name@digest`."""
+        return next((r for r in self.all() if repo_digest in r.repo_digests), None)
 
     async def save(self, record: ImageRecord) -> list[ImageRecord]:
         """Store `record`; its tags move away from other images (returned, also saved)."""
