@@ -18,6 +18,7 @@ from pathlib import Path
 
 from criserver.backends.microvm.channel import AgentClient, ConnState
 from criserver.errors import CriError, DeadlineExceeded, Unavailable
+from criserver.runtime import exit_codes
 from criserver.runtime.container_log import ContainerLog
 from vmagent.api import agent_pb2 as pb
 
@@ -164,7 +165,7 @@ class ContainerIO:
                 # The agent does not know the container (its guest restarted): it is gone.
                 log.warning("container lost container=%s error=%s", self.container_id,
                             exc.message)
-                status = pb.ExitStatus(exit_code=255, reason="Error",
+                status = pb.ExitStatus(exit_code=exit_codes.LOST, reason=exit_codes.ERROR,
                                        finished_at_unix_nanos=time.time_ns())
                 break
         await self._drain_output()
