@@ -1,17 +1,21 @@
 """OCI runtime spec (runc config.json) generation from the CRI configs and the image config.
 
-Runs on the host per CreateContainer; the guest agent completes only what the guest alone knows:
-`root.path`, user and group names resolved in the container's /etc/passwd and /etc/group, the
-supplementary groups from the image, and the guest's device nodes for privileged containers.
+Backend-neutral: it builds what the CRI asks for, and a backend's `SpecPolicy` says what that
+backend refuses or drops (host namespaces, host devices, LSM labels) and its cgroup driver.
+Runs on the host per CreateContainer; the backend completes what only it knows: `root.path`,
+user and group names resolved in the container's /etc/passwd and /etc/group, the supplementary
+groups from the image, and every device node for privileged containers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +65,52 @@ PROPAGATION = {
 }
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
 SYSCTL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
+CGROUP_DRIVERS = ("cgroupfs", "systemd")
+# The namespaces a pod may share with the node (CRI NamespaceMode NODE).
+NODE_KINDS = ("network", "pid", "ipc")
+
+
+@dataclass(frozen=True)
+class SpecPolicy:
+    """What a backend lets a container spec carry, and how. The defaults are a host's: the spec
+    has everything the CRI asks for.
+
+    A reason string set means refused (or dropped), with the reason in the error or log line.
+    """
+
+    # kind ("network", "pid", "ipc") -> why mode NODE is refused; the others join the node's.
+    node_namespaces_refused: Mapping[str, str] = field(default_factory=dict)
+    devices_refused: str = ""  # why CRI devices (host and CDI) are refused
+    apparmor_dropped: str = ""  # why AppArmor profiles are dropped (logged, not an error)
+    selinux_dropped: str = ""  # why SELinux labels and relabels are dropped (logged)
+    # The profile that AppArmor "runtime/default" names; "": none (the backend loads it).
+    apparmor_default: str = ""
+    # Filled in with the CRI's SELinux user, role, type and level where those are set.
+    selinux_default: str = "system_u:system_r:container_t:s0"
+    cgroup_driver: str = "cgroupfs"  # as runc's --systemd-cgroup: "cgroupfs" or "systemd"
+    # Whether the pod's CRI cgroup_parent is its containers' parent cgroup (default parents:
+    # /criserver/<pod id> with cgroupfs, system.slice with systemd).
+    pod_cgroup_parent: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cgroup_driver not in CGROUP_DRIVERS:
+            raise ValueError(f"cgroup driver {self.cgroup_driver!r} is not one of "
+                             f"{', '.join(CGROUP_DRIVERS)}")
+        unknown = set(self.node_namespaces_refused) - set(NODE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown namespace kinds {sorted(unknown)}")
+        if len(self.selinux_default.split(":", 3)) != 4:
+            raise ValueError(f"selinux default {self.selinux_default!r} is not "
+                             "user:role:type:level")
+
+    def check_namespaces(self, options: cri.NamespaceOption,
+                         kinds: Iterable[str] = NODE_KINDS) -> None:
+        """:raises InvalidArgument: `options` put one of `kinds` in mode NODE, refused here."""
+        modes = {"network": options.network, "pid": options.pid, "ipc": options.ipc}
+        for kind in kinds:
+            reason = self.node_namespaces_refused.get(kind)
+            if reason and modes[kind] == cri.NODE:
+                raise InvalidArgument(f"{kind} namespace mode NODE: {reason}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +158,9 @@ class GeneratedSpec:
     the uid has no entry). `process.user.additionalGids` then becomes: the final gid, the groups of
     /etc/group listing the user (only if `merge_image_groups`), then the gids already in the spec
     (the CRI supplemental groups), without duplicates. With `guest_devices`, every device node
-    of the guest's /dev goes into `linux.devices` (privileged containers).
+    of the /dev where the container runs (a micro-VM's: the guest's) goes into `linux.devices`
+    (privileged containers). `selinux_relabel` lists the host paths of mounts the backend must
+    relabel to the container's SELinux label (none when the policy drops SELinux).
     """
 
     spec: dict[str, Any]
@@ -117,7 +169,10 @@ class GeneratedSpec:
     gid_from_passwd: bool = False
     merge_image_groups: bool = True
     guest_devices: bool = False
-    skipped_sysctls: dict[str, str] = field(default_factory=dict)  # left to the VM-wide setup
+    # net.* sysctls of a container without a network namespace of its own: the backend applies
+    # them to the pod's network (a micro-VM's: the guest's), or drops them.
+    skipped_sysctls: dict[str, str] = field(default_factory=dict)
+    selinux_relabel: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(self.spec, separators=(",", ":")).encode()
@@ -153,6 +208,7 @@ def generate(
     namespaces: PodNamespaces,
     guest_path: Callable[[cri.Mount], str],
     *,
+    policy: SpecPolicy,
     container_id: str,
     sandbox_id: str,
     image_name: str = "",
@@ -161,14 +217,14 @@ def generate(
     sandbox_dir: str = SANDBOX_DIR,
     image_volumes: Mapping[str, str] | None = None,
 ) -> GeneratedSpec:
-    """The OCI spec of one container of a pod running in a micro-VM.
+    """The OCI spec of one container of a pod, within what `policy` allows.
 
-    Reads the file of a Localhost seccomp profile (small, blocking): call it from a thread, as
-    `generate_async` does. `guest_path` maps each CRI host path mount to its guest path;
-    `image_volumes` maps the container_path of each image volume (Mount.image) to the guest
-    path where the agent puts the image (or its sub path).
-    :raises InvalidArgument: a CRI or image setting is malformed or impossible in a VM.
-    :raises Unimplemented: devices, image mounts without a guest path.
+    Reads the file of a Localhost seccomp profile and stats the CRI devices (small, blocking):
+    call it from a thread, as `generate_async` does. `guest_path` maps each CRI host path mount
+    to the path the container's runc sees (the host path on a host); `image_volumes` maps the
+    container_path of each image volume (Mount.image) to where the image (or its sub path) is.
+    :raises InvalidArgument: a CRI or image setting is malformed, or refused by `policy`.
+    :raises Unimplemented: devices refused by `policy`, CDI devices, image mounts without a path.
     :raises FailedPrecondition: the pod lacks a namespace the container asks to share.
     """
     image = image or ImageConfigView()
@@ -180,8 +236,10 @@ def generate(
     privileged = sc.privileged
     if privileged and not pod_sc.privileged:
         raise InvalidArgument("privileged container in a pod sandbox that is not privileged")
-    if container.devices or container.CDI_devices:
-        raise Unimplemented("devices cannot be passed into a micro-VM pod")
+    if policy.devices_refused and (container.devices or container.CDI_devices):
+        raise Unimplemented(policy.devices_refused)
+    if container.CDI_devices:
+        raise Unimplemented("CDI devices are not supported")
 
     user = _user(sc, image.user)
     # The pod's user namespace is its containers' (kubelet repeats the pod's options).
@@ -199,7 +257,8 @@ def generate(
         # Image VOLUMEs stay plain directories of the writable rootfs, as with containerd's
         # ignore_image_defined_volumes: kubelet mounts real volumes where the pod asks for them.
         log.debug("image volumes ignored %s volumes=%s", where, ",".join(image.volumes))
-    _ignored_security(sc, where)
+    apparmor = _apparmor(sc, policy, where)
+    selinux = _selinux(sc, policy, where)
 
     process: dict[str, Any] = {
         "terminal": container.tty,
@@ -218,17 +277,27 @@ def generate(
         if not -1000 <= adj <= 1000:
             raise InvalidArgument(f"oom_score_adj {adj} is outside [-1000, 1000]")
         process["oomScoreAdj"] = adj
+    if apparmor:
+        process["apparmorProfile"] = apparmor
+    if selinux:
+        process["selinuxLabel"] = selinux
 
-    mounts, rootfs_propagation = _mounts(
-        container, sc, guest_path, privileged, sandbox_dir, where, image_volumes or {}
+    ns_options = sc.namespace_options
+    mounts, rootfs_propagation, relabel = _mounts(
+        container, sc, guest_path, privileged, sandbox_dir, where, image_volumes or {},
+        policy.selinux_dropped,
     )
-    sysctls, skipped = _sysctls(pod, namespaces)
+    host_network = ns_options.network == cri.NODE
+    sysctls, skipped = _sysctls(pod, None if host_network else namespaces.net)
+    policy.check_namespaces(ns_options)
+    parent = cgroup_parent or (pod.linux.cgroup_parent if policy.pod_cgroup_parent else "")
     spec_linux: dict[str, Any] = {
-        "cgroupsPath": f"{(cgroup_parent or '/criserver/' + sandbox_id).rstrip('/')}/"
-                       f"{container_id}",
-        "namespaces": _namespaces(sc.namespace_options, namespaces, privileged, userns),
+        "cgroupsPath": _cgroups_path(policy.cgroup_driver, parent, sandbox_id, container_id),
+        "namespaces": _namespaces(ns_options, namespaces, privileged, userns),
         "resources": _resources(linux, privileged, pids_limit),
     }
+    if container.devices:
+        spec_linux["devices"] = _devices(container.devices, spec_linux["resources"]["devices"])
     if sysctls:
         spec_linux["sysctl"] = sysctls
     if userns:
@@ -252,7 +321,7 @@ def generate(
         "annotations": _annotations(container, pod, sandbox_id, image_name),
         "linux": spec_linux,
     }
-    if pod.hostname:
+    if pod.hostname and not host_network:  # the node's UTS namespace keeps the node's name
         spec["hostname"] = pod.hostname
     return GeneratedSpec(
         spec=spec,
@@ -262,6 +331,7 @@ def generate(
         merge_image_groups=sc.supplemental_groups_policy != cri.Strict,
         guest_devices=privileged,
         skipped_sysctls=skipped,
+        selinux_relabel=relabel,
     )
 
 
@@ -420,17 +490,54 @@ def _capabilities(sc: cri.LinuxContainerSecurityContext) -> dict[str, list[str]]
     }
 
 
-def _ignored_security(sc: cri.LinuxContainerSecurityContext, where: str) -> None:
-    apparmor = sc.apparmor.localhost_ref if sc.HasField("apparmor") else sc.apparmor_profile
-    if apparmor and apparmor not in ("runtime/default", "unconfined"):
-        # The guest kernel has no AppArmor: nothing could enforce the profile.
-        log.info("apparmor profile ignored: no apparmor in the guest %s profile=%s",
-                 where, apparmor)
-    if sc.HasField("selinux_options") and any(
-        (sc.selinux_options.user, sc.selinux_options.role, sc.selinux_options.type,
-         sc.selinux_options.level)
-    ):
-        log.info("selinux options ignored: no selinux in the guest %s", where)
+def _apparmor(sc: cri.LinuxContainerSecurityContext, policy: SpecPolicy, where: str) -> str:
+    """The container's `process.apparmorProfile` ("": none)."""
+    if policy.apparmor_dropped:
+        named = sc.apparmor.localhost_ref if sc.HasField("apparmor") else sc.apparmor_profile
+        if named and named not in ("runtime/default", "unconfined"):
+            log.info("apparmor profile ignored: %s %s profile=%s",
+                     policy.apparmor_dropped, where, named)
+        return ""
+    if sc.HasField("apparmor"):
+        kind, ref = sc.apparmor.profile_type, sc.apparmor.localhost_ref
+    else:
+        # The deprecated string field: "" and "unconfined" mean none.
+        text = sc.apparmor_profile
+        if text in ("", "unconfined"):
+            return ""
+        if text == "runtime/default":
+            kind, ref = cri.SecurityProfile.RuntimeDefault, ""
+        elif text.startswith("localhost/"):
+            kind, ref = cri.SecurityProfile.Localhost, text
+        else:
+            raise InvalidArgument(f"unknown apparmor profile {text!r}")
+    if kind == cri.SecurityProfile.Unconfined:
+        return ""
+    if kind == cri.SecurityProfile.RuntimeDefault:
+        # As containerd: the default profile does not confine a privileged container.
+        return "" if sc.privileged else policy.apparmor_default
+    if kind != cri.SecurityProfile.Localhost:
+        raise InvalidArgument(f"unknown apparmor profile type {kind}")
+    name = ref.removeprefix("localhost/")
+    if not name:
+        raise InvalidArgument("apparmor profile type Localhost without a profile name")
+    return name
+
+
+def _selinux(sc: cri.LinuxContainerSecurityContext, policy: SpecPolicy, where: str) -> str:
+    """The container's `process.selinuxLabel` ("": none): the policy's default label with the
+    parts the CRI sets replaced."""
+    options = sc.selinux_options
+    given = (options.user, options.role, options.type, options.level)
+    if not sc.HasField("selinux_options") or not any(given):
+        return ""
+    if policy.selinux_dropped:
+        log.info("selinux options ignored: %s %s", policy.selinux_dropped, where)
+        return ""
+    if sc.privileged:  # as containerd: privileged containers run unlabelled (spc_t)
+        return ""
+    parts = policy.selinux_default.split(":", 3)
+    return ":".join(value or default for value, default in zip(given, parts, strict=True))
 
 
 def _bind(source: str, destination: str, options: list[str]) -> dict[str, Any]:
@@ -465,10 +572,13 @@ def _mounts(
     sandbox_dir: str,
     where: str,
     image_volumes: Mapping[str, str],
-) -> tuple[list[dict[str, Any]], str]:
-    """Default mounts not overridden, then CRI and pod-file mounts, parents before children."""
+    selinux_dropped: str,
+) -> tuple[list[dict[str, Any]], str, tuple[str, ...]]:
+    """Default mounts not overridden, then CRI and pod-file mounts, parents before children;
+    the rootfs propagation; the host paths to relabel for SELinux."""
     supplied: list[dict[str, Any]] = []
     propagation = ""
+    relabel: list[str] = []
     for m in container.mounts:
         dest = m.container_path
         if not dest or not os.path.isabs(dest):
@@ -490,8 +600,10 @@ def _mounts(
             raise InvalidArgument(f"mount at {dest}: recursive_read_only needs readonly")
         if m.recursive_read_only and m.propagation != cri.PROPAGATION_PRIVATE:
             raise InvalidArgument(f"mount at {dest}: recursive_read_only needs private propagation")
-        if m.selinux_relabel:
-            log.info("selinux relabel ignored: no selinux in the guest %s mount=%s", where, dest)
+        if m.selinux_relabel and selinux_dropped:
+            log.info("selinux relabel ignored: %s %s mount=%s", selinux_dropped, where, dest)
+        elif m.selinux_relabel and m.host_path and m.host_path not in relabel:
+            relabel.append(m.host_path)
         mode = "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"
         options = ["rbind", PROPAGATION[m.propagation], mode]
         # Propagation out of a mount needs the container's root to propagate too.
@@ -504,15 +616,19 @@ def _mounts(
     taken = {m["destination"] for m in supplied}
     files_mode = "ro" if sc.readonly_rootfs else "rw"
     pod_files = [
-        ("/etc/hostname", "hostname", files_mode),
-        ("/etc/hosts", "hosts", files_mode),
-        ("/etc/resolv.conf", "resolv.conf", files_mode),
+        ("/etc/hostname", f"{sandbox_dir}/hostname", files_mode),
+        ("/etc/hosts", f"{sandbox_dir}/hosts", files_mode),
+        ("/etc/resolv.conf", f"{sandbox_dir}/resolv.conf", files_mode),
     ]
-    if sc.namespace_options.ipc != cri.CONTAINER:  # a private IPC namespace keeps its own shm
-        pod_files.append(("/dev/shm", "shm", "rw"))
-    for dest, name, mode in pod_files:
+    # A private IPC namespace keeps its own shm; the node's IPC namespace goes with its shm.
+    ipc = sc.namespace_options.ipc
+    if ipc == cri.NODE:
+        pod_files.append(("/dev/shm", "/dev/shm", "rw"))
+    elif ipc != cri.CONTAINER:
+        pod_files.append(("/dev/shm", f"{sandbox_dir}/shm", "rw"))
+    for dest, source, mode in pod_files:
         if dest not in taken:
-            supplied.append(_bind(f"{sandbox_dir}/{name}", dest, ["rbind", "rprivate", mode]))
+            supplied.append(_bind(source, dest, ["rbind", "rprivate", mode]))
             taken.add(dest)
 
     mounts = [
@@ -521,23 +637,22 @@ def _mounts(
         and not ("/dev" in taken and m["destination"].startswith("/dev/"))
     ]
     supplied.sort(key=lambda m: m["destination"].rstrip("/").count("/"))  # stable
-    return mounts + supplied, propagation
+    return mounts + supplied, propagation, tuple(relabel)
 
 
 def _namespaces(
     options: cri.NamespaceOption, ns: PodNamespaces, privileged: bool, userns: bool
 ) -> list[dict[str, str]]:
-    for kind, mode in (("network", options.network), ("pid", options.pid), ("ipc", options.ipc)):
-        if mode == cri.NODE:
-            raise InvalidArgument(f"{kind} namespace mode NODE: a micro-VM pod cannot share the "
-                                  "host's namespaces")
+    """Mode NODE is no entry: the container stays in the node's namespace of that kind."""
     if options.network == cri.TARGET or options.ipc == cri.TARGET:
         raise InvalidArgument("namespace mode TARGET is valid only for the pid namespace")
     result: list[dict[str, str]] = [{"type": "mount"}]
     if userns:
         # No path: the agent creates the pod's user namespace and has its containers join it.
         result.append({"type": "user"})
-    if options.pid == cri.CONTAINER:
+    if options.pid == cri.NODE:
+        pass
+    elif options.pid == cri.CONTAINER:
         result.append({"type": "pid"})
     elif options.pid == cri.TARGET:
         if not options.target_id:
@@ -550,15 +665,76 @@ def _namespaces(
     else:
         raise FailedPrecondition("the pod has no shared pid namespace for pid mode POD")
     # ipc CONTAINER cannot come from kubelet but costs nothing to honour.
-    result.append({"type": "ipc"} if options.ipc == cri.CONTAINER
-                  else {"type": "ipc", "path": ns.ipc})
-    result.append({"type": "uts", "path": ns.uts})
-    if ns.net:
-        result.append({"type": "network", "path": ns.net})
+    if options.ipc == cri.CONTAINER:
+        result.append({"type": "ipc"})
+    elif options.ipc != cri.NODE:
+        result.append({"type": "ipc", "path": ns.ipc})
+    # As containerd: a hostNetwork pod has the node's UTS namespace (its hostname) too.
+    if options.network != cri.NODE:
+        result.append({"type": "uts", "path": ns.uts})
+        if ns.net:
+            result.append({"type": "network", "path": ns.net})
     if not privileged:
         # The guest runs cgroup v2: a private cgroup namespace hides the pod's hierarchy.
         result.append({"type": "cgroup"})
     return result
+
+
+def _cgroups_path(driver: str, parent: str, sandbox_id: str, container_id: str) -> str:
+    if driver == "systemd":
+        # As containerd: kubelet's systemd parent is a path of slices; runc wants the last one
+        # in its "slice:prefix:name" form.
+        base = os.path.basename(parent.rstrip("/")) or "system.slice"
+        if not base.endswith(".slice"):
+            raise InvalidArgument(f"cgroup parent {parent!r} is not a systemd slice")
+        return f"{base}:criserver:{container_id}"
+    return f"{(parent or '/criserver/' + sandbox_id).rstrip('/')}/{container_id}"
+
+
+def _devices(devices: Iterable[cri.Device], rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`linux.devices` for the CRI's host devices (a directory: the device nodes under it),
+    appending their allow rules to `rules` (`linux.resources.devices`)."""
+    result: list[dict[str, Any]] = []
+    for device in devices:
+        access = device.permissions or "rwm"
+        if not set(access) <= set("rwm"):
+            raise InvalidArgument(f"device {device.host_path}: permissions {access!r} are not "
+                                  "a subset of rwm")
+        if not os.path.isabs(device.host_path) or not os.path.isabs(device.container_path):
+            raise InvalidArgument(f"device {device.host_path!r} at {device.container_path!r}: "
+                                  "paths must be absolute")
+        for host, inside in _device_nodes(device.host_path, device.container_path):
+            try:
+                st = os.stat(host)
+            except OSError as exc:
+                raise InvalidArgument(f"device {host}: {exc.strerror}") from exc
+            kind = "c" if stat.S_ISCHR(st.st_mode) else "b" if stat.S_ISBLK(st.st_mode) else ""
+            if not kind:
+                raise InvalidArgument(f"device {host} is not a device node")
+            major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            result.append({"path": inside, "type": kind, "major": major, "minor": minor,
+                           "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
+                           "gid": st.st_gid})
+            rules.append({"allow": True, "type": kind, "major": major, "minor": minor,
+                          "access": access})
+    return result
+
+
+def _device_nodes(host_path: str, container_path: str) -> list[tuple[str, str]]:
+    """(host path, container path) of a device, or of each device node under a directory."""
+    if not os.path.isdir(host_path):
+        return [(host_path, container_path)]
+    nodes = []
+    for dirpath, dirnames, filenames in os.walk(host_path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            mode = 0
+            with contextlib.suppress(OSError):  # gone meanwhile, or a broken link
+                mode = os.stat(path).st_mode
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                nodes.append((path, os.path.join(container_path, os.path.relpath(path, host_path))))
+    return nodes
 
 
 def _id_mappings(mappings: Iterable[cri.IDMapping]) -> list[dict[str, int]]:
@@ -567,17 +743,18 @@ def _id_mappings(mappings: Iterable[cri.IDMapping]) -> list[dict[str, int]]:
 
 
 def _sysctls(
-    pod: cri.PodSandboxConfig, ns: PodNamespaces
+    pod: cri.PodSandboxConfig, net: str | None
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """The pod's sysctls for the spec, and those left to the agent's VM-wide setup."""
+    """The pod's sysctls for the spec, and those left to the backend (net.* without `net`, the
+    container's network namespace)."""
     kept: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for key, value in sorted(pod.linux.sysctls.items()):
         if not SYSCTL_RE.fullmatch(key) or ".." in key:
             raise InvalidArgument(f"invalid sysctl name {key!r}")
-        # runc refuses net.* without a network namespace of the container's own; the VM is the
-        # pod's network namespace, where the agent applies them at sandbox setup.
-        if key.replace("/", ".").startswith("net.") and not ns.net:
+        # runc refuses net.* without a network namespace of the container's own; a micro-VM is
+        # the pod's network namespace, where the agent applies them at sandbox setup.
+        if key.replace("/", ".").startswith("net.") and not net:
             skipped[key] = value
         else:
             kept[key] = value

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm.spec_policy import POLICY as MICROVM
 from criserver.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from criserver.image.manifest import ImageConfigInfo
 from criserver.runtime import oci_spec
@@ -32,6 +33,7 @@ from criserver.runtime.oci_spec import (
     GeneratedSpec,
     ImageConfigView,
     PodNamespaces,
+    SpecPolicy,
     generate,
     generate_async,
 )
@@ -76,7 +78,8 @@ def gen(
 ) -> GeneratedSpec:
     return generate(
         container or container_config(), pod or pod_config(), image, ns, guest,
-        container_id=kw.pop("container_id", "c1"), sandbox_id=kw.pop("sandbox_id", "p1"), **kw,
+        policy=kw.pop("policy", MICROVM), container_id=kw.pop("container_id", "c1"),
+        sandbox_id=kw.pop("sandbox_id", "p1"), **kw,
     )
 
 
@@ -833,6 +836,177 @@ def test_devices_unimplemented(kw: dict[str, Any]) -> None:
         gen(container_config(**kw))
 
 
+# --- a host-like policy: what the neutral generator builds ----------------------------------
+
+HOST = SpecPolicy(apparmor_default="criserver-default")
+NET_NS = PodNamespaces(ipc="/proc/7/ns/ipc", uts="/proc/7/ns/uts", pid="/proc/7/ns/pid",
+                       net="/proc/7/ns/net")
+
+
+def host_gen(container: cri.ContainerConfig, pod: cri.PodSandboxConfig | None = None,
+             **kw: Any) -> GeneratedSpec:
+    return gen(container, pod, ns=kw.pop("ns", NET_NS), policy=kw.pop("policy", HOST), **kw)
+
+
+def test_microvm_policy_refuses_host_network_with_one_message() -> None:
+    with pytest.raises(InvalidArgument, match="network namespace mode NODE: hostNetwork"):
+        MICROVM.check_namespaces(cri.NamespaceOption(network=cri.NODE))
+    # run_sandbox checks the network only: hostPID/hostIPC fail at CreateContainer.
+    MICROVM.check_namespaces(cri.NamespaceOption(pid=cri.NODE, ipc=cri.NODE), kinds=("network",))
+
+
+def test_host_policy_node_namespaces() -> None:
+    options = cri.NamespaceOption(network=cri.NODE, pid=cri.NODE, ipc=cri.NODE)
+    pod = pod_config(linux=cri.LinuxPodSandboxConfig(
+        sysctls={"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1"}))
+    out = host_gen(container_config({"namespace_options": options}), pod)
+    # No entry: the node's network, UTS (its hostname), pid and IPC namespaces.
+    assert out.spec["linux"]["namespaces"] == [{"type": "mount"}, {"type": "cgroup"}]
+    assert "hostname" not in out.spec
+    assert mount_at(out.spec, "/dev/shm")["source"] == "/dev/shm"
+    # net.* would change the node's network: never in the spec of a hostNetwork container.
+    assert out.spec["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
+    assert out.skipped_sysctls == {"net.ipv4.ip_forward": "1"}
+
+
+def test_host_policy_node_network_only() -> None:
+    out = host_gen(container_config({"namespace_options": cri.NamespaceOption(
+        network=cri.NODE)}))
+    assert out.spec["linux"]["namespaces"] == [
+        {"type": "mount"}, {"type": "pid", "path": "/proc/7/ns/pid"},
+        {"type": "ipc", "path": "/proc/7/ns/ipc"}, {"type": "cgroup"},
+    ]
+    pod_net = host_gen(container_config()).spec
+    assert {"type": "network", "path": "/proc/7/ns/net"} in pod_net["linux"]["namespaces"]
+    assert {"type": "uts", "path": "/proc/7/ns/uts"} in pod_net["linux"]["namespaces"]
+    assert pod_net["hostname"] == "web-host"
+
+
+def test_host_policy_devices() -> None:
+    null = os.stat("/dev/null")
+    device = cri.Device(container_path="/dev/mynull", host_path="/dev/null", permissions="rw")
+    linux = host_gen(container_config(devices=[device])).spec["linux"]
+    assert linux["devices"] == [{
+        "path": "/dev/mynull", "type": "c", "major": 1, "minor": 3,
+        "fileMode": null.st_mode & 0o7777, "uid": null.st_uid, "gid": null.st_gid,
+    }]
+    assert linux["resources"]["devices"] == [
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"},
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_host_policy_device_directory(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    os.mknod(tmp_path / "sub" / "zero", 0o620 | 0o020000, os.makedev(1, 5))
+    (tmp_path / "not-a-device").write_text("")
+    device = cri.Device(container_path="/dev/x", host_path=str(tmp_path), permissions="r")
+    linux = host_gen(container_config(devices=[device])).spec["linux"]
+    assert [(d["path"], d["major"], d["minor"]) for d in linux["devices"]] == [
+        ("/dev/x/sub/zero", 1, 5)]
+
+
+@pytest.mark.parametrize(
+    ("device", "error"),
+    [
+        (cri.Device(container_path="/dev/n", host_path="/dev/null", permissions="rwx"),
+         InvalidArgument),
+        (cri.Device(container_path="/dev/n", host_path="/etc/hostname"), InvalidArgument),
+        (cri.Device(container_path="/dev/n", host_path="/no/such/device"), InvalidArgument),
+        (cri.Device(container_path="dev/n", host_path="/dev/null"), InvalidArgument),
+    ],
+)
+def test_host_policy_devices_invalid(device: cri.Device, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        host_gen(container_config(devices=[device]))
+
+
+def test_host_policy_cdi_devices_unimplemented() -> None:
+    with pytest.raises(Unimplemented, match="CDI"):
+        host_gen(container_config(CDI_devices=[cri.CDIDevice(name="vendor.com/gpu=0")]))
+
+
+@pytest.mark.parametrize(
+    ("sc", "profile"),
+    [
+        ({"apparmor": cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost,
+                                          localhost_ref="localhost/my-profile")}, "my-profile"),
+        ({"apparmor": cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost,
+                                          localhost_ref="my-profile")}, "my-profile"),
+        ({"apparmor_profile": "localhost/old-style"}, "old-style"),
+        ({"apparmor": cri.SecurityProfile(profile_type=cri.SecurityProfile.RuntimeDefault)},
+         "criserver-default"),
+        ({"apparmor_profile": "runtime/default"}, "criserver-default"),
+        ({"apparmor": cri.SecurityProfile(profile_type=cri.SecurityProfile.Unconfined)}, None),
+        ({"apparmor_profile": "unconfined"}, None),
+        ({}, None),
+    ],
+)
+def test_host_policy_apparmor(sc: dict[str, Any], profile: str | None) -> None:
+    process = host_gen(container_config(sc)).spec["process"]
+    assert process.get("apparmorProfile") == profile
+
+
+def test_host_policy_apparmor_privileged_and_invalid() -> None:
+    pod = pod_config(linux=cri.LinuxPodSandboxConfig(
+        security_context=cri.LinuxSandboxSecurityContext(privileged=True)))
+    default = host_gen(container_config({"privileged": True, "apparmor_profile":
+                                         "runtime/default"}), pod).spec["process"]
+    assert "apparmorProfile" not in default
+    for bad in ({"apparmor_profile": "bogus"},
+                {"apparmor": cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost)}):
+        with pytest.raises(InvalidArgument, match="apparmor"):
+            host_gen(container_config(bad))
+
+
+def test_host_policy_selinux(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="criserver.runtime.oci_spec")
+    mounts = [cri.Mount(container_path="/a", host_path="/h/a", selinux_relabel=True),
+              cri.Mount(container_path="/b", host_path="/h/b")]
+    out = host_gen(container_config(
+        {"selinux_options": cri.SELinuxOption(level="s0:c1,c2")}, mounts=mounts))
+    assert out.spec["process"]["selinuxLabel"] == "system_u:system_r:container_t:s0:c1,c2"
+    assert out.selinux_relabel == ("/h/a",)
+    typed = host_gen(container_config({"selinux_options": cri.SELinuxOption(type="spc_t")}))
+    assert typed.spec["process"]["selinuxLabel"] == "system_u:system_r:spc_t:s0"
+    assert "selinuxLabel" not in host_gen(container_config()).spec["process"]
+    assert "ignored" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("policy", "pod_parent", "path"),
+    [
+        (HOST, "", "/criserver/p1/c1"),
+        (HOST, "/kubepods/besteffort/podx", "/kubepods/besteffort/podx/c1"),
+        (SpecPolicy(cgroup_driver="systemd"), "", "system.slice:criserver:c1"),
+        (SpecPolicy(cgroup_driver="systemd"),
+         "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podx.slice",
+         "kubepods-besteffort-podx.slice:criserver:c1"),
+        # The guest's cgroups are the agent's: the host pod's parent means nothing there.
+        (MICROVM, "/kubepods/besteffort/podx", "/criserver/p1/c1"),
+    ],
+)
+def test_cgroups_path_per_policy(policy: SpecPolicy, pod_parent: str, path: str) -> None:
+    pod = pod_config(linux=cri.LinuxPodSandboxConfig(cgroup_parent=pod_parent))
+    assert gen(pod=pod, policy=policy).spec["linux"]["cgroupsPath"] == path
+
+
+def test_systemd_cgroup_parent_must_be_a_slice() -> None:
+    pod = pod_config(linux=cri.LinuxPodSandboxConfig(cgroup_parent="/kubepods/podx"))
+    with pytest.raises(InvalidArgument, match="not a systemd slice"):
+        gen(pod=pod, policy=SpecPolicy(cgroup_driver="systemd"))
+
+
+@pytest.mark.parametrize(
+    "kw", [{"cgroup_driver": "cgroupv3"}, {"node_namespaces_refused": {"user": "no"}},
+           {"selinux_default": "user:role:type"}],
+)
+def test_spec_policy_validated(kw: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SpecPolicy(**kw)
+
+
 # --- plumbing ------------------------------------------------------------------------------
 
 
@@ -855,7 +1029,7 @@ def test_to_json_roundtrip() -> None:
 
 async def test_generate_async() -> None:
     out = await generate_async(container_config(), pod_config(), IMAGE, NS, guest,
-                               container_id="c9", sandbox_id="p9")
+                               policy=MICROVM, container_id="c9", sandbox_id="p9")
     assert out.spec["linux"]["cgroupsPath"] == "/criserver/p9/c9"
 
 
@@ -878,12 +1052,12 @@ class RuncHost:
 
     def run(
         self, container: cri.ContainerConfig, pod: cri.PodSandboxConfig | None = None,
-        ns: PodNamespaces | None = None,
+        ns: PodNamespaces | None = None, policy: SpecPolicy = MICROVM,
     ) -> subprocess.CompletedProcess[str]:
         cid = "t" + uuid.uuid4().hex[:12]
         out = generate(
             container, pod or pod_config(), None, ns or self.ns, lambda m: m.host_path,
-            container_id=cid, sandbox_id="p", cgroup_parent=self.cgroup_parent,
+            policy=policy, container_id=cid, sandbox_id="p", cgroup_parent=self.cgroup_parent,
             sandbox_dir=str(self.sandbox_dir),
         )
         bundle = self.tmp / cid
@@ -1104,3 +1278,19 @@ def test_runc_privileged(runc_host: RuncHost, tmp_path: Path) -> None:
     assert fields["Seccomp"] == "0"  # critest: privileged ignores the seccomp profile
     assert int(fields["CapBnd"], 16) & int(cap_mask(("CAP_SYS_ADMIN", "CAP_NET_ADMIN")), 16)
     assert "set-ok" in result.stdout and "mount-ok" in result.stdout
+
+
+@needs_runc
+def test_runc_host_policy_node_namespaces_and_device(runc_host: RuncHost) -> None:
+    options = cri.NamespaceOption(network=cri.NODE, pid=cri.NODE, ipc=cri.NODE)
+    device = cri.Device(container_path="/dev/mynull", host_path="/dev/null", permissions="rw")
+    script = ("echo net=$(readlink /proc/self/ns/net) ipc=$(readlink /proc/self/ns/ipc) "
+              "host=$(hostname); echo data > /dev/mynull && echo device-ok")
+    result = runc_host.run(container_config(
+        {"namespace_options": options}, devices=[device], command=["sh", "-c", script]),
+        policy=HOST)
+    assert result.returncode == 0, result.stderr
+    assert f"net={os.readlink('/proc/self/ns/net')} " in result.stdout
+    assert f"ipc={os.readlink('/proc/self/ns/ipc')} " in result.stdout
+    assert f"host={os.uname().nodename}" in result.stdout
+    assert "device-ok" in result.stdout
