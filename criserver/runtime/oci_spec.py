@@ -73,7 +73,7 @@ NODE_KINDS = ("network", "pid", "ipc")
 @dataclass(frozen=True)
 class SpecPolicy:
     """What a backend lets a container spec carry, and how. The defaults are a host's: the spec
-    has everything the CRI asks for.
+    has everything the CRI asks for (CDI devices aside: there is no CDI registry yet).
 
     A reason string set means refused (or dropped), with the reason in the error or log line.
     """
