@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError
 
 from vmagent import cgroups, metrics, mountutil
 from vmagent.api import agent_pb2 as pb
+from vmagent.contract import SHARED_TAG
 from vmagent.idmap import IdMaps, spec_id_maps
 from vmagent.imagevolumes import ImageVolume, mount_volume, unmount_volume
 from vmagent.ocispec import (
@@ -30,7 +31,7 @@ from vmagent.ocispec import (
 )
 from vmagent.pid1 import ChildExit, Reaper
 from vmagent.podns import PodNamespaces
-from vmagent.rootfs import SHARED_TAG, Mounts, Rootfs, dir_bytes, remove_tree
+from vmagent.rootfs import Mounts, Rootfs, dir_bytes, remove_tree
 from vmagent.runc import Runc, RuncError
 from vmagent.stdio import DEFAULT_LIMIT, STDERR, STDOUT, OutputLog, PipeReader
 from vmagent.users import resolve_in_rootfs

@@ -15,12 +15,11 @@ from grpclib.exceptions import GRPCError
 
 from vmagent import mountutil
 from vmagent.api import agent_pb2 as pb
+from vmagent.contract import IMAGES_TAG
 from vmagent.idmap import IdMaps, idmapped_clone
 
 log = logging.getLogger("vmagent")
 
-IMAGES_TAG = "criserver.images"
-SHARED_TAG = "criserver.shared"
 _9P_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
 
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import os
 
-CMDLINE_PREFIX = "criserver."
+from vmagent.contract import AGENT_PORT_NAME, AGENT_VSOCK_PORT, CMDLINE_PREFIX, RUN_DIR
 
 # name -> (type, default)
 _FIELDS: dict[str, tuple[type, object]] = {
     # "auto" (vsock if the guest has /dev/vsock, else virtio-serial), "serial", "vsock",
     # "fd:<n>" (an inherited fd that behaves like a virtio-serial port) or "unix:<path>".
     "transport": (str, "auto"),
-    "port_name": (str, "criserver.agent"),
-    "vsock_port": (int, 1024),
+    "port_name": (str, AGENT_PORT_NAME),
+    "vsock_port": (int, AGENT_VSOCK_PORT),
     # Where the agent keeps pod files (resolv.conf, hosts) that containers bind-mount later.
-    "run_dir": (str, "/run/criserver"),
+    "run_dir": (str, RUN_DIR),
     "log_level": (str, "info"),
     # Re-check the port's connection state this often while no host is connected, in case a
     # SIGIO was missed (the signal is the normal wake-up; this is only a safety net).

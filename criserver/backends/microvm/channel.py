@@ -25,6 +25,7 @@ from criserver import errors
 from criserver.sandbox.qemu import AgentTransport, VsockTransport
 from vmagent.api import agent_pb2 as pb
 from vmagent.api.agent_grpc import AgentStub, HealthStub
+from vmagent.contract import AGENT_VSOCK_PORT
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class AgentAddress:
 
     unix_path: str | None = None
     vsock_cid: int | None = None
-    vsock_port: int = 1024
+    vsock_port: int = AGENT_VSOCK_PORT
 
     def __post_init__(self) -> None:
         if (self.unix_path is None) == (self.vsock_cid is None):

@@ -32,12 +32,11 @@ from typing import Any
 
 from criserver.errors import InvalidArgument, NotFound
 from criserver.sandbox.qemu import Share
+from vmagent.contract import IMAGES_TAG, SHARED_DIR, SHARED_TAG
 
 log = logging.getLogger(__name__)
 
-IMAGES_TAG = "criserver.images"
-VOLUMES_TAG = "criserver.shared"
-GUEST_VOLUMES_DIR = "/run/criserver/shared"
+GUEST_VOLUMES_DIR = SHARED_DIR
 
 _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 4096, 8192, 16384, 1 << 18
 _MNT_DETACH = 2
@@ -72,7 +71,7 @@ class Volume:
 
 def pod_shares(images_dir: Path, volumes_dir: Path) -> tuple[Share, ...]:
     return (Share(IMAGES_TAG, images_dir, read_only=True),
-            Share(VOLUMES_TAG, volumes_dir, read_only=False))
+            Share(SHARED_TAG, volumes_dir, read_only=False))
 
 
 def prepare_volumes_root(root: Path) -> None:
