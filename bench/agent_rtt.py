@@ -112,9 +112,10 @@ def import_time(runs: int) -> tuple[float, list[tuple[float, str]]]:
 
 
 async def in_vm(assets_dir: Path, starts: int, calls: int) -> None:
+    from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
     from criserver.sandbox import assets as assets_mod
     from criserver.sandbox.accel import read_tsc_khz
-    from criserver.sandbox.qemu import SerialTransport, VMSpec
+    from criserver.sandbox.qemu import SerialTransport
     from criserver.sandbox.vm import VM
     from vmagent.api import agent_pb2 as pb
 
@@ -123,11 +124,9 @@ async def in_vm(assets_dir: Path, starts: int, calls: int) -> None:
     for i in range(starts):
         with tempfile.TemporaryDirectory(prefix="rtt") as tmp:
             state = Path(tmp)
-            spec = VMSpec(vm_id=f"bench-{i}", state_dir=state, kernel=assets.kernel,
-                          initramfs=assets.initramfs, root_disk=assets.root,
-                          root_serial=assets.root_serial,
-                          transport=SerialTransport(state / "agent.sock"),
-                          tsc_khz=read_tsc_khz(), pvpanic=False)
+            spec = pod_guest_spec(f"bench-{i}", state, assets,
+                                  SerialTransport(state / "agent.sock"),
+                                  GuestBoot(tsc_khz=read_tsc_khz()), pvpanic=False)
             vm = VM(spec)
             t0 = time.monotonic()
             await vm.start()

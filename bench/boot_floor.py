@@ -25,9 +25,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec  # noqa: E402
 from criserver.sandbox import assets as assets_mod  # noqa: E402
 from criserver.sandbox.accel import PROBE_MARKER, read_tsc_khz  # noqa: E402
-from criserver.sandbox.qemu import Machine, SerialTransport, VMSpec  # noqa: E402
+from criserver.sandbox.qemu import Machine, SerialTransport  # noqa: E402
 from criserver.sandbox.vm import VM  # noqa: E402
 from guest import build as guestbuild  # noqa: E402
 
@@ -86,20 +87,10 @@ async def one_boot(
     a: assets_mod.GuestAssets, machine: Machine, tsc: int | None, measure_pss: bool,
     **vm_options: Any,
 ) -> dict[str, float | None]:
-    """`vm_options`: more VMSpec fields (e.g. the backend's host-memory settings)."""
+    """`vm_options`: more pod_guest_spec options (e.g. the backend's host-memory settings)."""
     d = Path(tempfile.mkdtemp(prefix="cribench-", dir="/tmp"))
-    spec = VMSpec(
-        **vm_options,
-        vm_id=f"bench-{d.name}",
-        state_dir=d,
-        kernel=a.kernel,
-        initramfs=a.initramfs,
-        root_disk=a.root,
-        root_serial=a.root_serial,
-        transport=SerialTransport(d / "agent.sock"),
-        tsc_khz=tsc,
-        machine=machine,
-    )
+    spec = pod_guest_spec(f"bench-{d.name}", d, a, SerialTransport(d / "agent.sock"),
+                          GuestBoot(tsc_khz=tsc), machine=machine, **vm_options)
     vm = VM(spec)
     try:
         t0 = time.monotonic()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import shutil
@@ -64,10 +63,8 @@ async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
         for exec_mode in ("auto", "runc"):
             (work / exec_mode).mkdir()
             (work / exec_mode / "images").symlink_to(work / "images")
-            spec = dataclasses.replace(
-                container_vm_spec(f"ctrbench-{os.getpid()}-{exec_mode}", work / exec_mode,
-                                  assets),
-                agent_settings={"exec_mode": exec_mode})
+            spec = container_vm_spec(f"ctrbench-{os.getpid()}-{exec_mode}", work / exec_mode,
+                                     assets, settings={"exec_mode": exec_mode})
             await one_vm(spec, image, exec_mode, n_containers, n_execs)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -29,12 +29,17 @@ from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config, ConfigError
 from criserver.errors import CriError
 from criserver.image.service import ImageService
-from criserver.runtime.backend import BackendContext, SandboxBackend, load_backend_class
+from criserver.runtime.backend import (
+    BackendContext,
+    DaemonShared,
+    SandboxBackend,
+    load_backend_class,
+)
+from criserver.runtime.recovery import recover
 from criserver.runtime.runtime import BackendEventSink, Runtime
 from criserver.runtime.servicer import IMAGE_MISSING, MISSING, image_service, runtime_service
 from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.store.db import Database
-from criserver.store.records import ContainerState, PodState
 
 log = logging.getLogger("criserver.daemon")
 
@@ -96,7 +101,7 @@ async def _runtime(config: Config) -> AsyncIterator[Runtime]:
         runtime.images = images
         runtime.backends.update(_load_backends(config, runtime))
         for name, backend in runtime.backends.items():
-            await _recover(runtime, name, backend)
+            await recover(runtime, name, backend)
         try:
             yield runtime
         finally:
@@ -121,6 +126,7 @@ def _lock_state_dir(state: Path) -> Any:
 def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend]:
     backends: dict[str, SandboxBackend] = {}
     sink = BackendEventSink(runtime)
+    shared = DaemonShared()
     for handler, handler_config in config.runtimes.items():
         try:
             cls = load_backend_class(handler_config.backend)
@@ -133,6 +139,7 @@ def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend
             config=config,
             events=sink,
             images=runtime.images,
+            shared=shared,
         )
         context.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         context.state.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -141,29 +148,6 @@ def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend
             raise StartupError(f"runtimes.{handler}.backend: {cls!r} is not a SandboxBackend")
         backends[handler] = backend
     return backends
-
-
-async def _recover(runtime: Runtime, handler: str, backend: SandboxBackend) -> None:
-    """Hand the backend its pods to re-adopt; clean up what a crash left half-made."""
-    pods = [p for p in runtime.pods.all() if p.runtime_handler == handler]
-    for pod in [p for p in pods if p.state == PodState.INIT]:
-        log.warning("cleaning up pod interrupted during creation pod=%s", pod.id)
-        await backend.remove_sandbox(pod)
-        await runtime.pods.delete(pod.id)
-        runtime.pods.names.release(pod.name_key, pod.id)
-    pod_ids = {p.id for p in pods}
-    containers = [c for c in runtime.containers.all() if c.pod_id in pod_ids]
-    for container in [c for c in containers if c.state == ContainerState.INIT]:
-        log.warning("cleaning up container interrupted during creation container=%s",
-                    container.id)
-        pod = runtime.pods.get(container.pod_id)
-        await backend.remove_container(pod, container)
-        await runtime.containers.delete(container.id)
-        runtime.containers.names.release(container.name_key(pod), container.id)
-    await backend.start(
-        [p for p in runtime.pods.all() if p.runtime_handler == handler],
-        [c for c in runtime.containers.all() if c.pod_id in pod_ids],
-    )
 
 
 async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:

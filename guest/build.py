@@ -747,7 +747,7 @@ def make_erofs(stage: Path, out: Path, uuid_seed: str) -> None:
 # --- initramfs -------------------------------------------------------------------------------
 
 
-class _Cpio:
+class Cpio:
     """A minimal deterministic newc writer: owner root, mtime 0, device nodes without mknod."""
 
     def __init__(self) -> None:
@@ -784,7 +784,7 @@ class _Cpio:
 
 
 def build_initramfs(src: Sources) -> bytes:
-    c = _Cpio()
+    c = Cpio()
     for d in ("bin", "dev", "proc", "sys", "newroot", "etc", "etc/modgroups", "lib", "lib/modules"):
         c.dir(d)
     # The kernel opens /dev/console before /init runs; devtmpfs is not mounted yet then.

@@ -33,8 +33,9 @@ class Daemon:
         )
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> Daemon:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+    def start(self, timeout: float = 30, env: dict[str, str] | None = None) -> Daemon:
+        """`env`: more environment variables for the daemon (e.g. armed failpoints)."""
+        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "criserver", "serve", "--config", str(self.config_path)],

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import InvalidArgument, Unimplemented
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from criserver.runtime.undo import UndoStack
 
 ENTRY_POINT_GROUP = "criserver.backends"
+T = TypeVar("T")
 
 
 class BackendEvents(Protocol):
@@ -49,6 +51,20 @@ class ImageLookup(Protocol):
         """The image's root filesystem as a read-only EROFS image."""
 
 
+class DaemonShared:
+    """What the backends of one daemon share (the pod network's CNI manager, the VM host's
+    facts): made by the first backend that asks, under a key naming what would make two differ.
+    The runtime knows nothing of what is kept here."""
+
+    def __init__(self) -> None:
+        self._objects: dict[Hashable, object] = {}
+
+    def get(self, key: Hashable, make: Callable[[], T]) -> T:
+        if key not in self._objects:
+            self._objects[key] = make()
+        return cast(T, self._objects[key])
+
+
 @dataclass(frozen=True)
 class BackendContext:
     handler: str
@@ -57,6 +73,7 @@ class BackendContext:
     config: Config
     events: BackendEvents
     images: ImageLookup | None = None
+    shared: DaemonShared = field(default_factory=DaemonShared)
 
 
 @dataclass(frozen=True)

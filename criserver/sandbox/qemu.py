@@ -1,28 +1,29 @@
-"""The QEMU command line of a pod's micro-VM, built in one place from a typed spec.
+"""The QEMU command line of a VM, built in one place from a typed spec.
 
-Nothing here runs QEMU: `vm.py` does. Keeping the argv pure makes it unit-testable and lets the
-lead compose extra devices (taps, image disks) through the spec's hook fields.
+The spec knows nothing of pods or of the guest agent's protocol: a boot source (a kernel with
+its command line, or firmware and a disk), named devices, a reboot policy and an optional agent
+port. What a guest expects on its kernel command line is its owner's business (the micro-VM
+backend's pod guest: criserver/backends/microvm/guest.py). Nothing here runs QEMU: `vm.py` does.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from criserver.errors import InvalidArgument
 
 QEMU_BINARY = "qemu-system-x86_64"
-AGENT_PORT_NAME = "criserver.agent"
-AGENT_VSOCK_PORT = 1024
 # A Unix socket path must fit sun_path (108 bytes with the NUL).
 _MAX_SOCKET_PATH = 107
-_SETTING_KEY = re.compile(r"^[a-z0-9_.-]+$")
+_DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")  # QEMU's id syntax, kept short
 # virtio-9p mount tags: short, and no characters QEMU's option parser or mount(8) would mangle.
 _SHARE_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+HOTPLUG_PORT = "hotplug"  # hotplug<n>: the root ports of VMSpec.hotplug_slots
 
 
 class Machine(enum.StrEnum):
@@ -31,16 +32,43 @@ class Machine(enum.StrEnum):
     Q35 = "q35"
 
 
+class RebootPolicy(enum.StrEnum):
+    # A pod VM never reboots: a guest reboot (or a panic with panic=-1) ends QEMU.
+    SHUTDOWN = "shutdown"
+    # A whole machine (IRI) reboots in place, like a physical one.
+    RESET = "reset"
+
+
+@dataclass(frozen=True)
+class DirectKernel:
+    """Boot a kernel directly (no firmware): the fastest start, used by pod guests."""
+
+    kernel: Path
+    initramfs: Path | None
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """Boot through firmware from the first disk (QEMU's SeaBIOS unless `path` is given)."""
+
+    path: Path | None = None
+
+
+BootSource = DirectKernel | Firmware
+
+
 @dataclass(frozen=True)
 class SerialTransport:
     """Agent over a virtio-serial port; the host end is a listening Unix socket."""
 
     socket_path: Path
+    port_name: str = "agent"  # the guest finds its port by this name
 
 
 @dataclass(frozen=True)
 class VsockTransport:
-    """Agent over vsock (needs /dev/vhost-vsock on the host); guest listens on port 1024."""
+    """Agent over vsock (needs /dev/vhost-vsock on the host)."""
 
     guest_cid: int
 
@@ -50,21 +78,26 @@ AgentTransport = SerialTransport | VsockTransport
 
 @dataclass(frozen=True)
 class TapNic:
-    """A virtio-net NIC on a tap the network code opened inside the pod's netns: QEMU runs in
-    the host's netns, so it gets the tap as an inherited fd, never by name."""
+    """A virtio-net NIC on a tap opened inside a network namespace: QEMU runs in the host's
+    netns, so it gets the tap as an inherited fd (or over QMP with getfd), never by name.
+    `id` names the device for device_del; empty: net<index>."""
 
     fd: int
     mac: str
     mtu: int = 0  # advertised to the guest (virtio host_mtu); 0: not advertised
+    id: str = ""
 
 
 @dataclass(frozen=True)
-class ExtraDisk:
-    """An extra virtio-blk disk, found in the guest by its serial (e.g. an image layer)."""
+class Disk:
+    """A virtio-blk disk, found in the guest by its serial. `id` names the QMP block node and
+    the device (device_del, blockdev-del)."""
 
+    id: str
     path: Path
-    serial: str
+    serial: str = ""
     read_only: bool = True
+    format: str = "raw"  # raw or qcow2
 
 
 @dataclass(frozen=True)
@@ -88,38 +121,13 @@ class GuestMemory:
 
 
 @dataclass(frozen=True)
-class VMSpec:
-    vm_id: str  # the pod sandbox id: names the VM in logs and errors
-    state_dir: Path  # per-pod directory for the QMP socket, pidfile and logs
-    kernel: Path
-    initramfs: Path
-    root_disk: Path
-    transport: AgentTransport
-    tsc_khz: int | None  # required by microvm under TCG (boot hangs otherwise)
-    root_serial: str = "criserver-root"
+class VMLocation:
+    """Where a VM's QEMU is found again (by a restarted daemon, or to kill it): no boot
+    details needed, so a VM can be adopted or killed even when its assets are gone."""
+
+    vm_id: str
+    state_dir: Path
     machine: Machine = Machine.MICROVM
-    accel: str = "tcg"
-    memory_mib: int = 256
-    vcpus: int = 1
-    module_groups: tuple[str, ...] = ()  # extra /init module groups: net, overlay, 9p, loop
-    agent_settings: Mapping[str, str] = field(default_factory=dict)  # -> criserver.<k>=<v>
-    kernel_args: tuple[str, ...] = ()
-    nics: tuple[TapNic, ...] = ()
-    disks: tuple[ExtraDisk, ...] = ()
-    shares: tuple[Share, ...] = ()  # virtio-9p exports (images, volumes); needs the 9p group
-    pvpanic: bool = True
-    # TCG translation cache, MiB (0: QEMU's default, up to 1 GiB; an idle guest fills ~76).
-    tcg_tb_size_mib: int = 0
-    # virtio-balloon free page reporting: blocks the guest frees go back to the host. The order
-    # is the smallest block reported (0: 4 KiB; the kernel's default 9, 2 MiB, is a block an
-    # idle guest's freed memory never forms).
-    free_page_reporting: bool = False
-    page_reporting_order: int = 0
-    qemu_binary: str = QEMU_BINARY
-    memory_file: GuestMemory | None = None
-    # QEMU starts paused and waits for a device state (`migrate-incoming`): a clone restored
-    # from a template instead of booting.
-    incoming: bool = False
 
     @property
     def qmp_socket(self) -> Path:
@@ -131,50 +139,62 @@ class VMSpec:
 
     @property
     def log_file(self) -> Path:
-        """QEMU's own stderr and the guest's serial console, one file per pod."""
+        """QEMU's own stderr and the guest's serial console, one file per VM."""
         return self.state_dir / "vm.log"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    vm_id: str  # names the VM in logs, errors and QEMU's process name
+    state_dir: Path  # the VM's own directory: QMP socket, pidfile, log (found again by it)
+    boot: BootSource
+    transport: AgentTransport | None = None  # the agent port, for guests that have an agent
+    machine: Machine = Machine.MICROVM
+    accel: str = "tcg"
+    memory_mib: int = 256
+    vcpus: int = 1
+    reboot: RebootPolicy = RebootPolicy.SHUTDOWN
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[TapNic, ...] = ()
+    shares: tuple[Share, ...] = ()  # virtio-9p exports
+    # Empty PCIe root ports (q35 only) that disks and NICs can be hot-added to.
+    hotplug_slots: int = 0
+    pvpanic: bool = True
+    # TCG translation cache, MiB (0: QEMU's default, up to 1 GiB; an idle guest fills ~76).
+    tcg_tb_size_mib: int = 0
+    # virtio-balloon free page reporting: blocks the guest frees go back to the host.
+    free_page_reporting: bool = False
+    qemu_binary: str = QEMU_BINARY
+    memory_file: GuestMemory | None = None
+    # QEMU starts paused and waits for a device state (`migrate-incoming`): a clone restored
+    # from a template instead of booting.
+    incoming: bool = False
+
+    @property
+    def location(self) -> VMLocation:
+        return VMLocation(self.vm_id, self.state_dir, self.machine)
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.location.qmp_socket
+
+    @property
+    def pidfile(self) -> Path:
+        return self.location.pidfile
+
+    @property
+    def log_file(self) -> Path:
+        return self.location.log_file
+
+
+def bus_kind(machine: Machine) -> str:
+    """How the guest finds its virtio devices: "mmio" (microvm) or "pci" (q35)."""
+    return "mmio" if machine is Machine.MICROVM else "pci"
 
 
 def _bus_device(machine: Machine, kind: str) -> str:
     # microvm only has virtio-mmio ("-device"), q35 has PCI ("-pci").
     return f"{kind}-{'device' if machine is Machine.MICROVM else 'pci'}"
-
-
-def kernel_cmdline(spec: VMSpec) -> str:
-    transport = "serial" if isinstance(spec.transport, SerialTransport) else "vsock"
-    args = [
-        "console=ttyS0",
-        "quiet",
-        # TCG exposes the host TSC to the guest; without the rate the early calibration can hang
-        # the microvm guest (about 1 boot in 4).
-        *([f"tsc_early_khz={spec.tsc_khz}"] if spec.tsc_khz else []),
-        # Under TCG the clocksource watchdog sees emulated timer ticks lag and demotes the TSC
-        # to 4 ms jiffies (coarse timers for the agent); the host TSC it reads is steady.
-        "tsc=reliable",
-        "cryptomgr.notests",
-        # A panic reboots at once; QEMU turns the reboot into a shutdown the host sees.
-        "panic=-1",
-        f"criserver.bus={'mmio' if spec.machine is Machine.MICROVM else 'pci'}",
-        f"criserver.transport={transport}",
-    ]
-    groups = [*spec.module_groups]
-    if spec.nics and "net" not in groups:
-        groups.append("net")
-    if spec.shares and "9p" not in groups:
-        groups.append("9p")
-    if spec.pvpanic and "pvpanic" not in groups:
-        groups.append("pvpanic")
-    if spec.free_page_reporting and "balloon" not in groups:
-        groups.append("balloon")
-        args.append(f"criserver.pr_order={spec.page_reporting_order}")
-    if groups:
-        args.append("criserver.modules=" + ",".join(groups))
-    for key, value in sorted(spec.agent_settings.items()):
-        if not _SETTING_KEY.match(key) or not value or any(c.isspace() for c in value):
-            raise InvalidArgument(f"vm {spec.vm_id}: bad agent setting {key}={value!r}")
-        args.append(f"criserver.{key}={value}")
-    args.extend(spec.kernel_args)
-    return " ".join(args)
 
 
 def _check(spec: VMSpec) -> None:
@@ -187,12 +207,21 @@ def _check(spec: VMSpec) -> None:
     if isinstance(spec.transport, VsockTransport) and spec.transport.guest_cid < 3:
         raise InvalidArgument(f"vm {spec.vm_id}: vsock guest CID must be >= 3")
     for nic in spec.nics:
-        if not _MAC.match(nic.mac):
-            raise InvalidArgument(f"vm {spec.vm_id}: bad MAC address {nic.mac!r}")
+        check_nic(spec.vm_id, nic)
+    ids = [d.id for d in spec.disks] + [n.id for n in spec.nics if n.id]
+    for device_id in ids:
+        if not _DEVICE_ID.match(device_id):
+            raise InvalidArgument(f"vm {spec.vm_id}: bad device id {device_id!r}")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument(f"vm {spec.vm_id}: device ids repeat: {ids}")
+    if spec.hotplug_slots and spec.machine is not Machine.Q35:
+        raise InvalidArgument(f"vm {spec.vm_id}: hotplug needs the q35 machine (PCIe)")
+    if isinstance(spec.boot, Firmware) and not spec.disks:
+        raise InvalidArgument(f"vm {spec.vm_id}: a firmware boot needs a disk to boot from")
     for share in spec.shares:
         if not _SHARE_TAG.match(share.tag):
             raise InvalidArgument(f"vm {spec.vm_id}: bad 9p share tag {share.tag!r}")
-    paths = (spec.kernel, spec.initramfs, spec.root_disk, *(d.path for d in spec.disks),
+    paths = (*boot_paths(spec.boot), *(d.path for d in spec.disks),
              *([spec.memory_file.path] if spec.memory_file else []))
     for p in (*paths, *(sh.path for sh in spec.shares)):
         if "," in str(p):
@@ -200,8 +229,8 @@ def _check(spec: VMSpec) -> None:
             raise InvalidArgument(f"vm {spec.vm_id}: path contains a comma: {p}")
     if spec.memory_mib < 64 or spec.vcpus < 1:
         raise InvalidArgument(f"vm {spec.vm_id}: needs >= 64 MiB and >= 1 vCPU")
-    if spec.tcg_tb_size_mib < 0 or not 0 <= spec.page_reporting_order <= 10:
-        raise InvalidArgument(f"vm {spec.vm_id}: bad tcg_tb_size_mib or page_reporting_order")
+    if spec.tcg_tb_size_mib < 0:
+        raise InvalidArgument(f"vm {spec.vm_id}: bad tcg_tb_size_mib")
     if spec.memory_file is not None and spec.free_page_reporting and not spec.memory_file.shared:
         # QEMU 7.2 discards a reported page of a file-backed RAM block by punching a hole in
         # the file: in a clone that would zero the template's page under every clone.
@@ -209,13 +238,74 @@ def _check(spec: VMSpec) -> None:
                               "private memory file")
 
 
+def check_nic(vm_id: str, nic: TapNic) -> None:
+    if not _MAC.match(nic.mac):
+        raise InvalidArgument(f"vm {vm_id}: bad MAC address {nic.mac!r}")
+
+
+def boot_paths(boot: BootSource) -> tuple[Path, ...]:
+    if isinstance(boot, DirectKernel):
+        return (boot.kernel, *([boot.initramfs] if boot.initramfs else []))
+    return (boot.path,) if boot.path else ()
+
+
+def nic_id(nic: TapNic, index: int) -> str:
+    return nic.id or f"net{index}"
+
+
+def netdev_options(nic: TapNic, netdev_id: str, fd: str | int) -> dict[str, object]:
+    """The tap backend of a NIC, as QMP netdev_add arguments (and -netdev at start)."""
+    return {"type": "tap", "id": netdev_id, "fd": str(fd), "vhost": False}
+
+
+def nic_device(machine: Machine, nic: TapNic, device_id: str, netdev_id: str) -> dict[str, object]:
+    """The virtio-net device of a NIC, as QMP device_add arguments (and -device at start)."""
+    device: dict[str, object] = {"driver": _bus_device(machine, "virtio-net"), "id": device_id,
+                                 "netdev": netdev_id, "mac": nic.mac}
+    if nic.mtu:
+        device["host_mtu"] = nic.mtu
+    return device
+
+
+def disk_node(disk: Disk) -> dict[str, object]:
+    """The block node of a disk, as QMP blockdev-add arguments (and -blockdev at start)."""
+    return {"driver": disk.format, "node-name": f"{disk.id}-node", "read-only": disk.read_only,
+            "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.read_only}}
+
+
+def disk_device(machine: Machine, disk: Disk) -> dict[str, object]:
+    """The virtio-blk device of a disk, as QMP device_add arguments (and -device at start)."""
+    device: dict[str, object] = {"driver": _bus_device(machine, "virtio-blk"), "id": disk.id,
+                                 "drive": f"{disk.id}-node"}
+    if disk.serial:
+        device["serial"] = disk.serial
+    return device
+
+
 def nic_args(nic: TapNic, machine: Machine = Machine.MICROVM, index: int = 0) -> list[str]:
     """The -netdev/-device pair of one tap NIC."""
-    return [
-        "-netdev", f"tap,id=net{index},fd={nic.fd},vhost=off",
-        "-device", f"{_bus_device(machine, 'virtio-net')},netdev=net{index},mac={nic.mac}"
-        + (f",host_mtu={nic.mtu}" if nic.mtu else ""),
-    ]
+    device_id = nic_id(nic, index)
+    netdev = f"{device_id}-netdev"
+    return ["-netdev", _option(netdev_options(nic, netdev, nic.fd), "type"),
+            "-device", _option(nic_device(machine, nic, device_id, netdev), "driver")]
+
+
+def _option(props: dict[str, object], first: str) -> str:
+    """QMP-style properties as a QEMU command-line option string, `first` leading."""
+    def text(v: object) -> str:
+        return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+    return ",".join([text(props[first])] + [f"{k}={text(v)}" for k, v in props.items()
+                                            if k != first])
+
+
+def _boot_args(boot: BootSource) -> list[str]:
+    if isinstance(boot, Firmware):
+        return ["-bios", str(boot.path)] if boot.path else []
+    argv = ["-kernel", str(boot.kernel), "-append", boot.cmdline]
+    if boot.initramfs:
+        argv += ["-initrd", str(boot.initramfs)]
+    return argv
 
 
 def _accel_option(spec: VMSpec) -> str:
@@ -263,15 +353,10 @@ def build_command(spec: VMSpec) -> list[str]:
         "-nodefaults",
         "-no-user-config",
         "-nographic",
-        # A pod VM never reboots: a guest reboot (or a panic via panic=-1) ends QEMU.
-        "-action", "reboot=shutdown,panic=shutdown",
-        "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initramfs),
-        "-append", kernel_cmdline(spec),
+        "-action", f"reboot={spec.reboot.value},panic=shutdown",
+        *_boot_args(spec.boot),
         "-chardev", f"file,id=console,path={spec.log_file},append=on",
         "-serial", "chardev:console",
-        "-drive", f"file={spec.root_disk},if=none,id=root,format=raw,readonly=on",
-        "-device", f"{_bus_device(m, 'virtio-blk')},drive=root,serial={spec.root_serial}",
     ]
     # fmt: on
     if isinstance(spec.transport, SerialTransport):
@@ -279,20 +364,19 @@ def build_command(spec: VMSpec) -> list[str]:
         argv += [
             "-device", f"{_bus_device(m, 'virtio-serial')},id=vser0,max_ports=2",
             "-chardev", f"socket,id=agent,path={spec.transport.socket_path},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev=agent,name={spec.transport.port_name}",
         ]
         # fmt: on
-    else:
+    elif isinstance(spec.transport, VsockTransport):
         vsock = "vhost-vsock-device" if m is Machine.MICROVM else "vhost-vsock-pci"
         argv += ["-device", f"{vsock},guest-cid={spec.transport.guest_cid}"]
     for i, disk in enumerate(spec.disks):
-        ro = "on" if disk.read_only else "off"
-        # fmt: off
-        argv += [
-            "-drive", f"file={disk.path},if=none,id=disk{i},format=raw,readonly={ro}",
-            "-device", f"{_bus_device(m, 'virtio-blk')},drive=disk{i},serial={disk.serial}",
-        ]
-        # fmt: on
+        device = disk_device(m, disk)
+        if i == 0 and isinstance(spec.boot, Firmware):
+            device["bootindex"] = 0
+        argv += ["-blockdev", json.dumps(disk_node(disk)),
+                 "-device", _option(device, "driver")]
     for i, nic in enumerate(spec.nics):
         argv += nic_args(nic, m, i)
     for i, share in enumerate(spec.shares):
@@ -311,6 +395,9 @@ def build_command(spec: VMSpec) -> list[str]:
     if spec.pvpanic:
         # ISA pvpanic: reported to the guest through ACPI on both machines -> GUEST_PANICKED.
         argv += ["-device", "pvpanic"]
+    for i in range(spec.hotplug_slots):
+        # One root port per hot-added device (PCIe has one device per port).
+        argv += ["-device", f"pcie-root-port,id={HOTPLUG_PORT}{i},chassis={i + 1}"]
     if spec.incoming:
         argv += ["-incoming", "defer"]
     # fmt: off

@@ -11,7 +11,6 @@ with its filters exists before QEMU starts and outlives a QEMU crash; removing t
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import ipaddress
 import json
@@ -246,29 +245,3 @@ async def _take_over(
         ",".join(guest.addresses),
     )
     return info, guest
-
-
-async def give_back(netns_path: Path, addresses: list[str], ifname: str = "eth0") -> None:
-    """Before CNI DEL: put the pod addresses back on the CNI interface (made up as a stand-in
-    veth when it is gone). The bridge plugin finds the masquerade rules to delete from the
-    addresses on the interface it removes: without this DEL would leave them behind."""
-    await netns_mod.on_netlink_loop(_give_back, netns_path, addresses, ifname)
-
-
-async def _give_back(netns_path: Path, addresses: list[str], ifname: str) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    async with netns_mod.rtnl(netns_path) as ipr:
-        index = await ipr.link_lookup(ifname=ifname)
-        if not index:
-            await ipr.link("add", ifname=ifname, kind="veth", peer=f"{ifname}-standin")
-            index = await ipr.link_lookup(ifname=ifname)
-        for addr in addresses:
-            iface = ipaddress.ip_interface(addr)
-            try:
-                await ipr.addr(
-                    "add", index=index[0], address=str(iface.ip), prefixlen=iface.network.prefixlen
-                )
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise

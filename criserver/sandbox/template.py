@@ -1,4 +1,4 @@
-"""Pod VM templates: boot a guest once per VM shape, save it, and start later pods of that shape
+"""VM templates: boot a guest once per VM shape, save it, and start later pods of that shape
 by restoring the save instead of booting.
 
 A template is a guest booted up to a ready agent, then paused and saved: its RAM stays in a file
@@ -7,10 +7,12 @@ memory file privately and loads the state: it runs in ~0.1 s instead of a ~4 s b
 and every page it does not write stays one page of the host's page cache, shared by all clones
 (no KSM scanning needed). Its translation cache also starts empty instead of full of boot code.
 
-A clone must have the template's devices, so the template is keyed by the pod's whole QEMU
-command line with the per-pod parts (ids, sockets, share paths, tap fds, MACs) normalised out.
-What the clone gets of its own once restored (clock, RNG, MAC, hostname) comes with
-SetupSandbox. QEMU 7.2 cannot keep free page reporting in a clone: it would punch the freed
+A clone must have the template's devices, so the template is keyed by the VM's whole QEMU
+command line with the per-VM parts (ids, sockets, share paths, tap fds, MACs) normalised out.
+What the clone gets of its own once restored (clock, RNG, MAC, hostname) its owner gives it
+(the pod guest's agent: SetupSandbox). The store knows no guest: its owner says how a template
+boots (`TemplateGuest.template_spec`) and when it is ready to be saved (`wait_ready`).
+QEMU 7.2 cannot keep free page reporting in a clone: it would punch the freed
 page out of the template file under every clone (see qemu._check), so templates go without it.
 """
 
@@ -25,15 +27,15 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.errors import CriError
+from criserver.sandbox import process
 from criserver.sandbox.qemu import (
     GuestMemory,
     SerialTransport,
@@ -56,6 +58,16 @@ _PLACEHOLDER = Path("/template")
 
 # Opens `count` tap NICs for a template VM in a scratch netns; closing removes them.
 ScratchNics = Callable[[str, int], AbstractAsyncContextManager[tuple[TapNic, ...]]]
+
+
+class TemplateGuest(Protocol):
+    """What the store needs from the guest it saves."""
+
+    def template_spec(self, spec: VMSpec) -> VMSpec:
+        """`spec` as the guest boots to become a template."""
+
+    async def wait_ready(self, spec: VMSpec, deadline: float) -> None:
+        """Return once the booted guest is ready to be saved (monotonic `deadline`)."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +96,11 @@ class Template:
 def shape_of(spec: VMSpec, state_dir: Path = _PLACEHOLDER) -> VMSpec:
     """The parts of `spec` a clone shares with its template (what the guest was booted with and
     which devices it has); per-pod values replaced by fixed ones, the state dir by `state_dir`."""
-    transport = (VsockTransport(TEMPLATE_CID) if isinstance(spec.transport, VsockTransport)
-                 else SerialTransport(state_dir / "agent.sock"))
+    transport = spec.transport
+    if isinstance(transport, VsockTransport):
+        transport = VsockTransport(TEMPLATE_CID)
+    elif isinstance(transport, SerialTransport):
+        transport = dataclasses.replace(transport, socket_path=state_dir / "agent.sock")
     return dataclasses.replace(
         spec,
         vm_id="template",
@@ -123,9 +138,10 @@ class TemplateStore:
     """Ready templates under `root` (a tmpfs directory: the memory files are guest RAM), built
     one at a time in the background when a pod of a new shape asks."""
 
-    def __init__(self, root: Path, scratch_nics: ScratchNics, boot_timeout: float = 120.0,
-                 max_templates: int = 4) -> None:
+    def __init__(self, root: Path, guest: TemplateGuest, scratch_nics: ScratchNics,
+                 boot_timeout: float = 120.0, max_templates: int = 4) -> None:
         self.root = root
+        self._guest = guest
         self._scratch_nics = scratch_nics
         self._boot_timeout = boot_timeout
         self._max_templates = max_templates
@@ -154,8 +170,7 @@ class TemplateStore:
         """Remove what a build cut short by a daemon crash left: its QEMU (daemonized, so it
         outlived the daemon) and its directory. Blocking: call from a thread at start."""
         for entry in self._entries():
-            if not (entry / "state").exists():
-                _kill_template_qemu(entry)
+            if not (entry / "state").exists() and _kill_template_qemu(entry):
                 shutil.rmtree(entry, ignore_errors=True)
 
     def ensure(self, spec: VMSpec) -> None:
@@ -218,15 +233,14 @@ class TemplateStore:
                 shares = tuple(dataclasses.replace(s, path=work / f"share-{s.tag}")
                                for s in spec.shares)
                 await asyncio.to_thread(_make_dirs, [s.path for s in shares])
-                template_spec = dataclasses.replace(
+                template_spec = self._guest.template_spec(dataclasses.replace(
                     shape_of(spec, work),
                     vm_id=f"template-{key[:12]}",
                     nics=nics,
                     shares=shares,
                     memory_file=GuestMemory(work / "memory", shared=True),
-                    agent_settings={**spec.agent_settings, "template": "1"},
-                )
-                await _boot_and_save(template_spec, work / "state", self._boot_timeout)
+                ))
+                await self._boot_and_save(template_spec, work / "state")
             await asyncio.to_thread(_publish, work, final.directory)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, work, True)
@@ -234,31 +248,23 @@ class TemplateStore:
         return final
 
 
-async def _boot_and_save(spec: VMSpec, state: Path, boot_timeout: float) -> None:
-    vm = VM(spec)
-    await vm.start()
-    try:
-        agent = AgentClient(spec.vm_id, AgentAddress.of(spec.transport))
+    async def _boot_and_save(self, spec: VMSpec, state: Path) -> None:
+        vm = VM(spec)
+        await vm.start()
         try:
-            await agent.wait_ready(time.monotonic() + boot_timeout)
+            await self._guest.wait_ready(spec, time.monotonic() + self._boot_timeout)
+            await vm.save_state(state)
         finally:
-            agent.close()
-        await vm.save_state(state)
-    finally:
-        with contextlib.suppress(CriError):
-            await vm.kill()
+            with contextlib.suppress(CriError):
+                await vm.kill()
 
 
-def _kill_template_qemu(work: Path) -> None:
-    try:
-        pid = int((work / "qemu.pid").read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return
-    if os.fsencode(str(work / "memory")) in cmdline:  # not a recycled pid
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        log.info("killed the QEMU of an unfinished template build pid=%d", pid)
+def _kill_template_qemu(work: Path) -> bool:
+    """Whether no QEMU of the build in `work` runs any more (its pidfile may then go)."""
+    if process.kill_all(work / "qemu.pid"):
+        log.warning("a QEMU of an unfinished template build survived SIGKILL dir=%s", work)
+        return False
+    return True
 
 
 def _fresh_dir(path: Path) -> None:

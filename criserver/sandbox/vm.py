@@ -1,4 +1,5 @@
-"""One pod's QEMU process: start or adopt it, control it over QMP, and report its events.
+"""One VM's QEMU process: start or adopt it, control it over QMP (run state, saved state,
+hot-added disks and NICs), and report its events.
 
 QEMU daemonizes (it is not the daemon's child and outlives a daemon restart); its exit is seen
 through a pidfd, its state changes through one QMP session per VM with one event reader.
@@ -14,7 +15,7 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,30 @@ from qemu.qmp import (
 from qemu.qmp.events import EventListener
 
 from criserver.errors import (
+    CriError,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
+    InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
-from criserver.sandbox.qemu import VMSpec, build_command
+from criserver.failpoints import crash_point
+from criserver.sandbox import process
+from criserver.sandbox.qemu import (
+    HOTPLUG_PORT,
+    Disk,
+    TapNic,
+    VMLocation,
+    VMSpec,
+    build_command,
+    check_nic,
+    disk_device,
+    disk_node,
+    netdev_options,
+    nic_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +61,9 @@ START_TIMEOUT = 15.0  # QEMU daemonizes in ~0.2-0.4 s; a loaded 2-core host can 
 QMP_TIMEOUT = 5.0
 EXIT_TIMEOUT = 5.0  # SIGKILL to process gone
 MIGRATION_TIMEOUT = 30.0  # device state only: ~0.06 s here
-EVENT_NAMES = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET", "POWERDOWN")
+UNPLUG_TIMEOUT = 30.0  # the guest acknowledges a removal (ACPI or PCIe hotplug): ~0.1-6 s
+EVENT_NAMES = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET", "POWERDOWN",
+               "DEVICE_DELETED")
 
 
 class EventKind(enum.StrEnum):
@@ -53,6 +73,7 @@ class EventKind(enum.StrEnum):
     RESUME = "RESUME"
     RESET = "RESET"
     POWERDOWN = "POWERDOWN"
+    DEVICE_DELETED = "DEVICE_DELETED"  # data["device"]: the id of an unplugged device
     EXITED = "EXITED"  # synthetic: the QEMU process is gone (always the last event)
 
 
@@ -65,14 +86,15 @@ class VMEvent:
 
 
 class VM:
-    """A pod's micro-VM. Create with `VM(spec)` then `await start()`, or `await VM.adopt(spec)`.
+    """A QEMU VM. Create with `VM(spec)` then `await start()`, or `await VM.adopt(location)`.
 
     `detach()` drops the host-side session and leaves QEMU running (daemon shutdown);
     `shutdown()`/`kill()` end QEMU.
     """
 
-    def __init__(self, spec: VMSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: VMSpec | VMLocation) -> None:
+        self.spec = spec if isinstance(spec, VMSpec) else None  # None: adopted by location
+        self.location = spec.location if isinstance(spec, VMSpec) else spec
         self.vm_id = spec.vm_id
         self._pid: int | None = None
         self._pidfd: int | None = None
@@ -106,6 +128,8 @@ class VM:
         if self._pid is not None:
             raise FailedPrecondition(f"vm {self.vm_id}: start: already started (pid {self._pid})")
         spec = self.spec
+        if spec is None:
+            raise FailedPrecondition(f"vm {self.vm_id}: start: adopted VMs cannot be started")
         argv = build_command(spec)
         await asyncio.to_thread(self._prepare_state_dir)
         log.info("vm starting vm=%s machine=%s accel=%s", self.vm_id, spec.machine, spec.accel)
@@ -128,26 +152,42 @@ class VM:
         )
 
     @classmethod
-    async def adopt(cls, spec: VMSpec, max_wait: float = QMP_TIMEOUT) -> VM:
+    async def adopt(cls, where: VMSpec | VMLocation, max_wait: float = QMP_TIMEOUT) -> VM:
         """Take over a VM left running by an earlier daemon (found by its pidfile + QMP socket).
 
-        :raises NotFound: no live QEMU for this spec.
+        :raises NotFound: no live QEMU there.
         :raises Unavailable: QEMU lives but its QMP socket does not answer.
         """
-        vm = cls(spec)
+        vm = cls(where)
         try:
             async with asyncio.timeout(max_wait):
                 await vm._attach("adopt")
         except TimeoutError:
             await vm.detach()
             raise Unavailable(
-                f"vm {spec.vm_id}: adopt: QMP did not answer within {max_wait}s"
+                f"vm {where.vm_id}: adopt: QMP did not answer within {max_wait}s"
             ) from None
         except BaseException:
             await vm.detach()
             raise
-        log.info("vm adopted vm=%s pid=%s", spec.vm_id, vm._pid)
+        log.info("vm adopted vm=%s pid=%s", where.vm_id, vm._pid)
         return vm
+
+    @staticmethod
+    async def kill_leftover(location: VMLocation) -> bool:
+        """SIGKILL whatever QEMU runs for `location` (a VM nobody holds: a crash's leftover).
+        Returns whether one was running.
+
+        :raises DeadlineExceeded: a QEMU survived SIGKILL (its state dir must then be kept).
+        """
+        pids = await asyncio.to_thread(process.qemu_pids, location.pidfile)
+        if not pids:
+            return False
+        log.warning("killing leftover qemu vm=%s pids=%s", location.vm_id, pids)
+        survivors = await asyncio.to_thread(process.kill_all, location.pidfile)
+        if survivors:
+            raise DeadlineExceeded(f"vm {location.vm_id}: qemu pids {survivors} survived SIGKILL")
+        return True
 
     async def detach(self) -> None:
         """Stop watching the VM without touching it (QEMU keeps running); ends `events()`."""
@@ -214,6 +254,115 @@ class VM:
                                        f"after {max_wait:.0f}s")
             await asyncio.sleep(0.01)
 
+    # --- hotplug (q35 with VMSpec.hotplug_slots) -------------------------------------------
+
+    async def add_disk(self, disk: Disk) -> None:
+        """Hot-add a virtio-blk disk into a free hotplug port.
+
+        :raises ResourceExhausted: no free hotplug port.
+        """
+        port = await self._free_hotplug_port("add disk")
+        await self._execute("add disk", "blockdev-add", disk_node(disk))
+        try:
+            await self._execute("add disk", "device_add",
+                                {**disk_device(self.location.machine, disk), "bus": port})
+        except BaseException:
+            with contextlib.suppress(CriError):
+                await self._execute("add disk: undo", "blockdev-del",
+                                    {"node-name": disk_node(disk)["node-name"]})
+            raise
+        log.info("vm disk added vm=%s disk=%s port=%s", self.vm_id, disk.id, port)
+
+    async def remove_disk(self, disk: Disk, max_wait: float = UNPLUG_TIMEOUT) -> None:
+        """Unplug a hot-added disk (the guest acknowledges) and release its block node."""
+        await self._unplug(disk.id, max_wait)
+        await self._execute("remove disk", "blockdev-del",
+                            {"node-name": disk_node(disk)["node-name"]})
+        log.info("vm disk removed vm=%s disk=%s", self.vm_id, disk.id)
+
+    async def add_nic(self, nic: TapNic) -> None:
+        """Hot-add a virtio-net NIC on the tap `nic.fd` (passed to QEMU over the QMP socket;
+        the caller keeps and closes its own fd)."""
+        if not nic.id:
+            raise InvalidArgument(f"vm {self.vm_id}: add nic: a hot-added NIC needs an id")
+        check_nic(self.vm_id, nic)
+        port = await self._free_hotplug_port("add nic")
+        qmp = self._connected("add nic")
+        fd_name, netdev = f"{nic.id}-fd", f"{nic.id}-netdev"
+        try:
+            qmp.send_fd_scm(nic.fd)
+        except (QMPError, OSError) as e:
+            raise Unavailable(f"vm {self.vm_id}: add nic: passing the tap fd failed: {e}") from e
+        await self._execute("add nic", "getfd", {"fdname": fd_name})
+        try:
+            await self._execute("add nic", "netdev_add", netdev_options(nic, netdev, fd_name))
+        except BaseException:
+            with contextlib.suppress(CriError):
+                await self._execute("add nic: undo", "closefd", {"fdname": fd_name})
+            raise
+        try:
+            await self._execute("add nic", "device_add", {
+                **nic_device(self.location.machine, nic, nic.id, netdev), "bus": port})
+        except BaseException:
+            with contextlib.suppress(CriError):
+                await self._execute("add nic: undo", "netdev_del", {"id": netdev})
+            raise
+        log.info("vm nic added vm=%s nic=%s port=%s", self.vm_id, nic.id, port)
+
+    async def remove_nic(self, nic_id: str, max_wait: float = UNPLUG_TIMEOUT) -> None:
+        """Unplug a hot-added NIC (the guest acknowledges) and close its tap."""
+        await self._unplug(nic_id, max_wait)
+        await self._execute("remove nic", "netdev_del", {"id": f"{nic_id}-netdev"})
+        log.info("vm nic removed vm=%s nic=%s", self.vm_id, nic_id)
+
+    async def devices(self) -> dict[str, str]:
+        """The devices in hotplug ports: id -> port."""
+        reply = await self._execute("list devices", "query-pci")
+        found: dict[str, str] = {}
+        for bus in reply:
+            for device in bus.get("devices", []):
+                port = str(device.get("qdev_id", ""))
+                bridge = device.get("pci_bridge") or {}
+                if port.startswith(HOTPLUG_PORT):
+                    for child in bridge.get("devices", []):
+                        found[str(child.get("qdev_id", ""))] = port
+        return found
+
+    async def _free_hotplug_port(self, step: str) -> str:
+        reply = await self._execute(step, "query-pci")
+        for bus in reply:
+            for device in bus.get("devices", []):
+                port = str(device.get("qdev_id", ""))
+                bridge = device.get("pci_bridge") or {}
+                if port.startswith(HOTPLUG_PORT) and not bridge.get("devices"):
+                    return port
+        raise ResourceExhausted(f"vm {self.vm_id}: {step}: no free hotplug port")
+
+    async def _unplug(self, device_id: str, max_wait: float) -> None:
+        """device_del, then wait for QEMU's DEVICE_DELETED: the guest let go of the device."""
+        events = self.events()
+        waiter = asyncio.ensure_future(self._device_deleted(events, device_id))
+        await asyncio.sleep(0)  # subscribed before the request goes out
+        try:
+            await self._execute("remove device", "device_del", {"id": device_id})
+            async with asyncio.timeout(max_wait):
+                await waiter
+        except TimeoutError:
+            raise DeadlineExceeded(f"vm {self.vm_id}: remove device {device_id}: the guest did "
+                                   f"not release it within {max_wait:.0f}s") from None
+        finally:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            await events.aclose()
+
+    async def _device_deleted(self, events: AsyncIterator[VMEvent], device_id: str) -> None:
+        async for event in events:
+            if event.kind is EventKind.DEVICE_DELETED and event.data.get("device") == device_id:
+                return
+            if event.kind is EventKind.EXITED:
+                raise FailedPrecondition(f"vm {self.vm_id}: QEMU exited during an unplug")
+
     async def shutdown(self, grace: float) -> None:
         """Ask the guest to power off; after `grace` seconds quit QEMU; SIGKILL as last resort.
 
@@ -262,7 +411,7 @@ class VM:
             await asyncio.shield(self._exit_task)
         return True
 
-    async def events(self) -> AsyncIterator[VMEvent]:
+    async def events(self) -> AsyncGenerator[VMEvent, None]:
         """Yield the VM's events from now on; ends after EXITED (yielded at once if gone) or on
         `detach()`."""
         queue: asyncio.Queue[VMEvent | None] = asyncio.Queue()
@@ -288,14 +437,20 @@ class VM:
     # --- internals ------------------------------------------------------------------------
 
     def _prepare_state_dir(self) -> None:
-        self.spec.state_dir.mkdir(parents=True, exist_ok=True)
+        where = self.location
+        if process.qemu_pids(where.pidfile):
+            # Never take the pidfile from under a live QEMU: it could not be found again.
+            raise FailedPrecondition(f"vm {self.vm_id}: start: a QEMU already runs in "
+                                     f"{where.state_dir}")
+        where.state_dir.mkdir(parents=True, exist_ok=True)
         # A stale pidfile would make us watch a dead or recycled pid.
-        self.spec.pidfile.unlink(missing_ok=True)
-        self.spec.qmp_socket.unlink(missing_ok=True)
+        where.pidfile.unlink(missing_ok=True)
+        where.qmp_socket.unlink(missing_ok=True)
 
     async def _spawn(self, argv: list[str]) -> None:
+        assert self.spec is not None
         log_fd = await asyncio.to_thread(
-            os.open, self.spec.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
+            os.open, self.location.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
         )
         try:
             # The process we spawn is QEMU's launcher: it exits 0 once the daemonized QEMU is
@@ -316,10 +471,11 @@ class VM:
         if rc != 0:
             tail = await asyncio.to_thread(self._log_tail)
             raise Internal(f"vm {self.vm_id}: start: qemu exited with {rc}: {tail}")
+        crash_point("vm.spawned")  # QEMU runs; nothing of ours knows its pid yet
 
     def _log_tail(self, limit: int = 800) -> str:
         try:
-            with self.spec.log_file.open("rb") as f:
+            with self.location.log_file.open("rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - limit))
                 return f.read().decode(errors="replace").strip()
@@ -328,14 +484,17 @@ class VM:
 
     async def _attach(self, step: str) -> None:
         """Find the pid, watch it, connect QMP and start the event pump."""
-        pid = await asyncio.to_thread(self._read_pid, step)
+        pidfile = self.location.pidfile
+        pid = await asyncio.to_thread(process.read_pid, pidfile)
+        if pid is None:
+            raise NotFound(f"vm {self.vm_id}: {step}: no valid pidfile {pidfile}")
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             raise NotFound(f"vm {self.vm_id}: {step}: QEMU pid {pid} is not running") from None
         self._pid, self._pidfd = pid, pidfd
         # Check identity after opening the pidfd: the pid cannot be recycled under us now.
-        if not await asyncio.to_thread(self._is_our_qemu, pid):
+        if not await asyncio.to_thread(process.is_qemu_of, pid, pidfile):
             self._close_pidfd()
             raise NotFound(f"vm {self.vm_id}: {step}: pid {pid} is not this VM's QEMU")
         asyncio.get_running_loop().add_reader(pidfd, self._on_process_exit)
@@ -346,28 +505,13 @@ class VM:
         listener = qmp.events
         listener.names = set(EVENT_NAMES)
         try:
-            await qmp.connect(str(self.spec.qmp_socket))
+            await qmp.connect(str(self.location.qmp_socket))
         except QMPError as e:
             with contextlib.suppress(QMPError):
                 await qmp.disconnect()
             raise Unavailable(f"vm {self.vm_id}: {step}: QMP connect failed: {e}") from e
         self._qmp, self._listener = qmp, listener
         self._pump = asyncio.create_task(self._pump_events(), name=f"vm-events-{self.vm_id}")
-
-    def _read_pid(self, step: str) -> int:
-        try:
-            return int(self.spec.pidfile.read_text().strip())
-        except FileNotFoundError:
-            raise NotFound(f"vm {self.vm_id}: {step}: no pidfile {self.spec.pidfile}") from None
-        except ValueError:
-            raise NotFound(f"vm {self.vm_id}: {step}: garbage in {self.spec.pidfile}") from None
-
-    def _is_our_qemu(self, pid: int) -> bool:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return str(self.spec.pidfile).encode() in cmdline
 
     async def _pump_events(self) -> None:
         """The one reader of this VM's QMP events: fans them out to subscribers."""
@@ -433,12 +577,15 @@ class VM:
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await qmp.disconnect()
 
-    async def _execute(self, step: str, cmd: str, args: dict[str, object] | None = None) -> Any:
+    def _connected(self, step: str) -> QMPClient:
         if self.exited:
             raise FailedPrecondition(f"vm {self.vm_id}: {step}: QEMU has exited")
-        qmp = self._qmp
-        if qmp is None:
+        if self._qmp is None:
             raise FailedPrecondition(f"vm {self.vm_id}: {step}: not connected to QMP")
+        return self._qmp
+
+    async def _execute(self, step: str, cmd: str, args: dict[str, object] | None = None) -> Any:
+        qmp = self._connected(step)
         try:
             async with asyncio.timeout(QMP_TIMEOUT):
                 return await qmp.execute(cmd, args)
@@ -464,22 +611,8 @@ class VM:
         if self._pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        # Also whatever QEMU names our pidfile on its command line, pidfile written or not.
-        killed = await asyncio.to_thread(self._our_qemu_pids)
-        for pid in killed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        # SIGKILL is not instant: return only once they are gone, so no caller sees an orphan.
-        deadline = time.monotonic() + EXIT_TIMEOUT
-        while killed and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-            killed = [pid for pid in killed if self._is_our_qemu(pid)]
+        # Also whatever QEMU names our pidfile on its command line, pidfile written or not; and
+        # only once they are gone, so no caller sees an orphan.
+        await asyncio.to_thread(process.kill_all, self.location.pidfile, EXIT_TIMEOUT)
         await self.detach()
         log.warning("vm start failed, cleaned up vm=%s pid=%s", self.vm_id, self._pid)
-
-    def _our_qemu_pids(self) -> list[int]:
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and self._is_our_qemu(int(entry)):
-                pids.append(int(entry))
-        return pids

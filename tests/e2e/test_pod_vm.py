@@ -168,6 +168,7 @@ async def test_boot_timeout_undoes_everything() -> None:
                      if p.name not in ("accel.json", "accel.lock")
                      and not (p.is_dir() and p.name in ("volumes", "netns"))]
         assert leftovers == []
+        assert list((daemon.state / "netns").iterdir()) == []
     finally:
         await cri.close()
         remove_all_pods(daemon)
@@ -199,7 +200,7 @@ async def test_create_remove_cycles_leave_nothing(vm_daemon: Daemon) -> None:
     deadline = time.monotonic() + 240
     while list((state / "templates").glob("*.tmp")) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
-    assert list((state / "netns").iterdir()) == []
+    assert list((vm_daemon.state / "netns").iterdir()) == []  # the daemon's pod network
     assert list((state / "volumes").iterdir()) == []
     allocations = [p for p in (Path("/var/lib/cni/networks") / network).glob("*")
                    if p.name[0].isdigit()]

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from criserver.errors import AlreadyExists, InvalidArgument, NotFound
+from criserver.errors import AlreadyExists, NotFound
 from criserver.network import netns
 from criserver.network.cni import PodRef, PortMapping
-from criserver.network.pod import (
-    GuestInterface,
-    GuestRoute,
-    NetworkInfo,
-)
+from criserver.network.pod import Attachment, PodNetwork
 from criserver.sandbox import tap
 from criserver.sandbox.qemu import TapNic, nic_args
-from criserver.sandbox.tap import collect
+from criserver.sandbox.tap import GuestInterface, GuestRoute, collect
 from tests.network.test_network_support import (
     NetEnv,
     chains_of,
@@ -237,25 +233,32 @@ async def test_qemu_attaches_to_the_tap_fd(net_env: NetEnv, tmp_path: Path) -> N
     assert "NO-CARRIER" in await in_netns(path, "ip", "link", "show", "tap0")
 
 
+async def attach(net: PodNetwork, pod_id: str, *mappings: PortMapping) -> Attachment:
+    """A pod's network as a backend makes it: the netns, then CNI ADD in it."""
+    await net.prepare(pod_id)
+    return await net.connect(pod_id, pod_id, "default", f"uid-{pod_id}", mappings)
+
+
 @needs_root_cni
 async def test_pod_network_setup_and_teardown(net_env: NetEnv) -> None:
     net = net_env.pod_network()
     assert (await net.status()).ready
-    info = await net.setup("pod1", "web", "default", "uid1", [PortMapping(18095, 80)])
-    assert info.netns == str(net_env.netns_dir / "pod1") and netns.is_netns(Path(info.netns))
-    assert info.guest.addresses == [f"{info.ips[0]}/24"] and info.guest.mac == info.tap.mac
-    assert NetworkInfo.from_dict(json.loads(info.to_json())) == info
-    assert net_env.allocations() == info.ips
+    att = await attach(net, "pod1", PortMapping(18095, 80))
+    assert att.netns == net_env.netns_dir / "pod1" and netns.is_netns(att.netns)
+    assert att.ifname == "eth0" and net_env.allocations() == att.ips
     rules = await nat_rules()
     assert [r for r in rules if "--dports 18095" in r]
     chains = chains_of(rules, "pod1")
     assert len(chains) >= 2  # masquerade + hostport DNAT
     with pytest.raises(AlreadyExists):
-        await net.setup("pod1", "web", "default", "uid1")
-
+        await net.prepare("pod1")
+    # A VM backend's part: the interface's addresses carried to a tap; DEL still cleans up.
+    await tap.create_tap(att.netns)
+    tap_info, guest = await tap.take_over(att.netns, att.ifname)
+    assert guest.addresses == [f"{att.ips[0]}/24"] and guest.mac == tap_info.mac
     assert await net.teardown("pod1")
     assert not await net.teardown("pod1")  # idempotent, and says there was nothing left
-    assert gone(info.netns) and net_env.allocations() == []
+    assert gone(att.netns) and net_env.allocations() == []
     rules = await nat_rules()
     assert await net_env.our_rules() == [] and not [r for r in rules if "18095" in r]
     assert not {r.split()[1] for r in rules if r.startswith("-N ")} & chains
@@ -263,22 +266,30 @@ async def test_pod_network_setup_and_teardown(net_env: NetEnv) -> None:
 
 
 @needs_root_cni
+async def test_a_host_backend_uses_the_netns_as_cni_made_it(net_env: NetEnv) -> None:
+    net = net_env.pod_network()
+    att = await attach(net, "pod4")
+    await net.check("pod4")  # CNI CHECK: as ADD left it
+    addresses = await in_netns(att.netns, "ip", "-4", "addr", "show", "eth0")
+    assert f"inet {att.ips[0]}/24" in addresses
+    assert await net.teardown("pod4")  # no tap involved
+    assert gone(att.netns) and net_env.allocations() == []
+
+
+@needs_root_cni
 async def test_teardown_when_the_netns_is_already_gone(net_env: NetEnv) -> None:
     net = net_env.pod_network()
-    info = await net.setup("pod2", "web", "default", "uid2", [PortMapping(18096, 80)])
-    await netns.remove(Path(info.netns))  # e.g. removed by hand, or a crash mid-teardown
+    att = await attach(net, "pod2", PortMapping(18096, 80))
+    await netns.remove(att.netns)  # e.g. removed by hand, or a crash mid-teardown
     assert await net.teardown("pod2")  # the CNI side was still there
-    assert gone(info.netns) and net_env.allocations() == []
+    assert gone(att.netns) and net_env.allocations() == []
     assert await net_env.our_rules() == []
     assert not [r for r in await nat_rules() if "18096" in r]
 
 
 @needs_root_cni
-async def test_host_network_refused_and_failed_setup_rolls_back(net_env: NetEnv) -> None:
+async def test_failed_add_leaves_only_the_netns_teardown_removes(net_env: NetEnv) -> None:
     net = net_env.pod_network()
-    with pytest.raises(InvalidArgument):
-        await net.setup("pod3", "web", "default", "uid3", host_network=True)
-    assert gone(net_env.netns_dir / "pod3")
     # A conflist whose ADD fails: nothing may stay behind.
     (net_env.conf_dir / "10-bad.conflist").write_text(
         json.dumps(
@@ -300,9 +311,10 @@ async def test_host_network_refused_and_failed_setup_rolls_back(net_env: NetEnv)
         )
     )
     with pytest.raises(Exception, match="failed to create bridge"):
-        await net.setup("pod3", "web", "default", "uid3")
-    assert gone(net_env.netns_dir / "pod3")
+        await attach(net, "pod3")
     assert await net.cni.result("pod3") is None and net_env.allocations() == []
+    await net.teardown("pod3")
+    assert gone(net_env.netns_dir / "pod3")
 
 
 @needs_root_cni
@@ -318,10 +330,7 @@ async def test_no_leaks_after_many_cycles(net_env: NetEnv) -> None:
     for round_ in range(3):
         ids = [f"leak{round_}-{i}" for i in range(4)]
         await asyncio.gather(
-            *(
-                net.setup(i, i, "default", "u", [PortMapping(19000 + n, 80)])
-                for n, i in enumerate(ids)
-            )
+            *(attach(net, i, PortMapping(19000 + n, 80)) for n, i in enumerate(ids))
         )
         assert len(net_env.allocations()) == 4
         made_ports = set(os.listdir(f"/sys/class/net/{net_env.bridge}/brif"))

@@ -5,9 +5,9 @@ QEMU, and a helper that builds a VMSpec for this host.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
+from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
 from criserver.sandbox import assets as assets_mod
+from criserver.sandbox import process
 from criserver.sandbox.accel import read_tsc_khz
 from criserver.sandbox.qemu import SerialTransport, VMSpec
 from guest import build as guestbuild
@@ -55,33 +57,11 @@ def tsc_khz() -> int | None:
 
 
 def _kill_qemu_of(state_dir: Path) -> None:
-    """SIGKILL any process whose command line names this state dir's pidfile."""
-    marker = str(state_dir / "qemu.pid").encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    process.kill_all(state_dir / "qemu.pid")
 
 
 def qemu_processes_of(state_dir: Path) -> list[int]:
-    marker = str(state_dir / "qemu.pid").encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
+    return process.qemu_pids(state_dir / "qemu.pid")
 
 
 @pytest.fixture
@@ -99,19 +79,16 @@ def vm_dir() -> Iterator[Path]:
 def make_spec(
     guest_assets: assets_mod.GuestAssets, tsc_khz: int | None, vm_dir: Path
 ) -> Callable[..., VMSpec]:
-    def make(**overrides: Any) -> VMSpec:
-        fields: dict[str, Any] = {
-            "vm_id": f"test-{vm_dir.name}",
-            "state_dir": vm_dir,
-            "kernel": guest_assets.kernel,
-            "initramfs": guest_assets.initramfs,
-            "root_disk": guest_assets.root,
-            "root_serial": guest_assets.root_serial,
-            "transport": SerialTransport(vm_dir / "agent.sock"),
-            "tsc_khz": tsc_khz,
-        }
-        fields.update(overrides)
-        return VMSpec(**fields)
+    def make(module_groups: tuple[str, ...] = (), root_serial: str = "",
+             **vm: Any) -> VMSpec:
+        """A pod guest's spec; `root_serial` replaces the root disk's serial."""
+        spec = pod_guest_spec(f"test-{vm_dir.name}", vm_dir, guest_assets,
+                              SerialTransport(vm_dir / "agent.sock"),
+                              GuestBoot(tsc_khz=tsc_khz, module_groups=module_groups), **vm)
+        if root_serial:
+            spec = dataclasses.replace(
+                spec, disks=(dataclasses.replace(spec.disks[0], serial=root_serial),))
+        return spec
 
     return make
 

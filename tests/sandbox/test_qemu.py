@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from criserver.errors import InvalidArgument
 from criserver.sandbox.qemu import (
-    ExtraDisk,
+    DirectKernel,
+    Disk,
+    Firmware,
     GuestMemory,
     Machine,
+    RebootPolicy,
     SerialTransport,
     Share,
     TapNic,
     VMSpec,
     VsockTransport,
     build_command,
-    kernel_cmdline,
 )
+
+ROOT = Disk("root", Path("/a/root.erofs"), serial="criserver-root")
 
 
 def spec(**kw: object) -> VMSpec:
     base: dict[str, object] = {
         "vm_id": "pod1",
         "state_dir": Path("/run/c/pod1"),
-        "kernel": Path("/a/vmlinux"),
-        "initramfs": Path("/a/initramfs.cpio"),
-        "root_disk": Path("/a/root.erofs"),
+        "boot": DirectKernel(Path("/a/vmlinux"), Path("/a/initramfs.cpio"), "console=ttyS0"),
+        "disks": (ROOT,),
         "transport": SerialTransport(Path("/run/c/pod1/agent.sock")),
-        "tsc_khz": 2596130,
     }
     base.update(kw)
     return VMSpec(**base)  # type: ignore[arg-type]
@@ -49,29 +52,45 @@ def test_microvm_serial_defaults() -> None:
         assert flag in argv
     assert opt(argv, "-pidfile") == ["/run/c/pod1/qemu.pid"]
     assert opt(argv, "-qmp") == ["unix:/run/c/pod1/qmp.sock,server=on,wait=off"]
+    assert opt(argv, "-kernel") == ["/a/vmlinux"] and opt(argv, "-initrd") == [
+        "/a/initramfs.cpio"]
+    assert opt(argv, "-append") == ["console=ttyS0"]
+    assert opt(argv, "-action") == ["reboot=shutdown,panic=shutdown"]
     devices = opt(argv, "-device")
-    assert "virtio-blk-device,drive=root,serial=criserver-root" in devices
+    assert "virtio-blk-device,id=root,drive=root-node,serial=criserver-root" in devices
     assert "virtio-serial-device,id=vser0,max_ports=2" in devices
-    assert "virtserialport,bus=vser0.0,chardev=agent,name=criserver.agent" in devices
+    assert "virtserialport,bus=vser0.0,chardev=agent,name=agent" in devices
     assert "pvpanic" in devices
     assert "socket,id=agent,path=/run/c/pod1/agent.sock,server=on,wait=off" in opt(argv, "-chardev")
-    assert "file=/a/root.erofs,if=none,id=root,format=raw,readonly=on" in opt(argv, "-drive")
+    assert json.loads(opt(argv, "-blockdev")[0]) == {
+        "driver": "raw", "node-name": "root-node", "read-only": True,
+        "file": {"driver": "file", "filename": "/a/root.erofs", "read-only": True}}
     assert opt(argv, "-chardev")[0] == "file,id=console,path=/run/c/pod1/vm.log,append=on"
 
 
-def test_cmdline_carries_tsc_transport_and_settings() -> None:
-    line = kernel_cmdline(spec(agent_settings={"log_level": "debug"}, module_groups=("overlay",)))
-    words = line.split()
-    assert "tsc_early_khz=2596130" in words
-    assert "console=ttyS0" in words and "cryptomgr.notests" in words and "panic=-1" in words
-    assert "tsc=reliable" in words
-    assert "criserver.bus=mmio" in words and "criserver.transport=serial" in words
-    assert "criserver.modules=overlay,pvpanic" in words
-    assert "criserver.log_level=debug" in words
+def test_a_vm_without_agent_or_initramfs() -> None:
+    argv = build_command(spec(transport=None, boot=DirectKernel(Path("/k"), None, "quiet")))
+    assert "-initrd" not in argv
+    assert not any("virtserialport" in d or "vsock" in d for d in opt(argv, "-device"))
 
 
-def test_no_tsc_when_unknown() -> None:
-    assert "tsc_early_khz" not in kernel_cmdline(spec(tsc_khz=None))
+def test_firmware_boot_from_the_first_disk_and_reset_on_reboot() -> None:
+    disk = Disk("os", Path("/m/os.qcow2"), read_only=False, format="qcow2")
+    argv = build_command(spec(boot=Firmware(), disks=(disk,), reboot=RebootPolicy.RESET,
+                              machine=Machine.Q35, transport=None))
+    assert "-kernel" not in argv and "-bios" not in argv
+    assert "virtio-blk-pci,id=os,drive=os-node,bootindex=0" in opt(argv, "-device")
+    assert json.loads(opt(argv, "-blockdev")[0])["driver"] == "qcow2"
+    assert opt(argv, "-action") == ["reboot=reset,panic=shutdown"]
+    own = build_command(spec(boot=Firmware(Path("/fw/OVMF.fd")), disks=(disk,)))
+    assert opt(own, "-bios") == ["/fw/OVMF.fd"]
+
+
+def test_hotplug_slots_are_root_ports() -> None:
+    argv = build_command(spec(machine=Machine.Q35, hotplug_slots=2))
+    ports = [d for d in opt(argv, "-device") if d.startswith("pcie-root-port")]
+    assert ports == ["pcie-root-port,id=hotplug0,chassis=1",
+                     "pcie-root-port,id=hotplug1,chassis=2"]
 
 
 def test_q35_uses_pci_devices() -> None:
@@ -80,7 +99,6 @@ def test_q35_uses_pci_devices() -> None:
     devices = opt(argv, "-device")
     assert any(d.startswith("virtio-blk-pci,") for d in devices)
     assert any(d.startswith("virtio-serial-pci,") for d in devices)
-    assert "criserver.bus=pci" in kernel_cmdline(spec(machine=Machine.Q35)).split()
 
 
 def test_vsock_transport() -> None:
@@ -101,9 +119,6 @@ def test_host_memory_options() -> None:
     argv = build_command(spec(tcg_tb_size_mib=64, free_page_reporting=True))
     assert opt(argv, "-accel") == ["tcg,tb-size=64"]
     assert "virtio-balloon-device,free-page-reporting=on" in opt(argv, "-device")
-    words = kernel_cmdline(spec(free_page_reporting=True, page_reporting_order=3)).split()
-    assert "criserver.pr_order=3" in words
-    assert any(w.startswith("criserver.modules=") and "balloon" in w for w in words)
     # The translation cache is TCG's alone; q35 gets the PCI balloon.
     assert opt(build_command(spec(accel="kvm", tcg_tb_size_mib=64)), "-accel") == ["kvm"]
     q35 = build_command(spec(machine=Machine.Q35, free_page_reporting=True))
@@ -114,15 +129,14 @@ def test_host_memory_options() -> None:
 def test_nics_and_extra_disks() -> None:
     s = spec(
         nics=(TapNic(fd=7, mac="02:00:00:00:00:01", mtu=1450),),
-        disks=(ExtraDisk(path=Path("/img/layer.erofs"), serial="layer0"),),
+        disks=(ROOT, Disk("layer0", Path("/img/layer.erofs"), serial="layer0")),
     )
     argv = build_command(s)
-    assert "tap,id=net0,fd=7,vhost=off" in opt(argv, "-netdev")
-    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1450" in opt(argv,
-                                                                                  "-device")
-    assert "file=/img/layer.erofs,if=none,id=disk0,format=raw,readonly=on" in opt(argv, "-drive")
-    assert "virtio-blk-device,drive=disk0,serial=layer0" in opt(argv, "-device")
-    assert "criserver.modules=net,pvpanic" in kernel_cmdline(s).split()
+    assert "tap,id=net0-netdev,fd=7,vhost=off" in opt(argv, "-netdev")
+    assert ("virtio-net-device,id=net0,netdev=net0-netdev,mac=02:00:00:00:00:01,host_mtu=1450"
+            in opt(argv, "-device"))
+    assert "virtio-blk-device,id=layer0,drive=layer0-node,serial=layer0" in opt(argv, "-device")
+    assert len(opt(argv, "-blockdev")) == 2
 
 
 def test_9p_shares() -> None:
@@ -138,7 +152,6 @@ def test_9p_shares() -> None:
         "local,id=fs1,path=/var/lib/c/shared,security_model=none,multidevs=remap",
     ]
     assert "virtio-9p-device,fsdev=fs0,mount_tag=criserver.images" in opt(argv, "-device")
-    assert "criserver.modules=9p,pvpanic" in kernel_cmdline(s).split()
     q35 = build_command(spec(machine=Machine.Q35, shares=(Share("t", Path("/x")),)))
     assert "virtio-9p-pci,fsdev=fs0,mount_tag=t" in opt(q35, "-device")
 
@@ -148,12 +161,13 @@ def test_9p_shares() -> None:
     [
         {"state_dir": Path("/" + "x" * 120)},
         {"nics": (TapNic(fd=7, mac="not-a-mac"),)},
-        {"root_disk": Path("/a,b/root.erofs")},
-        {"agent_settings": {"log level": "x"}},
-        {"agent_settings": {"k": "has space"}},
+        {"disks": (Disk("root", Path("/a,b/root.erofs")),)},
+        {"disks": (Disk("bad id", Path("/a/root.erofs")),)},
+        {"disks": (ROOT, ROOT)},
+        {"boot": Firmware(), "disks": ()},
+        {"hotplug_slots": 1},  # microvm has no PCIe
         {"memory_mib": 16},
         {"tcg_tb_size_mib": -1},
-        {"page_reporting_order": 11},
         {"shares": (Share("bad tag", Path("/x")),)},
         {"memory_file": GuestMemory(Path("/t,x/memory"), shared=False)},
         # A clone's reported page would be punched out of the template file.

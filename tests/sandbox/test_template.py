@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from criserver.errors import Internal
-from criserver.sandbox.qemu import GuestMemory, SerialTransport, Share, TapNic, VMSpec
+from criserver.sandbox.qemu import (
+    DirectKernel,
+    Disk,
+    GuestMemory,
+    SerialTransport,
+    Share,
+    TapNic,
+    VMSpec,
+)
 from criserver.sandbox.template import (
     TEMPLATE_MAC,
     Template,
@@ -26,11 +34,9 @@ def pod_spec(pod: str, **kw: object) -> VMSpec:
     base: dict[str, object] = {
         "vm_id": pod,
         "state_dir": state,
-        "kernel": Path("/a/vmlinux"),
-        "initramfs": Path("/a/initramfs.cpio"),
-        "root_disk": Path("/a/root.erofs"),
+        "boot": DirectKernel(Path("/a/vmlinux"), Path("/a/initramfs.cpio"), "quiet"),
+        "disks": (Disk("root", Path("/a/root.erofs"), "criserver-root"),),
         "transport": SerialTransport(state / "agent.sock"),
-        "tsc_khz": 2596130,
         "nics": (TapNic(fd=9, mac=f"02:00:00:00:00:{len(pod):02x}"),),
         "shares": (Share("criserver.images", Path("/var/lib/images")),
                    Share("criserver.shared", Path(f"/run/c/volumes/{pod}"), read_only=False)),
@@ -48,8 +54,10 @@ def test_pods_of_one_shape_share_a_key() -> None:
 
 
 @pytest.mark.parametrize("change", [
-    {"memory_mib": 512}, {"vcpus": 2}, {"nics": ()}, {"kernel": Path("/b/vmlinux")},
-    {"agent_settings": {"exec_mode": "runc"}}, {"tcg_tb_size_mib": 48},
+    {"memory_mib": 512}, {"vcpus": 2}, {"nics": ()},
+    {"boot": DirectKernel(Path("/b/vmlinux"), Path("/a/initramfs.cpio"), "quiet")},
+    {"boot": DirectKernel(Path("/a/vmlinux"), Path("/a/initramfs.cpio"), "quiet x=1")},
+    {"tcg_tb_size_mib": 48},
     {"shares": (Share("criserver.images", Path("/var/lib/images")),)},
 ])
 def test_what_the_guest_sees_changes_the_key(change: dict[str, object]) -> None:
@@ -76,8 +84,16 @@ async def no_nics(name: str, count: int) -> AsyncIterator[tuple[TapNic, ...]]:
     yield ()
 
 
+class NoGuest:
+    def template_spec(self, spec: VMSpec) -> VMSpec:
+        return spec
+
+    async def wait_ready(self, spec: VMSpec, deadline: float) -> None:
+        return None
+
+
 def test_ready_and_prune(tmp_path: Path) -> None:
-    store = TemplateStore(tmp_path, no_nics)
+    store = TemplateStore(tmp_path, NoGuest(), no_nics)
     spec = pod_spec("a")
     assert store.ready(spec) is None
     template = built(tmp_path, spec)
@@ -93,7 +109,7 @@ class RecordingStore(TemplateStore):
     """Builds by writing the files, so the bookkeeping runs without QEMU."""
 
     def __init__(self, root: Path, fail: bool = False, **kw: object) -> None:
-        super().__init__(root, no_nics, **kw)  # type: ignore[arg-type]
+        super().__init__(root, NoGuest(), no_nics, **kw)  # type: ignore[arg-type]
         self.builds: list[str] = []
         self.fail = fail
 

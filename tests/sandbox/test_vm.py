@@ -5,7 +5,9 @@ detection, adoption after the controlling process died, failures that leave noth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 
 from criserver.errors import FailedPrecondition, Internal, NotFound
 from criserver.sandbox.assets import GuestAssets
-from criserver.sandbox.qemu import Machine, SerialTransport, VMSpec
+from criserver.sandbox.qemu import DirectKernel, Machine, SerialTransport, VMSpec
 from criserver.sandbox.vm import VM, EventKind, VMEvent
 from tests.sandbox.conftest import first_guest_bytes, qemu_processes_of
 
@@ -107,15 +109,9 @@ async def test_adopt_after_controller_process_died(
     # A separate Python process starts the VM and exits without cleaning up: a daemon crash.
     script = textwrap.dedent(
         f"""
-        import asyncio, os
-        from pathlib import Path
-        from criserver.sandbox.qemu import SerialTransport, VMSpec
+        import asyncio, os, pickle
         from criserver.sandbox.vm import VM
-        spec = VMSpec(vm_id={spec.vm_id!r}, state_dir=Path({str(vm_dir)!r}),
-                      kernel=Path({str(spec.kernel)!r}), initramfs=Path({str(spec.initramfs)!r}),
-                      root_disk=Path({str(spec.root_disk)!r}), root_serial={spec.root_serial!r},
-                      transport=SerialTransport(Path({str(vm_dir / "agent.sock")!r})),
-                      tsc_khz={spec.tsc_khz!r})
+        spec = pickle.loads(bytes.fromhex({pickle.dumps(spec).hex()!r}))
         async def main():
             vm = VM(spec)
             await vm.start()
@@ -136,7 +132,8 @@ async def test_adopt_after_controller_process_died(
     assert proc.returncode == 0
     pid = int(out.decode().split()[0])
 
-    vm = await VM.adopt(spec)
+    # By its location alone: a restarted daemon needs no assets to find its VMs.
+    vm = await VM.adopt(spec.location)
     try:
         assert vm.pid == pid
         assert await vm.status() in ("running", "paused")
@@ -156,7 +153,10 @@ async def test_adopt_without_vm_is_not_found(make_spec: Callable[..., VMSpec]) -
 async def test_start_failure_names_vm_and_cause(
     make_spec: Callable[..., VMSpec], vm_dir: Path
 ) -> None:
-    spec = make_spec(kernel=vm_dir / "no-such-kernel")
+    spec = make_spec()
+    assert isinstance(spec.boot, DirectKernel)
+    spec = dataclasses.replace(
+        spec, boot=dataclasses.replace(spec.boot, kernel=vm_dir / "no-such-kernel"))
     with pytest.raises(Internal) as info:
         await VM(spec).start()
     assert spec.vm_id in str(info.value) and "start" in str(info.value)

@@ -8,9 +8,11 @@ import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
 from criserver.sandbox.accel import read_tsc_khz
 from criserver.sandbox.assets import GuestAssets
 from criserver.sandbox.qemu import SerialTransport, Share, VMSpec
@@ -47,17 +49,18 @@ def make_erofs(root: Path, out_dir: Path) -> str:
 
 
 def container_vm_spec(vm_id: str, work: Path, assets: GuestAssets,
-                      shared: Path | None = None) -> VMSpec:
+                      shared: Path | None = None,
+                      settings: Mapping[str, str] | None = None) -> VMSpec:
     """A VM that can run containers (overlay, 9p, loop module groups) with `<work>/images`
-    exported as the image share and, if given, `shared` as the volumes share."""
+    exported as the image share and, if given, `shared` as the volumes share; `settings` for
+    the agent."""
     shares = [Share("criserver.images", work / "images", read_only=True)]
     if shared is not None:
         shares.append(Share("criserver.shared", shared, read_only=False))
-    return VMSpec(vm_id=vm_id, state_dir=work, kernel=assets.kernel,
-                  initramfs=assets.initramfs, root_disk=assets.root,
-                  root_serial=assets.root_serial, transport=SerialTransport(work / "agent.sock"),
-                  tsc_khz=read_tsc_khz(), module_groups=("overlay", "9p", "loop"),
-                  pvpanic=False, shares=tuple(shares))
+    boot = GuestBoot(tsc_khz=read_tsc_khz(), module_groups=("overlay", "9p", "loop"),
+                     settings=settings or {})
+    return pod_guest_spec(vm_id, work, assets, SerialTransport(work / "agent.sock"), boot,
+                          pvpanic=False, shares=tuple(shares))
 
 
 def oci_spec(args: list[str], *, env: list[str] | None = None,

@@ -10,7 +10,6 @@ One VM for the module (TCG boots are slow). Needs the guest assets with the loop
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import json
 import os
@@ -108,9 +107,8 @@ async def _boot_pod(tmp_path_factory: pytest.TempPathFactory,
     images.mkdir()
     shared.mkdir()
     image = make_erofs(busybox_rootfs(work / "rootfs"), images)
-    spec = dataclasses.replace(
-        container_vm_spec(f"ctrtest-{os.getpid()}-{work.name}", work, assets, shared),
-        agent_settings=settings)
+    spec = container_vm_spec(f"ctrtest-{os.getpid()}-{work.name}", work, assets, shared,
+                             settings)
     machine = VM(spec)
     await machine.start()
     client = AgentClient(spec.vm_id, AgentAddress(unix_path=str(work / "agent.sock")),

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
+from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
 from criserver.sandbox import assets as assets_mod
 from criserver.sandbox.accel import read_tsc_khz
-from criserver.sandbox.qemu import SerialTransport, VMSpec
+from criserver.sandbox.qemu import SerialTransport
 from criserver.sandbox.vm import VM
 from vmagent.api import agent_pb2 as pb
 
@@ -38,11 +39,9 @@ async def vm(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[VM
     assets = _assets()
     # Short path: AF_UNIX socket paths are limited to 107 bytes.
     state = Path(tmp_path_factory.mktemp("vm", numbered=True))
-    spec = VMSpec(vm_id=f"agenttest-{os.getpid()}", state_dir=state, kernel=assets.kernel,
-                  initramfs=assets.initramfs, root_disk=assets.root,
-                  root_serial=assets.root_serial,
-                  transport=SerialTransport(state / "agent.sock"), tsc_khz=read_tsc_khz(),
-                  pvpanic=False)
+    spec = pod_guest_spec(f"agenttest-{os.getpid()}", state, assets,
+                          SerialTransport(state / "agent.sock"),
+                          GuestBoot(tsc_khz=read_tsc_khz()), pvpanic=False)
     machine = VM(spec)
     t0 = time.monotonic()
     await machine.start()

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
-from criserver.backends.microvm import guest_metrics, streams
+from criserver.backends.microvm import guest_metrics, spec_policy, streams
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.backends.microvm.container_io import ContainerIO
+from criserver.backends.microvm.guest import GuestBoot, TemplateBoot, pod_guest_spec
 from criserver.backends.microvm.podvm import PodVM
 from criserver.backends.microvm.shares import (
     PodVolumes,
@@ -42,9 +43,10 @@ from criserver.errors import (
     NotFound,
     Unimplemented,
 )
+from criserver.failpoints import crash_point
 from criserver.network import netns
-from criserver.network.cni import CniManager, DefaultNetwork, PortMapping
-from criserver.network.pod import NetworkInfo, PodNetwork
+from criserver.network.cni import PortMapping
+from criserver.network.pod import Attachment, PodNetwork, daemon_network
 from criserver.runtime import oci_spec
 from criserver.runtime.backend import (
     BackendContext,
@@ -64,6 +66,7 @@ from criserver.sandbox.qemu import (
     Machine,
     SerialTransport,
     TapNic,
+    VMLocation,
     VMSpec,
     VsockTransport,
 )
@@ -71,12 +74,11 @@ from criserver.sandbox.template import TEMPLATE_MAC, TemplateStore
 from criserver.sandbox.vm import VM
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from vmagent.api import agent_pb2 as pb
+from vmagent.contract import IMAGE_VOLUMES_DIR, RUN_DIR
 from vmagent.ocispec import GUEST_DEVICES_ANNOTATION
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
-GUEST_RUN_DIR = "/run/criserver"  # where the agent keeps the pod's hosts/resolv.conf/hostname
-GUEST_IMAGE_VOLUMES_DIR = f"{GUEST_RUN_DIR}/imagevolumes"  # the agent binds image volumes here
 MODULE_GROUPS = ("overlay", "9p", "loop")  # containers: image mounts, volumes, overlays
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
 DEFAULT_INTERFACE = "eth0"  # the guest's name for the pod's CNI interface
@@ -85,6 +87,15 @@ _TEMPLATE_NETNS = "template-"  # pod ids are hex: no pod's netns is named like t
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 PID_MODES = {cri.POD: pb.CreateContainerRequest.PID_POD,
              cri.CONTAINER: pb.CreateContainerRequest.PID_CONTAINER}
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    """A pod's network as its guest gets it: the CNI attachment in the pod's netns and the
+    interface the agent configures on the NIC the tap feeds."""
+
+    attachment: Attachment
+    guest: tap.GuestInterface
 
 
 @dataclass(frozen=True)
@@ -147,14 +158,7 @@ class MicroVMBackend(BaseBackend):
         if self.settings.machine not in {m.value for m in Machine}:
             raise InvalidArgument(f"runtimes.{context.handler}.options.machine: "
                                   f"{self.settings.machine!r} is not microvm or q35")
-        net = context.config.network
-        self.network = PodNetwork(
-            CniManager(net, Path(context.config.daemon.root) / "cni",
-                       default_network=DefaultNetwork(net.default_network_name,
-                                                      net.default_bridge),
-                       plugin_timeout=net.plugin_timeout),
-            context.state,
-        )
+        self.network = context.shared.get(PodNetwork, lambda: daemon_network(context.config))
         self._assets: assets.GuestAssets | None = None
         self._assets_error = "guest assets not loaded yet"
         self._accel: accel.Accel | None = None  # None while the KVM probe runs
@@ -168,7 +172,7 @@ class MicroVMBackend(BaseBackend):
         if self.settings.templates:
             self.templates = TemplateStore(
                 Path(self.settings.templates_dir or context.state / "templates"),
-                self._scratch_nics, boot_timeout=self.settings.boot_timeout,
+                TemplateBoot(), self._scratch_nics, boot_timeout=self.settings.boot_timeout,
                 max_templates=self.settings.max_templates)
 
     # -- daemon life -----------------------------------------------------------------------
@@ -231,9 +235,13 @@ class MicroVMBackend(BaseBackend):
         # Shielded: a cancelled RunPodSandbox must not cancel the probe the next pod awaits.
         return await asyncio.shield(self._accel_probe)
 
+    def _location(self, pod_id: str) -> VMLocation:
+        """Where the pod's QEMU is found: no assets needed to adopt or kill it."""
+        return VMLocation(pod_id, self._pod_state_dir(pod_id), Machine(self.settings.machine))
+
     async def _adopt(self, pod: PodRecord, containers: list[ContainerRecord]) -> None:
         try:
-            vm = await VM.adopt(self._spec(pod))
+            vm = await VM.adopt(self._location(pod.id))
         except CriError as exc:
             log.warning("pod vm gone at daemon start pod=%s error=%s", pod.id, exc.message)
             await self.context.events.sandbox_exited(
@@ -321,22 +329,17 @@ class MicroVMBackend(BaseBackend):
     def _spec(self, pod: PodRecord, nics: tuple[TapNic, ...] = ()) -> VMSpec:
         if self._assets is None:
             raise FailedPrecondition(self._assets_error)
-        state_dir = self._pod_state_dir(pod.id)
         memory, vcpus = self._size(pod.config)
-        return VMSpec(
-            vm_id=pod.id,
-            state_dir=state_dir,
-            kernel=self._assets.kernel,
-            initramfs=self._assets.initramfs,
-            root_disk=self._assets.root,
-            root_serial=self._assets.root_serial,
-            transport=self._transport(pod),
-            tsc_khz=self._tsc_khz,
+        return pod_guest_spec(
+            pod.id,
+            self._pod_state_dir(pod.id),
+            self._assets,
+            self._transport(pod),
+            GuestBoot(tsc_khz=self._tsc_khz, module_groups=MODULE_GROUPS),
             machine=Machine(self.settings.machine),
             accel=self._accel.name if self._accel else "tcg",
             memory_mib=memory,
             vcpus=vcpus,
-            module_groups=MODULE_GROUPS,
             nics=nics,
             shares=pod_shares(self._images_dir(), self._volumes(pod.id).directory),
             qemu_binary=self.settings.qemu_binary,
@@ -380,10 +383,9 @@ class MicroVMBackend(BaseBackend):
     # -- sandboxes -------------------------------------------------------------------------
 
     async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:
-        namespaces = pod.config.linux.security_context.namespace_options
-        if namespaces.network == cri.NODE:
-            raise InvalidArgument(
-                "hostNetwork pods cannot run in a micro-VM: the VM has its own network stack")
+        # hostPID/hostIPC are refused per container, as before; the network is the pod's.
+        spec_policy.POLICY.check_namespaces(
+            pod.config.linux.security_context.namespace_options, kinds=("network",))
         await self._accelerator()
         started = time.monotonic()
         self._spec(pod)  # fails early without assets
@@ -396,6 +398,8 @@ class MicroVMBackend(BaseBackend):
         if self.settings.network:
             netns_path = await self.network.prepare(pod.id)
             undo.push("tear down network", lambda: self.network.teardown(pod.id))
+            await tap.create_tap(netns_path)
+            crash_point("run_sandbox.netns")
             tap_fd = await tap.open_tap_fd(netns_path)
             nics = (TapNic(tap_fd, _device_mac(pod.id)),)
         spec = self._spec(pod, nics)
@@ -411,6 +415,7 @@ class MicroVMBackend(BaseBackend):
             for nic in nics:
                 os.close(nic.fd)  # QEMU holds its own copy
         undo.push("kill vm", vm.kill)
+        crash_point("run_sandbox.vm_started")
         if template is not None:
             try:
                 await vm.restore_state(template.state)
@@ -435,19 +440,21 @@ class MicroVMBackend(BaseBackend):
                                 f"console log: {spec.log_file}") from exc
             raise
         network = await connecting
+        crash_point("run_sandbox.network")
         # The host's resolv.conf may be read for it: off the event loop.
         setup = await asyncio.to_thread(_setup_request, pod, network, spec.nics)
         await handle.agent.setup_sandbox(setup)
+        crash_point("run_sandbox.guest_set_up")
         boot_ms = (time.monotonic() - started) * 1000
         self._pods[pod.id] = handle
         undo.push("forget vm", _sync(lambda: self._pods.pop(pod.id, None)))
         handle.watch(self._vm_ended)
         log.info("pod vm ready pod=%s pid=%s boot_ms=%.0f accel=%s template=%s ips=%s", pod.id,
                  vm.pid, boot_ms, spec.accel, template.directory.name if template else "-",
-                 network.ips if network else [])
+                 network.attachment.ips if network else [])
         if template is None and self.templates is not None:
             self.templates.ensure(spec)
-        return SandboxStarted(ips=tuple(network.ips) if network else (), backend={
+        return SandboxStarted(ips=tuple(network.attachment.ips) if network else (), backend={
             "qemuPid": vm.pid,
             "stateDir": str(spec.state_dir),
             "accelerator": spec.accel,
@@ -459,7 +466,7 @@ class MicroVMBackend(BaseBackend):
             "guestKernel": check.kernel_release,
             "guestAssets": self._assets.version if self._assets else "",
             "consoleLog": str(spec.log_file),
-            "netns": network.netns if network else "",
+            "netns": str(network.attachment.netns) if network else "",
             "agentTransport": "vsock" if isinstance(spec.transport, VsockTransport)
             else "virtio-serial",
             **({"vsockCid": spec.transport.guest_cid}
@@ -476,6 +483,7 @@ class MicroVMBackend(BaseBackend):
             raise InvalidArgument(f"template {name}: pods have one NIC, not {count}")
         path = await self.network.prepare(f"{_TEMPLATE_NETNS}{name}")
         try:
+            await tap.create_tap(path)
             fd = await tap.open_tap_fd(path)
             try:
                 yield (TapNic(fd, TEMPLATE_MAC),)
@@ -484,8 +492,9 @@ class MicroVMBackend(BaseBackend):
         finally:
             await netns.remove(path)
 
-    async def _connect_network(self, pod: PodRecord) -> NetworkInfo | None:
-        """CNI ADD for a pod whose netns and tap `prepare` made (None without networking)."""
+    async def _connect_network(self, pod: PodRecord) -> GuestNetwork | None:
+        """CNI ADD in the pod's netns, then the CNI interface's traffic redirected to the VM's
+        tap (None without networking)."""
         if not self.settings.network:
             return None
         meta = pod.config.metadata
@@ -494,7 +503,19 @@ class MicroVMBackend(BaseBackend):
                         protocol=PROTOCOLS.get(p.protocol, "tcp"), host_ip=p.host_ip)
             for p in pod.config.port_mappings if p.host_port > 0
         ]
-        return await self.network.connect(pod.id, meta.name, meta.namespace, meta.uid, mappings)
+        attachment = await self.network.connect(pod.id, meta.name, meta.namespace, meta.uid,
+                                                mappings)
+        try:
+            _, guest = await tap.take_over(attachment.netns, attachment.ifname)
+        except BaseException:
+            # Not a bare DEL: take_over may have moved the addresses off the interface.
+            try:
+                await self.network.delete(pod.id)
+            except Exception:
+                log.exception("network setup undo failed pod=%s", pod.id)
+            raise
+        return GuestNetwork(attachment, guest)
+
 
     async def _vm_ended(self, pod_id: str, reason: str, message: str) -> None:
         self._pods.pop(pod_id, None)
@@ -530,12 +551,9 @@ class MicroVMBackend(BaseBackend):
         await handle.close()
 
     async def _kill_leftover(self, pod: PodRecord) -> None:
-        """A VM this daemon does not hold (adoption failed, or half-made): make sure it is gone."""
-        if self._assets is None:
-            return
-        with contextlib.suppress(CriError):
-            vm = await VM.adopt(self._spec(pod), max_wait=2)
-            await vm.kill()
+        """A VM this daemon does not hold (adoption failed, a crash mid-start): make sure it is
+        gone. Raises if it survives: its state dir (and pidfile) must then stay."""
+        await VM.kill_leftover(self._location(pod.id))
 
     async def remove_sandbox(self, pod: PodRecord) -> None:
         await self.stop_sandbox(pod)  # returns at once when it ran already
@@ -605,7 +623,7 @@ class MicroVMBackend(BaseBackend):
                 raise NotFound(f"image {m.image.image!r} of the image volume at "
                                f"{m.container_path} is not present: pull it first")
             volume_images[m.container_path] = mounted.id
-            guest_images[m.container_path] = f"{GUEST_IMAGE_VOLUMES_DIR}/{container.id}/{index}"
+            guest_images[m.container_path] = f"{IMAGE_VOLUMES_DIR}/{container.id}/{index}"
             agent_mounts.append(pb.Mount(
                 type="erofs", source=f"image:{images.snapshot_path(mounted.id).name}",
                 target=guest_images[m.container_path], sub_path=m.image_sub_path))
@@ -615,18 +633,18 @@ class MicroVMBackend(BaseBackend):
             container.id, m.host_path, _volume_mode(m)) for m in config.mounts
             if not m.image.image}
         pid_mode = config.linux.security_context.namespace_options.pid
-        if pid_mode not in PID_MODES:
-            raise Unimplemented(f"container pid namespace mode {cri.NamespaceMode.Name(pid_mode)}"
-                                " is not supported in a micro-VM")
         generated = await oci_spec.generate_async(
             config, pod.config, oci_spec.ImageConfigView.from_dict(image.config),
             # The agent replaces these with the guest's own namespace paths.
             oci_spec.PodNamespaces(ipc="/proc/1/ns/ipc", uts="/proc/1/ns/uts",
                                    pid="/proc/1/ns/pid" if pid_mode == cri.POD else None),
             lambda m: guest_volumes[(m.host_path, _volume_mode(m))].guest_path,
-            container_id=container.id, sandbox_id=pod.id, image_name=config.image.image,
-            sandbox_dir=GUEST_RUN_DIR, image_volumes=guest_images,
+            policy=spec_policy.POLICY, container_id=container.id, sandbox_id=pod.id,
+            image_name=config.image.image, sandbox_dir=RUN_DIR, image_volumes=guest_images,
         )
+        if pid_mode not in PID_MODES:  # NODE is the policy's to refuse, above; TARGET is not built
+            raise Unimplemented(f"container pid namespace mode {cri.NamespaceMode.Name(pid_mode)}"
+                                " is not supported in a micro-VM")
         generated.spec["mounts"] = with_submounts(
             generated.spec["mounts"], {v.guest_path: v for v in guest_volumes.values()})
         annotations = generated.spec.setdefault("annotations", {})
@@ -810,7 +828,7 @@ def _device_mac(pod_id: str) -> str:
     return "02:" + ":".join(f"{b:02x}" for b in octets)
 
 
-def _setup_request(pod: PodRecord, network: NetworkInfo | None,
+def _setup_request(pod: PodRecord, network: GuestNetwork | None,
                    nics: tuple[TapNic, ...] = ()) -> pb.SetupSandboxRequest:
     config = pod.config
     # A VM has no host name to inherit: without one the pod is named after itself.
@@ -824,7 +842,7 @@ def _setup_request(pod: PodRecord, network: NetworkInfo | None,
         hostname=hostname,
         resolv_conf=_resolv_conf(config.dns_config),
         sysctls=dict(config.linux.sysctls),
-        hosts=_hosts(hostname, network.ips if network else []),
+        hosts=_hosts(hostname, network.attachment.ips if network else []),
     )
     if network is not None:
         guest = network.guest

@@ -1,0 +1,55 @@
+"""Finding our QEMU processes by their pidfile: the one way, for start, adoption and clean-up.
+
+QEMU daemonizes, so it is nobody's child: a VM is found again through the pidfile in its state
+dir. A pid alone may be recycled; a QEMU whose command line names that very pidfile is ours.
+Blocking (/proc reads): call from a thread in async code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+KILL_TIMEOUT = 5.0  # SIGKILL to process gone
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_qemu_of(pid: int, pidfile: Path) -> bool:
+    """Whether `pid` is a live process whose command line names `pidfile`."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(str(pidfile)) in argv
+
+
+def qemu_pids(pidfile: Path) -> list[int]:
+    """Every live QEMU started with `pidfile`, whether or not it has written it yet."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and is_qemu_of(int(entry), pidfile):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_all(pidfile: Path, timeout: float = KILL_TIMEOUT) -> list[int]:
+    """SIGKILL every QEMU of `pidfile` and wait until they are gone. Returns the pids that
+    survived (empty on success)."""
+    pids = qemu_pids(pidfile)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pids = [pid for pid in pids if is_qemu_of(pid, pidfile)]
+    return pids
