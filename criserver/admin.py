@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +17,47 @@ from criserver.image.service import ImageService
 # At most this many progress messages wait for a slow client; older ones are dropped (the next
 # one supersedes them anyway).
 PROGRESS_BACKLOG = 256
+# Every call of criserver.admin.v1.Images is implemented.
+MISSING: dict[str, str] = {}
 
 
 def images_service(images: ImageService) -> dict[str, Any]:
-    async def pull(request: admin.PullRequest) -> AsyncIterator[admin.PullProgress]:
-        if not request.image:
-            raise InvalidArgument("image must not be empty")
-        queue: asyncio.Queue[admin.PullProgress] = asyncio.Queue(PROGRESS_BACKLOG)
+    return {"Pull": partial(pull, images), "Import": partial(import_, images)}
 
-        def progress(digest: str, done: int, total: int) -> None:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(admin.PullProgress(digest=digest, done=done, total=total))
 
-        creds = (Credentials(username=request.username, password=request.password)
-                 if request.username else None)
-        task = asyncio.create_task(images.pull(request.image, creds, progress))
-        try:
-            while not task.done():
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            while not queue.empty():
-                yield queue.get_nowait()
-            yield admin.PullProgress(image_id=task.result())
-        finally:
-            task.cancel()
+async def pull(
+    images: ImageService, request: admin.PullRequest
+) -> AsyncIterator[admin.PullProgress]:
+    if not request.image:
+        raise InvalidArgument("image must not be empty")
+    queue: asyncio.Queue[admin.PullProgress] = asyncio.Queue(PROGRESS_BACKLOG)
 
-    async def import_(request: admin.ImportRequest) -> admin.ImportResponse:
-        path = Path(request.path)
-        if not path.is_absolute():
-            raise InvalidArgument(f"import path {request.path!r} must be absolute")
-        ids = await images.import_layout(path, request.name or None)
-        return admin.ImportResponse(image_ids=ids)
+    def progress(digest: str, done: int, total: int) -> None:
+        if queue.full():
+            queue.get_nowait()
+        queue.put_nowait(admin.PullProgress(digest=digest, done=done, total=total))
 
-    return {"Pull": pull, "Import": import_}
+    creds = (Credentials(username=request.username, password=request.password)
+             if request.username else None)
+    task = asyncio.create_task(images.pull(request.image, creds, progress))
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        while not queue.empty():
+            yield queue.get_nowait()
+        yield admin.PullProgress(image_id=task.result())
+    finally:
+        task.cancel()
+
+
+async def import_(images: ImageService, request: admin.ImportRequest) -> admin.ImportResponse:
+    path = Path(request.path)
+    if not path.is_absolute():
+        raise InvalidArgument(f"import path {request.path!r} must be absolute")
+    ids = await images.import_layout(path, request.name or None)
+    return admin.ImportResponse(image_ids=ids)

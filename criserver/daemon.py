@@ -22,13 +22,14 @@ from typing import Any
 
 import grpc
 
-from criserver import instrument, sdnotify
-from criserver.admin import images_service
+from criserver import admin, instrument, sdnotify
 from criserver.api.admin.v1 import admin_pb2
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config, ConfigError
 from criserver.errors import CriError
+from criserver.image import servicer as image_servicer
 from criserver.image.service import ImageService
+from criserver.runtime import servicer as runtime_servicer
 from criserver.runtime.backend import (
     BackendContext,
     DaemonShared,
@@ -37,7 +38,6 @@ from criserver.runtime.backend import (
 )
 from criserver.runtime.recovery import recover
 from criserver.runtime.runtime import BackendEventSink, Runtime
-from criserver.runtime.servicer import IMAGE_MISSING, MISSING, image_service, runtime_service
 from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.store.db import Database
 
@@ -159,12 +159,16 @@ async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
         ("grpc.max_send_message_length", limit),
     ])
     services = cri.DESCRIPTOR.services_by_name
+    images = _images(runtime)
     server.add_generic_rpc_handlers([
-        instrument.generic_handler(services["RuntimeService"], runtime_service(runtime), MISSING),
-        instrument.generic_handler(services["ImageService"], image_service(runtime),
-                                   IMAGE_MISSING),
+        instrument.generic_handler(services["RuntimeService"],
+                                   runtime_servicer.runtime_service(runtime),
+                                   runtime_servicer.MISSING),
+        instrument.generic_handler(services["ImageService"],
+                                   image_servicer.image_service(images, Path(config.daemon.root)),
+                                   image_servicer.MISSING),
         instrument.generic_handler(admin_pb2.DESCRIPTOR.services_by_name["Images"],
-                                   images_service(_images(runtime)), {}),
+                                   admin.images_service(images), admin.MISSING),
     ])
     server.add_insecure_port(f"unix:{path}")
     await server.start()

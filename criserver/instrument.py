@@ -1,9 +1,11 @@
 """The one layer every RPC passes through: logging, timing and error mapping.
 
-Services are tables of plain async functions (request -> response). This module registers every
-method of a service descriptor with grpcio: implemented ones wrapped so that domain errors
-become their gRPC status codes and each call is logged with its duration and the pod/container
-ID it names; the rest answer UNIMPLEMENTED with a message naming what is missing.
+Services are tables of plain async functions (request -> response), one table per gRPC service,
+each built by its servicer module (criserver/runtime/servicer.py, criserver/image/servicer.py,
+criserver/admin.py) beside a MISSING dict. This module registers every method of a service
+descriptor with grpcio: implemented ones wrapped so that domain errors become their gRPC status
+codes and each call is logged with its duration and the pod/container ID it names; the rest
+answer UNIMPLEMENTED with the reason MISSING gives.
 Functions may return pre-encoded response bytes (see the List* calls) instead of messages.
 """
 

@@ -2,8 +2,8 @@
 imports and disk usage, over the content store, the snapshots and the image records (kept in
 criserver/store/images.py, in the daemon's database).
 
-The daemon builds one `ImageService`, `await start()`s it and hands it to `ImageServicer`; the
-containers code uses `get()` and `snapshot_path()`.
+The daemon builds one `ImageService`, `await start()`s it and hands it to the CRI ImageService
+table (`criserver/image/servicer.py`); the containers code uses `get()` and `snapshot_path()`.
 """
 
 from __future__ import annotations

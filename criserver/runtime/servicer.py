@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
-from criserver.image.servicer import ImageServicer
 from criserver.runtime import (
     container_create,
     container_exec,
@@ -33,7 +31,6 @@ MISSING = {
     "CheckpointContainer": "checkpoint/restore of containers is not supported",
     "UpdatePodSandboxResources": "resizing a running pod's VM is not supported yet",
 }
-IMAGE_MISSING = {"StreamImages": "use ListImages: streamed image lists are not built yet"}
 
 
 def runtime_service(rt: Runtime) -> dict[str, Any]:
@@ -75,13 +72,6 @@ def runtime_service(rt: Runtime) -> dict[str, Any]:
         "Attach": bind(streaming.attach),
         "PortForward": bind(streaming.port_forward),
     }
-
-
-def image_service(rt: Runtime) -> dict[str, Any]:
-    assert rt.images is not None
-    servicer = ImageServicer(rt.images, container_fs=Path(rt.config.daemon.root))
-    return {name: getattr(servicer, name) for name in
-            ("ListImages", "ImageStatus", "PullImage", "RemoveImage", "ImageFsInfo")}
 
 
 async def _events(

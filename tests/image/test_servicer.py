@@ -13,7 +13,7 @@ import pytest
 from criserver.api.runtime.v1 import api_pb2
 from criserver.errors import InvalidArgument
 from criserver.image import ImageService
-from criserver.image.servicer import ImageServicer
+from criserver.image.servicer import image_service
 from tests.image.conftest import Pushed, ServiceFactory
 
 pytestmark = pytest.mark.registry
@@ -23,25 +23,28 @@ def spec(image: str) -> api_pb2.ImageSpec:
     return api_pb2.ImageSpec(image=image)
 
 
-async def pull(servicer: ImageServicer, image: str) -> str:
-    resp = await servicer.PullImage(api_pb2.PullImageRequest(image=spec(image)))
+Servicer = dict[str, Any]  # the ImageService table the daemon registers
+
+
+async def pull(servicer: Servicer, image: str) -> str:
+    resp = await servicer["PullImage"](api_pb2.PullImageRequest(image=spec(image)))
     return str(resp.image_ref)
 
 
-async def status(servicer: ImageServicer, image: str, verbose: bool = False) -> Any:
-    return await servicer.ImageStatus(api_pb2.ImageStatusRequest(image=spec(image),
+async def status(servicer: Servicer, image: str, verbose: bool = False) -> Any:
+    return await servicer["ImageStatus"](api_pb2.ImageStatusRequest(image=spec(image),
                                                                  verbose=verbose))
 
 
-async def listed(servicer: ImageServicer, image: str = "") -> list[str]:
+async def listed(servicer: Servicer, image: str = "") -> list[str]:
     req = api_pb2.ListImagesRequest()
     if image:
         req.filter.image.image = image
-    return [i.id for i in (await servicer.ListImages(req)).images]
+    return [i.id for i in (await servicer["ListImages"](req)).images]
 
 
 async def test_ids_agree_and_lookups(service: ImageService, pushed: Pushed) -> None:
-    servicer = ImageServicer(service)
+    servicer = image_service(service)
     image_id = await pull(servicer, pushed.ref("test/busybox:v1"))
     assert image_id == pushed.busybox.id
     for name in (image_id, image_id.removeprefix("sha256:"), pushed.ref("test/busybox:v1"),
@@ -58,7 +61,7 @@ async def test_ids_agree_and_lookups(service: ImageService, pushed: Pushed) -> N
 
 
 async def test_status_of_missing_image_is_empty(service: ImageService, pushed: Pushed) -> None:
-    servicer = ImageServicer(service)
+    servicer = image_service(service)
     resp = await status(servicer, pushed.ref("test/busybox:nothere"))
     assert not resp.HasField("image") and dict(resp.info) == {}
     assert await listed(servicer, "sha256:" + "0" * 64) == []
@@ -67,7 +70,7 @@ async def test_status_of_missing_image_is_empty(service: ImageService, pushed: P
 
 
 async def test_verbose_status(service: ImageService, pushed: Pushed) -> None:
-    servicer = ImageServicer(service)
+    servicer = image_service(service)
     image_id = await pull(servicer, pushed.ref("test/busybox:v1"))
     info = json.loads((await status(servicer, image_id, verbose=True)).info["info"])
     assert info["id"] == image_id
@@ -80,26 +83,26 @@ async def test_verbose_status(service: ImageService, pushed: Pushed) -> None:
 async def test_remove_by_tag_removes_all_tags_and_is_idempotent(
     service: ImageService, pushed: Pushed
 ) -> None:
-    servicer = ImageServicer(service)
+    servicer = image_service(service)
     image_id = await pull(servicer, pushed.ref("test/multi:latest"))
     assert await pull(servicer, pushed.ref(f"test/multi@{pushed.multi_digest}")) == image_id
-    before = await servicer.ImageFsInfo(api_pb2.ImageFsInfoRequest())
+    before = await servicer["ImageFsInfo"](api_pb2.ImageFsInfoRequest())
     snapshot = service.snapshot_path(image_id)
     assert snapshot.exists()
 
-    await servicer.RemoveImage(api_pb2.RemoveImageRequest(image=spec(
+    await servicer["RemoveImage"](api_pb2.RemoveImageRequest(image=spec(
         pushed.ref("test/multi:latest"))))
     assert await listed(servicer) == []
     assert not (await status(servicer, pushed.ref(f"test/multi@{pushed.multi_digest}"))
                 ).HasField("image")
     assert not snapshot.exists()
     assert service.content.digests() == set()
-    after = await servicer.ImageFsInfo(api_pb2.ImageFsInfoRequest())
+    after = await servicer["ImageFsInfo"](api_pb2.ImageFsInfoRequest())
     old, new = before.image_filesystems[0], after.image_filesystems[0]
     assert new.used_bytes.value < old.used_bytes.value
     assert new.inodes_used.value < old.inodes_used.value
     # Missing image: still success.
-    await servicer.RemoveImage(api_pb2.RemoveImageRequest(image=spec(image_id)))
+    await servicer["RemoveImage"](api_pb2.RemoveImageRequest(image=spec(image_id)))
 
 
 async def test_remove_by_digest_and_shared_layers_survive(
@@ -134,10 +137,10 @@ async def test_image_in_use_keeps_content_until_unused(make_service: ServiceFact
 
 async def test_pinned_images(make_service: ServiceFactory, pushed: Pushed) -> None:
     svc = await make_service(pinned_images=[pushed.ref("test/multi:latest")])
-    servicer = ImageServicer(svc)
+    servicer = image_service(svc)
     await pull(servicer, pushed.ref("test/multi"))
     await pull(servicer, pushed.ref("test/busybox:v1"))
-    resp = await servicer.ListImages(api_pb2.ListImagesRequest())
+    resp = await servicer["ListImages"](api_pb2.ListImagesRequest())
     assert {i.id: i.pinned for i in resp.images} == {pushed.multi[0].id: True,
                                                     pushed.busybox.id: False}
 
@@ -147,10 +150,10 @@ async def test_image_fs_info_reports_both_filesystems(service: ImageService, pus
     containers = tmp_path / "containers"
     containers.mkdir()
     (containers / "f").write_bytes(os.urandom(100_000))
-    servicer = ImageServicer(service, container_fs=containers)
-    empty = await servicer.ImageFsInfo(api_pb2.ImageFsInfoRequest())
+    servicer = image_service(service, container_fs=containers)
+    empty = await servicer["ImageFsInfo"](api_pb2.ImageFsInfoRequest())
     await pull(servicer, pushed.ref("test/busybox:v1"))
-    full = await servicer.ImageFsInfo(api_pb2.ImageFsInfoRequest())
+    full = await servicer["ImageFsInfo"](api_pb2.ImageFsInfoRequest())
     assert full.image_filesystems[0].fs_id.mountpoint == str(service.dir)
     assert full.image_filesystems[0].used_bytes.value > \
         empty.image_filesystems[0].used_bytes.value + len(pushed.busybox.layers[0].blob)
