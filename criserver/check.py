@@ -53,7 +53,7 @@ def _accelerator(config: Config, options: MicroVMOptions) -> Result:
         found: assets.GuestAssets | None = assets.load(Path(options.assets_dir))
     except assets.AssetsError:
         found = None
-    state = Path(config.daemon.state) / "runtimes" / "microvm"
+    state = Path(config.daemon.state)  # where the daemon's VMHost keeps the verdict
     chosen = accel.cached(state, options.qemu_binary)
     if chosen is None and accel.probing(state):
         # The daemon probes in the background after it starts; its verdict is cached.

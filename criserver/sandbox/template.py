@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from typing import Protocol
 
 from criserver.errors import CriError
 from criserver.sandbox import process
+from criserver.sandbox.host import qemu_identity
 from criserver.sandbox.qemu import (
     GuestMemory,
     SerialTransport,
@@ -118,20 +118,8 @@ def template_key(spec: VMSpec) -> str:
     """Names the template `spec` can be cloned from. The guest assets' paths carry their
     digest; QEMU's binary is identified by size and mtime (a new QEMU may save other state)."""
     shape = shape_of(spec)
-    blob = json.dumps([build_command(shape), _binary_identity(shape.qemu_binary)]).encode()
+    blob = json.dumps([build_command(shape), qemu_identity(shape.qemu_binary)]).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
-
-
-@functools.lru_cache(maxsize=8)
-def _binary_identity(name: str) -> str:
-    """Cached for the daemon's life: a QEMU upgraded under a running daemon is picked up at its
-    restart, like the rest of its configuration."""
-    qemu = shutil.which(name) or name
-    try:
-        st = os.stat(qemu)
-    except OSError:
-        return qemu
-    return f"{os.path.realpath(qemu)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 class TemplateStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import json
 import os
@@ -19,7 +20,7 @@ from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.microvm.backend import MicroVMBackend, MicroVMOptions
 from criserver.config import Config, DaemonConfig
 from criserver.errors import FailedPrecondition
-from criserver.runtime.backend import BackendContext
+from criserver.runtime.backend import BackendContext, DaemonShared
 from criserver.runtime.undo import UndoStack
 from criserver.sandbox import accel
 from criserver.sandbox.assets import GuestAssets
@@ -176,8 +177,10 @@ async def test_backend_serves_while_probing_and_pods_wait_for_the_verdict(
 ) -> None:
     probe = _GatedProbe(accel.Accel("tcg", "stand-in probe"))
     monkeypatch.setattr(accel, "_probe", probe)
+    config = Config(daemon=DaemonConfig(root=str(tmp_path / "root"),
+                                        state=str(tmp_path / "state")))
     context = BackendContext(handler="microvm", root=tmp_path / "root",
-                             state=tmp_path / "state", config=Config(),
+                             state=tmp_path / "state", config=config,
                              events=None)  # type: ignore[arg-type]
     backend = MicroVMBackend({"network": False, "templates": False,
                               "assets_dir": str(tmp_path / "no-assets")}, context)
@@ -197,10 +200,11 @@ async def test_backend_serves_while_probing_and_pods_wait_for_the_verdict(
         assert (info["accelerator"], info["acceleratorReason"]) == ("tcg", "stand-in probe")
         # A daemon restart in the same host boot takes the cached verdict.
         await backend.close()
+        context = dataclasses.replace(context, shared=DaemonShared())  # a new daemon
         backend = MicroVMBackend({"network": False, "templates": False,
                                   "assets_dir": str(tmp_path / "no-assets")}, context)
         await backend.start([], [])
-        assert (await backend._accelerator()).reason == "stand-in probe (cached)"
+        assert (await backend.host.accelerator()).reason == "stand-in probe (cached)"
         assert probe.boots == 1
     finally:
         await backend.close()
@@ -211,8 +215,7 @@ def test_check_reports_probing_while_the_daemon_probes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = Config(daemon=DaemonConfig(state=str(tmp_path)))
-    state = tmp_path / "runtimes" / "microvm"
-    state.mkdir(parents=True)
+    state = tmp_path  # the daemon's VMHost keeps its verdict in the daemon's state dir
     options = MicroVMOptions(assets_dir=str(tmp_path / "no-assets"))
     with open(state / "accel.lock", "w") as held:  # what the daemon holds while it probes
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -223,3 +226,21 @@ def test_check_reports_probing_while_the_daemon_probes(
     asyncio.run(accel.detect(state, None))
     result = check._accelerator(config, options)
     assert result.detail == "TCG (software emulation, slow): stand-in (cached)"
+
+
+def test_handlers_of_one_daemon_share_one_host_and_one_network(tmp_path: Path) -> None:
+    config = Config(daemon=DaemonConfig(root=str(tmp_path / "root"),
+                                        state=str(tmp_path / "state")))
+    shared = DaemonShared()
+
+    def backend(handler: str, **options: object) -> MicroVMBackend:
+        context = BackendContext(handler=handler, root=tmp_path / handler,
+                                 state=tmp_path / "state" / handler, config=config,
+                                 events=None, shared=shared)  # type: ignore[arg-type]
+        return MicroVMBackend(dict(options), context)
+
+    a, b = backend("a", accelerator="tcg"), backend("b", accelerator="tcg", default_vcpus=2)
+    other_qemu = backend("c", accelerator="kvm")
+    assert a.host is b.host and a.host is not other_qemu.host
+    assert a.network is b.network is other_qemu.network
+    assert a.network.netns_dir == tmp_path / "state" / "netns"

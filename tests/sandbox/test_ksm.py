@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from criserver.backends.microvm.backend import MicroVMBackend
-from criserver.config import Config
+from criserver.config import Config, DaemonConfig
 from criserver.runtime.backend import BackendContext
 from criserver.sandbox import ksm
 from tests.daemon import unmount_under
@@ -32,8 +32,10 @@ async def test_backend_turns_ksm_on_only_when_configured(
     run = tmp_path / "run"
     run.write_text("0\n")
     monkeypatch.setattr(ksm, "KSM_RUN", run)
+    config = Config(daemon=DaemonConfig(root=str(tmp_path / "root"),
+                                        state=str(tmp_path / "state")))
     context = BackendContext(handler="microvm", root=tmp_path / "root",
-                             state=tmp_path / "state", config=Config(),
+                             state=tmp_path / "state", config=config,
                              events=None)  # type: ignore[arg-type]
     backend = MicroVMBackend({"ksm": wanted, "accelerator": "tcg", "network": False,
                               "assets_dir": str(tmp_path / "no-assets")}, context)

@@ -60,7 +60,8 @@ from criserver.runtime.backend import (
 from criserver.runtime.metric_sample import PodSample
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import accel, assets, ksm, tap
+from criserver.sandbox import assets, tap
+from criserver.sandbox.host import VMHost
 from criserver.sandbox.qemu import (
     AgentTransport,
     Machine,
@@ -159,11 +160,15 @@ class MicroVMBackend(BaseBackend):
             raise InvalidArgument(f"runtimes.{context.handler}.options.machine: "
                                   f"{self.settings.machine!r} is not microvm or q35")
         self.network = context.shared.get(PodNetwork, lambda: daemon_network(context.config))
-        self._assets: assets.GuestAssets | None = None
-        self._assets_error = "guest assets not loaded yet"
-        self._accel: accel.Accel | None = None  # None while the KVM probe runs
-        self._accel_probe: asyncio.Task[accel.Accel] | None = None
-        self._tsc_khz: int | None = None
+        settings = self.settings
+        daemon_state = Path(context.config.daemon.state)
+        # One per daemon for the same QEMU and assets: two handlers share its probe and facts.
+        self.host = context.shared.get(
+            (VMHost, settings.qemu_binary, settings.accelerator, settings.assets_dir,
+             settings.ksm),
+            lambda: VMHost(daemon_state, qemu_binary=settings.qemu_binary,
+                           accelerator=settings.accelerator,
+                           assets_dir=Path(settings.assets_dir), enable_ksm=settings.ksm))
         self._pods: dict[str, PodVM] = {}
         # Pods this daemon stopped completely (VM gone, network torn down), until removed.
         self._stopped: set[str] = set()
@@ -178,13 +183,7 @@ class MicroVMBackend(BaseBackend):
     # -- daemon life -----------------------------------------------------------------------
 
     async def start(self, pods: list[PodRecord], containers: list[ContainerRecord]) -> None:
-        try:
-            self._assets = await asyncio.to_thread(assets.load, Path(self.settings.assets_dir))
-        except assets.AssetsError as exc:
-            self._assets_error = exc.message
-            log.warning("micro-VM backend not ready: %s", exc.message)
-        self._start_accel_choice()
-        self._tsc_khz = await asyncio.to_thread(accel.read_tsc_khz)
+        await self.host.start()
         await asyncio.to_thread(prepare_volumes_root, self._volumes_root())
         if self.templates is not None:
             await asyncio.to_thread(self.templates.prune)
@@ -192,48 +191,9 @@ class MicroVMBackend(BaseBackend):
             for path in await asyncio.to_thread(
                     lambda: list(self.network.netns_dir.glob(f"{_TEMPLATE_NETNS}*"))):
                 await netns.remove(path)
-        if self.settings.ksm:
-            try:
-                before = await asyncio.to_thread(ksm.enable)
-                log.info("kernel samepage merging on (was %s)", before)
-            except OSError as exc:
-                log.warning("cannot turn on kernel samepage merging: %s", exc)
         for pod in pods:
             if pod.state == PodState.READY:
                 await self._adopt(pod, [c for c in containers if c.pod_id == pod.id])
-
-    def _start_accel_choice(self) -> None:
-        """Choose the accelerator: set in the configuration, or probed in the background (a
-        probe boot takes up to accel.PROBE_TIMEOUT on a fresh host boot), so the daemon serves
-        at once and only pod creation waits for the verdict (`_accelerator`)."""
-        wanted = self.settings.accelerator
-        if wanted in ("kvm", "tcg"):
-            self._chosen(accel.Accel(name=wanted, reason="set in the configuration"))
-        else:
-            self._accel_probe = asyncio.create_task(self._probe_accel(), name="kvm-probe")
-
-    async def _probe_accel(self) -> accel.Accel:
-        try:
-            chosen = await accel.detect(self.context.state, self._assets,
-                                        qemu_binary=self.settings.qemu_binary)
-        except Exception as exc:  # the probe's own failure must not leave pods waiting
-            log.exception("KVM probe failed")
-            chosen = accel.Accel("tcg", f"KVM probe failed: {exc!r}")
-        self._chosen(chosen)
-        return chosen
-
-    def _chosen(self, chosen: accel.Accel) -> None:
-        self._accel = chosen
-        if chosen.name == "tcg":
-            log.warning("pods run under TCG (software emulation): %s", chosen.reason)
-
-    async def _accelerator(self) -> accel.Accel:
-        """The accelerator, once chosen: waits for the probe if it still runs."""
-        if self._accel is not None:
-            return self._accel
-        assert self._accel_probe is not None, "start() not called"
-        # Shielded: a cancelled RunPodSandbox must not cancel the probe the next pod awaits.
-        return await asyncio.shield(self._accel_probe)
 
     def _location(self, pod_id: str) -> VMLocation:
         """Where the pod's QEMU is found: no assets needed to adopt or kill it."""
@@ -259,10 +219,7 @@ class MicroVMBackend(BaseBackend):
                 self._follow(pod, container)
 
     async def close(self) -> None:
-        if self._accel_probe is not None and not self._accel_probe.done():
-            self._accel_probe.cancel()  # the probe kills its QEMU on the way out
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accel_probe
+        await self.host.close()
         if self.templates is not None:
             await self.templates.close()
         for io in list(self._io.values()):
@@ -276,18 +233,12 @@ class MicroVMBackend(BaseBackend):
         info: dict[str, Any] = {
             "backend": self.name,
             "machine": self.settings.machine,
-            "accelerator": self._accel.name if self._accel else "probing",
-            "acceleratorReason": self._accel.reason if self._accel else
-            "a KVM probe boot is running; pods wait for its verdict",
-            "tscKhz": self._tsc_khz,
+            **await self.host.status(),
             "tcgTbSizeMib": self.settings.tcg_tb_size_mib,
             "templates": self.settings.templates,
-            "ksm": await asyncio.to_thread(ksm.state),
-            "guestAssets": str(self._assets.path) if self._assets else self._assets_error,
-            "guestKernel": self._assets.kernel_release if self._assets else "",
             "pods": len(self._pods),
         }
-        ready = self._assets is not None and shutil.which(self.settings.qemu_binary) is not None
+        ready = self.host.ready
         if self.settings.network:
             network = await self.network.status()
             net_ready, net_reason, net_message = network.ready, network.reason, network.message
@@ -296,7 +247,7 @@ class MicroVMBackend(BaseBackend):
         return BackendStatus(
             runtime_ready=ready,
             runtime_reason="" if ready else "GuestAssetsMissing",
-            runtime_message="" if ready else self._assets_error,
+            runtime_message="" if ready else self.host.assets_error,
             network_ready=net_ready,
             network_reason=net_reason,
             network_message=net_message,
@@ -327,17 +278,19 @@ class MicroVMBackend(BaseBackend):
         return Path(self.context.config.daemon.root) / "image" / "snapshots"
 
     def _spec(self, pod: PodRecord, nics: tuple[TapNic, ...] = ()) -> VMSpec:
-        if self._assets is None:
-            raise FailedPrecondition(self._assets_error)
+        host = self.host
+        if host.assets is None:
+            raise FailedPrecondition(host.assets_error)
         memory, vcpus = self._size(pod.config)
+        chosen = host.accelerator_now
         return pod_guest_spec(
             pod.id,
             self._pod_state_dir(pod.id),
-            self._assets,
+            host.assets,
             self._transport(pod),
-            GuestBoot(tsc_khz=self._tsc_khz, module_groups=MODULE_GROUPS),
+            GuestBoot(tsc_khz=host.tsc_khz, module_groups=MODULE_GROUPS),
             machine=Machine(self.settings.machine),
-            accel=self._accel.name if self._accel else "tcg",
+            accel=chosen.name if chosen else "tcg",
             memory_mib=memory,
             vcpus=vcpus,
             nics=nics,
@@ -386,7 +339,7 @@ class MicroVMBackend(BaseBackend):
         # hostPID/hostIPC are refused per container, as before; the network is the pod's.
         spec_policy.POLICY.check_namespaces(
             pod.config.linux.security_context.namespace_options, kinds=("network",))
-        await self._accelerator()
+        await self.host.accelerator()
         started = time.monotonic()
         self._spec(pod)  # fails early without assets
         volumes = self._volumes(pod.id)
@@ -464,7 +417,7 @@ class MicroVMBackend(BaseBackend):
             "bootTimeMs": round(boot_ms),
             "template": template.directory.name if template else "",
             "guestKernel": check.kernel_release,
-            "guestAssets": self._assets.version if self._assets else "",
+            "guestAssets": self.host.assets.version if self.host.assets else "",
             "consoleLog": str(spec.log_file),
             "netns": str(network.attachment.netns) if network else "",
             "agentTransport": "vsock" if isinstance(spec.transport, VsockTransport)
