@@ -215,23 +215,7 @@ async def test_conflist_file_in_conf_dir_wins(net_env: NetEnv) -> None:
 
 @needs_root_cni
 async def test_plugin_error_is_reported_and_add_rolls_back(net_env: NetEnv) -> None:
-    conf = {
-        "cniVersion": "1.0.0",
-        "name": net_env.name,
-        "plugins": [
-            # ADD fails (interface names have at most 15 bytes) after host-local has allocated.
-            {
-                "type": "bridge",
-                "bridge": "x" * 20,
-                "ipam": {
-                    "type": "host-local",
-                    "subnet": net_env.subnet,
-                    "dataDir": str(net_env.ipam_dir),
-                },
-            }
-        ],
-    }
-    (net_env.conf_dir / "10-bad.conflist").write_text(json.dumps(conf))
+    net_env.write_failing_conflist()
     cni = net_env.cni()
     path = net_env.netns_dir / "pod3"
     await netns.create(path)

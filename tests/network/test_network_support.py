@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import secrets
@@ -113,6 +114,21 @@ class NetEnv:
     @property
     def netns_dir(self) -> Path:
         return self.state_dir / "netns"
+
+    def write_failing_conflist(self) -> None:
+        """A conflist whose ADD fails after host-local has allocated (interface names have at
+        most 15 bytes): what a failed ADD leaves is then visible."""
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": self.name,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "x" * 20,
+                "ipam": {"type": "host-local", "subnet": self.subnet,
+                         "dataDir": str(self.ipam_dir)},
+            }],
+        }
+        (self.conf_dir / "10-bad.conflist").write_text(json.dumps(conf))
 
     def allocations(self) -> list[str]:
         """host-local's per-IP files (its lock and last-reserved files are not allocations)."""

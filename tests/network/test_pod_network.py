@@ -290,26 +290,7 @@ async def test_teardown_when_the_netns_is_already_gone(net_env: NetEnv) -> None:
 @needs_root_cni
 async def test_failed_add_leaves_only_the_netns_teardown_removes(net_env: NetEnv) -> None:
     net = net_env.pod_network()
-    # A conflist whose ADD fails: nothing may stay behind.
-    (net_env.conf_dir / "10-bad.conflist").write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": net_env.name,
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": "x" * 20,
-                        "ipam": {
-                            "type": "host-local",
-                            "subnet": net_env.subnet,
-                            "dataDir": str(net_env.ipam_dir),
-                        },
-                    }
-                ],
-            }
-        )
-    )
+    net_env.write_failing_conflist()  # nothing may stay behind
     with pytest.raises(Exception, match="failed to create bridge"):
         await attach(net, "pod3")
     assert await net.cni.result("pod3") is None and net_env.allocations() == []
