@@ -13,9 +13,8 @@ import errno
 import ipaddress
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from criserver.config import Config
 from criserver.errors import InvalidArgument
@@ -41,7 +40,6 @@ class Attachment:
     netns: Path
     ifname: str  # the CNI interface in the netns
     ips: list[str]  # PodSandboxStatus: the first is the pod IP, the rest additional IPs
-    cni_result: dict[str, Any] = field(repr=False)
 
 
 class PodNetwork:
@@ -87,7 +85,7 @@ class PodNetwork:
         result = await self.cni.add(pod, str(path), port_mappings)
         ips = result.pod_ips(self.cni.ifname)
         log.info("pod network ready pod=%s ips=%s netns=%s", pod_id, ",".join(ips), path)
-        return Attachment(pod_id, path, self.cni.ifname, ips, result.raw)
+        return Attachment(pod_id, path, self.cni.ifname, ips)
 
     async def check(self, pod_id: str) -> None:
         """CNI CHECK of the pod's network, as ADD left it.

@@ -169,9 +169,6 @@ class GeneratedSpec:
     gid_from_passwd: bool = False
     merge_image_groups: bool = True
     guest_devices: bool = False
-    # net.* sysctls of a container without a network namespace of its own: the backend applies
-    # them to the pod's network (a micro-VM's: the guest's), or drops them.
-    skipped_sysctls: dict[str, str] = field(default_factory=dict)
     selinux_relabel: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
@@ -288,7 +285,7 @@ def generate(
         policy.selinux_dropped,
     )
     host_network = ns_options.network == cri.NODE
-    sysctls, skipped = _sysctls(pod, None if host_network else namespaces.net)
+    sysctls = _sysctls(pod, None if host_network else namespaces.net)
     policy.check_namespaces(ns_options)
     parent = cgroup_parent or (pod.linux.cgroup_parent if policy.pod_cgroup_parent else "")
     spec_linux: dict[str, Any] = {
@@ -330,7 +327,6 @@ def generate(
         gid_from_passwd=user.gid_from_passwd,
         merge_image_groups=sc.supplemental_groups_policy != cri.Strict,
         guest_devices=privileged,
-        skipped_sysctls=skipped,
         selinux_relabel=relabel,
     )
 
@@ -742,23 +738,19 @@ def _id_mappings(mappings: Iterable[cri.IDMapping]) -> list[dict[str, int]]:
             for m in mappings]
 
 
-def _sysctls(
-    pod: cri.PodSandboxConfig, net: str | None
-) -> tuple[dict[str, str], dict[str, str]]:
-    """The pod's sysctls for the spec, and those left to the backend (net.* without `net`, the
-    container's network namespace)."""
+def _sysctls(pod: cri.PodSandboxConfig, net: str | None) -> dict[str, str]:
+    """The pod's sysctls for the spec: all but net.* when the container has no network
+    namespace of its own (`net`)."""
     kept: dict[str, str] = {}
-    skipped: dict[str, str] = {}
     for key, value in sorted(pod.linux.sysctls.items()):
         if not SYSCTL_RE.fullmatch(key) or ".." in key:
             raise InvalidArgument(f"invalid sysctl name {key!r}")
         # runc refuses net.* without a network namespace of the container's own; a micro-VM is
-        # the pod's network namespace, where the agent applies them at sandbox setup.
-        if key.replace("/", ".").startswith("net.") and not net:
-            skipped[key] = value
-        else:
+        # the pod's network namespace, where the agent applies them at sandbox setup (and a
+        # hostNetwork container must not change the node's network).
+        if not (key.replace("/", ".").startswith("net.") and not net):
             kept[key] = value
-    return kept, skipped
+    return kept
 
 
 def update_resources(resources: cri.LinuxContainerResources) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from criserver.image import manifest as mf
 from criserver.image.auth import Credentials, parse_challenge
 from criserver.image.reference import parse
 from criserver.image.registry import RegistryClient
+from tests.image.oci import OCI_CONFIG
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -57,7 +58,7 @@ def test_platform_selection() -> None:
 
 
 def test_foreign_layers_refused() -> None:
-    doc = {"config": {"mediaType": mf.OCI_CONFIG, "digest": "sha256:" + "c" * 64, "size": 2},
+    doc = {"config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + "c" * 64, "size": 2},
            "layers": [{"mediaType": mf.FOREIGN_LAYER_TYPES[0], "digest": "sha256:" + "d" * 64,
                        "size": 5, "urls": ["https://example.com/layer"]}]}
     with pytest.raises(FailedPrecondition, match="foreign"):

@@ -527,10 +527,8 @@ def test_sysctls() -> None:
     # runc refuses net.* outside a network namespace of the container: the VM applies them.
     assert in_vm.spec["linux"]["sysctl"] == {"fs.mqueue.msg_max": "100",
                                              "kernel.shm_rmid_forced": "1"}
-    assert in_vm.skipped_sysctls == {"net.ipv4.ip_unprivileged_port_start": "0"}
     with_netns = gen(pod=pod, ns=PodNamespaces(ipc="i", uts="u", pid="p", net="/run/netns/x"))
     assert with_netns.spec["linux"]["sysctl"] == sysctls
-    assert with_netns.skipped_sysctls == {}
     assert "sysctl" not in gen().spec["linux"]
     bad = pod_config(linux=cri.LinuxPodSandboxConfig(sysctls={"../etc/x": "1"}))
     with pytest.raises(InvalidArgument, match="sysctl"):
@@ -866,7 +864,6 @@ def test_host_policy_node_namespaces() -> None:
     assert mount_at(out.spec, "/dev/shm")["source"] == "/dev/shm"
     # net.* would change the node's network: never in the spec of a hostNetwork container.
     assert out.spec["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
-    assert out.skipped_sysctls == {"net.ipv4.ip_forward": "1"}
 
 
 def test_host_policy_node_network_only() -> None:

@@ -224,11 +224,6 @@ class AgentClient:
         if channel is not None:
             channel.close()  # fails the streams still pending on it
 
-    async def reconnect(self) -> None:
-        """Forget the current connection and open a new one."""
-        self._drop()
-        await self.connect()
-
     def close(self) -> None:
         self._state = ConnState.CLOSED
         channel, self._channel = self._channel, None
