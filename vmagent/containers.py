@@ -1,5 +1,5 @@
 """Containers in the guest: the store of container records and their life cycle with runc
-(create, start, signal, wait, delete, pause/resume, update, stats). A record's status changes
+(create, start, signal, wait, delete, update, stats). A record's status changes
 only through `_set_status`, which checks the transition. Every log line names the container.
 """
 
@@ -46,8 +46,7 @@ S = pb.ContainerState
 _TRANSITIONS = {
     S.UNKNOWN: {S.CREATED},
     S.CREATED: {S.RUNNING, S.STOPPED},
-    S.RUNNING: {S.PAUSED, S.STOPPED},
-    S.PAUSED: {S.RUNNING, S.STOPPED},
+    S.RUNNING: {S.STOPPED},
     S.STOPPED: set(),
 }
 # After init exits, processes it left behind (shared PID namespace) may hold its stdout open:
@@ -402,7 +401,7 @@ class Containers:
         if c is None:
             return
         async with c.lock:
-            if c.status in (S.RUNNING, S.PAUSED) and not req.force:
+            if c.status == S.RUNNING and not req.force:
                 raise GRPCError(Status.FAILED_PRECONDITION,
                                 f"container {c.id} is {S.Status.Name(c.status)}; stop it first")
             if self._by_id.get(c.id) is not c:
@@ -410,18 +409,6 @@ class Containers:
             await self._teardown(c)
             self._by_id.pop(c.id, None)
         log.info("container deleted id=%s", c.id)
-
-    async def pause(self, container_id: str) -> None:
-        c = self.get(container_id)
-        async with c.lock:
-            await self.runc.run(["pause", c.id], what=f"container {c.id}: runc pause")
-            _set_status(c, S.PAUSED)
-
-    async def resume(self, container_id: str) -> None:
-        c = self.get(container_id)
-        async with c.lock:
-            await self.runc.run(["resume", c.id], what=f"container {c.id}: runc resume")
-            _set_status(c, S.RUNNING)
 
     async def update(self, req: pb.UpdateResourcesRequest) -> None:
         c = self.get(req.container_id)

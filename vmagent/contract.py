@@ -18,7 +18,6 @@ AGENT_VSOCK_PORT = 1024
 # Where the agent keeps the pod's files (hosts, resolv.conf, hostname, shm) that containers
 # bind-mount, and mounts what the host shares.
 RUN_DIR = "/run/criserver"
-IMAGES_DIR = f"{RUN_DIR}/images"  # the IMAGES_TAG share: one EROFS file per image
 SHARED_DIR = f"{RUN_DIR}/shared"  # the SHARED_TAG share: the pod's volumes
 IMAGE_VOLUMES_DIR = f"{RUN_DIR}/imagevolumes"  # image volumes, bound per container
 

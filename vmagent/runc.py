@@ -151,6 +151,6 @@ def _status_for(detail: str) -> Status:
     lowered = detail.lower()
     if "does not exist" in lowered or ("not found" in lowered and "container" in lowered):
         return Status.NOT_FOUND
-    if "not running" in lowered or "not paused" in lowered or "already" in lowered:
+    if "not running" in lowered or "already" in lowered:
         return Status.FAILED_PRECONDITION
     return Status.INTERNAL

@@ -196,23 +196,6 @@ class AgentService:
         assert req is not None
         await stream.send_message(self._s.containers.get(req.container_id).state())
 
-    async def ListContainers(self, stream: Stream[pb.Empty, pb.ListContainersResponse]) -> None:
-        await stream.recv_message()
-        await stream.send_message(pb.ListContainersResponse(
-            containers=[c.state() for c in self._s.containers.all()]))
-
-    async def PauseContainer(self, stream: Stream[pb.ContainerRequest, pb.Empty]) -> None:
-        req = await stream.recv_message()
-        assert req is not None
-        await self._s.containers.pause(req.container_id)
-        await stream.send_message(pb.Empty())
-
-    async def ResumeContainer(self, stream: Stream[pb.ContainerRequest, pb.Empty]) -> None:
-        req = await stream.recv_message()
-        assert req is not None
-        await self._s.containers.resume(req.container_id)
-        await stream.send_message(pb.Empty())
-
     async def UpdateResources(self, stream: Stream[pb.UpdateResourcesRequest, pb.Empty]) -> None:
         req = await stream.recv_message()
         assert req is not None

@@ -28,7 +28,6 @@ from criserver.sandbox import assets as assets_mod
 from criserver.sandbox.vm import VM
 from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec
 from vmagent.api import agent_pb2 as pb
-from vmagent.api.agent_grpc import AgentStub
 
 pytestmark = pytest.mark.vm
 
@@ -67,11 +66,9 @@ class Pod:
 
     async def output(self, cid: str, offset: int = 0) -> list[pb.StdioChunk]:
         """ReadStdio with follow: everything from `offset` to EOF."""
-        await self.client.connect()
-        stub = AgentStub(self.client._channel)  # type: ignore[arg-type]
-        chunks: list[pb.StdioChunk] = await stub.ReadStdio(
-            pb.ReadStdioRequest(container_id=cid, offset=offset, follow=True), timeout=60)
-        return chunks
+        request = pb.ReadStdioRequest(container_id=cid, offset=offset, follow=True)
+        async with asyncio.timeout(60):
+            return [chunk async for chunk in self.client.stream("ReadStdio", request)]
 
     async def exec(self, cid: str, *argv: str, timeout: float = 60,
                    **kw: object) -> pb.ExecSyncResponse:
@@ -327,7 +324,7 @@ async def test_oom_killed(pod: Pod) -> None:
     await pod.delete(cid)
 
 
-async def test_stats_pause_resume_update(pod: Pod) -> None:
+async def test_stats_update(pod: Pod) -> None:
     cid = await pod.create(["sh", "-c", "while :; do :; done"])
     idle = await pod.create(["sleep", "100000"])
     try:
@@ -338,18 +335,12 @@ async def test_stats_pause_resume_update(pod: Pod) -> None:
         assert s.container_id == cid
         assert s.cpu_usage_nanos > 0 and s.memory_usage_bytes > 0 and s.pids >= 1, s
         assert reply.guest.memory_total_bytes > 0
-        await pod.call("PauseContainer", pb.ContainerRequest(container_id=cid))
-        state = await pod.call("GetContainerState", pb.ContainerRequest(container_id=cid))
-        assert state.status == pb.ContainerState.PAUSED  # type: ignore[attr-defined]
-        await pod.call("ResumeContainer", pb.ContainerRequest(container_id=cid))
         await pod.call("UpdateResources", pb.UpdateResourcesRequest(
             container_id=cid, linux_resources_json=json.dumps(
                 {"pids": {"limit": 50}}).encode()))
         limit = await pod.call("ExecSync", pb.ExecSyncRequest(process=pb.Process(
             argv=["cat", f"/sys/fs/cgroup/criserver/{cid}/pids.max"]), timeout_seconds=30))
         assert limit.stdout == b"50\n", limit  # type: ignore[attr-defined]
-        listed = await pod.call("ListContainers", pb.Empty())
-        assert {cid, idle} <= {c.container_id for c in listed.containers}  # type: ignore[attr-defined]
         await pod.call("SignalContainer", pb.SignalContainerRequest(container_id=cid, signal=9))
         st = await pod.call("WaitContainer", pb.WaitContainerRequest(container_id=cid))
         assert (st.exit_code, st.signal) == (137, 9)  # type: ignore[attr-defined]

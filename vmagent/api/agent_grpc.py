@@ -79,18 +79,6 @@ class AgentBase(abc.ABC):
         pass
 
     @abc.abstractmethod
-    async def ListContainers(self, stream: 'grpclib.server.Stream[agent_pb2.Empty, agent_pb2.ListContainersResponse]') -> None:
-        pass
-
-    @abc.abstractmethod
-    async def PauseContainer(self, stream: 'grpclib.server.Stream[agent_pb2.ContainerRequest, agent_pb2.Empty]') -> None:
-        pass
-
-    @abc.abstractmethod
-    async def ResumeContainer(self, stream: 'grpclib.server.Stream[agent_pb2.ContainerRequest, agent_pb2.Empty]') -> None:
-        pass
-
-    @abc.abstractmethod
     async def UpdateResources(self, stream: 'grpclib.server.Stream[agent_pb2.UpdateResourcesRequest, agent_pb2.Empty]') -> None:
         pass
 
@@ -169,24 +157,6 @@ class AgentBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 agent_pb2.ContainerRequest,
                 agent_pb2.ContainerState,
-            ),
-            '/criserver.agent.v1.Agent/ListContainers': grpclib.const.Handler(
-                self.ListContainers,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                agent_pb2.Empty,
-                agent_pb2.ListContainersResponse,
-            ),
-            '/criserver.agent.v1.Agent/PauseContainer': grpclib.const.Handler(
-                self.PauseContainer,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                agent_pb2.ContainerRequest,
-                agent_pb2.Empty,
-            ),
-            '/criserver.agent.v1.Agent/ResumeContainer': grpclib.const.Handler(
-                self.ResumeContainer,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                agent_pb2.ContainerRequest,
-                agent_pb2.Empty,
             ),
             '/criserver.agent.v1.Agent/UpdateResources': grpclib.const.Handler(
                 self.UpdateResources,
@@ -283,24 +253,6 @@ class AgentStub:
             '/criserver.agent.v1.Agent/GetContainerState',
             agent_pb2.ContainerRequest,
             agent_pb2.ContainerState,
-        )
-        self.ListContainers = grpclib.client.UnaryUnaryMethod(
-            channel,
-            '/criserver.agent.v1.Agent/ListContainers',
-            agent_pb2.Empty,
-            agent_pb2.ListContainersResponse,
-        )
-        self.PauseContainer = grpclib.client.UnaryUnaryMethod(
-            channel,
-            '/criserver.agent.v1.Agent/PauseContainer',
-            agent_pb2.ContainerRequest,
-            agent_pb2.Empty,
-        )
-        self.ResumeContainer = grpclib.client.UnaryUnaryMethod(
-            channel,
-            '/criserver.agent.v1.Agent/ResumeContainer',
-            agent_pb2.ContainerRequest,
-            agent_pb2.Empty,
         )
         self.UpdateResources = grpclib.client.UnaryUnaryMethod(
             channel,

@@ -413,12 +413,10 @@ class ContainerState(_message.Message):
         UNKNOWN: _ClassVar[ContainerState.Status]
         CREATED: _ClassVar[ContainerState.Status]
         RUNNING: _ClassVar[ContainerState.Status]
-        PAUSED: _ClassVar[ContainerState.Status]
         STOPPED: _ClassVar[ContainerState.Status]
     UNKNOWN: ContainerState.Status
     CREATED: ContainerState.Status
     RUNNING: ContainerState.Status
-    PAUSED: ContainerState.Status
     STOPPED: ContainerState.Status
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -435,12 +433,6 @@ class ContainerState(_message.Message):
     exit: ExitStatus
     user: User
     def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerState.Status, str]] = ..., pid: _Optional[int] = ..., created_at_unix_nanos: _Optional[int] = ..., started_at_unix_nanos: _Optional[int] = ..., exit: _Optional[_Union[ExitStatus, _Mapping]] = ..., user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
-
-class ListContainersResponse(_message.Message):
-    __slots__ = ("containers",)
-    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
-    containers: _containers.RepeatedCompositeFieldContainer[ContainerState]
-    def __init__(self, containers: _Optional[_Iterable[_Union[ContainerState, _Mapping]]] = ...) -> None: ...
 
 class UpdateResourcesRequest(_message.Message):
     __slots__ = ("container_id", "linux_resources_json")
