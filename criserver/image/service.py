@@ -128,6 +128,11 @@ class ImageService:
         """The read-only EROFS root filesystem of `image_id` (exists once pulled)."""
         return self.snapshots.path(image_id)
 
+    @property
+    def snapshots_dir(self) -> Path:
+        """Where every `snapshot_path` is (the micro-VM backend shares it with its guests)."""
+        return self.snapshots.dir
+
     def is_pinned(self, record: ImageRecord) -> bool:
         for text in self._pinned:
             if reference.parse_image_id(text) == record.id:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 from criserver.api.runtime.v1 import api_pb2 as cri
-from criserver.errors import InvalidArgument, Unimplemented
+from criserver.errors import CriError, InvalidArgument, Unimplemented
 from criserver.runtime.metric_sample import PodSample, from_stats
+from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.store.records import ContainerRecord, PodRecord
 
 if TYPE_CHECKING:
@@ -38,17 +39,38 @@ class BackendEvents(Protocol):
     ) -> None: ...
 
 
+class ImageView(Protocol):
+    """What a backend may read of an image record (criserver.store.images.ImageRecord)."""
+
+    @property
+    def id(self) -> str:
+        """``sha256:<config digest>``"""
+
+    @property
+    def repo_digests(self) -> list[str]: ...
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What containers need of the image config (criserver.image.manifest.ImageConfigInfo
+        as a dict): entrypoint, cmd, env, user, stop_signal..."""
+
+
 class ImageLookup(Protocol):
     """What a backend may ask of the image service (criserver.image.service.ImageService)."""
 
-    def get(self, text: str) -> Any | None:
+    def get(self, text: str) -> ImageView | None:
         """The image record named by an id, tag or digest reference, if pulled."""
 
-    def get_by_id(self, image_id: str) -> Any | None:
+    def get_by_id(self, image_id: str) -> ImageView | None:
         """The record of an image id, also of one removed while containers still use it."""
 
     def snapshot_path(self, image_id: str) -> Path:
-        """The image's root filesystem as a read-only EROFS image."""
+        """The image's root filesystem as a read-only EROFS image, inside `snapshots_dir`."""
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """The directory holding every image's `snapshot_path` (a backend may share it whole
+        with its sandboxes, read-only)."""
 
 
 class DaemonShared:
@@ -94,6 +116,9 @@ class BackendFeatures:
 
     recursive_read_only_mounts: bool = False
     user_namespaces: bool = False  # user namespaces and idmap mounts, as Kubernetes needs them
+    # exec, attach and port_forward: without it Exec, Attach and PortForward answer
+    # UNIMPLEMENTED at once rather than with a URL that can only fail.
+    streaming: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +199,12 @@ class SandboxBackend(Protocol):
         self, pod: PodRecord, container: ContainerRecord
     ) -> cri.ContainerStats: ...
 
+    async def containers_stats(
+        self, pod: PodRecord, containers: list[ContainerRecord]
+    ) -> list[cri.ContainerStats]:
+        """Stats of several containers of `pod` in one go (ListContainerStats asks once per
+        pod); a container that has none (stopped meanwhile) is left out, not an error."""
+
     async def update_container_resources(
         self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None: ...
@@ -183,6 +214,41 @@ class SandboxBackend(Protocol):
     async def exec_sync(
         self, pod: PodRecord, container: ContainerRecord, cmd: list[str], timeout: float
     ) -> ExecResult: ...
+
+    # -- streaming (kubectl exec/attach/port-forward), declared by `features.streaming` ------
+    # Cancellation means the client went away (or the daemon stops): `exec` kills the process
+    # it started, `attach` detaches (the container keeps running), `port_forward` closes the
+    # connection into the pod. A sink or source of a cancelled call must not be used afterwards.
+
+    async def exec(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> int:
+        """Run `cmd` in the container, relay its stdio until it exits and its output is
+        written, and return its exit code (128 + N when killed by signal N).
+
+        With `tty`, stdout carries the terminal's output and stderr is None. Raise (any
+        exception) when the command cannot be run at all: the client sees the message.
+        """
+
+    async def attach(
+        self, pod: PodRecord, container: ContainerRecord, *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> None:
+        """Relay the running container's main process stdio until it exits."""
+
+    async def port_forward(
+        self, pod: PodRecord, port: int, *, inbound: ByteSource, outbound: ByteSink
+    ) -> None:
+        """Connect to `port` inside the pod's network namespace and relay both ways: `inbound`
+        ends when the client half-closes (shut down writing to the port then); close
+        `outbound` at the port's EOF. Return when both directions are done.
+
+        Raise (e.g. ConnectionRefusedError) when the port cannot be reached: the client sees
+        the message on the request's error stream.
+        """
 
 
 class BaseBackend:
@@ -256,6 +322,20 @@ class BaseBackend:
     ) -> cri.ContainerStats:
         raise self._unimplemented("ContainerStats")
 
+    async def containers_stats(
+        self, pod: PodRecord, containers: list[ContainerRecord]
+    ) -> list[cri.ContainerStats]:
+        # One container at a time: a backend that measures a pod at once overrides this.
+        stats = []
+        for container in containers:
+            try:
+                stats.append(await self.container_stats(pod, container))
+            except Unimplemented:
+                raise
+            except CriError:
+                continue  # stopped meanwhile
+        return stats
+
     async def update_container_resources(
         self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None:
@@ -268,6 +348,25 @@ class BaseBackend:
         self, pod: PodRecord, container: ContainerRecord, cmd: list[str], timeout: float
     ) -> ExecResult:
         raise self._unimplemented("ExecSync")
+
+    async def exec(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> int:
+        raise self._unimplemented("Exec")
+
+    async def attach(
+        self, pod: PodRecord, container: ContainerRecord, *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> None:
+        raise self._unimplemented("Attach")
+
+    async def port_forward(
+        self, pod: PodRecord, port: int, *, inbound: ByteSource, outbound: ByteSink
+    ) -> None:
+        raise self._unimplemented("PortForward")
 
 
 def load_backend_class(spec: str) -> type:

@@ -8,7 +8,7 @@ from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import CriError
 from criserver.runtime.filters import check_label_selector, labels_match
 from criserver.runtime.runtime import Runtime
-from criserver.store.records import ContainerState, PodState
+from criserver.store.records import ContainerRecord, ContainerState, PodState
 
 
 async def container_stats(
@@ -24,7 +24,7 @@ async def list_container_stats(
 ) -> cri.ListContainerStatsResponse:
     f = request.filter
     check_label_selector(f.label_selector)
-    response = cri.ListContainerStatsResponse()
+    by_pod: dict[str, list[ContainerRecord]] = {}
     for container in list(rt.containers.all()):
         if container.state != ContainerState.RUNNING:
             continue
@@ -34,13 +34,17 @@ async def list_container_stats(
             continue
         if not labels_match(container.config.labels, f.label_selector):
             continue
-        pod = rt.pods.find(container.pod_id)
+        by_pod.setdefault(container.pod_id, []).append(container)
+    response = cri.ListContainerStatsResponse()
+    for pod_id, containers in by_pod.items():
+        pod = rt.pods.find(pod_id)
         if pod is None:
             continue
         try:
-            response.stats.append(await rt.backend(pod).container_stats(pod, container))
+            # One backend call per pod: the micro-VM backend asks its agent once for them all.
+            response.stats.extend(await rt.backend(pod).containers_stats(pod, containers))
         except CriError:
-            continue  # it stopped meanwhile, or its backend has no stats: leave it out
+            continue  # the pod stopped meanwhile, or its backend has no stats: leave it out
     return response
 
 

@@ -128,15 +128,17 @@ class InProcess:
 
 
 @asynccontextmanager
-async def in_process(db_path: Path) -> AsyncIterator[InProcess]:
-    """A Runtime on the database at `db_path` (reopening the same path is a daemon restart)."""
+async def in_process(db_path: Path, backend_class: type[ScriptedBackend] = ScriptedBackend
+                     ) -> AsyncIterator[InProcess]:
+    """A Runtime on the database at `db_path` (reopening the same path is a daemon restart),
+    over a `backend_class` backend."""
     db = await Database.open(db_path)
     rt = Runtime(Config(), db, backends={})
     await rt.load()
     handler = rt.config.runtime.default_handler
     context = BackendContext(handler=handler, root=db_path.parent, state=db_path.parent,
                              config=rt.config, events=BackendEventSink(rt))
-    backend = ScriptedBackend(context)
+    backend = backend_class(context)
     rt.backends[handler] = backend
     events = Events(rt)
     await asyncio.sleep(0)  # subscribed before anything is published

@@ -146,6 +146,7 @@ class MicroVMBackend(BaseBackend):
     features = BackendFeatures(
         recursive_read_only_mounts=True,
         user_namespaces=True,
+        streaming=True,
     )
 
     def __init__(self, options: dict[str, Any], context: BackendContext) -> None:
@@ -275,7 +276,13 @@ class MicroVMBackend(BaseBackend):
         return self.context.state / "volumes"
 
     def _images_dir(self) -> Path:
-        return Path(self.context.config.daemon.root) / "image" / "snapshots"
+        """What the guest mounts its images from: the image service's snapshots, or (a
+        daemon without images, in tests) an empty directory, since the guest expects the share."""
+        if self.context.images is not None:
+            return self.context.images.snapshots_dir
+        empty = self.context.state / "no-images"
+        empty.mkdir(parents=True, exist_ok=True)
+        return empty
 
     def _spec(self, pod: PodRecord, nics: tuple[TapNic, ...] = ()) -> VMSpec:
         host = self.host
@@ -713,11 +720,20 @@ class MicroVMBackend(BaseBackend):
     async def container_stats(
         self, pod: PodRecord, container: ContainerRecord
     ) -> cri.ContainerStats:
-        reply = await self._live(pod).agent.stats(pb.StatsRequest(container_ids=[container.id]))
-        for stats in reply.containers:
-            if stats.container_id == container.id:
-                return _container_stats(stats, container)
+        for stats in await self.containers_stats(pod, [container]):
+            return stats
         raise NotFound(f"container {container.id}: no stats in the guest")
+
+    async def containers_stats(
+        self, pod: PodRecord, containers: list[ContainerRecord]
+    ) -> list[cri.ContainerStats]:
+        if not containers:
+            return []
+        # One agent call measures them all (ListContainerStats asks once per pod).
+        asked = {c.id: c for c in containers}
+        reply = await self._live(pod).agent.stats(pb.StatsRequest(container_ids=list(asked)))
+        return [_container_stats(stats, asked[stats.container_id])
+                for stats in reply.containers if stats.container_id in asked]
 
     async def update_container_resources(
         self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources

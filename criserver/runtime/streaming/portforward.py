@@ -21,9 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.streaming import tunnel, upgrade
 from criserver.runtime.streaming.idle import watch_idle
-from criserver.runtime.streaming.interface import ByteSink, ByteSource, StreamingBackend
+from criserver.runtime.streaming.interface import ByteSink, ByteSource
 from criserver.runtime.streaming.spdy import SpdyStream
 from criserver.runtime.streaming.websocket import PORT_FORWARD_PROTOCOLS, ChannelConnection
 from criserver.store.records import PodRecord
@@ -37,7 +38,7 @@ SPDY_PROTOCOLS = ["portforward.k8s.io"]
 class PortForwardRequest:
     """A PortForward request, as its token names it."""
 
-    backend: StreamingBackend
+    backend: SandboxBackend
     pod: PodRecord
     ports: tuple[int, ...] = ()
 

@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.streaming import upgrade
 from criserver.runtime.streaming.idle import watch_idle
 from criserver.runtime.streaming.interface import (
     ByteSink,
     ByteSource,
     ResizeSource,
-    StreamingBackend,
     TerminalSize,
 )
 from criserver.runtime.streaming.spdy import SpdyStream
@@ -45,7 +45,7 @@ class StdioRequest:
     """An Exec or Attach request, as its token names it."""
 
     kind: Literal["exec", "attach"]
-    backend: StreamingBackend
+    backend: SandboxBackend
     pod: PodRecord
     container: ContainerRecord
     cmd: tuple[str, ...] = ()

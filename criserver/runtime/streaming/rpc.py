@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
+from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.runtime import Runtime
-from criserver.runtime.streaming.interface import StreamingBackend
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 
 # The protocol modules (and aiohttp under them) load with the server, on first use.
@@ -70,7 +70,7 @@ def _check_stdio(container_id: str, tty: bool, stdin: bool, stdout: bool, stderr
 
 
 def _running(rt: Runtime, container_id: str) -> tuple[PodRecord, ContainerRecord,
-                                                       StreamingBackend]:
+                                                       SandboxBackend]:
     container = rt.containers.get(container_id)
     if container.state != ContainerState.RUNNING:
         raise FailedPrecondition(f"container {container.id} is not running")
@@ -78,9 +78,9 @@ def _running(rt: Runtime, container_id: str) -> tuple[PodRecord, ContainerRecord
     return pod, container, _backend(rt, pod)
 
 
-def _backend(rt: Runtime, pod: PodRecord) -> StreamingBackend:
+def _backend(rt: Runtime, pod: PodRecord) -> SandboxBackend:
     backend = rt.backend(pod)
-    if not isinstance(backend, StreamingBackend):
+    if not backend.features.streaming:
         raise Unimplemented(f"runtime handler {pod.runtime_handler!r} does not support "
                             "exec, attach or port-forward")
     return backend

@@ -1,4 +1,4 @@
-"""A test double for the streaming protocol tests: a StreamingBackend that runs commands as host
+"""A test double for the streaming protocol tests: a backend that streams, running commands as host
 subprocesses (a pty for TTY sessions) and forwards ports to 127.0.0.1 on the host.
 
 It proves the wire protocols, not the micro-VM path: the real backend relays the same calls to
@@ -15,7 +15,10 @@ import pty
 import struct
 import termios
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from criserver.config import Config
+from criserver.runtime.backend import BackendContext, BackendFeatures, BaseBackend
 from criserver.runtime.streaming.interface import (
     ByteSink,
     ByteSource,
@@ -61,8 +64,14 @@ class MainProcess:
     output: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
 
 
-class LocalBackend:
+class LocalBackend(BaseBackend):
+    name = "local"
+    features = BackendFeatures(streaming=True)
+
     def __init__(self) -> None:
+        super().__init__({}, BackendContext(handler="local", root=Path("/nonexistent"),
+                                            state=Path("/nonexistent"), config=Config(),
+                                            events=None))  # type: ignore[arg-type]
         self.processes: list[asyncio.subprocess.Process] = []
         self.mains: dict[str, MainProcess] = {}
         self.resizes: list[TerminalSize] = []

@@ -49,7 +49,7 @@ class _Started:
 async def rt(tmp_path: Path, server: StreamingServer,
              backend: LocalBackend) -> AsyncIterator[Runtime]:
     db = await Database.open(tmp_path / "criserver.db")
-    runtime = Runtime(Config(), db, backends={"local": backend})  # type: ignore[dict-item]
+    runtime = Runtime(Config(), db, backends={"local": backend})
     await runtime.pods.add(POD)
     await runtime.containers.add(CONTAINER)
     runtime.streaming = _Started(server)  # type: ignore[assignment]
