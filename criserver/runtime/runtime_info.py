@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import platform
@@ -27,18 +28,16 @@ async def version(rt: Runtime, request: cri.VersionRequest) -> cri.VersionRespon
 
 async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
     default = rt.config.runtime.default_handler
-    backend_status = await rt.backends[default].status()
+    # Every configured handler counts: a pod may name any of them (as containerd, whose
+    # NetworkReady is false when any handler's network is not).
+    handlers = [default, *sorted(set(rt.backends) - {default})]
+    statuses = dict(zip(handlers, await asyncio.gather(
+        *(rt.backends[name].status() for name in handlers)), strict=True))
     conditions = [
-        cri.RuntimeCondition(
-            type="RuntimeReady", status=backend_status.runtime_ready,
-            reason="" if backend_status.runtime_ready else backend_status.runtime_reason,
-            message="" if backend_status.runtime_ready else backend_status.runtime_message,
-        ),
-        cri.RuntimeCondition(
-            type="NetworkReady", status=backend_status.network_ready,
-            reason="" if backend_status.network_ready else backend_status.network_reason,
-            message="" if backend_status.network_ready else backend_status.network_message,
-        ),
+        _condition("RuntimeReady", {name: (s.runtime_ready, s.runtime_reason, s.runtime_message)
+                                    for name, s in statuses.items()}),
+        _condition("NetworkReady", {name: (s.network_ready, s.network_reason, s.network_message)
+                                    for name, s in statuses.items()}),
     ]
     response = cri.StatusResponse(
         status=cri.RuntimeStatus(conditions=conditions),
@@ -63,9 +62,22 @@ async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
             "pod_cidr": rt.settings.get(POD_CIDR_SETTING, ""),
             "event_subscribers": rt.events.subscriber_count,
         })
-        for name, backend in sorted(rt.backends.items()):
-            response.info[f"runtime.{name}"] = info_json((await backend.status()).info)
+        for name, backend_status in sorted(statuses.items()):
+            response.info[f"runtime.{name}"] = info_json(backend_status.info)
     return response
+
+
+def _condition(kind: str, by_handler: dict[str, tuple[bool, str, str]]) -> cri.RuntimeCondition:
+    """`kind` holds when it holds for every handler; otherwise the reason is the first
+    failing handler's (the default's first) and the message names each failing handler."""
+    failing = [(name, reason, message) for name, (ready, reason, message) in by_handler.items()
+               if not ready]
+    if not failing:
+        return cri.RuntimeCondition(type=kind, status=True)
+    return cri.RuntimeCondition(
+        type=kind, status=False, reason=failing[0][1],
+        message="; ".join(f"runtime handler {name!r}: {message or reason}"
+                          for name, reason, message in failing))
 
 
 async def runtime_config(

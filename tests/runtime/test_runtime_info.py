@@ -1,13 +1,18 @@
-"""Status as crictl info shows it: the runtime handlers and their features."""
+"""Status as crictl info shows it: the runtime handlers, their features and readiness."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.microvm.backend import MicroVMBackend
+from criserver.runtime import runtime_info
 from criserver.runtime.backend import BackendFeatures, BaseBackend
+from tests.backends.unready import UnreadyBackend
 from tests.cri_client import msg
 from tests.daemon import INERT_BACKEND, Daemon
+from tests.runtime.inprocess import in_process
 
 TWO_HANDLERS = f"""
 [runtime]
@@ -53,3 +58,22 @@ def test_backends_declare_features() -> None:
     assert BaseBackend.features == BackendFeatures()
     assert isinstance(MicroVMBackend.features, BackendFeatures)
     assert "features" in vars(MicroVMBackend)
+
+
+async def test_status_counts_every_handler(tmp_path: Path) -> None:
+    async with in_process(tmp_path / "db") as p:
+        default = p.rt.config.runtime.default_handler
+        request = cri.StatusRequest(verbose=True)
+        ready = await runtime_info.status(p.rt, request)
+        assert all(c.status and not c.reason and not c.message
+                   for c in ready.status.conditions)
+        p.rt.backends["slow"] = UnreadyBackend({}, p.backend.context)
+        status = await runtime_info.status(p.rt, request)
+        conditions = {c.type: c for c in status.status.conditions}
+        runtime, network = conditions["RuntimeReady"], conditions["NetworkReady"]
+        assert (runtime.status, runtime.reason, runtime.message) == (
+            False, "GuestAssetsMissing", "runtime handler 'slow': no kernel")
+        assert (network.status, network.reason, network.message) == (
+            False, "NetworkPluginNotReady", "runtime handler 'slow': no CNI")
+        assert json.loads(status.info["runtime.slow"]) == {"backend": "unready"}
+        assert f"runtime.{default}" in status.info
