@@ -147,7 +147,22 @@ class ExecResult:
 
 @runtime_checkable
 class SandboxBackend(Protocol):
-    """Everything the runtime asks of a backend. Calls for one pod never overlap."""
+    """Everything the runtime asks of a backend.
+
+    Which calls may overlap (the runtime's locks, criserver/runtime/locks.py):
+    - `start` (start-up recovery) runs before the CRI is served, so before any other call.
+    - A pod's lifecycle calls (`run_sandbox`, `stop_sandbox`, `remove_sandbox`) run alone:
+      never with each other, nor with any container lifecycle call of that pod.
+    - A container's lifecycle calls (`create_container`, `start_container`,
+      `stop_container`, `remove_container`, `update_container_resources`) never overlap each
+      other; those of different containers of one pod may run at the same time.
+    - Every other call holds no lock and may overlap anything, its pod's stop and remove
+      included: `status`, the info, stats and metrics queries, `reopen_container_log`,
+      `exec_sync` and the streaming calls (a session lasts as long as the client wants: it
+      must not hold up a stop). The backend answers them from what it has, with an error
+      (NotFound, FailedPrecondition) once the pod or container is gone; `stop_sandbox` ends
+      the ones still running in the pod.
+    """
 
     features: BackendFeatures
 

@@ -22,12 +22,14 @@ async def create_container(
 ) -> cri.CreateContainerResponse:
     validate.container_config(request.config)
     pod = rt.pods.get(request.pod_sandbox_id)
-    async with rt.pod_locks.hold(pod.id):
+    container_id = new_id()
+    # Its own lock too: a RemoveContainer of the record listed while it is made waits.
+    async with rt.container_call(pod.id, container_id):
         pod = rt.pods.get(pod.id)
         if pod.state != PodState.READY:
             raise FailedPrecondition(f"pod sandbox {pod.id} is not ready")
         container = ContainerRecord(
-            id=new_id(), pod_id=pod.id, config=request.config, created_at=time.time_ns(),
+            id=container_id, pod_id=pod.id, config=request.config, created_at=time.time_ns(),
             log_path=_log_path(pod, request.config),
         )
         name = container.name_key(pod)

@@ -22,15 +22,17 @@ async def remove_container(
         log.info("remove of unknown container container=%s: already gone", request.container_id)
         return cri.RemoveContainerResponse()
     pod = rt.pods.get(container.pod_id)
-    async with rt.container_locks.hold(container.id):
+    async with rt.container_call(pod.id, container.id):
         container_now = rt.containers.find(container.id)
-        if container_now is not None:
+        if container_now is not None:  # else removed while we waited for the lock
+            pod = rt.pods.get(pod.id)
             await remove_container_record(rt, pod, container_now)
     return cri.RemoveContainerResponse()
 
 
 async def remove_container_record(rt: Runtime, pod: PodRecord, container: ContainerRecord) -> None:
-    """Remove one container (caller holds its lock), killing it first if it still runs."""
+    """Remove one container, killing it first if it still runs (caller holds
+    `Runtime.container_call` or the pod alone)."""
     await stop_running(rt, pod, container, 0)
     await rt.backend(pod).remove_container(pod, container)
     await rt.transitions.remove_container(pod, container)

@@ -19,8 +19,9 @@ async def start_container(
 ) -> cri.StartContainerResponse:
     container = rt.containers.get(request.container_id)
     pod = rt.pods.get(container.pod_id)
-    async with rt.container_locks.hold(container.id):
+    async with rt.container_call(pod.id, container.id):
         container = rt.containers.get(container.id)
+        pod = rt.pods.get(pod.id)
         if container.state != ContainerState.CREATED:
             raise FailedPrecondition(
                 f"container {container.id} is {container.state}, only a created container can start"

@@ -24,9 +24,10 @@ async def stop_container(
         log.info("stop of unknown container container=%s: nothing to do", request.container_id)
         return cri.StopContainerResponse()
     pod = rt.pods.get(container.pod_id)
-    async with rt.container_locks.hold(container.id):
+    async with rt.container_call(pod.id, container.id):
         current = rt.containers.find(container.id)
         if current is not None:  # else removed while we waited for the lock
+            pod = rt.pods.get(pod.id)
             await stop_running(rt, pod, current, max(request.timeout, 0))
     return cri.StopContainerResponse()
 
@@ -34,8 +35,8 @@ async def stop_container(
 async def stop_running(
     rt: Runtime, pod: PodRecord, container: ContainerRecord, timeout: float
 ) -> None:
-    """Stop `container` if it runs (caller holds its lock); as containerd, a created or exited
-    container is left as it is."""
+    """Stop `container` if it runs (caller holds `Runtime.container_call` or the pod alone);
+    as containerd, a created or exited container is left as it is."""
     if container.state not in (ContainerState.RUNNING, ContainerState.UNKNOWN):
         return
     # The backend normally reports the exit itself, through BackendEvents.container_exited.

@@ -13,8 +13,9 @@ async def update_container_resources(
 ) -> cri.UpdateContainerResourcesResponse:
     container = rt.containers.get(request.container_id)
     pod = rt.pods.get(container.pod_id)
-    async with rt.container_locks.hold(container.id):
+    async with rt.container_call(pod.id, container.id):
         container = rt.containers.get(container.id)
+        pod = rt.pods.get(pod.id)
         if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
             raise FailedPrecondition(f"container {container.id} is {container.state}")
         await rt.backend(pod).update_container_resources(pod, container, request.linux)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from criserver.config import Config
@@ -17,7 +19,7 @@ from criserver.image.service import ImageService
 from criserver.runtime import exit_codes
 from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.events import EventBroadcaster
-from criserver.runtime.locks import KeyedLock
+from criserver.runtime.locks import KeyedLock, KeyedSharedLock
 from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.runtime.transitions import Transitions
 from criserver.store.db import Database
@@ -47,7 +49,9 @@ class Runtime:
         self.containers = ContainerStore(db)
         self.backends = backends
         self.events = EventBroadcaster()
-        self.pod_locks = KeyedLock()
+        # What SandboxBackend promises: a pod's own lifecycle calls hold its lock alone, its
+        # containers' lifecycle calls share it and hold their container's lock alone.
+        self.pod_locks = KeyedSharedLock()
         self.container_locks = KeyedLock()
         self.settings: dict[str, str] = {}
         self.images = images
@@ -96,6 +100,14 @@ class Runtime:
 
     def backend(self, pod: PodRecord) -> SandboxBackend:
         return self.backends[pod.runtime_handler]
+
+    @asynccontextmanager
+    async def container_call(self, pod_id: str, container_id: str) -> AsyncIterator[None]:
+        """Held by a container lifecycle call: the pod cannot stop or go meanwhile, and no
+        other lifecycle call on this container runs; other containers' calls do. Pod first,
+        container second, always."""
+        async with self.pod_locks.shared(pod_id), self.container_locks.hold(container_id):
+            yield
 
 
 class BackendEventSink:

@@ -21,14 +21,14 @@ async def remove_pod_sandbox(
     except NotFound:
         log.info("remove of unknown pod pod=%s: already gone", request.pod_sandbox_id)
         return cri.RemovePodSandboxResponse()
-    async with rt.pod_locks.hold(pod.id):
+    async with rt.pod_locks.exclusive(pod.id):
         if rt.pods.find(pod.id) is None:  # removed while we waited for the lock
             return cri.RemovePodSandboxResponse()
         pod = await stop_pod(rt, pod)
         backend = rt.backend(pod)
+        # Holding the pod alone, no container lifecycle call runs: no container lock needed.
         for container in rt.containers.of_pod(pod.id):
-            async with rt.container_locks.hold(container.id):
-                await remove_container_record(rt, pod, container)
+            await remove_container_record(rt, pod, container)
         await backend.remove_sandbox(pod)
         await rt.transitions.remove_pod(pod)
     log.info("pod removed pod=%s", pod.id)

@@ -28,7 +28,7 @@ async def run_pod_sandbox(
                     created_at=time.time_ns())
     rt.pods.names.reserve(pod.name_key, pod.id)
     try:
-        async with rt.pod_locks.hold(pod.id):
+        async with rt.pod_locks.exclusive(pod.id):
             # Persisted before anything starts, so a daemon that dies half-way finds the INIT
             # record at start-up and cleans up after it.
             await rt.transitions.add_pod(pod)

@@ -22,7 +22,7 @@ async def stop_pod_sandbox(
         # The CRI asks for no error once everything is reclaimed: an unknown pod has nothing.
         log.info("stop of unknown pod pod=%s: nothing to do", request.pod_sandbox_id)
         return cri.StopPodSandboxResponse()
-    async with rt.pod_locks.hold(pod.id):
+    async with rt.pod_locks.exclusive(pod.id):
         await stop_pod(rt, pod)
     return cri.StopPodSandboxResponse()
 
