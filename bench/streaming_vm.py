@@ -50,7 +50,8 @@ HTTP_PORT = 8080
 
 
 class VMStreams:
-    """The StreamingBackend part of MicroVMBackend, bound to this bench's VM and container."""
+    """MicroVMBackend's exec, attach and port_forward, bound to this bench's VM and
+    container."""
 
     def __init__(self, agent: AgentClient, container_id: str) -> None:
         self.agent = agent
