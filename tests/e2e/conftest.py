@@ -99,11 +99,7 @@ def running_vm_daemon(extra_config: str = "") -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        remove_all_pods(daemon)
-        daemon.kill()
-        kill_vms_under(workdir)
-        remove_network(daemon)
-        unmount_under(workdir)
+        tear_down(daemon, workdir, keep_workdir=True)
         # Kept for a look after a failure: the daemon's log and the guests' consoles.
         keep = Path(tempfile.gettempdir()) / "criserver-e2e-logs"
         shutil.rmtree(keep, ignore_errors=True)
@@ -111,6 +107,17 @@ def running_vm_daemon(extra_config: str = "") -> Iterator[Daemon]:
         shutil.copy(daemon.log_path, keep / "daemon.log")
         for console in workdir.rglob("vm.log"):
             shutil.copy(console, keep / f"{console.parent.name}-vm.log")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def tear_down(daemon: Daemon, workdir: Path, keep_workdir: bool = False) -> None:
+    """Whatever a test did with its own daemon: its pods, VMs, network and mounts gone."""
+    remove_all_pods(daemon)
+    daemon.kill()
+    kill_vms_under(workdir)
+    remove_network(daemon)
+    unmount_under(workdir)
+    if not keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 
 

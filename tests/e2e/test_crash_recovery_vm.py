@@ -5,7 +5,6 @@ pods again."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
@@ -14,16 +13,14 @@ import pytest
 
 from criserver.failpoints import ENV
 from tests.cri_client import msg
-from tests.daemon import Daemon, unmount_under
+from tests.daemon import Daemon
 from tests.e2e.conftest import (
-    kill_vms_under,
     microvm_config,
     network_names,
     qemu_pids,
-    remove_all_pods,
-    remove_network,
     require_assets,
     short_workdir,
+    tear_down,
 )
 
 pytestmark = pytest.mark.vm
@@ -90,9 +87,4 @@ async def test_a_crash_at_each_step_of_run_pod_sandbox_leaks_nothing(step: str) 
         assert _qemus_of(workdir) == []
     finally:
         await cri.close()
-        remove_all_pods(daemon)
-        daemon.kill()
-        kill_vms_under(workdir)
-        remove_network(daemon)
-        unmount_under(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
+        tear_down(daemon, workdir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,16 +14,14 @@ import pytest
 
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from tests.cri_client import CRIClient, enum, msg
-from tests.daemon import Daemon, unmount_under
+from tests.daemon import Daemon
 from tests.e2e.conftest import (
-    kill_vms_under,
     microvm_config,
     network_names,
     qemu_pids,
-    remove_all_pods,
-    remove_network,
     require_assets,
     short_workdir,
+    tear_down,
     vm_pids_of,
 )
 from vmagent.api import agent_pb2 as pb
@@ -171,12 +168,7 @@ async def test_boot_timeout_undoes_everything() -> None:
         assert list((daemon.state / "netns").iterdir()) == []
     finally:
         await cri.close()
-        remove_all_pods(daemon)
-        daemon.kill()
-        kill_vms_under(workdir)
-        remove_network(daemon)
-        unmount_under(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
+        tear_down(daemon, workdir)
 
 
 def _bridge_ports(daemon: Daemon) -> list[str]:

@@ -151,14 +151,10 @@ async def exec_in_vm(
     """Run `cmd` in the container through the agent's Exec stream; its exit code."""
     exec_id = uuid.uuid4().hex[:16]
     session = _Session()
-    sizes: asyncio.Queue[TerminalSize] | None = None
     try:
         start = pb.ExecStart(request_id=exec_id, container_id=container_id, exec_id=exec_id,
                              process=pb.Process(argv=cmd, tty=tty), stdin=stdin is not None)
-        if tty and resize is not None:
-            sizes = asyncio.Queue()
-            session.spawn(_queue_resizes(resize, sizes))
-            await _first_size(sizes, start.tty_size)
+        sizes = await _terminal_sizes(session, resize if tty else None, start.tty_size)
         async with agent.duplex("Exec") as s:
             await s.send(pb.StdioInput(start=start))
             first = await s.recv()
@@ -178,20 +174,28 @@ async def exec_in_vm(
         await session.close()
 
 
+async def _terminal_sizes(session: _Session, resize: ResizeSource | None,
+                          first: pb.TtySize) -> asyncio.Queue[TerminalSize] | None:
+    """A tty's size changes, queued for the stream: the first one set in `first` (the start
+    message) before the stream opens."""
+    if resize is None:
+        return None
+    sizes: asyncio.Queue[TerminalSize] = asyncio.Queue()
+    session.spawn(_queue_resizes(resize, sizes))
+    await _first_size(sizes, first)
+    return sizes
+
+
 async def attach_in_vm(
     agent: AgentClient, container_id: str, *, tty: bool, stdin: ByteSource | None,
     stdout: ByteSink | None, stderr: ByteSink | None, resize: ResizeSource | None,
 ) -> None:
     """Relay the container's main process stdio until its output ends."""
     session = _Session()
-    sizes: asyncio.Queue[TerminalSize] | None = None
     try:
         start = pb.AttachStart(container_id=container_id, stdin=stdin is not None,
                                stdout=stdout is not None, stderr=stderr is not None and not tty)
-        if tty and resize is not None:
-            sizes = asyncio.Queue()
-            session.spawn(_queue_resizes(resize, sizes))
-            await _first_size(sizes, start.tty_size)
+        sizes = await _terminal_sizes(session, resize if tty else None, start.tty_size)
         async with agent.duplex("Attach") as s:
             await s.send(pb.StdioInput(attach=start))
             log.info("attached container=%s tty=%s stdin=%s", container_id, tty,
