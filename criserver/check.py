@@ -24,7 +24,7 @@ class Result:
     required: bool = True
 
 
-def _qemu(options: MicroVMOptions) -> Result:
+def check_qemu(options: MicroVMOptions) -> Result:
     path = shutil.which(options.qemu_binary)
     if path is None:
         return Result("QEMU", False, f"{options.qemu_binary} not found",
@@ -34,7 +34,7 @@ def _qemu(options: MicroVMOptions) -> Result:
                   version.stdout else version.stderr.strip())
 
 
-def _assets(options: MicroVMOptions) -> Result:
+def check_assets(options: MicroVMOptions) -> Result:
     from criserver.sandbox import assets
 
     try:
@@ -46,7 +46,7 @@ def _assets(options: MicroVMOptions) -> Result:
                   f"{found.path} (kernel {found.kernel_release}), checksums verified")
 
 
-def _accelerator(config: Config, options: MicroVMOptions) -> Result:
+def check_accelerator(config: Config, options: MicroVMOptions) -> Result:
     from criserver.sandbox import accel, assets
 
     try:
@@ -68,7 +68,7 @@ def _accelerator(config: Config, options: MicroVMOptions) -> Result:
                   required=False)
 
 
-def _vsock() -> Result:
+def check_vsock() -> Result:
     if os.path.exists("/dev/vhost-vsock"):
         return Result("vhost-vsock", True, "/dev/vhost-vsock present: agent over vsock")
     return Result("vhost-vsock", False, "/dev/vhost-vsock missing: the agent uses virtio-serial",
@@ -76,7 +76,7 @@ def _vsock() -> Result:
                   required=False)
 
 
-def _cni(config: Config) -> Result:
+def check_cni(config: Config) -> Result:
     wanted = ("bridge", "host-local", "portmap", "loopback")
     for directory in config.network.cni_bin_dirs:
         if all(os.access(Path(directory, p), os.X_OK) for p in wanted):
@@ -86,7 +86,7 @@ def _cni(config: Config) -> Result:
                   "apt-get install containernetworking-plugins")
 
 
-def _cgroups() -> Result:
+def check_cgroups() -> Result:
     mounts = Path("/proc/mounts").read_text()
     kinds = sorted({line.split()[2] for line in mounts.splitlines()
                     if line.split()[2] in ("cgroup", "cgroup2")})
@@ -96,7 +96,7 @@ def _cgroups() -> Result:
                   "/sys/fs/cgroup")
 
 
-def _kvm_device() -> Result:
+def check_kvm_device() -> Result:
     if os.access("/dev/kvm", os.R_OK | os.W_OK):
         return Result("/dev/kvm", True, "present (a boot probe decides whether it is usable)",
                       required=False)
@@ -105,7 +105,7 @@ def _kvm_device() -> Result:
                   required=False)
 
 
-def _ksm(options: MicroVMOptions) -> Result:
+def check_ksm(options: MicroVMOptions) -> Result:
     from criserver.sandbox import ksm
 
     state = ksm.state()
@@ -134,7 +134,7 @@ def filesystem_of(path: Path, mounts: str | None = None) -> tuple[str, str]:
     return best
 
 
-def _templates_dir(config: Config, options: MicroVMOptions) -> Result:
+def check_templates_dir(config: Config, options: MicroVMOptions) -> Result:
     if not options.templates:
         return Result("templates dir", True, "pod VM templates are off", required=False)
     # As the backend places it (its state dir is <daemon state>/runtimes/<handler>).
@@ -161,9 +161,15 @@ def run_checks(config: Config) -> int:
         if handler else MicroVMOptions()
     )
     checks: list[Callable[[], Result]] = [
-        lambda: _qemu(options), _kvm_device, lambda: _accelerator(config, options), _vsock,
-        lambda: _assets(options), lambda: _cni(config), _cgroups, lambda: _ksm(options),
-        lambda: _templates_dir(config, options),
+        lambda: check_qemu(options),
+        check_kvm_device,
+        lambda: check_accelerator(config, options),
+        check_vsock,
+        lambda: check_assets(options),
+        lambda: check_cni(config),
+        check_cgroups,
+        lambda: check_ksm(options),
+        lambda: check_templates_dir(config, options),
     ]
     failed = False
     for check in checks:

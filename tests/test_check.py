@@ -31,17 +31,18 @@ def test_templates_dir_not_on_tmpfs_is_a_warning_with_the_fix(tmp_path: Path) ->
     if check.filesystem_of(tmp_path)[1] == "tmpfs":
         pytest.skip("the test's temporary directory is on a tmpfs here")
     config = Config(daemon=DaemonConfig(state=str(tmp_path / "state")))
-    result = check._templates_dir(config, MicroVMOptions())
+    result = check.check_templates_dir(config, MicroVMOptions())
     assert not result.ok and not result.required
     assert str(tmp_path / "state" / "runtimes" / "microvm" / "templates") in result.detail
     assert "tmpfs" in result.fix and "templates_dir" in result.fix
-    assert check._templates_dir(config, MicroVMOptions(templates=False)).ok
+    assert check.check_templates_dir(config, MicroVMOptions(templates=False)).ok
 
 
 @pytest.mark.skipif(check.filesystem_of(Path("/dev/shm"))[1] != "tmpfs",
                     reason="no tmpfs at /dev/shm")
 def test_templates_dir_on_tmpfs_passes() -> None:
-    result = check._templates_dir(Config(), MicroVMOptions(templates_dir="/dev/shm/criserver-t"))
+    options = MicroVMOptions(templates_dir="/dev/shm/criserver-t")
+    result = check.check_templates_dir(Config(), options)
     assert result.ok and "/dev/shm" in result.detail
 
 
@@ -51,7 +52,8 @@ def test_run_checks_prints_the_warning(
     if check.filesystem_of(tmp_path)[1] == "tmpfs":
         pytest.skip("the test's temporary directory is on a tmpfs here")
     # Not the probe boot: only the templates line is looked at.
-    monkeypatch.setattr(check, "_accelerator", lambda *a: check.Result("accelerator", True, ""))
+    monkeypatch.setattr(check, "check_accelerator",
+                        lambda *a: check.Result("accelerator", True, ""))
     check.run_checks(Config(daemon=DaemonConfig(state=str(tmp_path))))
     lines = capsys.readouterr().out.splitlines()
     (at,) = [i for i, line in enumerate(lines) if line.startswith("[warn] templates dir:")]

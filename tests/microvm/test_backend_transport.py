@@ -14,6 +14,7 @@ from criserver.errors import InvalidArgument
 from criserver.runtime.backend import BackendContext
 from criserver.sandbox.qemu import SerialTransport, VsockTransport
 from criserver.store.records import PodRecord
+from vmagent.contract import AGENT_PORT_NAME
 
 POD_ID = "ab" * 32
 
@@ -31,27 +32,28 @@ def pod(**backend_data: object) -> PodRecord:
 
 def test_serial_by_choice(tmp_path: Path) -> None:
     b = backend(tmp_path, "serial")
-    transport = b._transport(pod())
-    assert transport == SerialTransport(tmp_path / "state" / POD_ID[:16] / "agent.sock")
-    assert b._agent(pod()).address.unix_path == str(transport.socket_path)
+    transport = b.agent_transport(pod())
+    assert transport == SerialTransport(tmp_path / "state" / POD_ID[:16] / "agent.sock",
+                                        AGENT_PORT_NAME)
+    assert b.agent_client(pod()).address.unix_path == str(transport.socket_path)
 
 
 def test_vsock_by_choice_and_kept_across_restarts(tmp_path: Path) -> None:
     b = backend(tmp_path, "vsock")
-    transport = b._transport(pod())
+    transport = b.agent_transport(pod())
     assert isinstance(transport, VsockTransport) and transport.guest_cid >= 3
-    assert b._agent(pod()).address.vsock_cid == transport.guest_cid
+    assert b.agent_client(pod()).address.vsock_cid == transport.guest_cid
     # A pod started over virtio-serial stays on it, whatever the host has now.
-    assert isinstance(b._transport(pod(qemuPid=1)), SerialTransport)
-    assert b._transport(pod(vsockCid=77)) == VsockTransport(77)
+    assert isinstance(b.agent_transport(pod(qemuPid=1)), SerialTransport)
+    assert b.agent_transport(pod(vsockCid=77)) == VsockTransport(77)
 
 
 def test_auto_follows_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     b = backend(tmp_path, "auto")
     monkeypatch.setattr("os.path.exists", lambda p: p == "/dev/vhost-vsock")
-    assert isinstance(b._transport(pod()), VsockTransport)
+    assert isinstance(b.agent_transport(pod()), VsockTransport)
     monkeypatch.setattr("os.path.exists", lambda p: False)
-    assert isinstance(b._transport(pod()), SerialTransport)
+    assert isinstance(b.agent_transport(pod()), SerialTransport)
 
 
 def test_bad_transport_is_refused(tmp_path: Path) -> None:

@@ -219,12 +219,12 @@ def test_check_reports_probing_while_the_daemon_probes(
     options = MicroVMOptions(assets_dir=str(tmp_path / "no-assets"))
     with open(state / "accel.lock", "w") as held:  # what the daemon holds while it probes
         fcntl.flock(held, fcntl.LOCK_EX)
-        result = check._accelerator(config, options)
+        result = check.check_accelerator(config, options)
     assert not result.ok and not result.required and result.detail.startswith("probing")
     monkeypatch.setattr(accel, "_probe", _GatedProbe(accel.Accel("tcg", "stand-in")))
     accel._probe.release.set()  # type: ignore[attr-defined]
     asyncio.run(accel.detect(state, None))
-    result = check._accelerator(config, options)
+    result = check.check_accelerator(config, options)
     assert result.detail == "TCG (software emulation, slow): stand-in (cached)"
 
 

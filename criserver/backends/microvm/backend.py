@@ -75,7 +75,7 @@ from criserver.sandbox.template import TEMPLATE_MAC, TemplateStore
 from criserver.sandbox.vm import VM
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from vmagent.api import agent_pb2 as pb
-from vmagent.contract import IMAGE_VOLUMES_DIR, RUN_DIR
+from vmagent.contract import AGENT_PORT_NAME, IMAGE_VOLUMES_DIR, RUN_DIR
 from vmagent.ocispec import GUEST_DEVICES_ANNOTATION
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class MicroVMBackend(BaseBackend):
             await self.context.events.sandbox_exited(
                 pod.id, "VMExited", "the VM was not running when the daemon restarted")
             return
-        handle = PodVM(pod.id, vm, self._agent(pod))
+        handle = PodVM(pod.id, vm, self.agent_client(pod))
         self._pods[pod.id] = handle
         handle.watch(self._vm_ended)
         try:
@@ -294,7 +294,7 @@ class MicroVMBackend(BaseBackend):
             pod.id,
             self._pod_state_dir(pod.id),
             host.assets,
-            self._transport(pod),
+            self.agent_transport(pod),
             GuestBoot(tsc_khz=host.tsc_khz, module_groups=MODULE_GROUPS),
             machine=Machine(self.settings.machine),
             accel=chosen.name if chosen else "tcg",
@@ -317,22 +317,22 @@ class MicroVMBackend(BaseBackend):
             vcpus = math.ceil(resources.cpu_quota / resources.cpu_period)
         return memory + self.settings.memory_overhead_mib, max(1, min(vcpus, os.cpu_count() or 1))
 
-    def _transport(self, pod: PodRecord) -> AgentTransport:
+    def agent_transport(self, pod: PodRecord) -> AgentTransport:
         """The pod's agent channel: what it was started with, or the configured choice."""
         cid = pod.backend.get("vsockCid")
         if cid is None and not pod.backend and self._use_vsock():
             cid = _guest_cid(pod.id)
         if cid is not None:
             return VsockTransport(int(cid))
-        return SerialTransport(self._pod_state_dir(pod.id) / "agent.sock")
+        return SerialTransport(self._pod_state_dir(pod.id) / "agent.sock", AGENT_PORT_NAME)
 
     def _use_vsock(self) -> bool:
         if self.settings.transport == "auto":
             return os.path.exists("/dev/vhost-vsock")
         return self.settings.transport == "vsock"
 
-    def _agent(self, pod: PodRecord, transport: AgentTransport | None = None) -> AgentClient:
-        return AgentClient(pod.id, AgentAddress.of(transport or self._transport(pod)))
+    def agent_client(self, pod: PodRecord, transport: AgentTransport | None = None) -> AgentClient:
+        return AgentClient(pod.id, AgentAddress.of(transport or self.agent_transport(pod)))
 
     def _live(self, pod: PodRecord) -> PodVM:
         handle = self._pods.get(pod.id)
@@ -385,7 +385,7 @@ class MicroVMBackend(BaseBackend):
                 await asyncio.to_thread(self.templates.discard, template)
                 raise type(exc)(f"pod {pod.id}: restore from template "
                                 f"{template.directory.name}: {exc.message}") from exc
-        handle = PodVM(pod.id, vm, self._agent(pod, spec.transport))
+        handle = PodVM(pod.id, vm, self.agent_client(pod, spec.transport))
         undo.push("close agent", _sync(handle.agent.close))
         connecting = asyncio.create_task(self._connect_network(pod))
         try:
