@@ -109,7 +109,7 @@ class SetupSandboxResponse(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., resolv_conf_path: _Optional[str] = ..., hosts_path: _Optional[str] = ..., applied_sysctls: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
-    __slots__ = ("action", "grace_seconds")
+    __slots__ = ("action",)
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         POWEROFF: _ClassVar[ShutdownRequest.Action]
@@ -117,10 +117,8 @@ class ShutdownRequest(_message.Message):
     POWEROFF: ShutdownRequest.Action
     REBOOT: ShutdownRequest.Action
     ACTION_FIELD_NUMBER: _ClassVar[int]
-    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     action: ShutdownRequest.Action
-    grace_seconds: float
-    def __init__(self, action: _Optional[_Union[ShutdownRequest.Action, str]] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, action: _Optional[_Union[ShutdownRequest.Action, str]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("container_ids", "details")

@@ -504,8 +504,9 @@ class MicroVMBackend(BaseBackend):
         handle.stopping = True
         grace = self.settings.stop_grace
         with contextlib.suppress(CriError):
-            # The agent stops the containers, syncs and powers the guest off; QEMU then exits.
-            await handle.agent.shutdown(grace_seconds=grace)
+            # What still runs ends now, as the CRI asks of StopPodSandbox (kubelet stops the
+            # containers with their grace periods first): the agent syncs and powers off.
+            await handle.agent.shutdown()
         if not await handle.vm.wait_exited(grace):
             await handle.vm.shutdown(grace)
         await handle.close()

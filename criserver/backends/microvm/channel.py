@@ -372,10 +372,8 @@ class AgentClient:
         reply: pb.StatsResponse = await self.call("Stats", request or pb.StatsRequest())
         return reply
 
-    async def shutdown(self, action: int = pb.ShutdownRequest.POWEROFF,
-                       grace_seconds: float = 0.0) -> None:
-        await self.call("Shutdown", pb.ShutdownRequest(action=action,  # type: ignore[arg-type]
-                                                        grace_seconds=grace_seconds))
+    async def shutdown(self, action: int = pb.ShutdownRequest.POWEROFF) -> None:
+        await self.call("Shutdown", pb.ShutdownRequest(action=action))  # type: ignore[arg-type]
 
 
 class DuplexStream:
