@@ -59,6 +59,12 @@ class RuntimeHandlerConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     default_handler: str = _f("microvm", "Handler used when the CRI request names none")
+    host_namespaces_handler: str = _f(
+        "", "Handler for pods that name none and share a node namespace (hostNetwork, hostPID, "
+            "hostIPC); empty: the default handler (the micro-VM refuses them)")
+    privileged_handler: str = _f(
+        "", "Handler for pods that name none and are privileged (Bidirectional mount "
+            "propagation needs one); empty: the default handler")
 
 
 @dataclass(frozen=True)
@@ -134,10 +140,12 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
         section, key = dotted.split(".", 1)
         data.setdefault(section, {})[key] = value
     config: Config = _build(Config, data, "")
-    if config.runtime.default_handler not in config.runtimes:
-        raise ConfigError(
-            f"runtime.default_handler: no [runtimes.{config.runtime.default_handler}] table"
-        )
+    runtime = config.runtime
+    for key, handler in (("default_handler", runtime.default_handler),
+                         ("host_namespaces_handler", runtime.host_namespaces_handler),
+                         ("privileged_handler", runtime.privileged_handler)):
+        if (handler or key == "default_handler") and handler not in config.runtimes:
+            raise ConfigError(f"runtime.{key}: no [runtimes.{handler}] table")
     return config
 
 

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config
 from criserver.errors import InvalidArgument
 from criserver.image.service import ImageService
-from criserver.runtime import exit_codes
+from criserver.runtime import exit_codes, routing
 from criserver.runtime.backend import SandboxBackend
 from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock, KeyedSharedLock
@@ -89,8 +90,13 @@ class Runtime:
             task.add_done_callback(self._background.discard)
             return  # one collection covers them all
 
-    def handler_name(self, requested: str) -> str:
-        name = requested or self.config.runtime.default_handler
+    def handler_for(self, requested: str, pod: cri.PodSandboxConfig) -> str:
+        """The handler serving a new pod (criserver.runtime.routing), checked to exist."""
+        chosen = routing.route(self.config.runtime, requested, pod)
+        name = chosen.handler
+        if chosen.reason:
+            log.info("pod routed name=%s/%s handler=%s reason=%s", pod.metadata.namespace,
+                     pod.metadata.name, name, chosen.reason)
         if name not in self.backends:
             raise InvalidArgument(
                 f"runtime handler {name!r} is not configured (configured: "

@@ -23,7 +23,7 @@ async def run_pod_sandbox(
     rt: Runtime, request: cri.RunPodSandboxRequest
 ) -> cri.RunPodSandboxResponse:
     validate.pod_config(request.config)
-    handler = rt.handler_name(request.runtime_handler)
+    handler = rt.handler_for(request.runtime_handler, request.config)
     pod = PodRecord(id=new_id(), config=request.config, runtime_handler=handler,
                     created_at=time.time_ns())
     rt.pods.names.reserve(pod.name_key, pod.id)
