@@ -1,5 +1,5 @@
-"""PodSandboxStats from the agent's Stats answer: the pod's network usage comes with a plain
-(cheap) Stats call, eth0 as the default interface."""
+"""CRI stats from the agent's Stats answer (guest_metrics): the pod's network usage, eth0 as
+the default interface; and the backend asks the agent once for a pod's containers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.microvm.backend import MicroVMBackend
+from criserver.backends.microvm.guest_metrics import pod_stats
 from criserver.config import Config
 from criserver.runtime.backend import BackendContext
 from criserver.store.records import ContainerRecord, PodRecord
@@ -36,14 +37,12 @@ def _backend(tmp_path: Path, agent: FakeAgent) -> MicroVMBackend:
     return backend
 
 
-async def test_sandbox_stats_carry_network_usage(tmp_path: Path) -> None:
-    agent = FakeAgent(pb.StatsResponse(
+def test_sandbox_stats_carry_network_usage() -> None:
+    stats = pod_stats(POD, pb.StatsResponse(
         guest=pb.GuestStats(timestamp_unix_nanos=123),
         interfaces=[pb.InterfaceStats(name="eth1", rx_bytes=5, tx_bytes=6),
                     pb.InterfaceStats(name="eth0", rx_bytes=1000, rx_errors=2, tx_bytes=500,
                                       tx_errors=3)]))
-    stats = await _backend(tmp_path, agent).sandbox_stats(POD)
-    assert not any(r is not None and r.details for r in agent.requests)  # no details: cheap
     network = stats.linux.network
     assert network.timestamp == 123
     default = network.default_interface
@@ -54,9 +53,8 @@ async def test_sandbox_stats_carry_network_usage(tmp_path: Path) -> None:
         ("eth1", 5, 6)]
 
 
-async def test_sandbox_stats_without_interfaces_have_no_network(tmp_path: Path) -> None:
-    agent = FakeAgent(pb.StatsResponse(guest=pb.GuestStats(timestamp_unix_nanos=1)))
-    stats = await _backend(tmp_path, agent).sandbox_stats(POD)
+def test_sandbox_stats_without_interfaces_have_no_network() -> None:
+    stats = pod_stats(POD, pb.StatsResponse(guest=pb.GuestStats(timestamp_unix_nanos=1)))
     assert not stats.linux.HasField("network")
 
 

@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,6 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 MODULE_GROUPS = ("overlay", "9p", "loop")  # containers: image mounts, volumes, overlays
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
-DEFAULT_INTERFACE = "eth0"  # the guest's name for the pod's CNI interface
 CREATE_TIMEOUT = 120.0  # the first container of a pod mounts its shares and image
 _TEMPLATE_NETNS = "template-"  # pod ids are hex: no pod's netns is named like this
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
@@ -535,27 +534,7 @@ class MicroVMBackend(BaseBackend):
         return info
 
     async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
-        reply = await self._live(pod).agent.stats()
-        now = reply.guest.timestamp_unix_nanos or time.time_ns()
-        guest = reply.guest
-        return cri.PodSandboxStats(
-            attributes=cri.PodSandboxAttributes(
-                id=pod.id, metadata=pod.config.metadata, labels=pod.config.labels,
-                annotations=pod.config.annotations),
-            linux=cri.LinuxPodSandboxStats(
-                cpu=cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(
-                    value=guest.cpu_usage_nanos)),
-                memory=cri.MemoryUsage(
-                    timestamp=now,
-                    working_set_bytes=cri.UInt64Value(
-                        value=guest.memory_total_bytes - guest.memory_available_bytes),
-                    available_bytes=cri.UInt64Value(value=guest.memory_available_bytes)),
-                process=cri.ProcessUsage(timestamp=now, process_count=cri.UInt64Value(
-                    value=guest.processes)),
-                containers=[_container_stats(s, None) for s in reply.containers],
-                network=_network_usage(reply.interfaces, now),
-            ),
-        )
+        return guest_metrics.pod_stats(pod, await self._live(pod).agent.stats())
 
     async def sandbox_metrics(self, pod: PodRecord) -> PodSample:
         reply = await self._live(pod).agent.stats(pb.StatsRequest(details=True))
@@ -733,7 +712,7 @@ class MicroVMBackend(BaseBackend):
         # One agent call measures them all (ListContainerStats asks once per pod).
         asked = {c.id: c for c in containers}
         reply = await self._live(pod).agent.stats(pb.StatsRequest(container_ids=list(asked)))
-        return [_container_stats(stats, asked[stats.container_id])
+        return [guest_metrics.container_stats(stats, asked[stats.container_id])
                 for stats in reply.containers if stats.container_id in asked]
 
     async def update_container_resources(
@@ -861,47 +840,6 @@ def _agent_user(generated: oci_spec.GeneratedSpec) -> str:
     if generated.gid_from_passwd or generated.username:
         return name
     return f"{name}:{user.get('gid', 0)}"
-
-
-def _container_stats(stats: pb.ContainerStats, container: ContainerRecord | None
-                     ) -> cri.ContainerStats:
-    now = stats.timestamp_unix_nanos or time.time_ns()
-    attributes = cri.ContainerAttributes(id=stats.container_id)
-    if container is not None:
-        attributes = cri.ContainerAttributes(
-            id=container.id, metadata=container.config.metadata,
-            labels=container.config.labels, annotations=container.config.annotations)
-    return cri.ContainerStats(
-        attributes=attributes,
-        cpu=cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(
-            value=stats.cpu_usage_nanos)),
-        memory=cri.MemoryUsage(
-            timestamp=now,
-            working_set_bytes=cri.UInt64Value(value=stats.memory_working_set_bytes),
-            usage_bytes=cri.UInt64Value(value=stats.memory_usage_bytes),
-            rss_bytes=cri.UInt64Value(value=stats.memory_rss_bytes)),
-        writable_layer=cri.FilesystemUsage(
-            timestamp=now, used_bytes=cri.UInt64Value(value=stats.writable_layer_bytes)),
-    )
-
-
-def _network_usage(interfaces: Sequence[pb.InterfaceStats], now: int
-                   ) -> cri.NetworkUsage | None:
-    """The guest's interfaces as CRI network usage: eth0 (the CNI interface carried into the
-    VM) is the default, as containerd's; the others are listed apart, not counted twice."""
-    def usage(i: pb.InterfaceStats) -> cri.NetworkInterfaceUsage:
-        return cri.NetworkInterfaceUsage(
-            name=i.name, rx_bytes=cri.UInt64Value(value=i.rx_bytes),
-            rx_errors=cri.UInt64Value(value=i.rx_errors),
-            tx_bytes=cri.UInt64Value(value=i.tx_bytes),
-            tx_errors=cri.UInt64Value(value=i.tx_errors))
-
-    if not interfaces:
-        return None  # a guest without a pod network: no usage, not zero usage
-    default = next((i for i in interfaces if i.name == DEFAULT_INTERFACE), interfaces[0])
-    return cri.NetworkUsage(
-        timestamp=now, default_interface=usage(default),
-        interfaces=[usage(i) for i in interfaces if i.name != default.name])
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -1,17 +1,88 @@
-"""The agent's Stats answer (asked with `details`) as the backend-neutral sample the CRI metrics
-are made of: the guest as the pod, each container's cgroup and processes, the pod's network."""
+"""The agent's Stats answer as CRI stats (PodSandboxStats, ContainerStats) and, asked with
+`details`, as the backend-neutral sample the CRI metrics are made of: the guest as the pod, each
+container's cgroup and processes, the pod's network."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
+from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.runtime.metric_sample import (
     BlockIoSample,
     ContainerSample,
     InterfaceSample,
     PodSample,
 )
+from criserver.store.records import ContainerRecord, PodRecord
 from vmagent.api import agent_pb2 as pb
+
+DEFAULT_INTERFACE = "eth0"  # the guest's name for the pod's CNI interface
+
+
+def pod_stats(pod: PodRecord, reply: pb.StatsResponse) -> cri.PodSandboxStats:
+    """PodSandboxStats: the guest is the pod."""
+    guest = reply.guest
+    now = guest.timestamp_unix_nanos or time.time_ns()
+    return cri.PodSandboxStats(
+        attributes=cri.PodSandboxAttributes(
+            id=pod.id, metadata=pod.config.metadata, labels=pod.config.labels,
+            annotations=pod.config.annotations),
+        linux=cri.LinuxPodSandboxStats(
+            cpu=cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(
+                value=guest.cpu_usage_nanos)),
+            memory=cri.MemoryUsage(
+                timestamp=now,
+                working_set_bytes=cri.UInt64Value(
+                    value=guest.memory_total_bytes - guest.memory_available_bytes),
+                available_bytes=cri.UInt64Value(value=guest.memory_available_bytes)),
+            process=cri.ProcessUsage(timestamp=now, process_count=cri.UInt64Value(
+                value=guest.processes)),
+            containers=[container_stats(s, None) for s in reply.containers],
+            network=network_usage(reply.interfaces, now),
+        ),
+    )
+
+
+def container_stats(stats: pb.ContainerStats, container: ContainerRecord | None
+                     ) -> cri.ContainerStats:
+    now = stats.timestamp_unix_nanos or time.time_ns()
+    attributes = cri.ContainerAttributes(id=stats.container_id)
+    if container is not None:
+        attributes = cri.ContainerAttributes(
+            id=container.id, metadata=container.config.metadata,
+            labels=container.config.labels, annotations=container.config.annotations)
+    return cri.ContainerStats(
+        attributes=attributes,
+        cpu=cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(
+            value=stats.cpu_usage_nanos)),
+        memory=cri.MemoryUsage(
+            timestamp=now,
+            working_set_bytes=cri.UInt64Value(value=stats.memory_working_set_bytes),
+            usage_bytes=cri.UInt64Value(value=stats.memory_usage_bytes),
+            rss_bytes=cri.UInt64Value(value=stats.memory_rss_bytes)),
+        writable_layer=cri.FilesystemUsage(
+            timestamp=now, used_bytes=cri.UInt64Value(value=stats.writable_layer_bytes)),
+    )
+
+
+def network_usage(interfaces: Sequence[pb.InterfaceStats], now: int
+                   ) -> cri.NetworkUsage | None:
+    """The guest's interfaces as CRI network usage: eth0 (the CNI interface carried into the
+    VM) is the default, as containerd's; the others are listed apart, not counted twice."""
+    def usage(i: pb.InterfaceStats) -> cri.NetworkInterfaceUsage:
+        return cri.NetworkInterfaceUsage(
+            name=i.name, rx_bytes=cri.UInt64Value(value=i.rx_bytes),
+            rx_errors=cri.UInt64Value(value=i.rx_errors),
+            tx_bytes=cri.UInt64Value(value=i.tx_bytes),
+            tx_errors=cri.UInt64Value(value=i.tx_errors))
+
+    if not interfaces:
+        return None  # a guest without a pod network: no usage, not zero usage
+    default = next((i for i in interfaces if i.name == DEFAULT_INTERFACE), interfaces[0])
+    return cri.NetworkUsage(
+        timestamp=now, default_interface=usage(default),
+        interfaces=[usage(i) for i in interfaces if i.name != default.name])
 
 
 def pod_sample(reply: pb.StatsResponse) -> PodSample:
