@@ -70,3 +70,9 @@ async def test_containers_stats_ask_the_agent_once_for_them_all(tmp_path: Path) 
     # `gone` has no stats in the guest: left out, not an error
     assert sorted((s.attributes.id, s.attributes.metadata.name, s.cpu.usage_core_nano_seconds.value)
                   for s in stats) == [(a.id, "a", 3), (b.id, "b", 7)]
+
+
+async def test_sandbox_stats_ask_the_agent_without_details(tmp_path: Path) -> None:
+    agent = FakeAgent(pb.StatsResponse(guest=pb.GuestStats(timestamp_unix_nanos=1)))
+    await _backend(tmp_path, agent).sandbox_stats(POD)
+    assert agent.requests and not any(r is not None and r.details for r in agent.requests)
