@@ -6,8 +6,9 @@ the agent channel alone.
 Boots one guest (TCG here) with a busybox container, then measures:
 1. Interactive exec round trip, one byte into `cat` in the container and its echo back
    (p50/p99): through SPDY/3.1 (the daemon's streaming server and the same relay
-   MicroVMBackend.exec uses, criserver/sandbox/streams.py) vs an Exec stream opened directly
-   with AgentClient (the agent channel alone: virtio-serial + HTTP/2 + the guest agent).
+   MicroVMBackend.exec uses, criserver/backends/microvm/streams.py) vs an Exec stream opened
+   directly with AgentClient (the agent channel alone: virtio-serial + HTTP/2 + the guest
+   agent).
 2. Port-forward throughput, a --mib MiB file from busybox httpd in the container: through a
    SPDY port-forward stream vs a PortForward stream opened directly with AgentClient.
 The streaming server runs in this process (no CRI round trip: only the data path is timed).
