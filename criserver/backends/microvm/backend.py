@@ -47,7 +47,7 @@ from criserver.failpoints import crash_point
 from criserver.network import netns
 from criserver.network.cni import PortMapping
 from criserver.network.pod import Attachment, PodNetwork, daemon_network
-from criserver.runtime import oci_spec
+from criserver.runtime import oci_spec, pod_files
 from criserver.runtime.backend import (
     BackendContext,
     BackendFeatures,
@@ -781,7 +781,7 @@ def _setup_request(pod: PodRecord, network: GuestNetwork | None,
                    nics: tuple[TapNic, ...] = ()) -> pb.SetupSandboxRequest:
     config = pod.config
     # A VM has no host name to inherit: without one the pod is named after itself.
-    hostname = config.hostname or config.metadata.name[:63]
+    hostname = pod_files.pod_hostname(config)
     request = pb.SetupSandboxRequest(
         request_id=f"setup-{pod.id}",
         sandbox_id=pod.id,
@@ -789,9 +789,9 @@ def _setup_request(pod: PodRecord, network: GuestNetwork | None,
         realtime_ns=time.time_ns(),
         entropy=os.urandom(32),
         hostname=hostname,
-        resolv_conf=_resolv_conf(config.dns_config),
+        resolv_conf=pod_files.resolv_conf(config.dns_config),
         sysctls=dict(config.linux.sysctls),
-        hosts=_hosts(hostname, network.attachment.ips if network else []),
+        hosts=pod_files.hosts(hostname, network.attachment.ips if network else []),
     )
     if network is not None:
         guest = network.guest
@@ -800,30 +800,6 @@ def _setup_request(pod: PodRecord, network: GuestNetwork | None,
             routes=[pb.Route(destination=r.dst, gateway=r.gateway or "") for r in guest.routes],
             device_mac=nics[0].mac if nics else ""))
     return request
-
-
-def _resolv_conf(dns: cri.DNSConfig) -> str:
-    """The pod's resolv.conf: kubelet's DNS config, or the host's file when it gives none (as
-    containerd does)."""
-    if not (dns.servers or dns.searches or dns.options):
-        try:
-            return Path("/etc/resolv.conf").read_text()
-        except OSError:
-            return ""
-    lines = [f"nameserver {server}" for server in dns.servers]
-    if dns.searches:
-        lines.append("search " + " ".join(dns.searches))
-    if dns.options:
-        lines.append("options " + " ".join(dns.options))
-    return "".join(f"{line}\n" for line in lines)
-
-
-def _hosts(hostname: str, ips: list[str]) -> str:
-    hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    if hostname:
-        for ip in ips or ["127.0.1.1"]:
-            hosts += f"{ip}\t{hostname}\n"
-    return hosts
 
 
 def _volume_mode(m: cri.Mount) -> str:
