@@ -1,4 +1,5 @@
 """Pod network namespaces: created pinned by a bind mount under our state dir, entered, removed.
+Pods on the host pin their IPC and UTS namespaces the same way (`pin`).
 
 Every namespace switch runs on a fresh, short-lived thread: unshare/setns change only the calling
 thread, so doing it on a pooled thread would leak the namespace into unrelated later work, and
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUTS = 0x04000000
+PINNABLE = {"net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SHARED = 1 << 20
@@ -143,19 +147,22 @@ def _prepare_dir(directory: Path) -> None:
 _prepare_lock = threading.Lock()
 
 
-def _create(path: Path) -> None:
+def _create(path: Path, kind: str = "net", hostname: str = "") -> None:
     with _prepare_lock:  # two first pods at once must not stack two bind mounts
         if not path.parent.is_dir() or not _is_mountpoint(path.parent):
             _prepare_dir(path.parent)
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
     except FileExistsError:
-        raise AlreadyExists(f"network namespace {path} already exists") from None
+        raise AlreadyExists(f"{kind} namespace {path} already exists") from None
     try:
-        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        _check(_libc.unshare(PINNABLE[kind]), f"unshare({kind})")
+        if hostname:
+            socket.sethostname(hostname)
         _check(
-            _libc.mount(b"/proc/thread-self/ns/net", os.fsencode(path), b"none", MS_BIND, None),
-            f"bind-mount netns on {path}",
+            _libc.mount(f"/proc/thread-self/ns/{kind}".encode(), os.fsencode(path), b"none",
+                        MS_BIND, None),
+            f"bind-mount {kind} namespace on {path}",
         )
     except BaseException:
         os.unlink(path)
@@ -172,6 +179,21 @@ async def create(path: Path) -> None:
     except OSError as exc:
         raise Internal(f"create network namespace {path}: {exc}") from exc
     log.debug("netns created path=%s", path)
+
+
+async def pin(path: Path, kind: str, hostname: str = "") -> None:
+    """Create a new namespace of `kind` ("net", "ipc" or "uts", with `hostname` set in a new
+    UTS namespace) pinned at path, which `remove` unpins.
+
+    :raises AlreadyExists: path exists.
+    """
+    if kind not in PINNABLE:
+        raise ValueError(f"cannot pin a {kind!r} namespace")
+    try:
+        await run_on_fresh_thread(_create, path, kind, hostname)
+    except OSError as exc:
+        raise Internal(f"create {kind} namespace {path}: {exc}") from exc
+    log.debug("namespace pinned kind=%s path=%s", kind, path)
 
 
 def _remove(path: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import select
@@ -62,6 +63,38 @@ async def test_netns_create_enter_remove(tmp_path: Path) -> None:
             await netns.run_in(path, lambda: None)
     finally:
         await netns.remove(path)
+        await netns.release_dir(directory)
+    assert not directory.exists()
+
+
+
+@needs_root
+async def test_pin_ipc_and_uts_namespaces(tmp_path: Path) -> None:
+    directory = tmp_path / "ns"
+    ipc, uts = directory / "ipc", directory / "uts"
+    try:
+        await netns.pin(ipc, "ipc")
+        await netns.pin(uts, "uts", hostname="pinned-pod")
+        assert os.stat(ipc).st_ino != os.stat("/proc/self/ns/ipc").st_ino
+        assert os.stat(uts).st_ino != os.stat("/proc/self/ns/uts").st_ino
+
+        def hostname_inside() -> str:
+            fd = os.open(uts, os.O_RDONLY)
+            try:
+                assert ctypes.CDLL(None).setns(fd, netns.CLONE_NEWUTS) == 0
+            finally:
+                os.close(fd)
+            return socket.gethostname()
+
+        assert await netns.run_on_fresh_thread(hostname_inside) == "pinned-pod"
+        assert socket.gethostname() != "pinned-pod"
+        with pytest.raises(AlreadyExists):
+            await netns.pin(ipc, "ipc")
+        with pytest.raises(ValueError):
+            await netns.pin(directory / "pid", "pid")
+    finally:
+        for path in (ipc, uts):
+            await netns.remove(path)
         await netns.release_dir(directory)
     assert not directory.exists()
 
