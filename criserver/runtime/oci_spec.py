@@ -83,6 +83,7 @@ class SpecPolicy:
     devices_refused: str = ""  # why CRI devices (host and CDI) are refused
     apparmor_dropped: str = ""  # why AppArmor profiles are dropped (logged, not an error)
     selinux_dropped: str = ""  # why SELinux labels and relabels are dropped (logged)
+    bidirectional_refused: str = ""  # why Bidirectional mount propagation is refused
     # The profile that AppArmor "runtime/default" names; "": none (the backend loads it).
     apparmor_default: str = ""
     # Filled in with the CRI's SELinux user, role, type and level where those are set.
@@ -282,7 +283,7 @@ def generate(
     ns_options = sc.namespace_options
     mounts, rootfs_propagation, relabel = _mounts(
         container, sc, guest_path, privileged, sandbox_dir, where, image_volumes or {},
-        policy.selinux_dropped,
+        policy,
     )
     host_network = ns_options.network == cri.NODE
     sysctls = _sysctls(pod, None if host_network else namespaces.net)
@@ -568,7 +569,7 @@ def _mounts(
     sandbox_dir: str,
     where: str,
     image_volumes: Mapping[str, str],
-    selinux_dropped: str,
+    policy: SpecPolicy,
 ) -> tuple[list[dict[str, Any]], str, tuple[str, ...]]:
     """Default mounts not overridden, then CRI and pod-file mounts, parents before children;
     the rootfs propagation; the host paths to relabel for SELinux."""
@@ -596,8 +597,12 @@ def _mounts(
             raise InvalidArgument(f"mount at {dest}: recursive_read_only needs readonly")
         if m.recursive_read_only and m.propagation != cri.PROPAGATION_PRIVATE:
             raise InvalidArgument(f"mount at {dest}: recursive_read_only needs private propagation")
-        if m.selinux_relabel and selinux_dropped:
-            log.info("selinux relabel ignored: %s %s mount=%s", selinux_dropped, where, dest)
+        if m.propagation == cri.PROPAGATION_BIDIRECTIONAL and policy.bidirectional_refused:
+            raise InvalidArgument(f"mount at {dest}: Bidirectional propagation: "
+                                  f"{policy.bidirectional_refused}")
+        if m.selinux_relabel and policy.selinux_dropped:
+            log.info("selinux relabel ignored: %s %s mount=%s", policy.selinux_dropped, where,
+                     dest)
         elif m.selinux_relabel and m.host_path and m.host_path not in relabel:
             relabel.append(m.host_path)
         mode = "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"

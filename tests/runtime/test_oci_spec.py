@@ -730,12 +730,19 @@ def test_default_mounts() -> None:
 )
 def test_cri_mount_propagation(propagation: int, option: str, rootfs: str | None) -> None:
     mount = cri.Mount(container_path="/data", host_path="/var/lib/x", propagation=propagation)
-    spec = gen(container_config(mounts=[mount])).spec
+    spec = gen(container_config(mounts=[mount]), policy=SpecPolicy()).spec
     assert mount_at(spec, "/data") == {
         "destination": "/data", "type": "bind", "source": SHARED + "/var/lib/x",
         "options": ["rbind", option, "rw"],
     }
     assert spec["linux"].get("rootfsPropagation") == rootfs
+
+
+def test_microvm_policy_refuses_bidirectional_propagation() -> None:
+    mount = cri.Mount(container_path="/data", host_path="/var/lib/x",
+                      propagation=cri.PROPAGATION_BIDIRECTIONAL)
+    with pytest.raises(InvalidArgument, match="/data: Bidirectional propagation: a micro-VM"):
+        gen(container_config(mounts=[mount]))
 
 
 def test_cri_mounts_readonly_rro_and_relabel(caplog: pytest.LogCaptureFixture) -> None:

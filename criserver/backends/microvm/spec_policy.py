@@ -17,6 +17,9 @@ POLICY = SpecPolicy(
     devices_refused="devices cannot be passed into a micro-VM pod",
     apparmor_dropped="no apparmor in the guest",
     selinux_dropped="no selinux in the guest",
+    # The guest's mounts cannot reach the host: it sees the host path through a share.
+    bidirectional_refused="a micro-VM's mounts cannot propagate to the host; run the pod with "
+                          "the runc handler",
     # runc runs in the guest, without systemd, and the agent puts each container's cgroup under
     # its own parent (vmagent/ocispec.py): the node's cgroup driver and the pod's cgroup parent
     # are the host's business, about the VM's QEMU process.
