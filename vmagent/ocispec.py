@@ -167,6 +167,22 @@ def _page_size_name(size: int) -> str:
     return f"{value:g}{units[unit]}"
 
 
+def set_process_user(process: dict[str, Any], user: ResolvedUser | None) -> None:
+    """The resolved user in an OCI `process`, with the environment a login would give: a
+    default PATH, and HOME from the user's passwd entry unless the spec sets them."""
+    env = [e for e in process.get("env") or [] if isinstance(e, str)]
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, _DEFAULT_PATH)
+    if user is not None:
+        process["user"] = {"uid": user.uid, "gid": user.gid,
+                           "additionalGids": user.additional_gids}
+        if not any(e.startswith("HOME=") for e in env):
+            env.append(f"HOME={user.home}")
+    process.setdefault("user", {"uid": 0, "gid": 0})
+    process["env"] = env
+    process.setdefault("cwd", "/")
+
+
 def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: PodContext,
                   pid_mode: int = 0, user: ResolvedUser | None = None,
                   terminal: bool = False,
@@ -183,17 +199,7 @@ def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: 
     spec["root"] = {"path": rootfs, "readonly": read_only}
     process = spec["process"]
     process["terminal"] = terminal
-    env = [e for e in process.get("env") or [] if isinstance(e, str)]
-    if not any(e.startswith("PATH=") for e in env):
-        env.insert(0, _DEFAULT_PATH)
-    if user is not None:
-        process["user"] = {"uid": user.uid, "gid": user.gid,
-                           "additionalGids": user.additional_gids}
-        if not any(e.startswith("HOME=") for e in env):
-            env.append(f"HOME={user.home}")
-    process.setdefault("user", {"uid": 0, "gid": 0})
-    process["env"] = env
-    process.setdefault("cwd", "/")
+    set_process_user(process, user)
     replaced = {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/dev/shm"}
     pod_mounts = _pod_mounts(pod, read_only)
     ours = {m["destination"] for m in pod_mounts}

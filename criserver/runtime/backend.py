@@ -8,8 +8,10 @@ backend overrides only what it supports and never fakes success.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
+import signal
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +277,17 @@ class BaseBackend:
     def __init__(self, options: dict[str, Any], context: BackendContext) -> None:
         self.options = options
         self.context = context
+
+    def stop_signal(self, container: ContainerRecord) -> int:
+        """The signal StopContainer sends first: the image's STOPSIGNAL, else SIGTERM."""
+        images = self.context.images
+        image = images.get_by_id(container.image_id) if images and container.image_id else None
+        name = str(image.config.get("stop_signal") or "") if image is not None else ""
+        if name:
+            with contextlib.suppress(KeyError, ValueError):
+                return int(name) if name.isdigit() else int(
+                    signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+        return signal.SIGTERM
 
     def _unimplemented(self, what: str) -> Unimplemented:
         return Unimplemented(f"{what} is not implemented by the {self.name!r} backend "

@@ -175,6 +175,18 @@ class GeneratedSpec:
     def to_json(self) -> bytes:
         return json.dumps(self.spec, separators=(",", ":")).encode()
 
+    def user_text(self) -> str:
+        """The user as `vmagent.users.resolve_user` takes it ("name", "uid:gid", "name:group"),
+        resolved against the container's own /etc/passwd and /etc/group by whoever sees its
+        rootfs (the guest agent, or the runc backend on the host)."""
+        user = self.spec["process"].get("user", {})
+        name = self.username or str(user.get("uid", 0))
+        if self.groupname:
+            return f"{name}:{self.groupname}"
+        if self.gid_from_passwd or self.username:
+            return name
+        return f"{name}:{user.get('gid', 0)}"
+
 
 @dataclass
 class _User:

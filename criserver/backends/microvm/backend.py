@@ -600,7 +600,7 @@ class MicroVMBackend(BaseBackend):
             rootfs=pb.Rootfs(lowers=[pb.Mount(type="erofs", source=f"image:{snapshot.name}")],
                              read_only=config.linux.security_context.readonly_rootfs),
             stdio=pb.StdioOptions(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
-            user=_agent_user(generated),
+            user=generated.user_text(),
             pid_namespace=PID_MODES[pid_mode],
             mounts=agent_mounts,
             strict_supplemental_groups=not generated.merge_image_groups,
@@ -642,7 +642,7 @@ class MicroVMBackend(BaseBackend):
         io = self._io.get(container.id)
         if handle is None or io is None:
             return  # the VM is gone: so is every process in it
-        first = signal.SIGKILL if timeout <= 0 else self._stop_signal(container)
+        first = signal.SIGKILL if timeout <= 0 else self.stop_signal(container)
         await self._signal(handle, container.id, first)
         if first != signal.SIGKILL:
             with contextlib.suppress(TimeoutError):
@@ -658,16 +658,6 @@ class MicroVMBackend(BaseBackend):
         with contextlib.suppress(NotFound, FailedPrecondition):  # it exited meanwhile
             await handle.agent.call("SignalContainer", pb.SignalContainerRequest(
                 container_id=container_id, signal=signum, all=signum == signal.SIGKILL))
-
-    def _stop_signal(self, container: ContainerRecord) -> int:
-        images = self.context.images
-        image = images.get_by_id(container.image_id) if images and container.image_id else None
-        name = str(image.config.get("stop_signal") or "") if image is not None else ""
-        if name:
-            with contextlib.suppress(KeyError, ValueError):
-                return int(name) if str(name).isdigit() else int(
-                    signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
-        return signal.SIGTERM
 
     async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
         io = self._io.pop(container.id, None)
@@ -805,17 +795,6 @@ def _setup_request(pod: PodRecord, network: GuestNetwork | None,
 def _volume_mode(m: cri.Mount) -> str:
     """How the host shares a CRI mount's path (shares.MODES); oci_spec refuses bad mixes."""
     return "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"
-
-
-def _agent_user(generated: oci_spec.GeneratedSpec) -> str:
-    """The user as the agent resolves it in the container's own /etc/passwd and /etc/group."""
-    user = generated.spec["process"].get("user", {})
-    name = generated.username or str(user.get("uid", 0))
-    if generated.groupname:
-        return f"{name}:{generated.groupname}"
-    if generated.gid_from_passwd or generated.username:
-        return name
-    return f"{name}:{user.get('gid', 0)}"
 
 
 def _write_file(path: Path, data: bytes) -> None:
