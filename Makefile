@@ -34,8 +34,14 @@ CRI_TOOLS_LDFLAGS := -X sigs.k8s.io/cri-tools/pkg/version.Version=$(CRI_TOOLS_VE
 CRI_TOOLS_SRC = $(shell $(GO_ENV) go mod download -json sigs.k8s.io/cri-tools@$(CRI_TOOLS_VERSION) \
 	| sed -n 's/^\t"Dir": "\(.*\)",$$/\1/p')
 
-install: deps venv guest
+install: deps venv guest ctrmon
 	ln -sf $(CURDIR)/$(VENV)/bin/criserver /usr/local/bin/criserver
+
+# The runc backend's per-container monitor (criserver/backends/runc/ctrmon.c): static, installed
+# where the daemon looks for it (/usr/local/lib/criserver/ctrmon, monitor.DEFAULT_CTRMON).
+.PHONY: ctrmon
+ctrmon: venv
+	$(PY) -m criserver.backends.runc.build
 
 deps:
 	@missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $(APT_PACKAGES) 2>/dev/null \
