@@ -361,6 +361,24 @@ async def test_wait_reports_lost_when_monitor_dies(
         kill_quietly(m.container_pid)
 
 
+def test_pause_reaps_and_stops_on_sigterm(ctrmon_asan: str) -> None:
+    # As PID 1 of a namespace it would inherit orphans; here it has one child of its own.
+    pause = subprocess.Popen(
+        ["/bin/sh", "-c", f"sleep 0.1 & exec {ctrmon_asan} pause"], stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(0.4)
+        assert pause.poll() is None
+        children = Path(f"/proc/{pause.pid}/task/{pause.pid}/children").read_text().split()
+        assert children == [], "the sleep was reaped"
+        pause.send_signal(signal.SIGTERM)
+        assert pause.wait(5) == 0
+        assert pause.stderr is not None and pause.stderr.read() == b""
+    finally:
+        pause.kill()
+        pause.wait()
+
+
 LAUNCHER = """\
 import asyncio, sys
 from pathlib import Path
@@ -407,11 +425,13 @@ async def test_launcher_killed_output_and_exit_still_land(
 # --- the real runc -----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
+needs_real_runc = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists(REAL_RUNC) or not os.path.exists(BUSYBOX),
     reason="needs root, /usr/sbin/runc and busybox-static",
 )
-async def test_real_runc(tmp_path: Path, ctrmon_bin: str) -> None:
+
+
+def busybox_bundle(tmp_path: Path, args: list[str], terminal: bool = False) -> Path:
     bundle = tmp_path / "bundle"
     rootfs = bundle / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
@@ -421,25 +441,55 @@ async def test_real_runc(tmp_path: Path, ctrmon_bin: str) -> None:
         (rootfs / d).mkdir()
     subprocess.run([REAL_RUNC, "spec", "--bundle", str(bundle)], check=True)
     spec = json.loads((bundle / "config.json").read_text())
-    spec["process"]["terminal"] = False
-    spec["process"]["args"] = ["sh", "-c", "echo out; echo err >&2; exit 7"]
+    spec["process"]["terminal"] = terminal
+    spec["process"]["args"] = args
     (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+async def run_real(
+    tmp_path: Path, ctrmon: str, bundle: Path, *, tty: bool = False
+) -> tuple[ExitRecord, Path, list[tuple[int, bytes]]]:
+    """Launch with Debian's runc, `runc start` (real create leaves the init waiting), wait."""
     root = tmp_path / "runc-root"
     cid = f"ctrmon-test-{os.getpid()}"
     log = tmp_path / "c.log"
     try:
         m = await launch(
-            ctrmon_bin, runc=REAL_RUNC, runc_root=root, bundle=bundle, container_id=cid,
-            log_path=str(log),
+            ctrmon, runc=REAL_RUNC, runc_root=root, bundle=bundle, container_id=cid,
+            log_path=str(log), tty=tty, stdin=tty,
         )
         assert m.container_pid > 0
+        frames: list[tuple[int, bytes]] = []
+        stream = await m.attach(stdin=False) if tty else None
+        if tty:
+            await m.resize(25, 81)
         subprocess.run([REAL_RUNC, "--root", str(root), "start", cid], check=True)
+        if stream is not None:
+            frames = [f async for f in stream.frames()]
+            stream.close()
         record = await asyncio.wait_for(m.wait(), 10)
-        assert (record.exit_code, record.signal) == (7, 0)
-        assert sorted(lines(parse_file(log))) == [("stderr", b"err"), ("stdout", b"out")]
+        return record, log, frames
     finally:
         subprocess.run([REAL_RUNC, "--root", str(root), "delete", "--force", cid],
                        capture_output=True)
+
+
+@needs_real_runc
+async def test_real_runc(tmp_path: Path, ctrmon_bin: str) -> None:
+    bundle = busybox_bundle(tmp_path, ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    record, log, _ = await run_real(tmp_path, ctrmon_bin, bundle)
+    assert (record.exit_code, record.signal) == (7, 0)
+    assert sorted(lines(parse_file(log))) == [("stderr", b"err"), ("stdout", b"out")]
+
+
+@needs_real_runc
+async def test_real_runc_tty(tmp_path: Path, ctrmon_bin: str) -> None:
+    bundle = busybox_bundle(tmp_path, ["sh", "-c", "busybox stty size; exit 2"], terminal=True)
+    record, log, frames = await run_real(tmp_path, ctrmon_bin, bundle, tty=True)
+    assert record.exit_code == 2
+    assert frames == [(STDOUT, b"25 81\r\n")]
+    assert lines(parse_file(log)) == [("stdout", b"25 81\r")]
 
 
 async def test_real_runc_create_error(tmp_path: Path, ctrmon_bin: str) -> None:
