@@ -347,6 +347,38 @@ async def test_adopt(tmp_path: Path, ctrmon_bin: str, fake_runc: str) -> None:
     assert Monitor.adopt(box.bundle) is None  # it has ended: read_exit is what is left
 
 
+async def test_concurrent_waits(tmp_path: Path, ctrmon_bin: str, fake_runc: str) -> None:
+    box = make_box(tmp_path, f"while [ ! -e {tmp_path}/go ]; do sleep 0.02; done; exit 6\n")
+    m = await box.launch(ctrmon_bin, fake_runc)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(m.wait(), 0.05)  # one waiter giving up stops no other
+    waits = [asyncio.create_task(m.wait()) for _ in range(3)]
+    (tmp_path / "go").touch()
+    records = await asyncio.gather(*waits)
+    assert {r.exit_code for r in records} == {6}
+    assert await m.wait() == records[0]
+
+
+async def test_slow_attach_client_is_dropped_not_the_log(
+    tmp_path: Path, ctrmon_bin: str, fake_runc: str
+) -> None:
+    box = make_box(
+        tmp_path,
+        f"while [ ! -e {tmp_path}/go ]; do sleep 0.02; done; "
+        "head -c 8000000 /dev/zero | tr '\\0' a | fold -w 99\n",
+    )
+    m = await box.launch(ctrmon_bin, fake_runc)
+    stream = await m.attach(stdin=False)  # never read while the container writes
+    (tmp_path / "go").touch()
+    assert (await asyncio.wait_for(m.wait(), 10)).exit_code == 0
+    received = sum(len(d) for _, d in [f async for f in stream.frames()])
+    stream.close()
+    assert received < 8_000_000 + 8_000_000 // 99, "it was dropped"
+    logged = lines(parse_file(box.log))
+    assert len(logged) == 8_000_000 // 99 + 1
+    assert all(line == b"a" * 99 for _, line in logged[:-1])
+
+
 async def test_wait_reports_lost_when_monitor_dies(
     tmp_path: Path, ctrmon_bin: str, fake_runc: str
 ) -> None:

@@ -180,7 +180,8 @@ class Monitor:
         self.pid = pid  # ctrmon's
         self.container_pid = container_pid
         self._pidfd = pidfd  # None: the monitor had already ended when we looked
-        self._exit: ExitRecord | None = None
+        self._reader_loop: asyncio.AbstractEventLoop | None = None
+        self._watch: asyncio.Task[ExitRecord] | None = None
 
     @classmethod
     def _launched(cls, bundle: Path, container_pid: int) -> Monitor:
@@ -218,28 +219,43 @@ class Monitor:
         return cls(bundle, pid, container_pid, pidfd)
 
     async def wait(self) -> ExitRecord:
-        """Until the monitor exits; its exit record, or LOST (255, "monitor died") if none."""
-        if self._exit is not None:
-            return self._exit
+        """Until the monitor exits; its exit record, or LOST (255) if it died without one.
+
+        Any number of callers may wait, and one giving up (a timeout) stops no other.
+        """
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(
+                self._watch_exit(), name=f"ctrmon-{self.pid}"
+            )
+        return await asyncio.shield(self._watch)
+
+    def close(self) -> None:
+        """Stop watching (the monitor keeps running); pending `wait`s are cancelled."""
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()
+        self._unwatch()
+
+    async def _watch_exit(self) -> ExitRecord:
         if self._pidfd is not None:
             loop = asyncio.get_running_loop()
-            done: asyncio.Future[None] = loop.create_future()
-            fd = self._pidfd
-            loop.add_reader(fd, _set_once, done)
+            exited: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self._pidfd, _set_once, exited)
+            self._reader_loop = loop
             try:
-                await done
+                await exited  # a pidfd is readable once its process has exited
             finally:
-                loop.remove_reader(fd)
-            self.close()
+                self._unwatch()
         record = await asyncio.to_thread(read_exit, self.bundle)
         if record is None:
             log.warning("container monitor died without an exit record bundle=%s", self.bundle)
             record = ExitRecord(LOST_EXIT, 0, time.time_ns())
-        self._exit = record
         return record
 
-    def close(self) -> None:
-        """Stop watching (the monitor keeps running)."""
+    def _unwatch(self) -> None:
+        # The reader goes before the fd: a reused fd number must not lose its own reader.
+        if self._reader_loop is not None and self._pidfd is not None:
+            self._reader_loop.remove_reader(self._pidfd)
+        self._reader_loop = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
