@@ -34,24 +34,31 @@ def require_assets() -> None:
         pytest.skip(f"guest assets missing: {exc.message}")
 
 
-def microvm_config(workdir: Path, **options: object) -> str:
-    """The micro-VM handler, on a built-in network of its own (bridge, subnet, conf dir) so
-    tests never touch the host's CNI configuration or each other."""
+def network_config(workdir: Path) -> str:
+    """A built-in network of the test's own (bridge, subnet, conf dir), so tests never touch
+    the host's CNI configuration or each other."""
     tag = secrets.token_hex(3)
     subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
-    lines = [
+    return "\n".join([
         "[network]",
         f'cni_conf_dir = "{workdir}/net.d"',
         f'default_network_name = "crt-{tag}"',
         f'default_bridge = "crt{tag}"',
         f'default_subnet = "{subnet}"',
-        "[runtimes.microvm]",
-        'backend = "microvm"',
-    ]
+    ]) + "\n"
+
+
+def handler_config(handler: str, backend: str, **options: object) -> str:
+    lines = [f"[runtimes.{handler}]", f'backend = "{backend}"']
     if options:
         rendered = ", ".join(f"{k} = {_toml(v)}" for k, v in options.items())
         lines.append(f"options = {{ {rendered} }}")
     return "\n".join(lines) + "\n"
+
+
+def microvm_config(workdir: Path, **options: object) -> str:
+    """The micro-VM handler, on a built-in network of its own."""
+    return network_config(workdir) + handler_config("microvm", "microvm", **options)
 
 
 def _toml(value: object) -> str:

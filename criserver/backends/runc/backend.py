@@ -1,0 +1,666 @@
+"""The runc backend: trusted pods (the node's namespaces, Bidirectional mounts) on the host.
+
+A pod is a set of pinned namespaces (network through the daemon's PodNetwork, IPC and UTS by
+bind mount), its files and its /dev/shm; there is no infra process. Each container is a runc
+container whose parent is its own `ctrmon` (monitor.py): ctrmon holds the container's stdio,
+writes its CRI log and records its exit, so the daemon can die and come back without losing a
+byte or an exit code. Root filesystems are the images' EROFS files under an overlay (rootfs.py).
+docs/design/runc-backend.md explains each choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.runc import cgroups, infra, monitor, rootfs
+from criserver.backends.runc.runc import Runc, find_runc
+from criserver.backends.runc.spec_policy import host_policy
+from criserver.config import build_options, option
+from criserver.errors import (
+    CriError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from criserver.network import netns
+from criserver.network.cni import PortMapping
+from criserver.network.pod import PodNetwork, daemon_network
+from criserver.runtime import exit_codes, oci_spec, pod_files, validate
+from criserver.runtime.backend import (
+    BackendContext,
+    BackendFeatures,
+    BackendStatus,
+    BaseBackend,
+    ContainerCreated,
+    ExecResult,
+    SandboxStarted,
+)
+from criserver.runtime.undo import UndoStack
+from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+from vmagent.cgroups import exit_reason
+from vmagent.ocispec import exec_process, guest_devices, set_process_user
+from vmagent.users import resolve_in_rootfs
+
+log = logging.getLogger(__name__)
+
+MAX_EXEC_OUTPUT = 16 * 1024 * 1024
+SHM_SIZE = "64m"  # the pod's /dev/shm, as Docker's and containerd's default
+PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
+
+
+@dataclass(frozen=True)
+class RuncOptions:
+    """`[runtimes.<handler>.options]` of a runc handler."""
+
+    runc: str = option("", "runc executable, a path or a name on PATH; empty: /usr/sbin/runc, "
+                           "/usr/bin/runc or PATH")
+    monitor: str = option(monitor.DEFAULT_CTRMON, "ctrmon, the per-container monitor "
+                                                  "(built by make ctrmon)")
+    network: bool = option(True, "Give pods that do not share the node's network a CNI network "
+                                 "(false: a netns with loopback only)")
+    stop_grace: float = option(10.0, "Seconds a container killed with SIGKILL has to be gone",
+                               min=0)
+
+
+@dataclass
+class _Watched:
+    """A container whose monitor the daemon follows."""
+
+    pod_id: str
+    monitor: monitor.Monitor
+    task: asyncio.Task[None]
+    exited: asyncio.Event
+
+
+class RuncBackend(BaseBackend):
+    name = "runc"
+    features = BackendFeatures(recursive_read_only_mounts=True)
+
+    def __init__(self, options: dict[str, Any], context: BackendContext) -> None:
+        super().__init__(options, context)
+        self.settings: RuncOptions = build_options(
+            RuncOptions, options, f"runtimes.{context.handler}.options")
+        if context.config.daemon.cgroup_driver != "cgroupfs":
+            raise InvalidArgument(
+                f"runtimes.{context.handler}: the runc backend supports daemon.cgroup_driver "
+                f"\"cgroupfs\" only, not {context.config.daemon.cgroup_driver!r}")
+        self.network: PodNetwork = context.shared.get(
+            PodNetwork, lambda: daemon_network(context.config))
+        self.runc = Runc(find_runc(self.settings.runc) or self.settings.runc or "runc",
+                         context.state / "runc")
+        self.policy = host_policy()
+        self.images = rootfs.ImageMounts(context.state / "mounts" / "images")
+        self.cgroup_version = cgroups.cgroup_version()
+        self._watched: dict[str, _Watched] = {}
+        self._specs: dict[str, dict[str, Any]] = {}  # container id -> its config.json
+        self._infra: dict[str, monitor.Monitor] = {}  # pod id -> its infra container
+        self._monitor_version = ""
+        self._monitor_error = ""
+
+    # -- where things are ------------------------------------------------------------------
+
+    def _pod_dir(self, pod_id: str) -> Path:
+        """The pod's files (hostname, hosts, resolv.conf) and its /dev/shm."""
+        return self.context.state / "pods" / pod_id[:16]
+
+    def _ns_pin(self, pod_id: str, kind: str) -> Path:
+        return self.context.state / "ns" / f"{pod_id[:16]}-{kind}"
+
+    def _bundle(self, container_id: str) -> Path:
+        # Short: ctrmon's control socket in it must fit AF_UNIX's 107 bytes.
+        return self.context.state / "c" / container_id[:16]
+
+    def _rootfs_mount(self, container_id: str) -> Path:
+        return self.context.state / "mounts" / "rootfs" / container_id[:16]
+
+    def _layer_dir(self, container_id: str) -> Path:
+        """The container's writable layer (upper and work): on disk, it survives restarts."""
+        return self.context.root / "containers" / container_id
+
+    # -- daemon life -----------------------------------------------------------------------
+
+    async def start(self, pods: list[PodRecord], containers: list[ContainerRecord]) -> None:
+        await self._check_monitor()
+        # Our unmounts must reach mount namespaces copied meanwhile (a copy would pin them).
+        await rootfs.share_directory(self._rootfs_mount("x").parent)
+        users: Counter[str] = Counter()
+        for container in containers:
+            for key in container.backend.get("imageMounts", ()):
+                users[key] += 1
+        await self.images.recover(users)
+        pods_by_id = {p.id: p for p in pods}
+        for container in containers:
+            if container.state in (ContainerState.CREATED, ContainerState.RUNNING,
+                                   ContainerState.UNKNOWN) and container.pod_id in pods_by_id:
+                await self._recover(container)
+
+    async def _recover(self, container: ContainerRecord) -> None:
+        bundle = self._bundle(container.id)
+        adopted = await asyncio.to_thread(monitor.Monitor.adopt, bundle)
+        if adopted is not None:
+            self._follow(container, adopted, str(container.backend.get("cgroup", "")))
+            log.info("container adopted container=%s monitor_pid=%s", container.id, adopted.pid)
+            return
+        record = await asyncio.to_thread(monitor.read_exit, bundle)
+        if record is not None:
+            await self._report_exit(container, record, str(container.backend.get("cgroup", "")),
+                                    gone=False)
+            return
+        # Neither a monitor nor its exit record: the monitor was killed, or the host rebooted.
+        await self.runc.delete(container.id)
+        log.warning("container lost container=%s: its monitor is gone", container.id)
+        await self.context.events.container_exited(
+            container.id, exit_codes.LOST, exit_codes.ERROR,
+            "the container's monitor died or the host restarted", time.time_ns())
+
+    async def _check_monitor(self) -> None:
+        try:
+            self._monitor_version = await monitor.check_ctrmon(self.settings.monitor)
+            self._monitor_error = ""
+        except CriError as exc:
+            self._monitor_error = exc.message
+            log.error("runc backend not ready handler=%s: %s", self.context.handler, exc.message)
+
+    async def close(self) -> None:
+        # The containers and their monitors keep running; only the watchers stop.
+        for watched in self._watched.values():
+            watched.task.cancel()
+        for watched in list(self._watched.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await watched.task
+            watched.monitor.close()
+        self._watched.clear()
+
+    async def status(self) -> BackendStatus:
+        if not self._monitor_version:
+            await self._check_monitor()
+        runc_path = find_runc(self.settings.runc)
+        problems = [p for p in (
+            "" if runc_path else f"runc not found ({self.settings.runc or 'runc'}): "
+                                 "apt-get install runc",
+            self._monitor_error) if p]
+        network = await self.network.status() if self.settings.network else None
+        return BackendStatus(
+            runtime_ready=not problems,
+            runtime_reason="" if not problems else "RuncBackendNotReady",
+            runtime_message="; ".join(problems),
+            network_ready=network.ready if network else True,
+            network_reason=network.reason if network else "",
+            network_message=network.message if network else "",
+            info={"backend": self.name, "runc": runc_path, "monitor": self.settings.monitor,
+                  "monitorVersion": self._monitor_version,
+                  "cgroupVersion": self.cgroup_version,
+                  "containers": len(self._watched)})
+
+    async def set_pod_cidr(self, cidr: str) -> None:
+        await self.network.set_pod_cidr(cidr)
+
+    # -- sandboxes -------------------------------------------------------------------------
+
+    async def run_sandbox(self, pod: PodRecord, undo: UndoStack) -> SandboxStarted:
+        config = pod.config
+        ns = config.linux.security_context.namespace_options
+        if validate.user_namespace(ns):
+            raise InvalidArgument("the runc handler has no user namespaces (runc 1.1 cannot "
+                                  "id-map mounts); run the pod with hostUsers: true")
+        host_network = ns.network == cri.NODE
+        pod_dir = self._pod_dir(pod.id)
+        await asyncio.to_thread(pod_dir.mkdir, parents=True, exist_ok=True)
+        undo.push("remove pod dir", lambda: asyncio.to_thread(shutil.rmtree, pod_dir, True))
+        backend: dict[str, Any] = {"podDir": str(pod_dir)}
+        ips: tuple[str, ...] = ()
+        if not host_network:
+            netns_path = await self.network.prepare(pod.id)
+            undo.push("tear down network", lambda: self.network.teardown(pod.id))
+            backend["netns"] = str(netns_path)
+            if self.settings.network:
+                meta = config.metadata
+                attachment = await self.network.connect(
+                    pod.id, meta.name, meta.namespace, meta.uid,
+                    [PortMapping(host_port=p.host_port, container_port=p.container_port,
+                                 protocol=PROTOCOLS.get(p.protocol, "tcp"), host_ip=p.host_ip)
+                     for p in config.port_mappings if p.host_port > 0])
+                ips = tuple(attachment.ips)
+            uts = self._ns_pin(pod.id, "uts")
+            await netns.pin(uts, "uts", hostname=pod_files.pod_hostname(config))
+            undo.push("unpin uts", lambda: netns.remove(uts))
+            backend["uts"] = str(uts)
+        if ns.ipc != cri.NODE:
+            ipc = self._ns_pin(pod.id, "ipc")
+            await netns.pin(ipc, "ipc")
+            undo.push("unpin ipc", lambda: netns.remove(ipc))
+            backend["ipc"] = str(ipc)
+            shm = pod_dir / "shm"
+            await _mount_tmpfs(shm, f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}")
+            undo.push("unmount shm", lambda: rootfs.unmount(shm))
+        await asyncio.to_thread(_write_pod_files, pod_dir, config, ips, host_network)
+        if ns.pid != cri.NODE:
+            infra_monitor = await self._start_infra(pod, backend, undo)
+            backend["infraPid"] = infra_monitor.container_pid
+        log.info("pod ready on the host pod=%s handler=%s host_network=%s host_pid=%s "
+                 "host_ipc=%s ips=%s", pod.id, self.context.handler, host_network,
+                 ns.pid == cri.NODE, ns.ipc == cri.NODE, list(ips))
+        return SandboxStarted(ips=ips, backend=backend)
+
+    def _infra_bundle(self, pod_id: str) -> Path:
+        return self.context.state / "infra" / pod_id[:16]
+
+    async def _start_infra(self, pod: PodRecord, namespaces: dict[str, Any],
+                           undo: UndoStack) -> monitor.Monitor:
+        """The pod's infra container (infra.py), started: the holder of its PID namespace."""
+        bundle = self._infra_bundle(pod.id)
+        root = bundle / "rootfs"
+        await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        undo.push("remove infra bundle", lambda: asyncio.to_thread(shutil.rmtree, bundle, True))
+        joined = {kind: str(namespaces[key]) for kind, key in
+                  (("network", "netns"), ("ipc", "ipc"), ("uts", "uts")) if key in namespaces}
+        parent = pod.config.linux.cgroup_parent or f"/criserver/{pod.id}"
+        spec = infra.infra_spec(monitor_binary=self.settings.monitor, rootfs=root,
+                                cgroups_path=f"{parent.rstrip('/')}/{pod.id}",
+                                namespaces=joined)
+        await asyncio.to_thread(_write_bundle, bundle, spec)
+        runc_id = _infra_id(pod.id)
+        started = await monitor.launch(
+            self.settings.monitor, runc=self.runc.binary, runc_root=self.runc.root,
+            bundle=bundle, container_id=runc_id, log_path=str(bundle / "infra.log"))
+        undo.push("delete infra container", lambda: self.runc.delete(runc_id))
+        await self.runc.start(runc_id)
+        self._infra[pod.id] = started
+        return started
+
+    async def _infra_pid(self, pod: PodRecord) -> int:
+        """PID 1 of the pod's PID namespace, checked alive (its monitor still watches it)."""
+        infra_monitor = self._infra.get(pod.id)
+        if infra_monitor is None:
+            infra_monitor = await asyncio.to_thread(monitor.Monitor.adopt,
+                                                    self._infra_bundle(pod.id))
+            if infra_monitor is None:
+                raise FailedPrecondition(f"pod {pod.id}: its infra process is gone; the pod's "
+                                         "PID namespace cannot be joined")
+            self._infra[pod.id] = infra_monitor
+        return infra_monitor.container_pid
+
+    async def stop_sandbox(self, pod: PodRecord) -> None:
+        # kubelet stops the containers first with their grace periods; what still runs dies.
+        for cid, watched in list(self._watched.items()):
+            if watched.pod_id == pod.id:
+                await self._kill(cid, signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watched.exited.wait(), self.settings.stop_grace)
+        if "infraPid" in pod.backend:
+            await self.runc.delete(_infra_id(pod.id))
+            infra_monitor = self._infra.pop(pod.id, None)
+            if infra_monitor is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(infra_monitor.wait(), self.settings.stop_grace)
+                infra_monitor.close()
+        if "netns" in pod.backend:
+            await self.network.teardown(pod.id)  # after the containers: they pin the netns
+        log.info("pod stopped pod=%s", pod.id)
+
+    async def remove_sandbox(self, pod: PodRecord) -> None:
+        await self.stop_sandbox(pod)
+        for kind in ("uts", "ipc"):
+            await netns.remove(self._ns_pin(pod.id, kind))
+        pod_dir = self._pod_dir(pod.id)
+        await rootfs.unmount(pod_dir / "shm")
+        await asyncio.to_thread(shutil.rmtree, pod_dir, True)
+        await asyncio.to_thread(shutil.rmtree, self._infra_bundle(pod.id), True)
+        if not pod.config.linux.cgroup_parent:
+            # The default parent is ours (a kubelet-given one is kubelet's).
+            await asyncio.to_thread(cgroups.remove_pod_cgroup, f"/criserver/{pod.id}",
+                                    self.cgroup_version)
+
+    async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]:
+        return {"backend": self.name, **pod.backend}
+
+    # -- containers ------------------------------------------------------------------------
+
+    async def create_container(
+        self, pod: PodRecord, container: ContainerRecord, undo: UndoStack
+    ) -> ContainerCreated:
+        if pod.state != PodState.READY:
+            raise FailedPrecondition(f"pod {pod.id} is not ready")
+        images = self.context.images
+        if images is None:
+            raise FailedPrecondition("the runc backend needs the image service")
+        config = container.config
+        image = images.get(config.image.image)
+        if image is None:
+            raise NotFound(f"image {config.image.image!r} is not present: pull it first")
+        keys: list[str] = []
+
+        async def mount_image(image_id: str) -> Path:
+            key = image_id.removeprefix("sha256:")
+            path = await self.images.acquire(key, images.snapshot_path(image_id))
+            keys.append(key)
+            undo.push("release image", lambda: self.images.release(key))
+            return path
+
+        lower = await mount_image(image.id)
+        volume_images: dict[str, str] = {}
+        image_volumes: dict[str, str] = {}
+        for m in config.mounts:
+            if m.image.image:
+                mounted = images.get(m.image.image)
+                if mounted is None:
+                    raise NotFound(f"image {m.image.image!r} of the image volume at "
+                                   f"{m.container_path} is not present: pull it first")
+                source = await mount_image(mounted.id)
+                volume_images[m.container_path] = mounted.id
+                image_volumes[m.container_path] = str(_sub_path(source, m.image_sub_path))
+        layer = self._layer_dir(container.id)
+        target = self._rootfs_mount(container.id)
+        await rootfs.mount_container_rootfs(lower, layer / "upper", layer / "work", target)
+        undo.push("unmount rootfs", lambda: rootfs.unmount(target))
+        undo.push("remove writable layer", lambda: rootfs.remove_tree(layer))
+
+        ns = pod.backend
+        pid_ns = None
+        container_ns = config.linux.security_context.namespace_options
+        if container_ns.pid == cri.POD:
+            if "infraPid" in ns:
+                pid_ns = f"/proc/{await self._infra_pid(pod)}/ns/pid"
+            else:
+                # The pod is in the node's PID namespace: so is what shares the pod's.
+                config = _with_pid_mode(config, cri.NODE)
+        generated = await oci_spec.generate_async(
+            config, pod.config, oci_spec.ImageConfigView.from_dict(image.config),
+            oci_spec.PodNamespaces(ipc=ns.get("ipc", ""), uts=ns.get("uts", ""),
+                                   net=ns.get("netns"), pid=pid_ns),
+            lambda m: m.host_path, policy=self.policy, container_id=container.id,
+            sandbox_id=pod.id, image_name=config.image.image, sandbox_dir=ns["podDir"],
+            image_volumes=image_volumes)
+        spec = await asyncio.to_thread(_host_spec, generated, target)
+        bundle = self._bundle(container.id)
+        await asyncio.to_thread(_write_bundle, bundle, spec)
+        undo.push("remove bundle", lambda: asyncio.to_thread(shutil.rmtree, bundle, True))
+        # Without a PID namespace of its own, its init's exit leaves the rest running.
+        own_pid_ns = config.linux.security_context.namespace_options.pid == cri.CONTAINER
+        started = await monitor.launch(
+            self.settings.monitor, runc=self.runc.binary, runc_root=self.runc.root,
+            bundle=bundle, container_id=container.id, log_path=container.log_path,
+            tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once,
+            kill_all=not own_pid_ns)
+        undo.push("delete container", lambda: self.runc.delete(container.id))
+        self._specs[container.id] = spec
+        self._follow(container, started, spec["linux"]["cgroupsPath"])
+        user = spec["process"]["user"]
+        digests = [d for d in image.repo_digests if d]
+        log.info("container created on the host container=%s pod=%s pid=%s monitor_pid=%s",
+                 container.id, pod.id, started.container_pid, started.pid)
+        return ContainerCreated(
+            image_id=image.id,
+            image_ref=digests[0] if digests else image.id,
+            backend={"bundle": str(bundle), "rootfs": str(target), "imageMounts": keys,
+                     "cgroup": spec["linux"]["cgroupsPath"]},
+            volume_images=volume_images,
+            user=(int(user["uid"]), int(user["gid"]),
+                  tuple(int(g) for g in user.get("additionalGids") or ())),
+        )
+
+    def _follow(self, container: ContainerRecord, watched_monitor: monitor.Monitor,
+                cgroup: str) -> None:
+        exited = asyncio.Event()
+        task = asyncio.create_task(self._await_exit(container, watched_monitor, cgroup, exited),
+                                   name=f"runc-exit-{container.id[:12]}")
+        self._watched[container.id] = _Watched(container.pod_id, watched_monitor, task, exited)
+
+    async def _await_exit(self, container: ContainerRecord, watched: monitor.Monitor,
+                          cgroup: str, exited: asyncio.Event) -> None:
+        record = await watched.wait()
+        exited.set()
+        gone = await asyncio.to_thread(monitor.read_exit, watched.bundle) is None
+        await self._report_exit(container, record, cgroup, gone=gone)
+
+    async def _report_exit(self, container: ContainerRecord, record: monitor.ExitRecord,
+                           cgroup: str, *, gone: bool) -> None:
+        oom = bool(cgroup) and await asyncio.to_thread(
+            cgroups.oom_killed, cgroup, self.cgroup_version)
+        # As containerd does on a task's exit: runc's state and the cgroup go now.
+        with contextlib.suppress(CriError):
+            await self.runc.delete(container.id)
+        if gone:
+            reason, message = exit_codes.ERROR, "the container's monitor died"
+        else:
+            reason, message = exit_reason(record.exit_code, oom), ""
+        log.info("container exited container=%s code=%s reason=%s", container.id,
+                 record.exit_code, reason)
+        await self.context.events.container_exited(
+            container.id, record.exit_code, reason, message, record.finished_at)
+
+    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
+        await self.runc.start(container.id)
+        return time.time_ns()
+
+    async def _kill(self, container_id: str, signum: int) -> None:
+        with contextlib.suppress(NotFound, FailedPrecondition):  # it exited meanwhile
+            await self.runc.kill(container_id, signum,
+                                 all_processes=signum == signal.SIGKILL)
+
+    async def stop_container(
+        self, pod: PodRecord, container: ContainerRecord, timeout: float
+    ) -> None:
+        watched = self._watched.get(container.id)
+        if watched is None or watched.exited.is_set():
+            return
+        first = signal.SIGKILL if timeout <= 0 else self.stop_signal(container)
+        await self._kill(container.id, first)
+        if first != signal.SIGKILL:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watched.exited.wait(), timeout)
+            if watched.exited.is_set():
+                return
+            log.info("container ignored its stop signal, killing container=%s", container.id)
+            await self._kill(container.id, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watched.exited.wait(), self.settings.stop_grace)
+
+    async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+        await self.runc.delete(container.id)  # kills it if it still runs
+        watched = self._watched.pop(container.id, None)
+        if watched is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watched.exited.wait(), self.settings.stop_grace)
+            watched.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watched.task
+        self._specs.pop(container.id, None)
+        await rootfs.unmount(self._rootfs_mount(container.id))
+        for key in container.backend.get("imageMounts", ()):
+            await self.images.release(key)
+        await asyncio.to_thread(shutil.rmtree, self._bundle(container.id), True)
+        await rootfs.remove_tree(self._layer_dir(container.id))
+
+    async def container_info(self, pod: PodRecord, container: ContainerRecord) -> dict[str, Any]:
+        info: dict[str, Any] = dict(container.backend)
+        with contextlib.suppress(CriError, OSError, ValueError):
+            info["ociSpec"] = await self._spec(container)
+        watched = self._watched.get(container.id)
+        if watched is not None:
+            info["pid"] = watched.monitor.container_pid
+            info["monitorPid"] = watched.monitor.pid
+        return info
+
+    async def _spec(self, container: ContainerRecord) -> dict[str, Any]:
+        spec = self._specs.get(container.id)
+        if spec is None:
+            raw = await asyncio.to_thread(
+                (self._bundle(container.id) / "config.json").read_bytes)
+            spec = json.loads(raw)
+            self._specs[container.id] = spec
+        return spec
+
+    async def update_container_resources(
+        self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
+    ) -> None:
+        await self.runc.update(container.id, oci_spec.update_resources(resources))
+
+    async def reopen_container_log(self, pod: PodRecord, container: ContainerRecord) -> None:
+        watched = self._watched.get(container.id)
+        if watched is None or watched.exited.is_set():
+            raise FailedPrecondition(f"container {container.id} is not running")
+        await watched.monitor.reopen_log()
+
+    async def exec_sync(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], timeout: float
+    ) -> ExecResult:
+        if not cmd:
+            raise InvalidArgument("ExecSync needs a command")
+        spec = await self._spec(container)
+        process = exec_process(spec, cmd, [], "", None)
+        bundle = self._bundle(container.id)
+        exec_id = os.urandom(4).hex()
+        process_file = bundle / f"exec-{exec_id}.json"
+        pid_file = bundle / f"exec-{exec_id}.pid"
+        await asyncio.to_thread(process_file.write_text, json.dumps(process))
+        proc = await asyncio.create_subprocess_exec(
+            *self.runc.argv("exec", "--process", str(process_file), "--pid-file", str(pid_file),
+                            container.id),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        timed_out = False
+        try:
+            out, err = await _communicate(proc, timeout)
+        except TimeoutError:
+            timed_out = True
+            out = err = b""
+            # Kill the process, not runc: runc reports its status and exits with it.
+            await asyncio.to_thread(_kill_pid_file, pid_file)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), self.settings.stop_grace)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            for leftover in (process_file, pid_file):
+                await asyncio.to_thread(leftover.unlink, True)
+        if timed_out:
+            raise DeadlineExceeded(f"command {cmd!r} timed out after {timeout}s and was killed")
+        code = proc.returncode or 0
+        if code < 0:
+            code = 128 - code
+        return ExecResult(exit_code=code, stdout=out, stderr=err)
+
+
+async def _communicate(proc: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
+    """Output of a command (each stream cut at MAX_EXEC_OUTPUT) and its end, within timeout."""
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def run() -> tuple[bytes, bytes]:
+        out, err, _ = await asyncio.gather(_read_limited(proc.stdout), _read_limited(proc.stderr),
+                                           proc.wait())
+        return out, err
+
+    return await asyncio.wait_for(run(), timeout if timeout > 0 else None)
+
+
+async def _read_limited(stream: asyncio.StreamReader | None) -> bytes:
+    data = bytearray()
+    if stream is None:
+        return b""
+    while chunk := await stream.read(65536):
+        if len(data) < MAX_EXEC_OUTPUT:
+            data += chunk[:MAX_EXEC_OUTPUT - len(data)]
+    return bytes(data)
+
+
+def _infra_id(pod_id: str) -> str:
+    return f"pod-{pod_id}"
+
+
+def _with_pid_mode(config: cri.ContainerConfig, mode: int) -> cri.ContainerConfig:
+    changed = cri.ContainerConfig()
+    changed.CopyFrom(config)
+    changed.linux.security_context.namespace_options.pid = mode  # type: ignore[assignment]
+    return changed
+
+
+def _kill_pid_file(pid_file: Path) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+
+
+def _sub_path(root: Path, sub_path: str) -> Path:
+    """`sub_path` of an image volume, which must stay inside the image."""
+    if not sub_path:
+        return root
+    resolved = (root / sub_path.lstrip("/")).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise InvalidArgument(f"image sub path {sub_path!r} leaves the image")
+    if not resolved.exists():
+        raise NotFound(f"image sub path {sub_path!r} does not exist in the image")
+    return resolved
+
+
+def _host_spec(generated: oci_spec.GeneratedSpec, rootfs_path: Path) -> dict[str, Any]:
+    """The generated spec made runnable here: the rootfs, the user as the image's own
+    /etc/passwd and /etc/group resolve it, the host's devices for a privileged container.
+    Blocking (reads the rootfs and /dev)."""
+    spec: dict[str, Any] = json.loads(generated.to_json())
+    spec["root"]["path"] = str(rootfs_path)
+    process = spec["process"]
+    extra = [int(g) for g in process.get("user", {}).get("additionalGids") or []]
+    user = resolve_in_rootfs(generated.user_text(), str(rootfs_path), extra,
+                             generated.merge_image_groups)
+    set_process_user(process, user)
+    # ctrmon runs at -999: the container must not inherit that.
+    process.setdefault("oomScoreAdj", 0)
+    if generated.guest_devices:
+        listed = spec["linux"].get("devices") or []
+        taken = {d.get("path") for d in listed}
+        spec["linux"]["devices"] = listed + [d for d in guest_devices("/dev")
+                                             if d["path"] not in taken]
+    return spec
+
+
+def _write_bundle(bundle: Path, spec: dict[str, Any]) -> None:
+    bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = bundle / "config.json.tmp"
+    tmp.write_text(json.dumps(spec))
+    os.replace(tmp, bundle / "config.json")
+
+
+def _write_pod_files(pod_dir: Path, config: cri.PodSandboxConfig, ips: tuple[str, ...],
+                     host_network: bool) -> None:
+    if host_network:
+        # The node's own name and hosts file, as containerd gives a hostNetwork pod.
+        hostname = socket.gethostname()
+        try:
+            hosts = Path("/etc/hosts").read_text()
+        except OSError:
+            hosts = pod_files.hosts(hostname, [])
+    else:
+        hostname = pod_files.pod_hostname(config)
+        hosts = pod_files.hosts(hostname, ips)
+    for name, text in (("hostname", hostname + "\n"), ("hosts", hosts),
+                       ("resolv.conf", pod_files.resolv_conf(config.dns_config))):
+        path = pod_dir / name
+        tmp = pod_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+
+
+async def _mount_tmpfs(target: Path, options: str) -> None:
+    await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        "mount", "-t", "tmpfs", "-o", options, "shm", str(target),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise FailedPrecondition(f"mount tmpfs on {target}: {err.decode(errors='replace')}")

@@ -1,0 +1,224 @@
+"""Pods on the host with the runc handler, end to end: the real daemon, Debian's runc, ctrmon
+built from this checkout, images from the real registry process, a CNI network of the test's
+own. No VM is booted: these run beside the micro-VM tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from criserver.backends.runc.build import build_ctrmon
+from tests.cri_client import enum, msg
+from tests.daemon import Daemon
+from tests.e2e.conftest import handler_config, network_config, tear_down
+from tests.e2e.test_containers_vm import Pod, running_pod
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containers: needs root")
+
+LOG_LINE = re.compile(rb"^(\S+) (stdout|stderr) ([PF]) (.*)$")
+
+
+@pytest.fixture(scope="module")
+def ctrmon() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ctrmon-") as directory:
+        binary = Path(directory) / "ctrmon"
+        build_ctrmon(binary)
+        yield binary
+
+
+def runc_daemon_config(workdir: Path, ctrmon: Path) -> str:
+    return ('[runtime]\ndefault_handler = "runc"\n' + network_config(workdir)
+            + handler_config("runc", "runc", monitor=str(ctrmon)))
+
+
+@pytest.fixture(scope="module")
+def runc_daemon(ctrmon: Path) -> Iterator[Daemon]:
+    workdir = Path(tempfile.mkdtemp(prefix="crr-", dir="/tmp"))
+    daemon = Daemon(workdir, config=runc_daemon_config(workdir, ctrmon)).start()
+    try:
+        yield daemon
+    finally:
+        tear_down(daemon, workdir)
+
+
+@pytest.fixture
+async def pod(runc_daemon: Daemon, busybox_ref: str, tmp_path: Path) -> AsyncIterator[Pod]:
+    async with running_pod(runc_daemon, busybox_ref, "host-pod", tmp_path / "logs",
+                           hostname="host-pod", linux=pod_linux()) as p:
+        yield p
+
+
+def pod_linux(**modes: str) -> object:
+    """A pod's linux config with its namespace modes (kubelet sends pid CONTAINER unless the
+    pod shares its process namespace)."""
+    options = msg("NamespaceOption", **{k: enum(v) for k, v in {"pid": "CONTAINER",
+                                                                **modes}.items()})
+    return msg("LinuxPodSandboxConfig", security_context=msg(
+        "LinuxSandboxSecurityContext", namespace_options=options))
+
+
+def records(path: Path) -> list[tuple[str, str, bytes]]:
+    out = []
+    for line in path.read_bytes().splitlines():
+        match = LOG_LINE.match(line)
+        assert match, line
+        out.append((match[2].decode(), match[3].decode(), match[4]))
+    return out
+
+
+async def test_exit_code_logs_and_exec(pod: Pod) -> None:
+    cid = await pod.container("exits", "sh", "-c", "echo out; echo err >&2; exit 3")
+    status = await pod.wait_exit(cid, poll=0.05)
+    assert status.exit_code == 3 and status.reason == "Error"  # type: ignore[attr-defined]
+    assert status.finished_at >= status.started_at > 0  # type: ignore[attr-defined]
+    logged = records(pod.logs / "exits.log")
+    assert ("stdout", "F", b"out") in logged and ("stderr", "F", b"err") in logged
+    ok = await pod.container("completes", "true")
+    status = await pod.wait_exit(ok, poll=0.05)
+    assert status.exit_code == 0 and status.reason == "Completed"  # type: ignore[attr-defined]
+
+    sleeper = await pod.container("sleeper", "sleep", "3600")
+    r = await pod.exec(sleeper, "sh", "-c", "echo hi; hostname; exit 4")
+    assert r.exit_code == 4 and r.stdout == b"hi\nhost-pod\n"  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match="timed out"):
+        await pod.exec(sleeper, "sleep", "60", timeout=1)
+    # The timed-out process was killed, not just runc.
+    r = await pod.exec(sleeper, "sh", "-c", "ps -o comm | grep -c '^sleep$'")
+    assert r.stdout.strip() == b"1"  # type: ignore[attr-defined]
+
+
+async def test_stop_kills_after_the_timeout(pod: Pod) -> None:
+    # PID 1 ignores SIGTERM it has no handler for: StopContainer must come to SIGKILL.
+    cid = await pod.container("stubborn", "sleep", "3600")
+    await pod.cri.runtime.StopContainer(msg("StopContainerRequest", container_id=cid, timeout=1))
+    status = await pod.status(cid)
+    assert status.state == enum("CONTAINER_EXITED")  # type: ignore[attr-defined]
+    assert status.exit_code == 137  # type: ignore[attr-defined]
+
+
+def _snapshot(workdir: Path) -> dict[str, set[str]]:
+    mounts = {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()}
+    cgroups = {str(p) for p in Path("/sys/fs/cgroup").glob("*/criserver/*")}
+    monitors = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ctrmon" in cmdline and str(workdir).encode() in cmdline:
+                monitors.add(proc.name)
+    netns = {p.name for p in (workdir / "state" / "netns").glob("*")}
+    return {"mounts": {m for m in mounts if m.startswith(str(workdir))}, "cgroups": cgroups,
+            "monitors": monitors, "netns": netns}
+
+
+async def test_removing_the_pod_leaves_nothing(runc_daemon: Daemon, busybox_ref: str,
+                                               tmp_path: Path) -> None:
+    before = _snapshot(runc_daemon.workdir)
+    async with running_pod(runc_daemon, busybox_ref, "clean-pod", tmp_path,
+                           linux=pod_linux()) as p:
+        await p.container("runs", "sleep", "3600")
+        during = _snapshot(runc_daemon.workdir)
+        assert during["monitors"] - before["monitors"]
+        assert during["netns"] - before["netns"]
+        assert during["mounts"] - before["mounts"]
+    assert _snapshot(runc_daemon.workdir) == before
+
+
+async def test_host_namespaces(runc_daemon: Daemon, busybox_ref: str, tmp_path: Path) -> None:
+    shm = subprocess.run(["ipcmk", "-M", "4096"], capture_output=True, text=True, check=True)
+    shm_id = re.search(r"(\d+)", shm.stdout)
+    assert shm_id is not None
+    port = _free_port()
+    options = msg("NamespaceOption", network=enum("NODE"), pid=enum("NODE"), ipc=enum("NODE"))
+    try:
+        async with running_pod(
+                runc_daemon, busybox_ref, "node-pod", tmp_path,
+                linux=msg("LinuxPodSandboxConfig", security_context=msg(
+                    "LinuxSandboxSecurityContext", namespace_options=options))) as p:
+            cid = await p.container(
+                "node", "nc", "-l", "-p", str(port), "-e", "echo", "from-the-pod",
+                linux=msg("LinuxContainerConfig", security_context=msg(
+                    "LinuxContainerSecurityContext", namespace_options=options)))
+            for kind in ("net", "pid", "ipc"):
+                r = await p.exec(cid, "readlink", f"/proc/self/ns/{kind}")
+                assert r.stdout.decode().strip() == os.readlink(  # type: ignore[attr-defined]
+                    f"/proc/self/ns/{kind}"), kind
+            r = await p.exec(cid, "test", "-d", f"/proc/{os.getpid()}")
+            assert r.exit_code == 0  # type: ignore[attr-defined]  # a host process, by pid
+            r = await p.exec(cid, "cat", "/proc/sysvipc/shm")
+            assert re.search(rf"^\s*\d+\s+{shm_id[1]}\s", r.stdout.decode(),  # type: ignore[attr-defined]
+                             re.MULTILINE)
+            # Reachable on the host's own address.
+            assert await asyncio.to_thread(_read_from, port) == b"from-the-pod\n"
+    finally:
+        subprocess.run(["ipcrm", "-m", shm_id[1]], check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read_from(port: int) -> bytes:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                return conn.makefile("rb").read()
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def test_logs_and_exit_codes_across_a_daemon_sigkill(
+        ctrmon: Path, busybox_ref: str, tmp_path: Path) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="crk-", dir="/tmp"))
+    daemon = Daemon(workdir, config=runc_daemon_config(workdir, ctrmon)).start()
+    cri = daemon.client()
+    try:
+        await cri.image.PullImage(msg("PullImageRequest", image=msg("ImageSpec",
+                                                                    image=busybox_ref)))
+        p = Pod(cri, await cri.run_pod("kill-pod", log_directory=str(tmp_path),
+                                       linux=pod_linux()), "kill-pod", tmp_path, busybox_ref)
+        # One ends while the daemon is down, one outlives the restart.
+        ends = await p.container(
+            "ends", "sh", "-c", "i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo $i; "
+            "usleep 10000; done; exit 5")
+        lives = await p.container(
+            "lives", "sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; usleep 20000; done")
+        await asyncio.sleep(1)
+        daemon.stop(signal.SIGKILL)
+        await cri.close()
+        await asyncio.sleep(4)  # "ends" finishes meanwhile
+        daemon.start()
+        p.cri = cri = daemon.client()
+        status = await p.wait_exit(ends, timeout=20)
+        assert status.exit_code == 5  # type: ignore[attr-defined]
+        lines = [c for s, _, c in records(tmp_path / "ends.log") if s == "stdout"]
+        assert lines == [str(i).encode() for i in range(1, 301)]
+        state = await p.status(lives)
+        assert state.state == enum("CONTAINER_RUNNING")  # type: ignore[attr-defined]
+        await cri.runtime.StopContainer(msg("StopContainerRequest", container_id=lives,
+                                            timeout=0))
+        status = await p.wait_exit(lives, timeout=20)
+        assert status.exit_code == 137  # type: ignore[attr-defined]
+        lines = [c for s, _, c in records(tmp_path / "lives.log") if s == "stdout"]
+        assert lines == [str(i).encode() for i in range(1, len(lines) + 1)]
+        assert len(lines) > 150  # it kept logging while the daemon was down
+    finally:
+        await cri.close()
+        tear_down(daemon, workdir)
