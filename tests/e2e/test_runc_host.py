@@ -5,6 +5,7 @@ own. No VM is booted: these run beside the micro-VM tests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -104,6 +105,39 @@ async def test_stop_kills_after_the_timeout(pod: Pod) -> None:
     status = await pod.status(cid)
     assert status.state == enum("CONTAINER_EXITED")  # type: ignore[attr-defined]
     assert status.exit_code == 137  # type: ignore[attr-defined]
+
+
+async def test_stats_resources_and_oom(pod: Pod) -> None:
+    cid = await pod.container("measured", "sh", "-c", "while :; do :; done")
+    await asyncio.sleep(1)
+    stats = (await pod.cri.runtime.ContainerStats(
+        msg("ContainerStatsRequest", container_id=cid))).stats
+    assert stats.cpu.usage_core_nano_seconds.value > 0
+    assert stats.memory.working_set_bytes.value > 0
+    pod_stats = (await pod.cri.runtime.PodSandboxStats(
+        msg("PodSandboxStatsRequest", pod_sandbox_id=pod.id))).stats
+    assert pod_stats.linux.cpu.usage_core_nano_seconds.value >= (
+        stats.cpu.usage_core_nano_seconds.value)
+    assert pod_stats.linux.network.default_interface.name == "eth0"
+    assert [c.attributes.id for c in pod_stats.linux.containers] == [cid]
+
+    await pod.cri.runtime.UpdateContainerResources(msg(
+        "UpdateContainerResourcesRequest", container_id=cid,
+        linux=msg("LinuxContainerResources", memory_limit_in_bytes=64 * 1024 * 1024)))
+    info = (await pod.cri.runtime.ContainerStatus(
+        msg("ContainerStatusRequest", container_id=cid, verbose=True))).info
+    cgroup = json.loads(info["info"])["cgroup"]
+    limit = Path(f"/sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes")
+    if not limit.parent.is_dir():  # cgroup v2
+        limit = Path(f"/sys/fs/cgroup{cgroup}/memory.max")
+    assert limit.read_text().strip() == str(64 * 1024 * 1024)
+
+    hog = await pod.container(
+        "hog", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1",
+        linux=msg("LinuxContainerConfig", resources=msg(
+            "LinuxContainerResources", memory_limit_in_bytes=16 * 1024 * 1024)))
+    status = await pod.wait_exit(hog, poll=0.1)
+    assert status.exit_code == 137 and status.reason == "OOMKilled"  # type: ignore[attr-defined]
 
 
 def _snapshot(workdir: Path) -> dict[str, set[str]]:

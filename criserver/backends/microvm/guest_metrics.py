@@ -5,19 +5,16 @@ container's cgroup and processes, the pod's network."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.runtime.metric_sample import (
     BlockIoSample,
     ContainerSample,
-    InterfaceSample,
     PodSample,
 )
+from criserver.runtime.net_usage import interface_samples, network_usage
 from criserver.store.records import ContainerRecord, PodRecord
 from vmagent.api import agent_pb2 as pb
-
-DEFAULT_INTERFACE = "eth0"  # the guest's name for the pod's CNI interface
 
 
 def pod_stats(pod: PodRecord, reply: pb.StatsResponse) -> cri.PodSandboxStats:
@@ -66,25 +63,6 @@ def container_stats(stats: pb.ContainerStats, container: ContainerRecord | None
     )
 
 
-def network_usage(interfaces: Sequence[pb.InterfaceStats], now: int
-                   ) -> cri.NetworkUsage | None:
-    """The guest's interfaces as CRI network usage: eth0 (the CNI interface carried into the
-    VM) is the default, as containerd's; the others are listed apart, not counted twice."""
-    def usage(i: pb.InterfaceStats) -> cri.NetworkInterfaceUsage:
-        return cri.NetworkInterfaceUsage(
-            name=i.name, rx_bytes=cri.UInt64Value(value=i.rx_bytes),
-            rx_errors=cri.UInt64Value(value=i.rx_errors),
-            tx_bytes=cri.UInt64Value(value=i.tx_bytes),
-            tx_errors=cri.UInt64Value(value=i.tx_errors))
-
-    if not interfaces:
-        return None  # a guest without a pod network: no usage, not zero usage
-    default = next((i for i in interfaces if i.name == DEFAULT_INTERFACE), interfaces[0])
-    return cri.NetworkUsage(
-        timestamp=now, default_interface=usage(default),
-        interfaces=[usage(i) for i in interfaces if i.name != default.name])
-
-
 def pod_sample(reply: pb.StatsResponse) -> PodSample:
     guest = reply.guest
     return PodSample(
@@ -92,10 +70,7 @@ def pod_sample(reply: pb.StatsResponse) -> PodSample:
         cpu_usage_ns=guest.cpu_usage_nanos,
         memory_working_set=max(guest.memory_total_bytes - guest.memory_available_bytes, 0),
         processes=guest.processes,
-        interfaces=[InterfaceSample(
-            name=i.name, rx_bytes=i.rx_bytes, rx_packets=i.rx_packets, rx_errors=i.rx_errors,
-            rx_dropped=i.rx_dropped, tx_bytes=i.tx_bytes, tx_packets=i.tx_packets,
-            tx_errors=i.tx_errors, tx_dropped=i.tx_dropped) for i in reply.interfaces],
+        interfaces=interface_samples(reply.interfaces),
         containers=[container_sample(c) for c in reply.containers],
     )
 

@@ -49,15 +49,20 @@ from criserver.runtime.backend import (
     ExecResult,
     SandboxStarted,
 )
+from criserver.runtime.metric_sample import PodSample
+from criserver.runtime.net_usage import interface_samples, network_usage
 from criserver.runtime.undo import UndoStack
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+from vmagent.api import agent_pb2 as pb
 from vmagent.cgroups import exit_reason
+from vmagent.metrics import interfaces
 from vmagent.ocispec import exec_process, guest_devices, set_process_user
 from vmagent.users import resolve_in_rootfs
 
 log = logging.getLogger(__name__)
 
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
+LAYER_SIZE_TTL = 5.0  # seconds a writable layer's measured size is reused
 SHM_SIZE = "64m"  # the pod's /dev/shm, as Docker's and containerd's default
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 
@@ -81,6 +86,8 @@ class _Watched:
     """A container whose monitor the daemon follows."""
 
     pod_id: str
+    record: ContainerRecord  # as created: its `backend` is not filled in yet
+    cgroup: str
     monitor: monitor.Monitor
     task: asyncio.Task[None]
     exited: asyncio.Event
@@ -108,6 +115,8 @@ class RuncBackend(BaseBackend):
         self._watched: dict[str, _Watched] = {}
         self._specs: dict[str, dict[str, Any]] = {}  # container id -> its config.json
         self._infra: dict[str, monitor.Monitor] = {}  # pod id -> its infra container
+        self._nano_cores = cgroups.NanoCores()
+        self._layer_sizes: dict[str, tuple[float, int]] = {}  # container id -> (when, bytes)
         self._monitor_version = ""
         self._monitor_error = ""
 
@@ -320,6 +329,7 @@ class RuncBackend(BaseBackend):
         await rootfs.unmount(pod_dir / "shm")
         await asyncio.to_thread(shutil.rmtree, pod_dir, True)
         await asyncio.to_thread(shutil.rmtree, self._infra_bundle(pod.id), True)
+        self._nano_cores.forget(pod.id)
         if not pod.config.linux.cgroup_parent:
             # The default parent is ours (a kubelet-given one is kubelet's).
             await asyncio.to_thread(cgroups.remove_pod_cgroup, f"/criserver/{pod.id}",
@@ -418,7 +428,8 @@ class RuncBackend(BaseBackend):
         exited = asyncio.Event()
         task = asyncio.create_task(self._await_exit(container, watched_monitor, cgroup, exited),
                                    name=f"runc-exit-{container.id[:12]}")
-        self._watched[container.id] = _Watched(container.pod_id, watched_monitor, task, exited)
+        self._watched[container.id] = _Watched(container.pod_id, container, cgroup,
+                                               watched_monitor, task, exited)
 
     async def _await_exit(self, container: ContainerRecord, watched: monitor.Monitor,
                           cgroup: str, exited: asyncio.Event) -> None:
@@ -480,6 +491,8 @@ class RuncBackend(BaseBackend):
             with contextlib.suppress(asyncio.CancelledError):
                 await watched.task
         self._specs.pop(container.id, None)
+        self._layer_sizes.pop(container.id, None)
+        self._nano_cores.forget(container.id)
         await rootfs.unmount(self._rootfs_mount(container.id))
         for key in container.backend.get("imageMounts", ()):
             await self.images.release(key)
@@ -504,6 +517,86 @@ class RuncBackend(BaseBackend):
             spec = json.loads(raw)
             self._specs[container.id] = spec
         return spec
+
+    # -- stats: the containers' cgroups, the pod's parent cgroup, the pod's netns -----------
+
+    def _pod_cgroup(self, pod: PodRecord) -> str:
+        return pod.config.linux.cgroup_parent or f"/criserver/{pod.id}"
+
+    async def _layer_bytes(self, container_id: str) -> int:
+        """The writable layer's size: a walk of the upper dir, so cached a few seconds."""
+        now = time.monotonic()
+        cached = self._layer_sizes.get(container_id)
+        if cached is not None and now - cached[0] < LAYER_SIZE_TTL:
+            return cached[1]
+        size = await asyncio.to_thread(rootfs.writable_layer_bytes,
+                                       self._layer_dir(container_id) / "upper")
+        self._layer_sizes[container_id] = (now, size)
+        return size
+
+    async def _container_reading(
+        self, container: ContainerRecord
+    ) -> tuple[cgroups.CgroupUsage, int] | None:
+        watched = self._watched.get(container.id)
+        path = watched.cgroup if watched else str(container.backend.get("cgroup", ""))
+        if not path:
+            return None
+        usage = await asyncio.to_thread(cgroups.read_usage, path, self.cgroup_version)
+        if not usage.exists:
+            return None  # exited: runc deleted its cgroup
+        return usage, await self._layer_bytes(container.id)
+
+    async def containers_stats(
+        self, pod: PodRecord, containers: list[ContainerRecord]
+    ) -> list[cri.ContainerStats]:
+        stats = []
+        for container in containers:
+            reading = await self._container_reading(container)
+            if reading is not None:
+                usage, layer = reading
+                stats.append(cgroups.container_stats(
+                    container, usage, layer, self._nano_cores.update(container.id, usage)))
+        return stats
+
+    async def container_stats(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> cri.ContainerStats:
+        for stats in await self.containers_stats(pod, [container]):
+            return stats
+        raise NotFound(f"container {container.id} has no stats: it is not running")
+
+    async def _interfaces(self, pod: PodRecord) -> list[pb.InterfaceStats]:
+        """The pod netns's interfaces, seen through its infra process (none for a
+        hostNetwork pod: the node's are kubelet's to report)."""
+        if "netns" not in pod.backend or "infraPid" not in pod.backend:
+            return []
+        with contextlib.suppress(CriError):
+            pid = await self._infra_pid(pod)
+            return await asyncio.to_thread(interfaces, pid)
+        return []
+
+    async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
+        usage = await asyncio.to_thread(cgroups.read_usage, self._pod_cgroup(pod),
+                                        self.cgroup_version)
+        containers = await self.containers_stats(pod, self._containers_of(pod))
+        return cgroups.pod_stats(
+            pod, usage, containers,
+            network_usage(await self._interfaces(pod), usage.timestamp_ns),
+            self._nano_cores.update(pod.id, usage))
+
+    async def sandbox_metrics(self, pod: PodRecord) -> PodSample:
+        usage = await asyncio.to_thread(cgroups.read_usage, self._pod_cgroup(pod),
+                                        self.cgroup_version)
+        samples = []
+        for container in self._containers_of(pod):
+            reading = await self._container_reading(container)
+            if reading is not None:
+                samples.append(cgroups.container_sample(container.id, *reading))
+        return cgroups.pod_sample(usage, samples,
+                                  interface_samples(await self._interfaces(pod)))
+
+    def _containers_of(self, pod: PodRecord) -> list[ContainerRecord]:
+        return [w.record for w in self._watched.values() if w.pod_id == pod.id]
 
     async def update_container_resources(
         self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
