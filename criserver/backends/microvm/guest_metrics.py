@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.net_usage import interface_samples, network_usage
 from criserver.runtime.metric_sample import (
     BlockIoSample,
     ContainerSample,
     PodSample,
 )
-from criserver.runtime.net_usage import interface_samples, network_usage
 from criserver.store.records import ContainerRecord, PodRecord
 from vmagent.api import agent_pb2 as pb
 

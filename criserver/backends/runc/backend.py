@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.net_usage import interface_samples, network_usage
 from criserver.backends.runc import cgroups, infra, monitor, rootfs
 from criserver.backends.runc.runc import Runc, find_runc
 from criserver.backends.runc.spec_policy import host_policy
@@ -50,7 +51,6 @@ from criserver.runtime.backend import (
     SandboxStarted,
 )
 from criserver.runtime.metric_sample import PodSample
-from criserver.runtime.net_usage import interface_samples, network_usage
 from criserver.runtime.undo import UndoStack
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from vmagent.api import agent_pb2 as pb
