@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from criserver.backends.microvm.backend import MicroVMOptions
+from criserver.backends.runc.backend import RuncOptions
 from criserver.config import Config, build_options
 
 
@@ -153,6 +154,28 @@ def check_templates_dir(config: Config, options: MicroVMOptions) -> Result:
         required=False)
 
 
+def check_runc(options: RuncOptions) -> Result:
+    from criserver.backends.runc.runc import find_runc
+
+    path = find_runc(options.runc)
+    if not path:
+        return Result("runc", False, f"{options.runc or 'runc'} not found", "apt-get install runc")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return Result("runc", version.returncode == 0, f"{path}: " + (
+        version.stdout.splitlines()[0] if version.stdout else version.stderr.strip()))
+
+
+def check_ctrmon(options: RuncOptions) -> Result:
+    from criserver.backends.runc.monitor import check_ctrmon as probe
+    from criserver.errors import CriError
+
+    try:
+        version = asyncio.run(probe(options.monitor))
+    except CriError as exc:
+        return Result("ctrmon", False, exc.message, "make ctrmon")
+    return Result("ctrmon", True, f"{options.monitor}: {version}")
+
+
 def run_checks(config: Config) -> int:
     """Print the checks; exit status 1 when a required one fails."""
     handler = config.runtimes.get("microvm")
@@ -171,6 +194,13 @@ def run_checks(config: Config) -> int:
         lambda: check_ksm(options),
         lambda: check_templates_dir(config, options),
     ]
+    for name, handler_config in config.runtimes.items():
+        if handler_config.backend == "runc":
+            runc_options: RuncOptions = build_options(RuncOptions, handler_config.options,
+                                                      f"runtimes.{name}.options")
+            checks += [lambda o=runc_options: check_runc(o),  # type: ignore[misc]
+                       lambda o=runc_options: check_ctrmon(o)]  # type: ignore[misc]
+            break
     failed = False
     for check in checks:
         try:

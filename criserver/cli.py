@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         from criserver.backends.microvm.backend import MicroVMOptions
+        from criserver.backends.runc.backend import RuncOptions
 
-        print(config_mod.render_default({"microvm": MicroVMOptions()}), end="")
+        print(config_mod.render_default({"microvm": MicroVMOptions(), "runc": RuncOptions()}),
+              end="")
         return 0
     try:
         overrides = {f"daemon.{key}": value for key, value in (

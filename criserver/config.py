@@ -60,8 +60,9 @@ class RuntimeHandlerConfig:
 class RuntimeConfig:
     default_handler: str = _f("microvm", "Handler used when the CRI request names none")
     host_namespaces_handler: str = _f(
-        "", "Handler for pods that name none and share a node namespace (hostNetwork, hostPID, "
-            "hostIPC); empty: the default handler (the micro-VM refuses them)")
+        "runc", "Handler for pods that name none and share a node namespace (hostNetwork, "
+                "hostPID, hostIPC); empty: the default handler (the micro-VM refuses them). "
+                "Left unset, a config without a [runtimes.runc] table gets empty")
     privileged_handler: str = _f(
         "", "Handler for pods that name none and are privileged (Bidirectional mount "
             "propagation needs one); empty: the default handler")
@@ -108,7 +109,8 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     runtimes: dict[str, RuntimeHandlerConfig] = field(
-        default_factory=lambda: {"microvm": RuntimeHandlerConfig()}
+        default_factory=lambda: {"microvm": RuntimeHandlerConfig(),
+                                 "runc": RuntimeHandlerConfig(backend="runc")}
     )
     image: ImageConfig = field(default_factory=ImageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -140,6 +142,7 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
         section, key = dotted.split(".", 1)
         data.setdefault(section, {})[key] = value
     config: Config = _build(Config, data, "")
+    config = _without_absent_default_routes(config, data.get("runtime") or {})
     runtime = config.runtime
     for key, handler in (("default_handler", runtime.default_handler),
                          ("host_namespaces_handler", runtime.host_namespaces_handler),
@@ -147,6 +150,23 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
         if (handler or key == "default_handler") and handler not in config.runtimes:
             raise ConfigError(f"runtime.{key}: no [runtimes.{handler}] table")
     return config
+
+
+def _without_absent_default_routes(config: Config, given: dict[str, Any]) -> Config:
+    """A routing key left at its embedded default names a handler the embedded runtimes have;
+    a config with its own runtimes table and no such handler keeps every pod on its default
+    handler (as before the key existed) rather than failing to load."""
+    defaults = RuntimeConfig()
+    changes = {}
+    for f in dataclasses.fields(RuntimeConfig):
+        if f.name == "default_handler" or f.name in given:
+            continue
+        value = getattr(config.runtime, f.name)
+        if value == getattr(defaults, f.name) and value and value not in config.runtimes:
+            changes[f.name] = ""
+    if not changes:
+        return config
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **changes))
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -46,7 +46,8 @@ def test_routing_table(requested: str, config: cri.PodSandboxConfig, want: Route
 
 
 def test_without_routes_every_pod_gets_the_default_handler() -> None:
-    default = RuntimeConfig(default_handler="microvm")
+    default = RuntimeConfig(default_handler="microvm", host_namespaces_handler="",
+                            privileged_handler="")
     for config in (pod(network=cri.NODE), pod(pid=cri.NODE), pod(privileged=True)):
         assert route(default, "", config) == Route("microvm")
 
@@ -54,12 +55,21 @@ def test_without_routes_every_pod_gets_the_default_handler() -> None:
 @pytest.mark.parametrize("key", ["host_namespaces_handler", "privileged_handler"])
 def test_a_route_to_an_unconfigured_handler_is_refused_at_load(tmp_path: Path, key: str) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(f'[runtime]\n{key} = "runc"\n')
+    path.write_text(f'[runtime]\n{key} = "runc"\n[runtimes.microvm]\nbackend = "microvm"\n')
     with pytest.raises(ConfigError, match=rf"runtime\.{key}: no \[runtimes\.runc\] table"):
         load(path)
     path.write_text(f'[runtime]\n{key} = "runc"\n[runtimes.microvm]\nbackend = "microvm"\n'
                     '[runtimes.runc]\nbackend = "microvm"\n')
     assert getattr(load(path).runtime, key) == "runc"
+
+
+def test_host_namespace_pods_go_to_runc_by_default(tmp_path: Path) -> None:
+    assert load(None).runtime.host_namespaces_handler == "runc"
+    assert "runc" in load(None).runtimes
+    # A runtimes table of its own without runc: the embedded route is dropped, not an error.
+    path = tmp_path / "config.toml"
+    path.write_text('[runtimes.microvm]\nbackend = "microvm"\n')
+    assert load(path).runtime.host_namespaces_handler == ""
 
 
 async def test_the_daemon_routes_a_host_network_pod_and_says_so(tmp_path: Path) -> None:
