@@ -10,7 +10,7 @@ import pytest
 
 from tests.conformance.images import push_all
 from tests.daemon import Daemon
-from tests.e2e.conftest import running_vm_daemon
+from tests.e2e.conftest import handler_config, running_vm_daemon
 from tests.registry import Registry
 
 pytestmark = pytest.mark.vm
@@ -32,6 +32,7 @@ def mirror_config(registry: Registry) -> str:
 
 @pytest.fixture(scope="module")
 def conformance_daemon(registry: Registry, conformance_images: list[str]) -> Iterator[Daemon]:
-    """The daemon with micro-VM pods, as `make run` starts it, plus the registry mirrors."""
-    with running_vm_daemon(mirror_config(registry)) as daemon:
+    """The daemon as `make run` starts it (micro-VM pods, pods that share the node's namespaces
+    on runc), plus the registry mirrors."""
+    with running_vm_daemon(mirror_config(registry) + handler_config("runc", "runc")) as daemon:
         yield daemon

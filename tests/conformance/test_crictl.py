@@ -362,7 +362,7 @@ def test_info(crictl: Crictl) -> None:
     assert conditions["RuntimeReady"]["status"] is True
     assert conditions["NetworkReady"]["status"] is True, conditions["NetworkReady"]
     handlers = {h.get("name", ""): h for h in info["runtimeHandlers"]}  # "": the default
-    assert "" in handlers and "microvm" in handlers, handlers
+    assert "" in handlers and "microvm" in handlers and "runc" in handlers, handlers
     quiet = crictl.json("info", "-q")
     assert quiet["status"]["conditions"] == info["status"]["conditions"]
     assert set(info) - set(quiet), "no verbose information beside the status"

@@ -26,7 +26,7 @@ from typing import Any
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.net_usage import interface_samples, network_usage
-from criserver.backends.runc import cgroups, infra, monitor, rootfs
+from criserver.backends.runc import cgroups, infra, monitor, rootfs, streams
 from criserver.backends.runc.runc import Runc, find_runc
 from criserver.backends.runc.spec_policy import host_policy
 from criserver.config import build_options, option
@@ -51,12 +51,13 @@ from criserver.runtime.backend import (
     SandboxStarted,
 )
 from criserver.runtime.metric_sample import PodSample
+from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from vmagent.api import agent_pb2 as pb
 from vmagent.cgroups import exit_reason
 from vmagent.metrics import interfaces
-from vmagent.ocispec import exec_process, guest_devices, set_process_user
+from vmagent.ocispec import guest_devices, set_process_user
 from vmagent.users import resolve_in_rootfs
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class _Watched:
 
 class RuncBackend(BaseBackend):
     name = "runc"
-    features = BackendFeatures(recursive_read_only_mounts=True)
+    features = BackendFeatures(recursive_read_only_mounts=True, streaming=True)
 
     def __init__(self, options: dict[str, Any], context: BackendContext) -> None:
         super().__init__(options, context)
@@ -612,64 +613,60 @@ class RuncBackend(BaseBackend):
     async def exec_sync(
         self, pod: PodRecord, container: ContainerRecord, cmd: list[str], timeout: float
     ) -> ExecResult:
-        if not cmd:
-            raise InvalidArgument("ExecSync needs a command")
-        spec = await self._spec(container)
-        process = exec_process(spec, cmd, [], "", None)
-        bundle = self._bundle(container.id)
-        exec_id = os.urandom(4).hex()
-        process_file = bundle / f"exec-{exec_id}.json"
-        pid_file = bundle / f"exec-{exec_id}.pid"
-        await asyncio.to_thread(process_file.write_text, json.dumps(process))
-        proc = await asyncio.create_subprocess_exec(
-            *self.runc.argv("exec", "--process", str(process_file), "--pid-file", str(pid_file),
-                            container.id),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        timed_out = False
+        out, err = _Collected(MAX_EXEC_OUTPUT), _Collected(MAX_EXEC_OUTPUT)
+        # On timeout the exec is cancelled, which kills its process (not just runc).
         try:
-            out, err = await _communicate(proc, timeout)
+            code = await asyncio.wait_for(
+                self.exec(pod, container, cmd, tty=False, stdin=None, stdout=out, stderr=err,
+                          resize=None), timeout if timeout > 0 else None)
         except TimeoutError:
-            timed_out = True
-            out = err = b""
-            # Kill the process, not runc: runc reports its status and exits with it.
-            await asyncio.to_thread(_kill_pid_file, pid_file)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), self.settings.stop_grace)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            for leftover in (process_file, pid_file):
-                await asyncio.to_thread(leftover.unlink, True)
-        if timed_out:
-            raise DeadlineExceeded(f"command {cmd!r} timed out after {timeout}s and was killed")
-        code = proc.returncode or 0
-        if code < 0:
-            code = 128 - code
-        return ExecResult(exit_code=code, stdout=out, stderr=err)
+            raise DeadlineExceeded(
+                f"command {cmd!r} timed out after {timeout}s and was killed") from None
+        return ExecResult(exit_code=code, stdout=bytes(out.data), stderr=bytes(err.data))
+
+    # -- streaming (kubectl exec/attach/port-forward): relays in streams.py -------------------
+
+    async def exec(
+        self, pod: PodRecord, container: ContainerRecord, cmd: list[str], *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> int:
+        return await streams.exec_in_container(
+            self.runc, self.settings.monitor, self._bundle(container.id), container.id,
+            await self._spec(container), cmd, tty=tty, stdin=stdin, stdout=stdout,
+            stderr=stderr, resize=resize)
+
+    async def attach(
+        self, pod: PodRecord, container: ContainerRecord, *, tty: bool,
+        stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+        resize: ResizeSource | None,
+    ) -> None:
+        watched = self._watched.get(container.id)
+        if watched is None or watched.exited.is_set():
+            raise FailedPrecondition(f"container {container.id} is not running")
+        await streams.attach_container(watched.monitor, tty=tty, stdin=stdin, stdout=stdout,
+                                       stderr=stderr, resize=resize)
+
+    async def port_forward(
+        self, pod: PodRecord, port: int, *, inbound: ByteSource, outbound: ByteSink
+    ) -> None:
+        netns_path = pod.backend.get("netns")
+        await streams.port_forward(Path(netns_path) if netns_path else None, port,
+                                   inbound=inbound, outbound=outbound)
 
 
-async def _communicate(proc: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
-    """Output of a command (each stream cut at MAX_EXEC_OUTPUT) and its end, within timeout."""
-    assert proc.stdout is not None and proc.stderr is not None
+class _Collected:
+    """A sink keeping what ExecSync returns: at most `limit` bytes, the rest dropped."""
 
-    async def run() -> tuple[bytes, bytes]:
-        out, err, _ = await asyncio.gather(_read_limited(proc.stdout), _read_limited(proc.stderr),
-                                           proc.wait())
-        return out, err
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.limit = limit
 
-    return await asyncio.wait_for(run(), timeout if timeout > 0 else None)
+    async def write(self, data: bytes) -> None:
+        self.data += data[:max(self.limit - len(self.data), 0)]
 
-
-async def _read_limited(stream: asyncio.StreamReader | None) -> bytes:
-    data = bytearray()
-    if stream is None:
-        return b""
-    while chunk := await stream.read(65536):
-        if len(data) < MAX_EXEC_OUTPUT:
-            data += chunk[:MAX_EXEC_OUTPUT - len(data)]
-    return bytes(data)
+    async def close(self) -> None:
+        return None
 
 
 def _infra_id(pod_id: str) -> str:
@@ -681,11 +678,6 @@ def _with_pid_mode(config: cri.ContainerConfig, mode: int) -> cri.ContainerConfi
     changed.CopyFrom(config)
     changed.linux.security_context.namespace_options.pid = mode  # type: ignore[assignment]
     return changed
-
-
-def _kill_pid_file(pid_file: Path) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
 
 
 def _sub_path(root: Path, sub_path: str) -> Path:
