@@ -90,8 +90,9 @@ class Runtime:
             task.add_done_callback(self._background.discard)
             return  # one collection covers them all
 
-    def handler_for(self, requested: str, pod: cri.PodSandboxConfig) -> str:
-        """The handler serving a new pod (criserver.runtime.routing), checked to exist."""
+    def handler_for(self, requested: str, pod: cri.PodSandboxConfig) -> routing.Route:
+        """The handler serving a new pod and why (criserver.runtime.routing), checked to
+        exist."""
         chosen = routing.route(self.config.runtime, requested, pod)
         name = chosen.handler
         if chosen.reason:
@@ -102,7 +103,7 @@ class Runtime:
                 f"runtime handler {name!r} is not configured (configured: "
                 f"{', '.join(sorted(self.backends))})"
             )
-        return name
+        return chosen
 
     def backend(self, pod: PodRecord) -> SandboxBackend:
         return self.backends[pod.runtime_handler]

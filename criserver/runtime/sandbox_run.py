@@ -23,9 +23,10 @@ async def run_pod_sandbox(
     rt: Runtime, request: cri.RunPodSandboxRequest
 ) -> cri.RunPodSandboxResponse:
     validate.pod_config(request.config)
-    handler = rt.handler_for(request.runtime_handler, request.config)
+    chosen = rt.handler_for(request.runtime_handler, request.config)
+    handler = chosen.handler
     pod = PodRecord(id=new_id(), config=request.config, runtime_handler=handler,
-                    created_at=time.time_ns())
+                    routed_by=chosen.reason, created_at=time.time_ns())
     rt.pods.names.reserve(pod.name_key, pod.id)
     try:
         async with rt.pod_locks.exclusive(pod.id):

@@ -25,6 +25,7 @@ async def pod_sandbox_status(
     if request.verbose:
         info = {
             "runtimeHandler": pod.runtime_handler,
+            **({"routedBy": pod.routed_by} if pod.routed_by else {}),
             "state": pod.state.value,
             "reason": pod.reason,
             "message": pod.message,

@@ -64,6 +64,7 @@ class PodRecord:
     config: cri.PodSandboxConfig
     runtime_handler: str
     created_at: int
+    routed_by: str = ""  # why a pod that named no handler got this one (runtime/routing.py)
     state: PodState = PodState.INIT
     reason: str = ""  # why the pod is NOTREADY when it was not asked to stop
     message: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,12 +89,15 @@ async def test_the_daemon_routes_a_host_network_pod_and_says_so(tmp_path: Path) 
             "LinuxPodSandboxConfig", security_context=msg(
                 "LinuxSandboxSecurityContext", namespace_options=msg(
                     "NamespaceOption", network=enum("NODE")))))
-        handlers = {}
+        handlers, routed = {}, {}
         for pod_id in (host, plain, named):
             status = await cri_client.runtime.PodSandboxStatus(
-                msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id))
+                msg("PodSandboxStatusRequest", pod_sandbox_id=pod_id, verbose=True))
             handlers[status.status.metadata.name] = status.status.runtime_handler
+            routed[status.status.metadata.name] = json.loads(status.info["info"]).get("routedBy")
         assert handlers == {"host": "host", "plain": "inert", "named": "inert"}
+        assert routed == {"host": "node namespaces (network): runtime.host_namespaces_handler",
+                          "plain": None, "named": None}
         assert "pod routed name=default/host handler=host reason=node namespaces (network)" \
             in daemon.log()
     finally:
