@@ -119,6 +119,53 @@ async def test_exec_cancelled_kills_the_process(ctr: Ctr, ctrmon_bin: str) -> No
     assert ctr.exec_files() == []
 
 
+@needs_real_runc
+async def test_exec_tty_size_stdin_and_exit_code(
+    ctr: Ctr, ctrmon_asan: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ctrmon with ASan+UBSan, halting on a report: the exit code would not be the process's.
+    monkeypatch.setenv("UBSAN_OPTIONS", "halt_on_error=1")
+    queue: asyncio.Queue[TerminalSize] = asyncio.Queue()
+    queue.put_nowait(TerminalSize(width=100, height=30))  # the first size: the process starts
+    src, out = Source(), Sink()
+    task = asyncio.create_task(ctr.exec(
+        ctrmon_asan, ["sh", "-c", "stty size; cat; echo done; exit 5"], tty=True, stdin=src,
+        stdout=out, resize=sizes(queue)))
+    await out.wait_for(b"30 100\r\n", 10)
+    src.put(b"typed\n")
+    await out.wait_for(b"typed\r\ntyped\r\n", 10)  # the terminal's echo, then cat's
+    src.end()  # EOF on a terminal: ^D ends cat
+    assert await asyncio.wait_for(task, 10) == 5
+    assert out.data.endswith(b"done\r\n")
+    assert ctr.exec_files() == []
+
+
+@needs_real_runc
+async def test_exec_tty_resize_and_cancel(ctr: Ctr, ctrmon_bin: str) -> None:
+    queue: asyncio.Queue[TerminalSize] = asyncio.Queue()
+    queue.put_nowait(TerminalSize(width=80, height=24))
+    out = Sink()
+    task = asyncio.create_task(ctr.exec(
+        ctrmon_bin, ["sh", "-c", "while :; do stty size; sleep 0.05; done"], tty=True,
+        stdin=Source(), stdout=out, resize=sizes(queue)))
+    await out.wait_for(b"24 80\r\n", 10)
+    queue.put_nowait(TerminalSize(width=120, height=40))
+    await out.wait_for(b"40 120\r\n", 10)
+    assert "stty size" in ctr.processes()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert "while :" not in ctr.processes()
+    assert ctr.exec_files() == []
+
+
+@needs_real_runc
+async def test_exec_tty_that_cannot_run_raises(ctr: Ctr, ctrmon_bin: str) -> None:
+    with pytest.raises(CriError, match="no-such-command"):
+        await ctr.exec(ctrmon_bin, ["no-such-command"], tty=True, stdout=Sink())
+    assert ctr.exec_files() == []
+
+
 # --- attach -------------------------------------------------------------------------------------
 
 
@@ -240,6 +287,3 @@ async def test_port_forward_refused_and_cancelled(pod_netns: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
-
-
-_ = sizes  # the tty tests use it

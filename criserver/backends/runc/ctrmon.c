@@ -8,6 +8,10 @@
  *   ctrmon create --runc PATH --root DIR --bundle DIR --id ID --log PATH
  *                 [--tty] [--stdin] [--stdin-once] [--kill-all] [--runc-arg ARG]...
  *                 [--sync-fd N]       (default 3: the write end of the daemon's sync pipe)
+ *   ctrmon exec --runc PATH --root DIR --bundle DIR --id ID --process FILE --pid-file FILE
+ *               --console NAME [--runc-log FILE] [--resize-fd N] [--sync-fd N]
+ *               [--runc-arg ARG]...
+ *   ctrmon pause                      PID 1 of a host pod's PID namespace (see pause_forever)
  *
  * create:
  *  1. forks; the parent exits 0 at once. The child setsid()s, becomes a child subreaper, sets
@@ -31,6 +35,21 @@
  *     2 s without progress), ends partial lines as P records, closes the log, then writes
  *     BUNDLE/exit (temp + rename): {"exit_code":C,"signal":S,"finished_at":NS}, C = 128+S when
  *     killed by signal S, NS the CLOCK_REALTIME ns of the reap. Exits 0.
+ *
+ * exec (a tty exec, design 3.1: runc takes a console socket only when it detaches). An ordinary
+ * child of the daemon, which reaps it; FILE paths are absolute or relative to the bundle.
+ *  1. chdirs to BUNDLE, becomes a child subreaper (the detached process is re-parented to it
+ *     when runc exits), asks for SIGTERM when the daemon dies, listens on BUNDLE/NAME.
+ *  2. runs RUNC --root ROOT [--log FILE --log-format json] [ARG...] exec --detach --tty
+ *     --console-socket BUNDLE/NAME --pid-file FILE --process FILE ID (FILE's "terminal" must be
+ *     true; runc's output goes to our stderr) and receives the pty master. The sync fd gets
+ *     {"pid":N}, or {"error":"runc exec failed","status":N} or {"error":"<what failed>"} and
+ *     ctrmon exits 1.
+ *  3. relays the master to its stdout and its stdin to the master (stdin's EOF becomes an EOT,
+ *     ^D), sets the size from "<rows> <cols>\n" lines on the resize fd, and on SIGTERM, SIGINT
+ *     or SIGHUP kills the process (SIGKILL: it is our unreaped child, the pid is its own).
+ *  4. once the process exited, drains the pty (to EIO, giving up after 2 s without progress)
+ *     and exits with its code: C, or 128+S when killed by signal S.
  *
  * One thread, poll(), fixed buffers: nothing on the output path allocates, so memory pressure
  * cannot cost a log line.
@@ -955,6 +974,320 @@ static int pause_forever(void) {
     }
 }
 
+/*
+ * `ctrmon exec`: a tty exec (design 3.1). runc takes a console socket only when it detaches,
+ * and a detached exec's status goes to a subreaper: we are both. An ordinary child of the
+ * daemon, which gets its exit code (the exec'd process's).
+ */
+static struct {
+    const char *process, *pid_file, *console, *runc_log;
+    int resize_fd;
+} xopt = {.resize_fd = -1};
+
+static void exec_usage(void) {
+    fail("usage: ctrmon exec --runc PATH --root DIR --bundle DIR --id ID --process FILE "
+         "--pid-file FILE --console NAME [--runc-log FILE] [--resize-fd N] [--sync-fd N] "
+         "[--runc-arg ARG]...");
+}
+
+static void parse_exec_args(int argc, char **argv) {
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char **val = NULL;
+        if (strcmp(a, "--runc") == 0) val = &opt.runc;
+        else if (strcmp(a, "--root") == 0) val = &opt.root;
+        else if (strcmp(a, "--bundle") == 0) val = &opt.bundle;
+        else if (strcmp(a, "--id") == 0) val = &opt.id;
+        else if (strcmp(a, "--process") == 0) val = &xopt.process;
+        else if (strcmp(a, "--pid-file") == 0) val = &xopt.pid_file;
+        else if (strcmp(a, "--console") == 0) val = &xopt.console;
+        else if (strcmp(a, "--runc-log") == 0) val = &xopt.runc_log;
+        else if (strcmp(a, "--sync-fd") == 0 && i + 1 < argc) opt.sync_fd = atoi(argv[++i]);
+        else if (strcmp(a, "--resize-fd") == 0 && i + 1 < argc) xopt.resize_fd = atoi(argv[++i]);
+        else if (strcmp(a, "--runc-arg") == 0 && i + 1 < argc && opt.n_runc_args < MAX_RUNC_ARGS)
+            opt.runc_args[opt.n_runc_args++] = argv[++i];
+        else
+            fail("unknown or misplaced argument %s", a);
+        if (val) {
+            if (i + 1 >= argc)
+                exec_usage();
+            *val = argv[++i];
+        }
+    }
+    if (!opt.runc || !opt.root || !opt.bundle || !opt.id || !xopt.process || !xopt.pid_file ||
+        !xopt.console)
+        exec_usage();
+    if (strchr(xopt.console, '/') ||
+        strlen(xopt.console) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+        fail("--console must be a short file name (it is made in the bundle)");
+}
+
+enum { SIG_CHLD = 1, SIG_STOP = 2 };
+
+/* Read the pending signals: SIG_CHLD and/or SIG_STOP (SIGTERM, SIGINT, SIGHUP). */
+static int take_signals(void) {
+    struct signalfd_siginfo si;
+    int got = 0;
+    while (read(sig_fd, &si, sizeof si) == (ssize_t)sizeof si)
+        got |= si.ssi_signo == SIGCHLD ? SIG_CHLD : SIG_STOP;
+    return got;
+}
+
+static int exit_code(int status) {
+    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+/* Runs runc exec --detach; returns the exec'd pid with the pty master in *master. */
+static pid_t runc_exec(int *master, int *stop) {
+    char console[4096];
+    int console_fd = listen_unix(xopt.console, SOCK_STREAM);
+    if (console_fd < 0)
+        fail("console socket %s/%s: %s", opt.bundle, xopt.console, strerror(errno));
+    path_in_bundle(console, sizeof console, xopt.console);
+    const char *argv[MAX_RUNC_ARGS + 24];
+    int n = runc_argv(argv, xopt.runc_log);
+    argv[n++] = "exec";
+    argv[n++] = "--detach";
+    argv[n++] = "--tty";
+    argv[n++] = "--console-socket";
+    /* runc runs in the bundle too: a relative name when the full one does not fit */
+    argv[n++] = strlen(console) < sizeof(((struct sockaddr_un *)0)->sun_path) ? console
+                                                                            : xopt.console;
+    argv[n++] = "--pid-file";
+    argv[n++] = xopt.pid_file;
+    argv[n++] = "--process";
+    argv[n++] = xopt.process;
+    argv[n++] = opt.id;
+    argv[n] = NULL;
+    unlink(xopt.pid_file);
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    pid_t runc = spawn(argv, devnull, 2, 2);  /* runc's messages go to our stderr */
+    close(devnull);
+    if (runc < 0)
+        fail("fork runc: %s", strerror(errno));
+    int status = 0, done = 0;
+    *master = -1;
+    while (!done) {
+        struct pollfd p[2] = {{sig_fd, POLLIN, 0}, {console_fd, POLLIN, 0}};
+        nfds_t np = *master < 0 ? 2 : 1;
+        if (poll(p, np, -1) < 0 && errno != EINTR)
+            fail("poll: %s", strerror(errno));
+        if (np == 2 && (p[1].revents & POLLIN))
+            *master = recv_console(console_fd);
+        if (p[0].revents & POLLIN) {
+            int got = take_signals();
+            *stop |= got & SIG_STOP;
+            if (got & SIG_CHLD)
+                done = reap(runc, &status, 1);
+        }
+    }
+    if (*master < 0)
+        *master = recv_console(console_fd);  /* runc is gone: its connection may be queued */
+    close(console_fd);
+    unlink(xopt.console);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        char line[128];
+        snprintf(line, sizeof line, "{\"error\":\"runc exec failed\",\"status\":%d}\n",
+                 exit_code(status));
+        warn("runc exec %s: status %d", opt.id, exit_code(status));
+        sync_report(line);
+        exit(1);
+    }
+    char buf[32] = {0};
+    int fd = open(xopt.pid_file, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || read(fd, buf, sizeof buf - 1) <= 0)
+        fail("read %s: %s", xopt.pid_file, strerror(errno));
+    close(fd);
+    pid_t pid = (pid_t)atoi(buf);
+    if (pid <= 0)
+        fail("bad pid in %s", xopt.pid_file);
+    if (*master < 0) {
+        kill(pid, SIGKILL);  /* a process nobody can talk to */
+        fail("runc sent no console over %s/%s", opt.bundle, xopt.console);
+    }
+    return pid;
+}
+
+/* Apply the complete "rows cols" lines of the resize fd; returns 0 at its EOF. */
+static int read_resizes(int master, char *buf, size_t *len, size_t size) {
+    ssize_t n = read(xopt.resize_fd, buf + *len, size - 1 - *len);
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR;
+    if (n == 0)
+        return 0;
+    *len += (size_t)n;
+    buf[*len] = 0;
+    char *line = buf, *nl;
+    while ((nl = strchr(line, '\n')) != NULL) {
+        *nl = 0;
+        struct winsize ws;
+        if (master >= 0 && parse_size(line, &ws) == 0 && ioctl(master, TIOCSWINSZ, &ws) < 0)
+            warn("resize: %s", strerror(errno));
+        line = nl + 1;
+    }
+    *len = strlen(line);
+    memmove(buf, line, *len);
+    if (*len == size - 1)
+        *len = 0;  /* no newline in a full buffer: garbage */
+    return 1;
+}
+
+static int exec_tty(void) {
+    if (chdir(opt.bundle) < 0)
+        fail("bundle %s: %s", opt.bundle, strerror(errno));
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
+        fail("PR_SET_CHILD_SUBREAPER: %s", strerror(errno));
+    /* The daemon gone (crashed) is the client gone: the process is killed, as on cancel. */
+    pid_t daemon_pid = getppid();
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t set;
+    sigemptyset(&set);
+    int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP};
+    for (size_t k = 0; k < sizeof sigs / sizeof sigs[0]; k++)
+        sigaddset(&set, sigs[k]);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    sig_fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sig_fd < 0)
+        fail("signalfd: %s", strerror(errno));
+    if (getppid() != daemon_pid)
+        fail("the daemon is gone");
+    if (xopt.resize_fd >= 0) {
+        fcntl(xopt.resize_fd, F_SETFD, FD_CLOEXEC);
+        fcntl(xopt.resize_fd, F_SETFL, fcntl(xopt.resize_fd, F_GETFL) | O_NONBLOCK);
+    }
+
+    int master, stop = 0;
+    pid_t pid = runc_exec(&master, &stop);
+    int status = 0, exited = 0;
+    for (int k = 0; k < n_early; k++) {
+        if (early[k].pid == pid) {  /* it ended before runc did */
+            status = early[k].status;
+            exited = 1;
+        }
+    }
+    char ok[64];
+    snprintf(ok, sizeof ok, "{\"pid\":%d}\n", pid);
+    sync_report(ok);
+    if (stop && !exited)
+        kill(pid, SIGKILL);  /* still our child (unreaped): the pid is its own */
+
+    for (int fd = 0; fd < 2; fd++)
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    fcntl(master, F_SETFL, fcntl(master, F_GETFL) | O_NONBLOCK);
+    static char out[READ_SIZE], in[READ_SIZE], rbuf[256];
+    size_t out_len = 0, out_off = 0, in_len = 0, in_off = 0, rlen = 0;
+    int in_open = 1, out_ok = 1, eot = 0;
+    long long deadline = 0;
+    for (;;) {
+        if (exited && deadline == 0)
+            deadline = now_ns(CLOCK_MONOTONIC) + DRAIN_MS * 1000000LL;
+        if (exited && master < 0 && out_off == out_len)
+            break;  /* all the output is written */
+        int timeout = -1;
+        if (exited) {
+            long long left = deadline - now_ns(CLOCK_MONOTONIC);
+            if (left <= 0)
+                break;  /* a leftover holds the pty, or the daemon stopped reading */
+            timeout = (int)(left / 1000000LL) + 1;
+        }
+        struct pollfd p[5];
+        int n = 0, i_sig = -1, i_master = -1, i_in = -1, i_out = -1, i_rs = -1;
+        p[i_sig = n++] = (struct pollfd){sig_fd, POLLIN, 0};
+        if (master >= 0) {
+            short ev = (out_len == 0 ? POLLIN : 0) | (in_off < in_len || eot == 1 ? POLLOUT : 0);
+            p[i_master = n++] = (struct pollfd){master, ev, 0};
+        }
+        if (in_open && in_len == 0 && !exited)
+            p[i_in = n++] = (struct pollfd){0, POLLIN, 0};
+        if (out_off < out_len)
+            p[i_out = n++] = (struct pollfd){1, POLLOUT, 0};
+        if (xopt.resize_fd >= 0)
+            p[i_rs = n++] = (struct pollfd){xopt.resize_fd, POLLIN, 0};
+        if (poll(p, (nfds_t)n, timeout) < 0) {
+            if (errno == EINTR)
+                continue;
+            warn("poll: %s", strerror(errno));
+            break;
+        }
+        if (p[i_sig].revents) {
+            int got = take_signals();
+            if ((got & SIG_STOP) && !exited)
+                kill(pid, SIGKILL);
+            if (got & SIG_CHLD) {
+                int ignored;
+                if (exited)
+                    reap(-1, &ignored, 0);
+                else
+                    exited = reap(pid, &status, 0);
+            }
+        }
+        if (i_master >= 0 && (p[i_master].revents & POLLOUT)) {
+            ssize_t w = in_off < in_len ? write(master, in + in_off, in_len - in_off)
+                                        : write(master, "\x04", 1);  /* stdin's end: EOT */
+            if (w > 0 && in_off < in_len) {
+                in_off += (size_t)w;
+                if (in_off == in_len)
+                    in_len = in_off = 0;
+            } else if (w > 0) {
+                eot = 2;
+            } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                in_len = in_off = 0;
+                eot = 2;
+            }
+        }
+        if (i_master >= 0 && (p[i_master].revents & (POLLIN | POLLHUP | POLLERR))) {
+            ssize_t r = read(master, out, sizeof out);
+            if (r > 0) {
+                out_len = (size_t)r;
+                out_off = 0;
+                if (!out_ok)
+                    out_len = 0;  /* the daemon is gone: keep the pty moving */
+                if (exited)
+                    deadline = now_ns(CLOCK_MONOTONIC) + DRAIN_MS * 1000000LL;
+            } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                close(master);  /* EIO: every slave fd is closed */
+                master = -1;
+            }
+        }
+        if (i_in >= 0 && p[i_in].revents) {
+            ssize_t r = read(0, in, sizeof in);
+            if (r > 0) {
+                in_len = (size_t)r;
+                in_off = 0;
+            } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                in_open = 0;
+                if (r == 0 && eot == 0)
+                    eot = 1;
+            }
+        }
+        if (i_out >= 0 && p[i_out].revents) {
+            ssize_t w = write(1, out + out_off, out_len - out_off);
+            if (w > 0) {
+                out_off += (size_t)w;
+                if (exited)
+                    deadline = now_ns(CLOCK_MONOTONIC) + DRAIN_MS * 1000000LL;
+            } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                out_ok = 0;  /* EPIPE: the daemon closed its end (the client left) */
+                out_off = out_len;
+            }
+            if (out_off == out_len)
+                out_len = out_off = 0;
+        }
+        if (i_rs >= 0 && p[i_rs].revents &&
+            !read_resizes(master, rbuf, &rlen, sizeof rbuf)) {
+            close(xopt.resize_fd);
+            xopt.resize_fd = -1;
+        }
+    }
+    if (!exited) {  /* the loop broke on a poll error: do not leave it behind */
+        kill(pid, SIGKILL);
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
+    }
+    return exit_code(status);
+}
+
 int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "--version") == 0) {
         printf("ctrmon %d\n", PROTOCOL);
@@ -962,9 +1295,16 @@ int main(int argc, char **argv) {
     }
     if (argc == 2 && strcmp(argv[1], "pause") == 0)
         return pause_forever();
+    if (argc >= 2 && strcmp(argv[1], "exec") == 0) {
+        parse_exec_args(argc, argv);
+        if (fcntl(opt.sync_fd, F_SETFD, FD_CLOEXEC) < 0)
+            opt.sync_fd = -1;
+        return exec_tty();
+    }
     if (argc < 2 || strcmp(argv[1], "create") != 0) {
         opt.sync_fd = -1;
-        fprintf(stderr, "usage: ctrmon --version | ctrmon create ...\n");
+        fprintf(stderr, "usage: ctrmon --version | ctrmon create ... | ctrmon exec ... | "
+                "ctrmon pause\n");
         return 2;
     }
     parse_args(argc, argv);

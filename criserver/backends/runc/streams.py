@@ -22,7 +22,7 @@ from criserver.backends.runc.monitor import STDERR, STDOUT, AttachStream, Monito
 from criserver.backends.runc.runc import Runc, error_for
 from criserver.errors import FailedPrecondition, InvalidArgument
 from criserver.network import netns
-from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
+from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource, TerminalSize
 from vmagent.ocispec import exec_process
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,141 @@ async def _exec_tty(
     process: dict[str, Any], tasks: _Tasks, *, stdin: ByteSource | None,
     stdout: ByteSink | None, resize: ResizeSource | None,
 ) -> int:
-    raise FailedPrecondition(f"container {container_id}: exec with a tty is not supported yet")
+    # runc takes a console socket only when it detaches: ctrmon runs it, holds the pty and
+    # adopts the process (ctrmon.c, "exec"); we talk to ctrmon over three socketpairs.
+    process["terminal"] = True
+    sizes: asyncio.Queue[TerminalSize] = asyncio.Queue()
+    if resize is not None:
+        tasks.spawn(_queue_sizes(resize, sizes))
+        with contextlib.suppress(TimeoutError):
+            first = await asyncio.wait_for(sizes.get(), FIRST_SIZE_WAIT)
+            process["consoleSize"] = {"height": first.height, "width": first.width}
+    await asyncio.to_thread(files.process.write_text, json.dumps(process))
+    ours: list[socket.socket] = []
+    theirs: list[socket.socket] = []
+    for _ in range(3):  # io (its stdin and stdout), resizes, sync
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setblocking(False)
+        ours.append(a)
+        theirs.append(b)
+    io, ctl, sync = ours
+    try:
+        argv = [monitor_binary, "exec", "--runc", runc.binary, "--root", str(runc.root),
+                "--bundle", str(files.bundle), "--id", container_id,
+                "--process", str(files.process), "--pid-file", str(files.pid),
+                "--console", files.console, "--runc-log", str(files.runc_log),
+                "--resize-fd", str(theirs[1].fileno()), "--sync-fd", str(theirs[2].fileno())]
+        try:
+            # From the loop's thread, which lives as long as the daemon: ctrmon's
+            # PDEATHSIG fires when the thread that forked it ends.
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=theirs[0].fileno(), stdout=theirs[0].fileno(),
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(theirs[1].fileno(), theirs[2].fileno()))
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot start {monitor_binary} exec: {exc}") from exc
+        finally:
+            for sock in theirs:
+                sock.close()
+        diag = bytearray()
+        assert proc.stderr is not None
+        tasks.spawn(_collect(proc.stderr, diag))
+        output = tasks.spawn(_tty_out(io, stdout))
+        if stdin is not None:
+            tasks.spawn(_tty_in(stdin, io))
+        tasks.spawn(_send_sizes(sizes, ctl))
+        try:
+            report = await _read_sync(sync)
+            if "pid" not in report:
+                await proc.wait()
+                detail = (await asyncio.to_thread(runc_error, files.runc_log)
+                          or report.get("error") or diag.decode(errors="replace").strip()
+                          or f"ctrmon exec exited {proc.returncode}")
+                raise error_for(f"exec {process['args'][0]!r} in container {container_id}",
+                                int(report.get("status", 1)), str(detail))
+            log.info("exec started container=%s exec=%s pid=%s tty=True", container_id,
+                     files.name, report["pid"])
+            await proc.wait()
+        except BaseException:
+            await tasks.close()  # the client's streams are not ours any more
+            io.close()  # ctrmon's writes fail from now on: it never waits for us
+            await _stop(proc, container_id)
+            raise
+        await output  # ctrmon drained the pty before exiting: its end is closed
+        return _exit_code(proc.returncode)
+    finally:
+        for sock in ours:
+            sock.close()
+
+
+async def _queue_sizes(resize: ResizeSource, sizes: asyncio.Queue[TerminalSize]) -> None:
+    with contextlib.suppress(ConnectionError):
+        async for size in resize:
+            sizes.put_nowait(size)
+
+
+async def _send_sizes(sizes: asyncio.Queue[TerminalSize], ctl: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):  # ctrmon has ended
+        while True:
+            size = await sizes.get()
+            await loop.sock_sendall(ctl, f"{size.height} {size.width}\n".encode())
+
+
+async def _tty_out(io: socket.socket, stdout: ByteSink | None) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data = await loop.sock_recv(io, CHUNK)
+        except OSError:
+            return
+        if not data:
+            return
+        if stdout is not None:
+            await stdout.write(data)
+
+
+async def _tty_in(source: ByteSource, io: socket.socket) -> None:
+    """Client input to the terminal; the client's half-close becomes EOF for ctrmon (which
+    types ^D)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async for chunk in source:
+            await loop.sock_sendall(io, chunk)
+        io.shutdown(socket.SHUT_WR)
+    except OSError:  # the client went away (ConnectionError), or ctrmon has ended
+        return
+
+
+async def _read_sync(sync: socket.socket) -> dict[str, Any]:
+    """ctrmon's one JSON line, read until it closes the fd; {} when it said nothing."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while chunk := await loop.sock_recv(sync, 4096):
+        data += chunk
+    try:
+        report = json.loads(data)
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+async def _collect(reader: asyncio.StreamReader, into: bytearray) -> None:
+    while data := await reader.read(CHUNK):
+        into += data[:_DIAG_MAX - len(into)]
+
+
+async def _stop(proc: asyncio.subprocess.Process, what: str) -> None:
+    """SIGTERM makes ctrmon kill the exec'd process and exit; SIGKILL if it does not."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), KILL_GRACE)
+        except TimeoutError:
+            log.warning("ctrmon exec did not end on SIGTERM container=%s", what)
+            proc.kill()
+            await proc.wait()
+        log.info("exec cancelled, process killed container=%s", what)
 
 
 # -- attach ------------------------------------------------------------------------------------
