@@ -98,6 +98,23 @@ async def test_exit_code_logs_and_exec(pod: Pod) -> None:
     assert r.stdout.strip() == b"1"  # type: ignore[attr-defined]
 
 
+async def test_a_pod_without_log_directory(runc_daemon: Daemon, busybox_ref: str) -> None:
+    cri = runc_daemon.client()
+    try:
+        await cri.image.PullImage(msg("PullImageRequest",
+                                      image=msg("ImageSpec", image=busybox_ref)))
+        pod_id = await cri.run_pod("nolog", linux=pod_linux())
+        cid = await cri.create_container(pod_id, "quiet", pod_name="nolog", image=busybox_ref,
+                                         command=["sh", "-c", "echo nowhere; exit 2"])
+        await cri.runtime.StartContainer(msg("StartContainerRequest", container_id=cid))
+        status = await Pod(cri, pod_id, "nolog", Path("/nonexistent"), busybox_ref).wait_exit(
+            cid, poll=0.05)
+        assert status.exit_code == 2 and status.log_path == ""  # type: ignore[attr-defined]
+        await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
+    finally:
+        await cri.close()
+
+
 async def test_stop_kills_after_the_timeout(pod: Pod) -> None:
     # PID 1 ignores SIGTERM it has no handler for: StopContainer must come to SIGKILL.
     cid = await pod.container("stubborn", "sleep", "3600")

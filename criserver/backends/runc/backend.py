@@ -404,7 +404,8 @@ class RuncBackend(BaseBackend):
         own_pid_ns = config.linux.security_context.namespace_options.pid == cri.CONTAINER
         started = await monitor.launch(
             self.settings.monitor, runc=self.runc.binary, runc_root=self.runc.root,
-            bundle=bundle, container_id=container.id, log_path=container.log_path,
+            # A pod without a log directory (critest's) keeps no log.
+            bundle=bundle, container_id=container.id, log_path=container.log_path or os.devnull,
             tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once,
             kill_all=not own_pid_ns)
         undo.push("delete container", lambda: self.runc.delete(container.id))
