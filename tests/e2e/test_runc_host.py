@@ -157,6 +157,53 @@ async def test_stats_resources_and_oom(pod: Pod) -> None:
     assert status.exit_code == 137 and status.reason == "OOMKilled"  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def shared_dir(tmp_path: Path) -> Iterator[Path]:
+    """A host directory that is a shared mount, as kubelet's /var/lib/kubelet is."""
+    path = tmp_path / "propagated"
+    path.mkdir()
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize(("propagation", "into", "out_of"), [
+    ("PROPAGATION_BIDIRECTIONAL", True, True),
+    ("PROPAGATION_HOST_TO_CONTAINER", True, False),
+    ("PROPAGATION_PRIVATE", False, False),
+])
+async def test_mount_propagation(runc_daemon: Daemon, busybox_ref: str, tmp_path: Path,
+                                 shared_dir: Path, propagation: str, into: bool,
+                                 out_of: bool) -> None:
+    privileged = msg("LinuxPodSandboxConfig", security_context=msg(
+        "LinuxSandboxSecurityContext", privileged=True,
+        namespace_options=msg("NamespaceOption", pid=enum("CONTAINER"))))
+    (shared_dir / "from-host").mkdir()
+    (shared_dir / "from-pod").mkdir()
+    async with running_pod(runc_daemon, busybox_ref, "mounts", tmp_path / "logs",
+                           linux=privileged) as p:
+        cid = await p.container(
+            "mounter", "sleep", "3600",
+            mounts=[msg("Mount", container_path="/shared", host_path=str(shared_dir),
+                        propagation=enum(propagation))],
+            linux=msg("LinuxContainerConfig", security_context=msg(
+                "LinuxContainerSecurityContext", privileged=True,
+                namespace_options=msg("NamespaceOption", pid=enum("CONTAINER")))))
+        subprocess.run(["mount", "-t", "tmpfs", "host-tmpfs", str(shared_dir / "from-host")],
+                       check=True)
+        (shared_dir / "from-host" / "marker").write_text("host")
+        r = await p.exec(cid, "cat", "/shared/from-host/marker")
+        assert (r.stdout == b"host") == into, r  # type: ignore[attr-defined]
+        r = await p.exec(cid, "sh", "-c", "mount -t tmpfs pod-tmpfs /shared/from-pod && "
+                                          "echo pod > /shared/from-pod/marker")
+        assert r.exit_code == 0, r.stderr  # type: ignore[attr-defined]
+        seen = (shared_dir / "from-pod" / "marker").exists()
+        assert seen == out_of
+
+
 def _snapshot(workdir: Path) -> dict[str, set[str]]:
     mounts = {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()}
     cgroups = {str(p) for p in Path("/sys/fs/cgroup").glob("*/criserver/*")}

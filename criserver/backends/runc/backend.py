@@ -706,12 +706,29 @@ def _host_spec(generated: oci_spec.GeneratedSpec, rootfs_path: Path) -> dict[str
     set_process_user(process, user)
     # ctrmon runs at -999: the container must not inherit that.
     process.setdefault("oomScoreAdj", 0)
+    # No process gets a capability beyond the daemon's bounding set (a privileged container
+    # asks for all of them: as Docker, it gets all the daemon can give).
+    held = _held_capabilities()
+    caps = process.get("capabilities") or {}
+    for kind, names in caps.items():
+        caps[kind] = [name for name in names if name in held]
     if generated.guest_devices:
         listed = spec["linux"].get("devices") or []
         taken = {d.get("path") for d in listed}
         spec["linux"]["devices"] = listed + [d for d in guest_devices("/dev")
                                              if d["path"] not in taken]
     return spec
+
+
+def _held_capabilities() -> frozenset[str]:
+    """The capabilities in this process's bounding set (all of them on most hosts)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("CapBnd:")), 16)
+    except (OSError, StopIteration, ValueError):
+        return frozenset(oci_spec.ALL_CAPS)
+    return frozenset(cap for cap, bit in oci_spec.CAP_NUMBER.items() if mask >> bit & 1)
 
 
 def _write_bundle(bundle: Path, spec: dict[str, Any]) -> None:
