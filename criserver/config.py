@@ -64,8 +64,9 @@ class RuntimeConfig:
                 "hostPID, hostIPC); empty: the default handler (the micro-VM refuses them). "
                 "Left unset, a config without a [runtimes.runc] table gets empty")
     privileged_handler: str = _f(
-        "", "Handler for pods that name none and are privileged (Bidirectional mount "
-            "propagation needs one); empty: the default handler")
+        "runc", "Handler for pods that name none and are privileged (Bidirectional mount "
+                "propagation needs one, and the micro-VM refuses it); empty: the default "
+                "handler. Left unset, a config without a [runtimes.runc] table gets empty")
 
 
 @dataclass(frozen=True)

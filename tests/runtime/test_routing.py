@@ -64,13 +64,15 @@ def test_a_route_to_an_unconfigured_handler_is_refused_at_load(tmp_path: Path, k
     assert getattr(load(path).runtime, key) == "runc"
 
 
-def test_host_namespace_pods_go_to_runc_by_default(tmp_path: Path) -> None:
+def test_host_namespace_and_privileged_pods_go_to_runc_by_default(tmp_path: Path) -> None:
     assert load(None).runtime.host_namespaces_handler == "runc"
+    assert load(None).runtime.privileged_handler == "runc"
     assert "runc" in load(None).runtimes
     # A runtimes table of its own without runc: the embedded route is dropped, not an error.
     path = tmp_path / "config.toml"
     path.write_text('[runtimes.microvm]\nbackend = "microvm"\n')
     assert load(path).runtime.host_namespaces_handler == ""
+    assert load(path).runtime.privileged_handler == ""
 
 
 async def test_the_daemon_routes_a_host_network_pod_and_says_so(tmp_path: Path) -> None:
