@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 from criserver.api.runtime.v1 import api_pb2 as cri
-from criserver.errors import CriError, InvalidArgument, Unimplemented
+from criserver.errors import CriError, InvalidArgument, NotFound, Unimplemented
 from criserver.runtime.metric_sample import PodSample, from_stats
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.store.records import ContainerRecord, PodRecord
@@ -349,6 +349,14 @@ class BaseBackend:
         self, pod: PodRecord, container: ContainerRecord
     ) -> cri.ContainerStats:
         raise self._unimplemented("ContainerStats")
+
+    async def _stats_from_batch(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> cri.ContainerStats:
+        """`container_stats` of a backend that overrides `containers_stats`."""
+        for stats in await self.containers_stats(pod, [container]):
+            return stats
+        raise NotFound(f"container {container.id} has no stats: it is not running")
 
     async def containers_stats(
         self, pod: PodRecord, containers: list[ContainerRecord]

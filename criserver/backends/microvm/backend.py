@@ -690,9 +690,7 @@ class MicroVMBackend(BaseBackend):
     async def container_stats(
         self, pod: PodRecord, container: ContainerRecord
     ) -> cri.ContainerStats:
-        for stats in await self.containers_stats(pod, [container]):
-            return stats
-        raise NotFound(f"container {container.id}: no stats in the guest")
+        return await self._stats_from_batch(pod, container)
 
     async def containers_stats(
         self, pod: PodRecord, containers: list[ContainerRecord]

@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from criserver.backends.microvm.channel import AgentClient, DuplexStream
 from criserver.errors import Internal
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource, TerminalSize
+from criserver.runtime.streaming.session_tasks import SessionTasks
 from vmagent.api import agent_pb2 as pb
 from vmagent.credit import Credit
 
@@ -62,23 +63,6 @@ class _Outbox:
                 await self._s.send(self._ack(len(data)))
 
 
-class _Session:
-    """The helper tasks of one relay, cancelled together when it ends."""
-
-    def __init__(self) -> None:
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self.tasks.append(task)
-        return task
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
 def _tty_size(size: TerminalSize) -> pb.TtySize:
     return pb.TtySize(rows=size.height, cols=size.width)
 
@@ -115,7 +99,7 @@ async def _feed_resizes(s: DuplexStream, sizes: asyncio.Queue[TerminalSize]) -> 
         await s.send(pb.StdioInput(resize=_tty_size(size)))
 
 
-async def _stdio(s: DuplexStream, session: _Session, *, stdin: ByteSource | None,
+async def _stdio(s: DuplexStream, session: SessionTasks, *, stdin: ByteSource | None,
                  stdout: ByteSink | None, stderr: ByteSink | None,
                  sizes: asyncio.Queue[TerminalSize] | None) -> pb.ExitStatus | None:
     """Relay an Exec or Attach stream until the agent ends it; the exit status if sent."""
@@ -150,7 +134,7 @@ async def exec_in_vm(
 ) -> int:
     """Run `cmd` in the container through the agent's Exec stream; its exit code."""
     exec_id = uuid.uuid4().hex[:16]
-    session = _Session()
+    session = SessionTasks()
     try:
         start = pb.ExecStart(request_id=exec_id, container_id=container_id, exec_id=exec_id,
                              process=pb.Process(argv=cmd, tty=tty), stdin=stdin is not None)
@@ -174,7 +158,7 @@ async def exec_in_vm(
         await session.close()
 
 
-async def _terminal_sizes(session: _Session, resize: ResizeSource | None,
+async def _terminal_sizes(session: SessionTasks, resize: ResizeSource | None,
                           first: pb.TtySize) -> asyncio.Queue[TerminalSize] | None:
     """A tty's size changes, queued for the stream: the first one set in `first` (the start
     message) before the stream opens."""
@@ -191,7 +175,7 @@ async def attach_in_vm(
     stdout: ByteSink | None, stderr: ByteSink | None, resize: ResizeSource | None,
 ) -> None:
     """Relay the container's main process stdio until its output ends."""
-    session = _Session()
+    session = SessionTasks()
     try:
         start = pb.AttachStart(container_id=container_id, stdin=stdin is not None,
                                stdout=stdout is not None, stderr=stderr is not None and not tty)
@@ -211,7 +195,7 @@ async def port_forward_in_vm(
     agent: AgentClient, pod_id: str, port: int, *, inbound: ByteSource, outbound: ByteSink
 ) -> None:
     """One connection to 127.0.0.1:`port` in the guest, relayed both ways."""
-    session = _Session()
+    session = SessionTasks()
     try:
         async with agent.duplex("PortForward") as s:
             await s.send(pb.PortForwardInput(start=pb.PortForwardStart(port=port)))

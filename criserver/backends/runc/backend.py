@@ -563,9 +563,7 @@ class RuncBackend(BaseBackend):
     async def container_stats(
         self, pod: PodRecord, container: ContainerRecord
     ) -> cri.ContainerStats:
-        for stats in await self.containers_stats(pod, [container]):
-            return stats
-        raise NotFound(f"container {container.id} has no stats: it is not running")
+        return await self._stats_from_batch(pod, container)
 
     async def _interfaces(self, pod: PodRecord) -> list[pb.InterfaceStats]:
         """The pod netns's interfaces, seen through its infra process (none for a

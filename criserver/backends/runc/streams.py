@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from criserver.backends.runc.runc import Runc, error_for
 from criserver.errors import FailedPrecondition, InvalidArgument
 from criserver.network import netns
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource, TerminalSize
+from criserver.runtime.streaming.session_tasks import SessionTasks
 from vmagent.ocispec import exec_process
 
 log = logging.getLogger(__name__)
@@ -37,23 +37,6 @@ CONNECT_TIMEOUT = 10.0
 # (kubectl sends it as soon as its streams are open).
 FIRST_SIZE_WAIT = 1.0
 _DIAG_MAX = 4096
-
-
-class _Tasks:
-    """The helper tasks of one session, cancelled together when it ends."""
-
-    def __init__(self) -> None:
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self.tasks.append(task)
-        return task
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -110,7 +93,7 @@ async def exec_in_container(
         raise InvalidArgument("exec needs a command")
     process = exec_process(spec, cmd, [], "", None)
     files = _ExecFiles(bundle, f"exec-{os.urandom(4).hex()}")
-    tasks = _Tasks()
+    tasks = SessionTasks()
     try:
         if tty:
             code = await _exec_tty(runc, monitor_binary, files, container_id, process, tasks,
@@ -127,8 +110,9 @@ async def exec_in_container(
 
 
 async def _exec_pipes(
-    runc: Runc, files: _ExecFiles, container_id: str, process: dict[str, Any], tasks: _Tasks, *,
-    stdin: ByteSource | None, stdout: ByteSink | None, stderr: ByteSink | None,
+    runc: Runc, files: _ExecFiles, container_id: str, process: dict[str, Any],
+    tasks: SessionTasks, *, stdin: ByteSource | None, stdout: ByteSink | None,
+    stderr: ByteSink | None,
 ) -> int:
     # runc runs in the foreground: the process is its child and runc exits with its status.
     await asyncio.to_thread(files.process.write_text, json.dumps(process))
@@ -258,7 +242,7 @@ def _exit_code(returncode: int | None) -> int:
 
 async def _exec_tty(
     runc: Runc, monitor_binary: str, files: _ExecFiles, container_id: str,
-    process: dict[str, Any], tasks: _Tasks, *, stdin: ByteSource | None,
+    process: dict[str, Any], tasks: SessionTasks, *, stdin: ByteSource | None,
     stdout: ByteSink | None, resize: ResizeSource | None,
 ) -> int:
     # runc takes a console socket only when it detaches: ctrmon runs it, holds the pty and
@@ -411,7 +395,7 @@ async def attach_container(
     :raises FailedPrecondition: the monitor is gone (the container has exited).
     """
     stream = await mon.attach(stdin=stdin is not None)
-    tasks = _Tasks()
+    tasks = SessionTasks()
     try:
         if stdin is not None:
             tasks.spawn(_attach_stdin(stream, stdin))
