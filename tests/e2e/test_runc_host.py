@@ -21,7 +21,7 @@ import pytest
 from criserver.backends.runc.build import build_ctrmon
 from tests.cri_client import enum, msg
 from tests.daemon import Daemon
-from tests.e2e.conftest import handler_config, network_config, tear_down
+from tests.e2e.conftest import handler_config, network_config, network_names, tear_down
 from tests.e2e.test_containers_vm import Pod, running_pod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containers: needs root")
@@ -204,7 +204,8 @@ async def test_mount_propagation(runc_daemon: Daemon, busybox_ref: str, tmp_path
         assert seen == out_of
 
 
-def _snapshot(workdir: Path) -> dict[str, set[str]]:
+def _snapshot(daemon: Daemon) -> dict[str, set[str]]:
+    workdir = daemon.workdir
     mounts = {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()}
     cgroups = {str(p) for p in Path("/sys/fs/cgroup").glob("*/criserver/*")}
     monitors = set()
@@ -217,21 +218,25 @@ def _snapshot(workdir: Path) -> dict[str, set[str]]:
             if b"ctrmon" in cmdline and str(workdir).encode() in cmdline:
                 monitors.add(proc.name)
     netns = {p.name for p in (workdir / "state" / "netns").glob("*")}
+    network, _ = network_names(daemon)
+    ips = {p.name for p in (Path("/var/lib/cni/networks") / network).glob("*.*.*.*")}
     return {"mounts": {m for m in mounts if m.startswith(str(workdir))}, "cgroups": cgroups,
-            "monitors": monitors, "netns": netns}
+            "monitors": monitors, "netns": netns, "ips": ips}
+
 
 
 async def test_removing_the_pod_leaves_nothing(runc_daemon: Daemon, busybox_ref: str,
                                                tmp_path: Path) -> None:
-    before = _snapshot(runc_daemon.workdir)
+    before = _snapshot(runc_daemon)
     async with running_pod(runc_daemon, busybox_ref, "clean-pod", tmp_path,
                            linux=pod_linux()) as p:
         await p.container("runs", "sleep", "3600")
-        during = _snapshot(runc_daemon.workdir)
+        during = _snapshot(runc_daemon)
         assert during["monitors"] - before["monitors"]
         assert during["netns"] - before["netns"]
         assert during["mounts"] - before["mounts"]
-    assert _snapshot(runc_daemon.workdir) == before
+        assert during["ips"] - before["ips"]
+    assert _snapshot(runc_daemon) == before
 
 
 async def test_host_namespaces(runc_daemon: Daemon, busybox_ref: str, tmp_path: Path) -> None:

@@ -160,6 +160,10 @@ class RuncBackend(BaseBackend):
 
     async def _recover(self, container: ContainerRecord) -> None:
         bundle = self._bundle(container.id)
+        # Exec sessions the dead daemon ran: their files (the processes died with runc's parent
+        # or run on unattended; nobody reads their output any more).
+        for leftover in await asyncio.to_thread(lambda: list(bundle.glob("exec-*"))):
+            await asyncio.to_thread(leftover.unlink, True)
         adopted = await asyncio.to_thread(monitor.Monitor.adopt, bundle)
         if adopted is not None:
             self._follow(container, adopted, str(container.backend.get("cgroup", "")))
@@ -255,7 +259,7 @@ class RuncBackend(BaseBackend):
             undo.push("unpin ipc", lambda: netns.remove(ipc))
             backend["ipc"] = str(ipc)
             shm = pod_dir / "shm"
-            await _mount_tmpfs(shm, f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}")
+            await rootfs.mount_tmpfs(shm, f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}")
             undo.push("unmount shm", lambda: rootfs.unmount(shm))
         await asyncio.to_thread(_write_pod_files, pod_dir, config, ips, host_network)
         if ns.pid != cri.NODE:
@@ -755,13 +759,3 @@ def _write_pod_files(pod_dir: Path, config: cri.PodSandboxConfig, ips: tuple[str
         tmp.write_text(text)
         tmp.chmod(0o644)
         os.replace(tmp, path)
-
-
-async def _mount_tmpfs(target: Path, options: str) -> None:
-    await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        "mount", "-t", "tmpfs", "-o", options, "shm", str(target),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise FailedPrecondition(f"mount tmpfs on {target}: {err.decode(errors='replace')}")

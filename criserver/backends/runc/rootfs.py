@@ -268,6 +268,14 @@ def _check_overlay_path(path: Path) -> None:
         raise InvalidArgument(f"overlay path {str(path)!r} contains ',', ':' or '\\'")
 
 
+async def mount_tmpfs(target: Path, options: str) -> None:
+    """A tmpfs at `target` (created), e.g. a pod's /dev/shm."""
+    await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+    code, output = await _run_mount("-t", "tmpfs", "-o", options, "tmpfs", str(target))
+    if code != 0:
+        raise Internal(f"mount tmpfs on {target}: {output}")
+
+
 async def mount_container_rootfs(lower: Path, upper_dir: Path, work_dir: Path,
                                  target: Path) -> None:
     """An overlay of `lower` (an image mount) with upper_dir and work_dir (created, same
