@@ -316,12 +316,16 @@ class RuncBackend(BaseBackend):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(watched.exited.wait(), self.settings.stop_grace)
         if "infraPid" in pod.backend:
-            await self.runc.delete(_infra_id(pod.id))
-            infra_monitor = self._infra.pop(pod.id, None)
+            # Killed and waited for through its monitor, then deleted: `runc delete --force`
+            # of a running container sleeps a fixed 100 ms after its SIGKILL (runc 1.1).
+            await self._kill(_infra_id(pod.id), signal.SIGKILL)
+            infra_monitor = self._infra.pop(pod.id, None) or await asyncio.to_thread(
+                monitor.Monitor.adopt, self._infra_bundle(pod.id))
             if infra_monitor is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(infra_monitor.wait(), self.settings.stop_grace)
                 infra_monitor.close()
+            await self.runc.delete(_infra_id(pod.id))
         if "netns" in pod.backend:
             await self.network.teardown(pod.id)  # after the containers: they pin the netns
         log.info("pod stopped pod=%s", pod.id)
