@@ -20,9 +20,10 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.net_usage import interface_samples, network_usage
@@ -61,6 +62,8 @@ from vmagent.ocispec import guest_devices, set_process_user
 from vmagent.users import resolve_in_rootfs
 
 log = logging.getLogger(__name__)
+A = TypeVar("A")
+B = TypeVar("B")
 
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
 LAYER_SIZE_TTL = 5.0  # seconds a writable layer's measured size is reused
@@ -116,6 +119,8 @@ class RuncBackend(BaseBackend):
         self._watched: dict[str, _Watched] = {}
         self._specs: dict[str, dict[str, Any]] = {}  # container id -> its config.json
         self._infra: dict[str, monitor.Monitor] = {}  # pod id -> its infra container
+        # Pods this daemon stopped completely (containers, infra, network), until removed.
+        self._stopped: set[str] = set()
         self._nano_cores = cgroups.NanoCores()
         self._layer_sizes: dict[str, tuple[float, int]] = {}  # container id -> (when, bytes)
         self._monitor_version = ""
@@ -236,19 +241,10 @@ class RuncBackend(BaseBackend):
         await asyncio.to_thread(pod_dir.mkdir, parents=True, exist_ok=True)
         undo.push("remove pod dir", lambda: asyncio.to_thread(shutil.rmtree, pod_dir, True))
         backend: dict[str, Any] = {"podDir": str(pod_dir)}
-        ips: tuple[str, ...] = ()
         if not host_network:
             netns_path = await self.network.prepare(pod.id)
             undo.push("tear down network", lambda: self.network.teardown(pod.id))
             backend["netns"] = str(netns_path)
-            if self.settings.network:
-                meta = config.metadata
-                attachment = await self.network.connect(
-                    pod.id, meta.name, meta.namespace, meta.uid,
-                    [PortMapping(host_port=p.host_port, container_port=p.container_port,
-                                 protocol=PROTOCOLS.get(p.protocol, "tcp"), host_ip=p.host_ip)
-                     for p in config.port_mappings if p.host_port > 0])
-                ips = tuple(attachment.ips)
             uts = self._ns_pin(pod.id, "uts")
             await netns.pin(uts, "uts", hostname=pod_files.pod_hostname(config))
             undo.push("unpin uts", lambda: netns.remove(uts))
@@ -261,14 +257,28 @@ class RuncBackend(BaseBackend):
             shm = pod_dir / "shm"
             await rootfs.mount_tmpfs(shm, f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}")
             undo.push("unmount shm", lambda: rootfs.unmount(shm))
-        await asyncio.to_thread(_write_pod_files, pod_dir, config, ips, host_network)
-        if ns.pid != cri.NODE:
-            infra_monitor = await self._start_infra(pod, backend, undo)
+        # CNI ADD and the infra container are independent (the infra joins the netns whatever
+        # is in it): both at once, which is most of a pod's start.
+        ips, infra_monitor = await _together(
+            self._connect(pod) if not host_network and self.settings.network else None,
+            self._start_infra(pod, backend, undo) if ns.pid != cri.NODE else None)
+        if infra_monitor is not None:
             backend["infraPid"] = infra_monitor.container_pid
+        await asyncio.to_thread(_write_pod_files, pod_dir, config, ips or (), host_network)
         log.info("pod ready on the host pod=%s handler=%s host_network=%s host_pid=%s "
                  "host_ipc=%s ips=%s", pod.id, self.context.handler, host_network,
-                 ns.pid == cri.NODE, ns.ipc == cri.NODE, list(ips))
-        return SandboxStarted(ips=ips, backend=backend)
+                 ns.pid == cri.NODE, ns.ipc == cri.NODE, list(ips or ()))
+        return SandboxStarted(ips=ips or (), backend=backend)
+
+    async def _connect(self, pod: PodRecord) -> tuple[str, ...]:
+        """CNI ADD in the pod's netns (prepared): the pod's IPs."""
+        meta = pod.config.metadata
+        attachment = await self.network.connect(
+            pod.id, meta.name, meta.namespace, meta.uid,
+            [PortMapping(host_port=p.host_port, container_port=p.container_port,
+                         protocol=PROTOCOLS.get(p.protocol, "tcp"), host_ip=p.host_ip)
+             for p in pod.config.port_mappings if p.host_port > 0])
+        return tuple(attachment.ips)
 
     def _infra_bundle(self, pod_id: str) -> Path:
         return self.context.state / "infra" / pod_id[:16]
@@ -309,6 +319,8 @@ class RuncBackend(BaseBackend):
         return infra_monitor.container_pid
 
     async def stop_sandbox(self, pod: PodRecord) -> None:
+        if pod.id in self._stopped:
+            return  # RemovePodSandbox stops again what StopPodSandbox stopped: nothing is left
         # kubelet stops the containers first with their grace periods; what still runs dies.
         for cid, watched in list(self._watched.items()):
             if watched.pod_id == pod.id:
@@ -328,10 +340,12 @@ class RuncBackend(BaseBackend):
             await self.runc.delete(_infra_id(pod.id))
         if "netns" in pod.backend:
             await self.network.teardown(pod.id)  # after the containers: they pin the netns
+        self._stopped.add(pod.id)
         log.info("pod stopped pod=%s", pod.id)
 
     async def remove_sandbox(self, pod: PodRecord) -> None:
         await self.stop_sandbox(pod)
+        self._stopped.discard(pod.id)
         for kind in ("uts", "ipc"):
             await netns.remove(self._ns_pin(pod.id, kind))
         pod_dir = self._pod_dir(pod.id)
@@ -674,6 +688,26 @@ class _Collected:
 
     async def close(self) -> None:
         return None
+
+
+async def _together(first: Coroutine[Any, Any, A] | None, second: Coroutine[Any, Any, B] | None
+                    ) -> tuple[A | None, B | None]:
+    """Both at once (None: nothing to run). If one fails the other is cancelled and awaited
+    (its undo steps are registered as it goes), then the first error is raised."""
+    tasks = [asyncio.ensure_future(c) if c is not None else None for c in (first, second)]
+    running = [t for t in tasks if t is not None]
+    try:
+        if running:
+            await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    for task in running:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return (tasks[0].result() if tasks[0] else None,  # type: ignore[return-value]
+            tasks[1].result() if tasks[1] else None)
 
 
 def _infra_id(pod_id: str) -> str:
