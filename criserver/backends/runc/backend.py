@@ -139,8 +139,11 @@ class RuncBackend(BaseBackend):
         # Short: ctrmon's control socket in it must fit AF_UNIX's 107 bytes.
         return self.context.state / "c" / container_id[:16]
 
+    def _rootfs_mounts(self) -> Path:
+        return self.context.state / "mounts" / "rootfs"
+
     def _rootfs_mount(self, container_id: str) -> Path:
-        return self.context.state / "mounts" / "rootfs" / container_id[:16]
+        return self._rootfs_mounts() / container_id[:16]
 
     def _layer_dir(self, container_id: str) -> Path:
         """The container's writable layer (upper and work): on disk, it survives restarts."""
@@ -151,7 +154,7 @@ class RuncBackend(BaseBackend):
     async def start(self, pods: list[PodRecord], containers: list[ContainerRecord]) -> None:
         await self._check_monitor()
         # Our unmounts must reach mount namespaces copied meanwhile (a copy would pin them).
-        await rootfs.share_directory(self._rootfs_mount("x").parent)
+        await rootfs.share_directory(self._rootfs_mounts())
         users: Counter[str] = Counter()
         for container in containers:
             for key in container.backend.get("imageMounts", ()):
