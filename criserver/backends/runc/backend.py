@@ -116,6 +116,9 @@ class RuncBackend(BaseBackend):
         self.policy = host_policy()
         self.images = rootfs.ImageMounts(context.state / "mounts" / "images")
         self.cgroup_version = cgroups.cgroup_version()
+        # kubelet sends a limit (0) per page size for every container; without the controller
+        # they are dropped, as CRI-O (CgroupHasHugetlb) and containerd (disable_hugetlb_controller)
+        self._hugetlb = cgroups.has_hugetlb(self.cgroup_version)
         self._watched: dict[str, _Watched] = {}
         self._specs: dict[str, dict[str, Any]] = {}  # container id -> its config.json
         self._infra: dict[str, monitor.Monitor] = {}  # pod id -> its infra container
@@ -422,6 +425,8 @@ class RuncBackend(BaseBackend):
             sandbox_id=pod.id, image_name=config.image.image, sandbox_dir=ns["podDir"],
             image_volumes=image_volumes)
         spec = await asyncio.to_thread(_host_spec, generated, target)
+        if not self._hugetlb:
+            spec["linux"].get("resources", {}).pop("hugepageLimits", None)
         bundle = self._bundle(container.id)
         await asyncio.to_thread(_write_bundle, bundle, spec)
         undo.push("remove bundle", lambda: asyncio.to_thread(shutil.rmtree, bundle, True))
@@ -626,7 +631,10 @@ class RuncBackend(BaseBackend):
     async def update_container_resources(
         self, pod: PodRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None:
-        await self.runc.update(container.id, oci_spec.update_resources(resources))
+        update = oci_spec.update_resources(resources)
+        if not self._hugetlb:
+            update.pop("hugepageLimits", None)
+        await self.runc.update(container.id, update)
 
     async def reopen_container_log(self, pod: PodRecord, container: ContainerRecord) -> None:
         watched = self._watched.get(container.id)

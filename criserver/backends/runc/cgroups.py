@@ -44,6 +44,15 @@ def cgroup_version(root: str = CGROUP_ROOT) -> int:
     return 2 if f_type == CGROUP2_SUPER_MAGIC else 1
 
 
+def has_hugetlb(version: int, root: str = CGROUP_ROOT) -> bool:
+    """Whether runc can set hugepage limits: the hugetlb controller is in the hierarchy runc
+    uses (v1 hybrid hosts may have it on the unified mount only, where runc's v1 code does not
+    look, and then fail every container that carries a limit)."""
+    if version == 2:
+        return "hugetlb" in read_or_empty(f"{root}/cgroup.controllers").split()
+    return os.path.isdir(f"{root}/hugetlb")
+
+
 def _number(text: str) -> int:
     """A single-value cgroup file: "max", "-1", v1's huge "unlimited" and junk are 0."""
     text = text.strip()
