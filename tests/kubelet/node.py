@@ -196,11 +196,12 @@ class KubeletNode:
     """kubelet on `daemon`'s socket with everything of its own under `workdir`."""
 
     def __init__(self, binary: Path, daemon: Daemon, workdir: Path,
-                 name: str = NODE_NAME) -> None:
+                 name: str = NODE_NAME, extra_config: dict[str, Any] | None = None) -> None:
         self.binary = binary
         self.daemon = daemon
         self.workdir = workdir
         self.name = name
+        self.extra_config = dict(extra_config or {})  # KubeletConfiguration fields a test sets
         self.root = workdir / "root"
         self.manifests = workdir / "manifests"
         self.pod_logs = workdir / "pod-logs"
@@ -247,6 +248,7 @@ class KubeletNode:
                              "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
             # Micro-VMs under TCG: leave calls time to finish.
             "runtimeRequestTimeout": "4m",
+            **self.extra_config,
         }
 
     def start(self, timeout: float = 90) -> KubeletNode:
@@ -398,10 +400,12 @@ class KubeletNode:
 
 
 @contextmanager
-def running_node(daemon: Daemon, binary: Path | None = None) -> Iterator[KubeletNode]:
-    """A kubelet node on `daemon` in a scratch dir, stopped and cleaned up afterwards."""
+def running_node(daemon: Daemon, binary: Path | None = None,
+                 extra_config: dict[str, Any] | None = None) -> Iterator[KubeletNode]:
+    """A kubelet node on `daemon` in a scratch dir, stopped and cleaned up afterwards;
+    `extra_config`: KubeletConfiguration fields added to (or replacing) the node's own."""
     workdir = Path(tempfile.mkdtemp(prefix="kln-", dir="/tmp"))
-    node = KubeletNode(binary or kubelet_binary(), daemon, workdir)
+    node = KubeletNode(binary or kubelet_binary(), daemon, workdir, extra_config=extra_config)
     try:
         yield node.start()
     finally:
