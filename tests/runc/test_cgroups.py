@@ -223,3 +223,15 @@ def test_reads_this_hosts_own_cgroup() -> None:
     assert isinstance(cgroups.oom_killed(path, version), bool)
     # the root always has CPU accounting, here too
     assert cgroups.read_usage("/", version).cpu_usage_ns > 0
+
+
+def test_has_hugetlb_per_hierarchy(tmp_path: Path) -> None:
+    # v1 hybrid: hugetlb only on the unified mount, where runc's v1 code does not look.
+    write(tmp_path / "v1" / "unified", {"cgroup.controllers": "hugetlb\n"})
+    assert not cgroups.has_hugetlb(1, str(tmp_path / "v1"))
+    (tmp_path / "v1" / "hugetlb").mkdir()
+    assert cgroups.has_hugetlb(1, str(tmp_path / "v1"))
+    write(tmp_path / "v2", {"cgroup.controllers": "cpu memory pids\n"})
+    assert not cgroups.has_hugetlb(2, str(tmp_path / "v2"))
+    write(tmp_path / "v2", {"cgroup.controllers": "cpu memory hugetlb pids\n"})
+    assert cgroups.has_hugetlb(2, str(tmp_path / "v2"))
