@@ -98,3 +98,17 @@ def unmount_under(workdir: Path) -> None:
     mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
     for point in sorted((m for m in mounts if m.startswith(f"{workdir}/")), reverse=True):
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def process_cmdlines() -> dict[int, str]:
+    """Every live process of the host: pid -> command line (arguments joined by spaces)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+    return found

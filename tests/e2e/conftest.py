@@ -20,7 +20,7 @@ import pytest
 
 from criserver.sandbox import assets
 from tests.cri_client import msg
-from tests.daemon import Daemon, unmount_under
+from tests.daemon import Daemon, process_cmdlines, unmount_under
 
 pytestmark = pytest.mark.vm
 
@@ -153,17 +153,7 @@ def remove_all_pods(daemon: Daemon) -> None:
 
 def qemu_pids(marker: str = "process=criserver-vm") -> dict[int, str]:
     """Running QEMU processes of criserver: pid -> command line."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            found[int(proc.name)] = cmdline
-    return found
+    return {pid: cmd for pid, cmd in process_cmdlines().items() if marker in cmd}
 
 
 def vm_pids_of(pod_id: str) -> list[int]:

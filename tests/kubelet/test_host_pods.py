@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.cri_client import msg
-from tests.daemon import Daemon
+from tests.daemon import Daemon, process_cmdlines
 from tests.e2e.conftest import vm_pids_of
 from tests.kubelet.node import (
     BUSYBOX,
@@ -86,17 +86,8 @@ def sandbox_info(daemon: Daemon, sandbox_id: str) -> dict[str, Any]:
 
 def monitors_of(container_ids: set[str]) -> list[int]:
     """Live ctrmon processes serving any of `container_ids` (their bundle is named after it)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "ctrmon" in cmdline and any(cid in cmdline for cid in container_ids):
-            found.append(int(proc.name))
-    return found
+    return [pid for pid, cmd in process_cmdlines().items()
+            if "ctrmon" in cmd and any(cid in cmd for cid in container_ids)]
 
 
 def remove_host_pod_and_check_gone(node: KubeletNode, name: str, sandbox_id: str) -> None:

@@ -487,8 +487,11 @@ class RuncBackend(BaseBackend):
             container.id, record.exit_code, reason, message, record.finished_at)
 
     async def start_container(self, pod: PodRecord, container: ContainerRecord) -> int:
+        # Taken before: a short-lived process may have exited (and ctrmon stamped its finish)
+        # by the time runc start returns.
+        started = time.time_ns()
         await self.runc.start(container.id)
-        return time.time_ns()
+        return started
 
     async def _kill(self, container_id: str, signum: int) -> None:
         with contextlib.suppress(NotFound, FailedPrecondition):  # it exited meanwhile
