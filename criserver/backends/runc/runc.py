@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from criserver import spawn
 from criserver.errors import CriError, FailedPrecondition, Internal, NotFound
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,14 @@ class Runc:
 
         :raises CriError: runc failed (see `error_for`) or did not finish within `timeout`.
         """
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv(*args), stdin=asyncio.subprocess.PIPE if stdin is not None else
-            asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+        proc = await spawn.spawn(
+            self.argv(*args), stdin=spawn.PIPE if stdin is not None else spawn.DEVNULL,
+            stdout=spawn.PIPE, stderr=spawn.PIPE)
+        if stdin is not None and proc.stdin is not None:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from criserver import spawn
 from criserver.backends.runc.monitor import STDERR, STDOUT, AttachStream, Monitor, runc_error
 from criserver.backends.runc.runc import Runc, error_for
 from criserver.errors import FailedPrecondition, InvalidArgument
@@ -118,9 +119,9 @@ async def _exec_pipes(
     await asyncio.to_thread(files.process.write_text, json.dumps(process))
     argv = runc.argv("--log", str(files.runc_log), "--log-format", "json", "exec",
                      "--process", str(files.process), "--pid-file", str(files.pid), container_id)
-    pipe, devnull = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=pipe if stdin is not None else devnull,
+    pipe, devnull = spawn.PIPE, spawn.DEVNULL
+    proc = await spawn.spawn(
+        argv, stdin=pipe if stdin is not None else devnull,
         stdout=pipe if stdout is not None else devnull,
         stderr=pipe if stderr is not None else devnull)
     log.info("exec started container=%s exec=%s runc_pid=%d", container_id, files.name, proc.pid)
@@ -178,7 +179,7 @@ async def _drain(outputs: list[asyncio.Task[None]], progress: _Progress, what: s
             return  # the caller cancels what is left
 
 
-async def _kill_exec(proc: asyncio.subprocess.Process, pid_file: Path, what: str) -> None:
+async def _kill_exec(proc: spawn.Child, pid_file: Path, what: str) -> None:
     """Kill the exec'd process (not runc: runc killed would leave it running), then reap runc."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + KILL_GRACE

@@ -1,0 +1,101 @@
+"""Child processes for hot paths: started with vfork (Python's subprocess) and watched through a
+pidfd on the event loop.
+
+uvloop's own spawn forks the whole daemon: ~4 ms with its ~150 MB mapped, against ~0.4 ms for a
+vfork (measured on this host). That is most of the daemon's share of an ExecSync through
+`runc exec` (~9 ms). The child's pipes become asyncio streams, so callers use it as they use
+asyncio.subprocess.Process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Sequence
+from typing import IO
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+
+
+class Child:
+    """A started child: `stdin` (a StreamWriter), `stdout`, `stderr` (StreamReaders) for the
+    streams asked as PIPE."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdin: asyncio.StreamWriter | None,
+                 stdout: asyncio.StreamReader | None, stderr: asyncio.StreamReader | None
+                 ) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._exited: asyncio.Future[int] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        """Its exit status (as Popen's returncode: -N when killed by signal N)."""
+        if self._popen.returncode is not None:
+            return self._popen.returncode
+        loop = asyncio.get_running_loop()
+        if self._exited is None:
+            self._exited = loop.create_future()
+            loop.add_reader(self._pidfd, self._reap)
+        return await asyncio.shield(self._exited)
+
+    def _reap(self) -> None:
+        loop = asyncio.get_event_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        code = self._popen.wait()  # readable pidfd: it has exited, this does not block
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(code)
+
+    def kill(self) -> None:
+        if self._popen.returncode is None:
+            try:
+                self._popen.kill()
+            except ProcessLookupError:
+                pass
+
+    async def communicate(self) -> tuple[bytes, bytes]:
+        """Read stdout and stderr to their end and wait for the exit."""
+        out, err, _ = await asyncio.gather(_read(self.stdout), _read(self.stderr), self.wait())
+        return out, err
+
+
+async def _read(reader: asyncio.StreamReader | None) -> bytes:
+    return await reader.read() if reader is not None else b""
+
+
+async def spawn(argv: Sequence[str], *, stdin: int = DEVNULL, stdout: int = DEVNULL,
+                stderr: int = DEVNULL) -> Child:
+    """Start `argv` (PIPE or DEVNULL for each stream).
+
+    :raises OSError: it cannot be started.
+    """
+    # Blocks only until the child has exec'd (vfork): ~0.4 ms, less than a thread hop.
+    popen = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout,  # noqa: ASYNC220
+                             stderr=stderr, close_fds=True)
+    loop = asyncio.get_running_loop()
+    writer = None
+    if popen.stdin is not None:
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.streams.FlowControlMixin(), popen.stdin)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return Child(popen, writer, await _reader(loop, popen.stdout),
+                 await _reader(loop, popen.stderr))
+
+
+async def _reader(loop: asyncio.AbstractEventLoop, pipe: IO[bytes] | None
+                  ) -> asyncio.StreamReader | None:
+    if pipe is None:
+        return None
+    reader = asyncio.StreamReader(limit=2**20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader
