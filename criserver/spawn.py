@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO
 
 PIPE = subprocess.PIPE
+STDOUT = subprocess.STDOUT
 DEVNULL = subprocess.DEVNULL
 
 
@@ -74,14 +75,17 @@ async def _read(reader: asyncio.StreamReader | None) -> bytes:
 
 
 async def spawn(argv: Sequence[str], *, stdin: int = DEVNULL, stdout: int = DEVNULL,
-                stderr: int = DEVNULL) -> Child:
-    """Start `argv` (PIPE or DEVNULL for each stream).
+                stderr: int = DEVNULL, pass_fds: Sequence[int] = (),
+                env: Mapping[str, str] | None = None, cwd: str | None = None) -> Child:
+    """Start `argv`: each stream PIPE, DEVNULL, STDOUT (stderr only) or a file descriptor of
+    ours; `pass_fds` stay open in the child (every other fd is closed).
 
     :raises OSError: it cannot be started.
     """
     # Blocks only until the child has exec'd (vfork): ~0.4 ms, less than a thread hop.
     popen = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout,  # noqa: ASYNC220
-                             stderr=stderr, close_fds=True)
+                             stderr=stderr, close_fds=True, pass_fds=tuple(pass_fds),
+                             env=env, cwd=cwd)
     loop = asyncio.get_running_loop()
     writer = None
     if popen.stdin is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from criserver import spawn
 from criserver.config import NetworkConfig
 from criserver.errors import (
     CriError,
@@ -553,14 +554,8 @@ class CniManager:
         # its own error.
         config_fd = _memfd(json.dumps(stdin).encode())
         try:
-            proc = await asyncio.create_subprocess_exec(
-                binary,
-                stdin=config_fd,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd="/",
-            )
+            proc = await spawn.spawn([binary], stdin=config_fd, stdout=spawn.PIPE,
+                                     stderr=spawn.PIPE, env=env, cwd="/")
         finally:
             os.close(config_fd)
         try:

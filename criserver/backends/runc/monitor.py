@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from criserver import spawn
 from criserver.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,7 @@ async def launch(
     try:
         argv += ["--sync-fd", str(write_fd)]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                pass_fds=(write_fd,),
-            )
+            proc = await spawn.spawn(argv, pass_fds=(write_fd,))
         except OSError as exc:
             raise FailedPrecondition(f"cannot start container monitor {binary}: {exc}") from exc
         os.close(write_fd)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from criserver import spawn
 from criserver.errors import FailedPrecondition, Internal, InvalidArgument
 from criserver.network.netns import _prepare_dir
 from vmagent import mountutil
@@ -105,9 +106,7 @@ def _unmount_blocking(target: Path) -> bool:
 
 
 async def _run_mount(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        MOUNT, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+    proc = await spawn.spawn([MOUNT, *args], stdout=spawn.PIPE, stderr=spawn.STDOUT)
     try:
         output, _ = await proc.communicate()
     except asyncio.CancelledError:
