@@ -57,6 +57,13 @@ class Child:
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(code)
 
+    def send_signal(self, signum: int) -> None:
+        if self._popen.returncode is None:
+            try:
+                self._popen.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
     def kill(self) -> None:
         if self._popen.returncode is None:
             try:

@@ -467,8 +467,7 @@ class RuncBackend(BaseBackend):
                           cgroup: str, exited: asyncio.Event) -> None:
         record = await watched.wait()
         exited.set()
-        gone = await asyncio.to_thread(monitor.read_exit, watched.bundle) is None
-        await self._report_exit(container, record, cgroup, gone=gone)
+        await self._report_exit(container, record, cgroup, gone=watched.lost)
 
     async def _report_exit(self, container: ContainerRecord, record: monitor.ExitRecord,
                            cgroup: str, *, gone: bool) -> None:

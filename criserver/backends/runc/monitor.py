@@ -174,6 +174,7 @@ class Monitor:
         self.bundle = bundle
         self.pid = pid  # ctrmon's
         self.container_pid = container_pid
+        self.lost = False  # it ended without an exit record (killed): its exit is LOST_EXIT
         self._pidfd = pidfd  # None: the monitor had already ended when we looked
         self._reader_loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.Task[ExitRecord] | None = None
@@ -243,6 +244,7 @@ class Monitor:
         record = await asyncio.to_thread(read_exit, self.bundle)
         if record is None:
             log.warning("container monitor died without an exit record bundle=%s", self.bundle)
+            self.lost = True
             record = ExitRecord(LOST_EXIT, 0, time.time_ns())
         return record
 

@@ -273,9 +273,8 @@ async def _exec_tty(
         try:
             # From the loop's thread, which lives as long as the daemon: ctrmon's
             # PDEATHSIG fires when the thread that forked it ends.
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=theirs[0].fileno(), stdout=theirs[0].fileno(),
-                stderr=asyncio.subprocess.PIPE,
+            proc = await spawn.spawn(
+                argv, stdin=theirs[0].fileno(), stdout=theirs[0].fileno(), stderr=spawn.PIPE,
                 pass_fds=(theirs[1].fileno(), theirs[2].fileno()))
         except OSError as exc:
             raise FailedPrecondition(f"cannot start {monitor_binary} exec: {exc}") from exc
@@ -370,7 +369,7 @@ async def _collect(reader: asyncio.StreamReader, into: bytearray) -> None:
         into += data[:_DIAG_MAX - len(into)]
 
 
-async def _stop(proc: asyncio.subprocess.Process, what: str) -> None:
+async def _stop(proc: spawn.Child, what: str) -> None:
     """SIGTERM makes ctrmon kill the exec'd process and exit; SIGKILL if it does not."""
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
