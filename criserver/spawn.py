@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import IO
 
+import uvloop
+
 PIPE = subprocess.PIPE
 STDOUT = subprocess.STDOUT
 DEVNULL = subprocess.DEVNULL
@@ -97,7 +99,7 @@ async def spawn(argv: Sequence[str], *, stdin: int = DEVNULL, stdout: int = DEVN
     writer = None
     if popen.stdin is not None:
         transport, protocol = await loop.connect_write_pipe(
-            lambda: asyncio.streams.FlowControlMixin(), popen.stdin)
+            lambda: asyncio.streams.FlowControlMixin(), _owned_by_transport(loop, popen.stdin))
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return Child(popen, writer, await _reader(loop, popen.stdout),
                  await _reader(loop, popen.stderr))
@@ -108,5 +110,22 @@ async def _reader(loop: asyncio.AbstractEventLoop, pipe: IO[bytes] | None
     if pipe is None:
         return None
     reader = asyncio.StreamReader(limit=2**20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                 _owned_by_transport(loop, pipe))
     return reader
+
+
+def _owned_by_transport(loop: asyncio.AbstractEventLoop, pipe: IO[bytes]) -> IO[bytes]:
+    """The file object to hand a pipe transport, so that exactly one close ends the pipe.
+
+    asyncio's transport closes the file object it is given. uvloop's closes the fd through libuv,
+    then closes the file object as well: a second close(2) of a number that another thread may
+    have just been given by open(2) (seen as EBADF in a CNI result write). Under uvloop the
+    transport gets a duplicate that its file object does not own; Popen's pipe is closed here.
+    """
+    if not isinstance(loop, uvloop.Loop):
+        return pipe
+    fd = os.dup(pipe.fileno())
+    mode = "wb" if pipe.writable() else "rb"
+    pipe.close()
+    return open(fd, mode, buffering=0, closefd=False)
