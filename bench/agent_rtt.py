@@ -113,10 +113,10 @@ def import_time(runs: int) -> tuple[float, list[tuple[float, str]]]:
 
 async def in_vm(assets_dir: Path, starts: int, calls: int) -> None:
     from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
-    from criserver.sandbox import assets as assets_mod
-    from criserver.sandbox.accel import read_tsc_khz
-    from criserver.sandbox.qemu import SerialTransport
-    from criserver.sandbox.vm import VM
+    from criserver.vm import assets as assets_mod
+    from criserver.vm.accel import read_tsc_khz
+    from criserver.vm.qemu import SerialTransport
+    from criserver.vm.vm import VM
     from vmagent.api import agent_pb2 as pb
 
     assets = assets_mod.load(assets_dir)

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec  # noqa: E402
-from criserver.sandbox import assets as assets_mod  # noqa: E402
-from criserver.sandbox.accel import PROBE_MARKER, read_tsc_khz  # noqa: E402
-from criserver.sandbox.qemu import Machine, SerialTransport  # noqa: E402
-from criserver.sandbox.vm import VM  # noqa: E402
+from criserver.vm import assets as assets_mod  # noqa: E402
+from criserver.vm.accel import PROBE_MARKER, read_tsc_khz  # noqa: E402
+from criserver.vm.qemu import Machine, SerialTransport  # noqa: E402
+from criserver.vm.vm import VM  # noqa: E402
 from guest import build as guestbuild  # noqa: E402
 
 # What the daemon's HTTP/2 client sends first; the agent answers with its SETTINGS frame.

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.runtime.seccomp_default import default_profile
-from criserver.sandbox import assets as assets_mod
-from criserver.sandbox.qemu import VMSpec
-from criserver.sandbox.vm import VM
+from criserver.vm import assets as assets_mod
+from criserver.vm.qemu import VMSpec
+from criserver.vm.vm import VM
 from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec
 from vmagent.api import agent_pb2 as pb
 

@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from boot_floor import IDLE_SECONDS, one_boot, pss_kib  # noqa: E402
 
 from criserver.backends.microvm.backend import MicroVMOptions  # noqa: E402
-from criserver.sandbox import assets as assets_mod  # noqa: E402
-from criserver.sandbox.accel import read_tsc_khz  # noqa: E402
-from criserver.sandbox.qemu import Machine  # noqa: E402
+from criserver.vm import assets as assets_mod  # noqa: E402
+from criserver.vm.accel import read_tsc_khz  # noqa: E402
+from criserver.vm.qemu import Machine  # noqa: E402
 from tests.cri_client import CRIClient, msg  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 from tests.e2e.conftest import kill_vms_under, vm_pids_of  # noqa: E402

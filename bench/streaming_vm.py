@@ -38,9 +38,9 @@ from criserver.runtime.streaming.interface import (  # noqa: E402
 from criserver.runtime.streaming.portforward import PortForwardRequest  # noqa: E402
 from criserver.runtime.streaming.remotecommand import StdioRequest  # noqa: E402
 from criserver.runtime.streaming.server import StreamingServer  # noqa: E402
-from criserver.sandbox import assets as assets_mod  # noqa: E402
-from criserver.sandbox.vm import VM  # noqa: E402
 from criserver.store.records import ContainerRecord, PodRecord  # noqa: E402
+from criserver.vm import assets as assets_mod  # noqa: E402
+from criserver.vm.vm import VM  # noqa: E402
 from tests.runtime.streaming.conftest import CONTAINER, POD  # noqa: E402
 from tests.runtime.streaming.spdy_client import SpdyClient  # noqa: E402
 from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec  # noqa: E402

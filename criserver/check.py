@@ -36,7 +36,7 @@ def check_qemu(options: MicroVMOptions) -> Result:
 
 
 def check_assets(options: MicroVMOptions) -> Result:
-    from criserver.sandbox import assets
+    from criserver.vm import assets
 
     try:
         found = assets.load(Path(options.assets_dir))
@@ -48,7 +48,7 @@ def check_assets(options: MicroVMOptions) -> Result:
 
 
 def check_accelerator(config: Config, options: MicroVMOptions) -> Result:
-    from criserver.sandbox import accel, assets
+    from criserver.vm import accel, assets
 
     try:
         found: assets.GuestAssets | None = assets.load(Path(options.assets_dir))
@@ -107,7 +107,7 @@ def check_kvm_device() -> Result:
 
 
 def check_ksm(options: MicroVMOptions) -> Result:
-    from criserver.sandbox import ksm
+    from criserver.vm import ksm
 
     state = ksm.state()
     if state == "on":

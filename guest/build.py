@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from criserver.sandbox import assets as assets_mod
+from criserver.vm import assets as assets_mod
 
 log = logging.getLogger("criserver.guestbuild")
 

@@ -13,11 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # package -> module prefixes it must not import
 FORBIDDEN = {
-    "criserver/sandbox": ("criserver.runtime", "criserver.store", "criserver.backends",
-                          "criserver.api", "criserver.image", "vmagent"),
+    "criserver/vm": ("criserver.runtime", "criserver.store", "criserver.backends",
+                     "criserver.api", "criserver.image", "criserver.machine", "vmagent"),
     "criserver/network": ("criserver.runtime", "criserver.store", "criserver.backends",
-                          "criserver.api", "criserver.image", "criserver.sandbox", "vmagent"),
-    "criserver/runtime": ("criserver.backends", "criserver.sandbox", "criserver.network",
+                          "criserver.api", "criserver.image", "criserver.vm", "vmagent"),
+    "criserver/runtime": ("criserver.backends", "criserver.vm", "criserver.network",
                           "vmagent"),
 }
 

@@ -31,7 +31,7 @@ _FIELDS: dict[str, tuple[type, object]] = {
     # The fast path's helper binary (guest/vmexec.c; "": where the guest image puts it).
     # Without it every exec goes through runc.
     "vmexec": (str, ""),
-    # This guest is booted to become a template (criserver/sandbox/template.py): it loads what
+    # This guest is booted to become a template (criserver/vm/template.py): it loads what
     # every pod's first container needs before it answers, and keeps its page cache, since
     # clones share both with it until they write them.
     "template": (bool, False),

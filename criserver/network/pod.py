@@ -2,7 +2,7 @@
 
 What is done with the CNI interface afterwards is the backend's: a host backend's containers
 join the netns as it is; a VM backend carries the interface's addresses into its guest
-(criserver.sandbox.tap). Before DEL they are put back where ADD left them, whichever it was.
+(criserver.vm.tap). Before DEL they are put back where ADD left them, whichever it was.
 teardown() is idempotent and works when the netns is already gone.
 """
 

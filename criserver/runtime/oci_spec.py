@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 OCI_VERSION = "1.0.2"
 # Pod-level files the agent writes in the guest; the containers bind-mount them.
-SANDBOX_DIR = "/run/criserver/sandbox"
+SANDBOX_DIR = "/run/criserver/vm"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ID = 2**32 - 1  # uid/gid are uint32; 2**32-1 is (uid_t)-1, refused by the kernel anyway
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from criserver.sandbox import assets
+from criserver.vm import assets
 from tests.cri_client import msg
 from tests.daemon import Daemon, process_cmdlines, unmount_under
 

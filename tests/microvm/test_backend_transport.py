@@ -12,8 +12,8 @@ from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.config import Config
 from criserver.errors import InvalidArgument
 from criserver.runtime.backend import BackendContext
-from criserver.sandbox.qemu import SerialTransport, VsockTransport
 from criserver.store.records import PodRecord
+from criserver.vm.qemu import SerialTransport, VsockTransport
 from vmagent.contract import AGENT_PORT_NAME
 
 POD_ID = "ab" * 32

@@ -8,8 +8,8 @@ import pytest
 
 from criserver.backends.microvm.guest import GuestBoot, as_template, pod_guest_spec
 from criserver.errors import InvalidArgument
-from criserver.sandbox.assets import GuestAssets
-from criserver.sandbox.qemu import (
+from criserver.vm.assets import GuestAssets
+from criserver.vm.qemu import (
     DirectKernel,
     Machine,
     SerialTransport,

@@ -21,9 +21,9 @@ from criserver.errors import AlreadyExists, NotFound
 from criserver.network import netns
 from criserver.network.cni import PodRef, PortMapping
 from criserver.network.pod import Attachment, PodNetwork
-from criserver.sandbox import tap
-from criserver.sandbox.qemu import TapNic, nic_args
-from criserver.sandbox.tap import GuestInterface, GuestRoute, collect
+from criserver.vm import tap
+from criserver.vm.qemu import TapNic, nic_args
+from criserver.vm.tap import GuestInterface, GuestRoute, collect
 from tests.network.test_network_support import (
     NetEnv,
     chains_of,

@@ -714,10 +714,10 @@ def test_default_mounts() -> None:
         "/sys": "sysfs", "/sys/fs/cgroup": "cgroup", "/dev/shm": "bind",
         "/etc/hostname": "bind", "/etc/hosts": "bind", "/etc/resolv.conf": "bind",
     }
-    assert by_dest["/etc/hosts"]["source"] == "/run/criserver/sandbox/hosts"
-    assert by_dest["/etc/resolv.conf"]["source"] == "/run/criserver/sandbox/resolv.conf"
-    assert by_dest["/etc/hostname"]["source"] == "/run/criserver/sandbox/hostname"
-    assert by_dest["/dev/shm"]["source"] == "/run/criserver/sandbox/shm"
+    assert by_dest["/etc/hosts"]["source"] == "/run/criserver/vm/hosts"
+    assert by_dest["/etc/resolv.conf"]["source"] == "/run/criserver/vm/resolv.conf"
+    assert by_dest["/etc/hostname"]["source"] == "/run/criserver/vm/hostname"
+    assert by_dest["/dev/shm"]["source"] == "/run/criserver/vm/shm"
     assert by_dest["/etc/hosts"]["options"] == ["rbind", "rprivate", "rw"]
     assert "rootfsPropagation" not in spec["linux"]
 
@@ -788,7 +788,7 @@ def test_cri_mounts_override_pod_files_and_defaults() -> None:
     spec = gen(container_config(mounts=mounts)).spec
     assert mount_at(spec, "/etc/hosts")["source"] == SHARED + "/kubelet/pods/u/etc-hosts"
     assert mount_at(spec, "/proc")["type"] == "bind"
-    assert mount_at(spec, "/etc/resolv.conf")["source"].startswith("/run/criserver/sandbox/")
+    assert mount_at(spec, "/etc/resolv.conf")["source"].startswith("/run/criserver/vm/")
     dests = [m["destination"] for m in spec["mounts"]]
     assert dests.index("/dev") < dests.index("/dev/termination-log")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
-from criserver.sandbox.accel import read_tsc_khz
-from criserver.sandbox.assets import GuestAssets
-from criserver.sandbox.qemu import SerialTransport, Share, VMSpec
+from criserver.vm.accel import read_tsc_khz
+from criserver.vm.assets import GuestAssets
+from criserver.vm.qemu import SerialTransport, Share, VMSpec
 
 BUSYBOX = "/bin/busybox"
 

@@ -24,8 +24,8 @@ from criserver import errors
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.backends.microvm.streams import exec_in_vm
 from criserver.runtime.streaming.interface import TerminalSize
-from criserver.sandbox import assets as assets_mod
-from criserver.sandbox.vm import VM
+from criserver.vm import assets as assets_mod
+from criserver.vm.vm import VM
 from tests.vmagent.containerkit import busybox_rootfs, container_vm_spec, make_erofs, oci_spec
 from vmagent.api import agent_pb2 as pb
 

@@ -16,10 +16,10 @@ import pytest
 
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
-from criserver.sandbox import assets as assets_mod
-from criserver.sandbox.accel import read_tsc_khz
-from criserver.sandbox.qemu import SerialTransport
-from criserver.sandbox.vm import VM
+from criserver.vm import assets as assets_mod
+from criserver.vm.accel import read_tsc_khz
+from criserver.vm.qemu import SerialTransport
+from criserver.vm.vm import VM
 from vmagent.api import agent_pb2 as pb
 
 pytestmark = pytest.mark.vm

@@ -60,9 +60,10 @@ from criserver.runtime.backend import (
 from criserver.runtime.metric_sample import PodSample
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import assets, tap
-from criserver.sandbox.host import VMHost
-from criserver.sandbox.qemu import (
+from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+from criserver.vm import assets, tap
+from criserver.vm.host import VMHost
+from criserver.vm.qemu import (
     AgentTransport,
     Machine,
     SerialTransport,
@@ -71,9 +72,8 @@ from criserver.sandbox.qemu import (
     VMSpec,
     VsockTransport,
 )
-from criserver.sandbox.template import TEMPLATE_MAC, TemplateStore
-from criserver.sandbox.vm import VM
-from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+from criserver.vm.template import TEMPLATE_MAC, TemplateStore
+from criserver.vm.vm import VM
 from vmagent.api import agent_pb2 as pb
 from vmagent.contract import AGENT_PORT_NAME, IMAGE_VOLUMES_DIR, RUN_DIR
 from vmagent.ocispec import GUEST_DEVICES_ANNOTATION

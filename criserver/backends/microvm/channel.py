@@ -22,7 +22,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
 from criserver import errors
-from criserver.sandbox.qemu import AgentTransport, VsockTransport
+from criserver.vm.qemu import AgentTransport, VsockTransport
 from vmagent.api import agent_pb2 as pb
 from vmagent.api.agent_grpc import AgentStub, HealthStub
 from vmagent.contract import AGENT_VSOCK_PORT

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.errors import InvalidArgument
-from criserver.sandbox.assets import GuestAssets
-from criserver.sandbox.qemu import (
+from criserver.vm.assets import GuestAssets
+from criserver.vm.qemu import (
     AgentTransport,
     DirectKernel,
     Disk,
@@ -148,7 +148,7 @@ def as_template(spec: VMSpec) -> VMSpec:
 
 
 class TemplateBoot:
-    """How a pod guest becomes a template (criserver.sandbox.template.TemplateGuest): booted
+    """How a pod guest becomes a template (criserver.vm.template.TemplateGuest): booted
     with the template setting, ready once its agent answers."""
 
     def template_spec(self, spec: VMSpec) -> VMSpec:

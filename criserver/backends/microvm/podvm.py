@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from criserver.backends.microvm.channel import AgentClient
-from criserver.sandbox.vm import VM, EventKind, VMEvent
+from criserver.vm.vm import VM, EventKind, VMEvent
 
 log = logging.getLogger(__name__)
 

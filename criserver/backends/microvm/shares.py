@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from criserver.errors import InvalidArgument, NotFound
-from criserver.sandbox.qemu import Share
+from criserver.vm.qemu import Share
 from vmagent.contract import IMAGES_TAG, SHARED_DIR, SHARED_TAG
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from criserver.sandbox.assets import GuestAssets
+from criserver.vm.assets import GuestAssets
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from criserver.errors import (
     Unavailable,
 )
 from criserver.failpoints import crash_point
-from criserver.sandbox import process
-from criserver.sandbox.qemu import (
+from criserver.vm import process
+from criserver.vm.qemu import (
     HOTPLUG_PORT,
     Disk,
     TapNic,

@@ -9,7 +9,7 @@ import pytest
 from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.config import Config, DaemonConfig
 from criserver.runtime.backend import BackendContext
-from criserver.sandbox import ksm
+from criserver.vm import ksm
 from tests.daemon import unmount_under
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from criserver.errors import FailedPrecondition, Internal, NotFound
-from criserver.sandbox.assets import GuestAssets
-from criserver.sandbox.qemu import DirectKernel, Machine, SerialTransport, VMSpec
-from criserver.sandbox.vm import VM, EventKind, VMEvent
-from tests.sandbox.conftest import first_guest_bytes, qemu_processes_of
+from criserver.vm.assets import GuestAssets
+from criserver.vm.qemu import DirectKernel, Machine, SerialTransport, VMSpec
+from criserver.vm.vm import VM, EventKind, VMEvent
+from tests.vm.conftest import first_guest_bytes, qemu_processes_of
 
 pytestmark = pytest.mark.vm
 
@@ -110,7 +110,7 @@ async def test_adopt_after_controller_process_died(
     script = textwrap.dedent(
         f"""
         import asyncio, os, pickle
-        from criserver.sandbox.vm import VM
+        from criserver.vm.vm import VM
         spec = pickle.loads(bytes.fromhex({pickle.dumps(spec).hex()!r}))
         async def main():
             vm = VM(spec)

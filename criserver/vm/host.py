@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from criserver.sandbox import accel, assets, ksm
+from criserver.vm import accel, assets, ksm
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from criserver.errors import InvalidArgument
-from criserver.sandbox.qemu import (
+from criserver.vm.qemu import (
     DirectKernel,
     Disk,
     Firmware,

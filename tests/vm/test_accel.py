@@ -22,9 +22,9 @@ from criserver.config import Config, DaemonConfig
 from criserver.errors import FailedPrecondition
 from criserver.runtime.backend import BackendContext, DaemonShared
 from criserver.runtime.undo import UndoStack
-from criserver.sandbox import accel
-from criserver.sandbox.assets import GuestAssets
 from criserver.store.records import PodRecord
+from criserver.vm import accel
+from criserver.vm.assets import GuestAssets
 from tests.daemon import unmount_under
 
 
@@ -80,7 +80,7 @@ def test_a_probe_dies_with_its_daemon(tmp_path: Path, guest_assets: GuestAssets)
     script = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
-        "from criserver.sandbox import accel, assets\n"
+        "from criserver.vm import accel, assets\n"
         "a = assets.load(Path(sys.argv[1]).parent, Path(sys.argv[1]).name)\n"
         # 600 s: the probe is still running when its parent is killed, whatever the host does.
         "asyncio.run(accel._probe(Path(sys.argv[2]), a, 'qemu-system-x86_64', 600.0,"

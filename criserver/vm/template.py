@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Protocol
 
 from criserver.errors import CriError
-from criserver.sandbox import process
-from criserver.sandbox.host import qemu_identity
-from criserver.sandbox.qemu import (
+from criserver.vm import process
+from criserver.vm.host import qemu_identity
+from criserver.vm.qemu import (
     GuestMemory,
     SerialTransport,
     TapNic,
@@ -44,7 +44,7 @@ from criserver.sandbox.qemu import (
     VsockTransport,
     build_command,
 )
-from criserver.sandbox.vm import VM
+from criserver.vm.vm import VM
 
 log = logging.getLogger(__name__)
 

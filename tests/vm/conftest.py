@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from criserver.backends.microvm.guest import GuestBoot, pod_guest_spec
-from criserver.sandbox import assets as assets_mod
-from criserver.sandbox import process
-from criserver.sandbox.accel import read_tsc_khz
-from criserver.sandbox.qemu import SerialTransport, VMSpec
+from criserver.vm import assets as assets_mod
+from criserver.vm import process
+from criserver.vm.accel import read_tsc_khz
+from criserver.vm.qemu import SerialTransport, VMSpec
 from guest import build as guestbuild
 
 # Where the VM tests take their assets from: $CRISERVER_GUEST_ASSETS, else the installed ones,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from criserver.sandbox import assets as assets_mod
+from criserver.vm import assets as assets_mod
 from guest import build as guestbuild
 
 KERNELS = sorted(Path("/boot").glob("vmlinuz-*"))

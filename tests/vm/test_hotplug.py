@@ -14,10 +14,10 @@ import pytest
 
 from criserver.errors import ResourceExhausted
 from criserver.network import netns
-from criserver.sandbox import assets as assets_mod
-from criserver.sandbox import tap
-from criserver.sandbox.qemu import DirectKernel, Disk, Machine, RebootPolicy, TapNic, VMSpec
-from criserver.sandbox.vm import VM
+from criserver.vm import assets as assets_mod
+from criserver.vm import tap
+from criserver.vm.qemu import DirectKernel, Disk, Machine, RebootPolicy, TapNic, VMSpec
+from criserver.vm.vm import VM
 from guest.build import Cpio
 
 pytestmark = pytest.mark.vm

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from criserver.errors import Internal
-from criserver.sandbox.qemu import (
+from criserver.vm.qemu import (
     DirectKernel,
     Disk,
     GuestMemory,
@@ -20,7 +20,7 @@ from criserver.sandbox.qemu import (
     TapNic,
     VMSpec,
 )
-from criserver.sandbox.template import (
+from criserver.vm.template import (
     TEMPLATE_MAC,
     Template,
     TemplateStore,
