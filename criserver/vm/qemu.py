@@ -22,6 +22,8 @@ _MAX_SOCKET_PATH = 107
 _DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")  # QEMU's id syntax, kept short
 # virtio-9p mount tags: short, and no characters QEMU's option parser or mount(8) would mangle.
 _SHARE_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
+# QEMU wants user entries under opt/ (the rest is the firmware's), 55 bytes at most.
+_FW_CFG_NAME = re.compile(r"^opt/[A-Za-z0-9_./-]{1,51}$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 HOTPLUG_PORT = "hotplug"  # hotplug<n>: the root ports of VMSpec.hotplug_slots
 
@@ -110,6 +112,15 @@ class Share:
 
 
 @dataclass(frozen=True)
+class FwCfgFile:
+    """A file the guest reads through QEMU's firmware configuration device, by `name` (e.g.
+    Ignition's opt/com.coreos/config, under /sys/firmware/qemu_fw_cfg/by_name in Linux)."""
+
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class GuestMemory:
     """Guest RAM backed by a file instead of anonymous memory. A template VM maps it shared (the
     file receives the guest's pages); a clone maps the template's file privately: it reads the
@@ -142,6 +153,11 @@ class VMLocation:
         """QEMU's own stderr and the guest's serial console, one file per VM."""
         return self.state_dir / "vm.log"
 
+    @property
+    def console_socket(self) -> Path:
+        """The serial console's socket, for VMs with an interactive console."""
+        return self.state_dir / "console.sock"
+
 
 @dataclass(frozen=True)
 class VMSpec:
@@ -169,6 +185,10 @@ class VMSpec:
     # QEMU starts paused and waits for a device state (`migrate-incoming`): a clone restored
     # from a template instead of booting.
     incoming: bool = False
+    fw_cfg: tuple[FwCfgFile, ...] = ()
+    # The serial console is also a listening socket (one client at a time) for an interactive
+    # session; its output still goes to the log file either way.
+    interactive_console: bool = False
 
     @property
     def location(self) -> VMLocation:
@@ -186,6 +206,10 @@ class VMSpec:
     def log_file(self) -> Path:
         return self.location.log_file
 
+    @property
+    def console_socket(self) -> Path:
+        return self.location.console_socket
+
 
 def bus_kind(machine: Machine) -> str:
     """How the guest finds its virtio devices: "mmio" (microvm) or "pci" (q35)."""
@@ -199,6 +223,8 @@ def _bus_device(machine: Machine, kind: str) -> str:
 
 def _check(spec: VMSpec) -> None:
     sockets = [spec.qmp_socket]
+    if spec.interactive_console:
+        sockets.append(spec.console_socket)
     if isinstance(spec.transport, SerialTransport):
         sockets.append(spec.transport.socket_path)
     for s in sockets:
@@ -221,7 +247,11 @@ def _check(spec: VMSpec) -> None:
     for share in spec.shares:
         if not _SHARE_TAG.match(share.tag):
             raise InvalidArgument(f"vm {spec.vm_id}: bad 9p share tag {share.tag!r}")
+    for entry in spec.fw_cfg:
+        if not _FW_CFG_NAME.match(entry.name):
+            raise InvalidArgument(f"vm {spec.vm_id}: bad fw_cfg name {entry.name!r}")
     paths = (*boot_paths(spec.boot), *(d.path for d in spec.disks),
+             *(f.path for f in spec.fw_cfg),
              *([spec.memory_file.path] if spec.memory_file else []))
     for p in (*paths, *(sh.path for sh in spec.shares)):
         if "," in str(p):
@@ -308,6 +338,14 @@ def _boot_args(boot: BootSource) -> list[str]:
     return argv
 
 
+def _console_chardev(spec: VMSpec) -> str:
+    if spec.interactive_console:
+        # The log keeps everything the guest prints, whether or not a client is connected.
+        return (f"socket,id=console,path={spec.console_socket},server=on,wait=off,"
+                f"logfile={spec.log_file},logappend=on")
+    return f"file,id=console,path={spec.log_file},append=on"
+
+
 def _accel_option(spec: VMSpec) -> str:
     if spec.accel == "tcg" and spec.tcg_tb_size_mib > 0:
         return f"tcg,tb-size={spec.tcg_tb_size_mib}"
@@ -355,10 +393,12 @@ def build_command(spec: VMSpec) -> list[str]:
         "-nographic",
         "-action", f"reboot={spec.reboot.value},panic=shutdown",
         *_boot_args(spec.boot),
-        "-chardev", f"file,id=console,path={spec.log_file},append=on",
+        "-chardev", _console_chardev(spec),
         "-serial", "chardev:console",
     ]
     # fmt: on
+    for entry in spec.fw_cfg:
+        argv += ["-fw_cfg", f"name={entry.name},file={entry.path}"]
     if isinstance(spec.transport, SerialTransport):
         # fmt: off
         argv += [

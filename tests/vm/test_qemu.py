@@ -12,6 +12,7 @@ from criserver.vm.qemu import (
     DirectKernel,
     Disk,
     Firmware,
+    FwCfgFile,
     GuestMemory,
     Machine,
     RebootPolicy,
@@ -194,3 +195,21 @@ def test_guest_memory_file_and_incoming() -> None:
     assert opt(clone, "-incoming") == ["defer"]
     plain = build_command(spec())
     assert "-object" not in plain and opt(plain, "-machine") == ["microvm,acpi=on"]
+
+
+def test_fw_cfg_files_and_an_interactive_console() -> None:
+    argv = build_command(spec(
+        machine=Machine.Q35, boot=Firmware(), transport=None,
+        fw_cfg=(FwCfgFile("opt/com.coreos/config", Path("/m/ignition.json")),),
+        interactive_console=True,
+    ))
+    assert argv[argv.index("-fw_cfg") + 1] == "name=opt/com.coreos/config,file=/m/ignition.json"
+    chardev = argv[argv.index("-serial") - 1]
+    assert chardev == ("socket,id=console,path=/run/c/pod1/console.sock,server=on,wait=off,"
+                       "logfile=/run/c/pod1/vm.log,logappend=on")
+
+
+@pytest.mark.parametrize("name", ["etc/boot-menu-wait", "opt/", "opt/a,b", "opt/" + "x" * 52])
+def test_rejects_fw_cfg_names_qemu_reserves_or_misparses(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="fw_cfg"):
+        build_command(spec(fw_cfg=(FwCfgFile(name, Path("/m/f")),)))

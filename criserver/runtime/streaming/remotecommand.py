@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
@@ -40,9 +40,33 @@ Status = dict[str, Any]
 StatusWriter = Callable[[Status], Awaitable[None]]
 
 
+class StdioTarget(Protocol):
+    """What an exec/attach token names: the session's shape, and what runs it. CRI containers
+    (StdioRequest) and IRI machine consoles (criserver/machine/console.py) are both served
+    through this one path, whichever transport the client picks."""
+
+    @property
+    def kind(self) -> Literal["exec", "attach"]: ...
+    @property
+    def cmd(self) -> tuple[str, ...]: ...
+    @property
+    def tty(self) -> bool: ...
+    @property
+    def stdin(self) -> bool: ...
+    @property
+    def stdout(self) -> bool: ...
+    @property
+    def stderr(self) -> bool: ...
+    @property
+    def subject(self) -> str: ...
+
+    def start(self, stdio: Stdio) -> Awaitable[int | None]:
+        """Run the session on the client's streams: the exit code (exec), or None."""
+
+
 @dataclass(frozen=True)
 class StdioRequest:
-    """An Exec or Attach request, as its token names it."""
+    """An Exec or Attach request for a CRI container, as its token names it."""
 
     kind: Literal["exec", "attach"]
     backend: SandboxBackend
@@ -57,6 +81,15 @@ class StdioRequest:
     @property
     def subject(self) -> str:
         return f"{self.kind} container={self.container.id} pod={self.pod.id}"
+
+    def start(self, stdio: Stdio) -> Awaitable[int | None]:
+        if self.kind == "exec":
+            return self.backend.exec(
+                self.pod, self.container, list(self.cmd), tty=self.tty, stdin=stdio.stdin,
+                stdout=stdio.stdout, stderr=stdio.stderr, resize=stdio.resize)
+        return self.backend.attach(
+            self.pod, self.container, tty=self.tty, stdin=stdio.stdin, stdout=stdio.stdout,
+            stderr=stdio.stderr, resize=stdio.resize)
 
 
 @dataclass
@@ -141,19 +174,10 @@ async def _decode(decoder: json.JSONDecoder, source: ByteSource) -> AsyncIterato
 # -- running the backend ---------------------------------------------------------------------
 
 
-async def run(request: StdioRequest, stdio: Stdio, gone: asyncio.Event) -> None:
-    """Run the backend call until it ends (then tell the client how) or the client is gone
-    (then cancel it: an exec'd process is killed, an attach detaches)."""
-    backend = request.backend
-    if request.kind == "exec":
-        call: Awaitable[int | None] = backend.exec(
-            request.pod, request.container, list(request.cmd), tty=request.tty,
-            stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr, resize=stdio.resize)
-    else:
-        call = backend.attach(
-            request.pod, request.container, tty=request.tty, stdin=stdio.stdin,
-            stdout=stdio.stdout, stderr=stdio.stderr, resize=stdio.resize)
-    task = asyncio.ensure_future(call)
+async def run(request: StdioTarget, stdio: Stdio, gone: asyncio.Event) -> None:
+    """Run the session until it ends (then tell the client how) or the client is gone (then
+    cancel it: an exec'd process is killed, an attach detaches)."""
+    task = asyncio.ensure_future(request.start(stdio))
     waiter = asyncio.ensure_future(gone.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -188,7 +212,7 @@ async def run(request: StdioRequest, stdio: Stdio, gone: asyncio.Event) -> None:
 
 
 async def spdy_session(
-    http: web.Request, request: StdioRequest, idle_timeout: float, creation_timeout: float
+    http: web.Request, request: StdioTarget, idle_timeout: float, creation_timeout: float
 ) -> web.StreamResponse:
     """Serve one exec/attach over SPDY/3.1: the client opens an error stream and one stream per
     requested stdio stream (plus resize with a TTY from v3 on); the session starts once all

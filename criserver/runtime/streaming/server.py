@@ -20,12 +20,12 @@ from aiohttp import web
 from criserver.runtime.streaming import portforward, remotecommand, tunnel, upgrade, websocket
 from criserver.runtime.streaming.idle import DEFAULT_CREATION_TIMEOUT, DEFAULT_IDLE_TIMEOUT
 from criserver.runtime.streaming.portforward import PortForwardRequest
-from criserver.runtime.streaming.remotecommand import StdioRequest
+from criserver.runtime.streaming.remotecommand import StdioTarget
 from criserver.runtime.streaming.tokens import DEFAULT_CAPACITY, DEFAULT_TTL, TokenCache
 
 log = logging.getLogger(__name__)
 
-PreparedRequest = StdioRequest | PortForwardRequest
+PreparedRequest = StdioTarget | PortForwardRequest
 SHUTDOWN_GRACE = 1.0  # seconds aiohttp gives connections at stop (sessions are ended first)
 
 

@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 
 from criserver.runtime.streaming import remotecommand
 from criserver.runtime.streaming.idle import watch_idle
-from criserver.runtime.streaming.remotecommand import Status, StdioRequest
+from criserver.runtime.streaming.remotecommand import Status, StdioTarget
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class ChannelSink:
 
 
 async def stdio_session(
-    request: web.Request, stdio_request: StdioRequest, idle_timeout: float
+    request: web.Request, stdio_request: StdioTarget, idle_timeout: float
 ) -> web.WebSocketResponse:
     """Serve one exec/attach over WebSocket."""
     readable = ({RESIZE} if stdio_request.tty else set()) | (
