@@ -93,8 +93,8 @@ def _ifreq(name: str, flags: int) -> bytes:
     return struct.pack("16sH22x", encoded, flags)
 
 
-def _tun_open(name: str) -> int:
-    # The caller's thread is in the pod netns: the tun fd, and a tap it creates, belong there.
+def tun_open(name: str) -> int:
+    # A tun fd, and a tap it creates, belong to the netns of the calling thread.
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
@@ -104,8 +104,8 @@ def _tun_open(name: str) -> int:
     return fd
 
 
-def _create_persistent_tap(name: str) -> None:
-    fd = _tun_open(name)
+def create_persistent_tap(name: str) -> None:
+    fd = tun_open(name)
     try:
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     finally:
@@ -126,7 +126,7 @@ async def open_tap_fd(netns_path: Path, name: str = TAP_NAME) -> int:
             socket.if_nametoindex(name)
         except OSError:
             raise NotFound(f"tap {name} does not exist in {netns_path}") from None
-        return _tun_open(name)
+        return tun_open(name)
 
     try:
         return await netns_mod.run_in(netns_path, attach, orphan=os.close)
@@ -207,7 +207,7 @@ async def create_tap(netns_path: Path, tap_name: str = TAP_NAME) -> None:
             socket.if_nametoindex(tap_name)
             return  # made already (a retried setup): attaching again would fail if in use
         except OSError:
-            _create_persistent_tap(tap_name)
+            create_persistent_tap(tap_name)
 
     try:
         await netns_mod.run_in(netns_path, create)

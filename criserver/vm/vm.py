@@ -280,6 +280,12 @@ class VM:
                             {"node-name": disk_node(disk)["node-name"]})
         log.info("vm disk removed vm=%s disk=%s", self.vm_id, disk.id)
 
+    async def resize_disk(self, disk: Disk, size_bytes: int) -> None:
+        """Grow a disk live: its image file and the capacity the guest sees."""
+        await self._execute("resize disk", "block_resize",
+                            {"node-name": disk_node(disk)["node-name"], "size": size_bytes})
+        log.info("vm disk resized vm=%s disk=%s bytes=%d", self.vm_id, disk.id, size_bytes)
+
     async def add_nic(self, nic: TapNic) -> None:
         """Hot-add a virtio-net NIC on the tap `nic.fd` (passed to QEMU over the QMP socket;
         the caller keeps and closes its own fd)."""
@@ -362,6 +368,10 @@ class VM:
                 return
             if event.kind is EventKind.EXITED:
                 raise FailedPrecondition(f"vm {self.vm_id}: QEMU exited during an unplug")
+
+    async def press_power_button(self) -> None:
+        """One ACPI power button press: the guest decides whether and when to power off."""
+        await self._execute("power button", "system_powerdown")
 
     async def shutdown(self, grace: float) -> None:
         """Ask the guest to power off; after `grace` seconds quit QEMU; SIGKILL as last resort.
