@@ -186,6 +186,9 @@ class VMSpec:
     # from a template instead of booting.
     incoming: bool = False
     fw_cfg: tuple[FwCfgFile, ...] = ()
+    # The disks and NICs given at start sit in hotplug ports too (q35), so each can be
+    # unplugged later and `VM.devices()` lists every one: what a whole machine needs.
+    unpluggable_devices: bool = False
     # The serial console is also a listening socket (one client at a time) for an interactive
     # session; its output still goes to the log file either way.
     interactive_console: bool = False
@@ -240,8 +243,12 @@ def _check(spec: VMSpec) -> None:
             raise InvalidArgument(f"vm {spec.vm_id}: bad device id {device_id!r}")
     if len(set(ids)) != len(ids):
         raise InvalidArgument(f"vm {spec.vm_id}: device ids repeat: {ids}")
-    if spec.hotplug_slots and spec.machine is not Machine.Q35:
+    if (spec.hotplug_slots or spec.unpluggable_devices) and spec.machine is not Machine.Q35:
         raise InvalidArgument(f"vm {spec.vm_id}: hotplug needs the q35 machine (PCIe)")
+    if spec.unpluggable_devices and len(spec.disks) + len(spec.nics) > spec.hotplug_slots:
+        raise InvalidArgument(f"vm {spec.vm_id}: {len(spec.disks)} disks and "
+                              f"{len(spec.nics)} NICs need as many hotplug slots, "
+                              f"not {spec.hotplug_slots}")
     if isinstance(spec.boot, Firmware) and not spec.disks:
         raise InvalidArgument(f"vm {spec.vm_id}: a firmware boot needs a disk to boot from")
     for share in spec.shares:
@@ -312,12 +319,23 @@ def disk_device(machine: Machine, disk: Disk) -> dict[str, object]:
     return device
 
 
-def nic_args(nic: TapNic, machine: Machine = Machine.MICROVM, index: int = 0) -> list[str]:
-    """The -netdev/-device pair of one tap NIC."""
+def nic_args(nic: TapNic, machine: Machine = Machine.MICROVM, index: int = 0,
+             bus: str = "") -> list[str]:
+    """The -netdev/-device pair of one tap NIC (on `bus` when given)."""
     device_id = nic_id(nic, index)
     netdev = f"{device_id}-netdev"
+    device = nic_device(machine, nic, device_id, netdev)
+    if bus:
+        device["bus"] = bus
     return ["-netdev", _option(netdev_options(nic, netdev, nic.fd), "type"),
-            "-device", _option(nic_device(machine, nic, device_id, netdev), "driver")]
+            "-device", _option(device, "driver")]
+
+
+def _cold_ports(spec: VMSpec) -> list[str]:
+    """The hotplug ports the devices given at start take, in order (disks, then NICs)."""
+    if not spec.unpluggable_devices:
+        return []
+    return [f"{HOTPLUG_PORT}{i}" for i in range(len(spec.disks) + len(spec.nics))]
 
 
 def _option(props: dict[str, object], first: str) -> str:
@@ -411,14 +429,17 @@ def build_command(spec: VMSpec) -> list[str]:
     elif isinstance(spec.transport, VsockTransport):
         vsock = "vhost-vsock-device" if m is Machine.MICROVM else "vhost-vsock-pci"
         argv += ["-device", f"{vsock},guest-cid={spec.transport.guest_cid}"]
+    ports = iter(_cold_ports(spec))
     for i, disk in enumerate(spec.disks):
         device = disk_device(m, disk)
         if i == 0 and isinstance(spec.boot, Firmware):
             device["bootindex"] = 0
+        if spec.unpluggable_devices:
+            device["bus"] = next(ports)
         argv += ["-blockdev", json.dumps(disk_node(disk)),
                  "-device", _option(device, "driver")]
     for i, nic in enumerate(spec.nics):
-        argv += nic_args(nic, m, i)
+        argv += nic_args(nic, m, i, next(ports) if spec.unpluggable_devices else "")
     for i, share in enumerate(spec.shares):
         ro = ",readonly=on" if share.read_only else ""
         # fmt: off

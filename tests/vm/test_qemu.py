@@ -213,3 +213,18 @@ def test_fw_cfg_files_and_an_interactive_console() -> None:
 def test_rejects_fw_cfg_names_qemu_reserves_or_misparses(name: str) -> None:
     with pytest.raises(InvalidArgument, match="fw_cfg"):
         build_command(spec(fw_cfg=(FwCfgFile(name, Path("/m/f")),)))
+
+
+def test_unpluggable_devices_start_in_hotplug_ports() -> None:
+    argv = build_command(spec(
+        machine=Machine.Q35, boot=Firmware(), transport=None, hotplug_slots=4,
+        unpluggable_devices=True, nics=(TapNic(7, "02:00:00:00:00:01", id="eth0"),),
+    ))
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert any(d.startswith("virtio-blk-pci,id=root,") and "bootindex=0" in d
+               and d.endswith("bus=hotplug0") for d in devices)
+    assert any(d.startswith("virtio-net-pci,id=eth0,") and d.endswith("bus=hotplug1")
+               for d in devices)
+    with pytest.raises(InvalidArgument, match="hotplug slots"):
+        build_command(spec(machine=Machine.Q35, boot=Firmware(), transport=None,
+                           hotplug_slots=0, unpluggable_devices=True))
