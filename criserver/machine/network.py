@@ -79,6 +79,30 @@ async def unplug(machine_id: str, nic_name: str, network_id: str) -> None:
     log.info("machine nic unplugged machine=%s nic=%s tap=%s", machine_id, nic_name, name)
 
 
+async def unplug_tap(machine_id: str, nic_name: str) -> None:
+    """Remove the NIC's tap when its network is no longer known (and its bridge if that was
+    the last port). Idempotent."""
+    name = tap_name(machine_id, nic_name)
+    try:
+        await netns.on_netlink_loop(_remove_by_tap, name)
+    except Exception as exc:
+        raise Internal(f"nic {nic_name}: cannot remove {name}: {exc}") from exc
+
+
+async def _remove_by_tap(name: str) -> None:
+    async with netns.rtnl(None) as ipr:
+        port = await ipr.link_lookup(ifname=name)
+        if not port:
+            return
+        link = (await tap.collect(await ipr.link("get", index=port[0])))[0]
+        master = link.get("IFLA_MASTER")
+        bridge = ""
+        if master:
+            bridge = (await tap.collect(await ipr.link("get", index=master)))[0].get(
+                "IFLA_IFNAME", "")
+    await _remove(bridge, name)
+
+
 def _exists(name: str) -> bool:
     try:
         socket.if_nametoindex(name)
@@ -116,7 +140,7 @@ async def _remove(bridge: str, name: str) -> None:
         port = await ipr.link_lookup(ifname=name)
         if port:
             await ipr.link("del", index=port[0])
-        found = await ipr.link_lookup(ifname=bridge)
+        found = await ipr.link_lookup(ifname=bridge) if bridge.startswith(BRIDGE_PREFIX) else []
         if not found:
             return
         links = await tap.collect(await ipr.link("dump"))
