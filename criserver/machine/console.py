@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
 from criserver.errors import FailedPrecondition, Unavailable
 from criserver.runtime.streaming.interface import ByteSink, ByteSource
 from criserver.runtime.streaming.remotecommand import Stdio
@@ -108,22 +109,29 @@ async def _bridge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 class ConsoleBroker:
-    """Hands out console URLs: `exec_url(machine_id, console_socket)`."""
+    """Hands out console URLs (the service's ExecConsole seam)."""
 
-    def __init__(self, server: Callable[[], Awaitable[StreamingServer]]) -> None:
+    def __init__(self, server: Callable[[], Awaitable[StreamingServer]],
+                 console_socket: Callable[[str], Path | None]) -> None:
+        """`console_socket(machine_id)`: where its running VM's console listens, or None."""
         self._server = server
+        self._console_socket = console_socket
         self._sessions = _Sessions()
 
     def busy(self, machine_id: str) -> bool:
         return machine_id in self._sessions.open
 
-    async def exec_url(self, machine_id: str, console_socket: Path) -> str:
+    async def exec_url(self, machine_id: str, request: iri.ExecRequest) -> str:
         """A single-use URL for a console session on `machine_id`.
 
         :raises FailedPrecondition: a session is open on this machine.
+        :raises Unavailable: the machine is not running.
         :raises ResourceExhausted: too many URLs handed out and not used yet.
         """
         if self.busy(machine_id):
             raise FailedPrecondition(f"machine {machine_id}: a console session is already open")
+        socket_path = self._console_socket(machine_id)
+        if socket_path is None:
+            raise Unavailable(f"machine {machine_id} is not running: no console to open")
         server = await self._server()
-        return server.prepare(ConsoleRequest(machine_id, console_socket, self._sessions))
+        return server.prepare(ConsoleRequest(machine_id, socket_path, self._sessions))

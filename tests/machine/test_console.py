@@ -10,11 +10,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from criserver.errors import FailedPrecondition
+from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
+from criserver.errors import FailedPrecondition, Unavailable
 from criserver.machine.console import ConsoleBroker
 from criserver.runtime.streaming.server import StreamingServer
 
 V5 = "v5.channel.k8s.io"
+EXEC = iri.ExecRequest()
 
 
 @pytest.fixture
@@ -61,8 +63,8 @@ async def read_until(ws: aiohttp.ClientWebSocketResponse, want: bytes) -> bytes:
 async def test_a_session_types_into_the_console_and_reads_it(
     server: StreamingServer, console: Path
 ) -> None:
-    broker = ConsoleBroker(lambda: _ready(server))
-    url = await broker.exec_url("m1", console)
+    broker = ConsoleBroker(lambda: _ready(server), lambda machine_id: console)
+    url = await broker.exec_url("m1", EXEC)
     assert url.startswith(f"{server.base_url}/exec/")
     async with aiohttp.ClientSession() as http, http.ws_connect(url, protocols=[V5]) as ws:
         assert await read_until(ws, b"login: ") == b"login: "
@@ -70,14 +72,14 @@ async def test_a_session_types_into_the_console_and_reads_it(
         assert b"HELLO" in await read_until(ws, b"HELLO")
         # One session per machine: a second URL is refused while this one lasts.
         with pytest.raises(FailedPrecondition):
-            await broker.exec_url("m1", console)
+            await broker.exec_url("m1", EXEC)
     await _until(lambda: not broker.busy("m1"))
-    assert (await broker.exec_url("m1", console)).startswith(server.base_url)
+    assert (await broker.exec_url("m1", EXEC)).startswith(server.base_url)
 
 
 async def test_a_url_is_single_use(server: StreamingServer, console: Path) -> None:
-    broker = ConsoleBroker(lambda: _ready(server))
-    url = await broker.exec_url("m2", console)
+    broker = ConsoleBroker(lambda: _ready(server), lambda machine_id: console)
+    url = await broker.exec_url("m2", EXEC)
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url, protocols=[V5]) as ws:
             await read_until(ws, b"login: ")
@@ -96,3 +98,9 @@ async def _until(check: object, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not check():
             await asyncio.sleep(0.02)
+
+
+async def test_a_machine_that_is_not_running_has_no_console(server: StreamingServer) -> None:
+    broker = ConsoleBroker(lambda: _ready(server), lambda machine_id: None)
+    with pytest.raises(Unavailable):
+        await broker.exec_url("m3", EXEC)
