@@ -29,6 +29,13 @@ MIGRATIONS: dict[int, list[str]] = {
                key TEXT PRIMARY KEY,
                value TEXT NOT NULL)""",
     ],
+    # IRI machines (criserver/machine/store.py): each one its machine.v1alpha1.Machine protobuf.
+    2: [
+        """CREATE TABLE machines (
+               id TEXT PRIMARY KEY,
+               created_at INTEGER NOT NULL,
+               machine BLOB NOT NULL)""",
+    ],
 }
 
 SCHEMA_VERSION = max(MIGRATIONS)
