@@ -106,6 +106,34 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class MachineClassConfig:
+    name: str = _f("", "Class name, as the machinepoollet asks for it")
+    cpu: int = _f(1, "vCPUs (whole cores)", min=1)
+    memory_bytes: int = _f(1024**3, "Guest memory in bytes", min=64 * 1024**2)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """The IRI MachineRuntime: whole VMs for IronCore (criserver/machine/)."""
+
+    enabled: bool = _f(False, "Serve the IRI MachineRuntime on its own socket")
+    listen: str = _f("unix:///var/run/iri-machineprovider.sock",
+                     "MachineRuntime endpoint (unix:// only)")
+    root: str = _f("", "Machines' persistent files (disks, console logs); empty: "
+                       "<daemon.root>/machines")
+    state: str = _f("", "Machines' volatile files (QMP and console sockets); empty: "
+                        "<daemon.state>/machines")
+    classes: list[MachineClassConfig] = _f(
+        [MachineClassConfig("small", 1, 1024**3), MachineClassConfig("medium", 2, 4 * 1024**3)],
+        "Machine classes offered; Status reports how many of each fit this host")
+    delete_grace_seconds: float = _f(300.0, "Seconds a deleted machine gets to shut down after "
+                                            "ACPI power button presses before it is killed", min=0)
+    max_exec_sessions: int = _f(1000, "Console URLs handed out and not yet used, at most "
+                                      "(more: ResourceExhausted)", min=1)
+    max_local_disk_bytes: int = _f(1024**4, "Largest local_disk a machine may ask for", min=1)
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -116,6 +144,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    machine: MachineConfig = field(default_factory=MachineConfig)
 
     def handler(self, name: str) -> RuntimeHandlerConfig | None:
         return self.runtimes.get(name or self.runtime.default_handler)
@@ -150,7 +179,19 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
                          ("privileged_handler", runtime.privileged_handler)):
         if (handler or key == "default_handler") and handler not in config.runtimes:
             raise ConfigError(f"runtime.{key}: no [runtimes.{handler}] table")
+    _check_machine_classes(config.machine.classes)
     return config
+
+
+def _check_machine_classes(classes: list[MachineClassConfig]) -> None:
+    seen = set()
+    for i, machine_class in enumerate(classes):
+        if not machine_class.name:
+            raise ConfigError(f"machine.classes[{i}].name: a class needs a name")
+        if machine_class.name in seen:
+            raise ConfigError(f"machine.classes[{i}].name: {machine_class.name!r} is defined "
+                              f"twice")
+        seen.add(machine_class.name)
 
 
 def _without_absent_default_routes(config: Config, given: dict[str, Any]) -> Config:
@@ -264,6 +305,8 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + "}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _toml_value(dataclasses.asdict(value))
     raise TypeError(f"cannot render {value!r} as TOML")
 
 
