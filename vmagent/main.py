@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -34,6 +35,10 @@ async def serve(settings: Settings, started_uptime: float) -> int:
     from vmagent.service import AgentService, AgentState, HealthService
 
     log.info("imported uptime=%.3f", guestinfo.uptime())
+    if os.getpid() == 1:  # the VM's init, never an agent a test runs on the host
+        from vmagent.sandbox import apply_node_tunables
+
+        log.info("node tunables set=%s", ",".join(apply_node_tunables()) or "-")
     loop = asyncio.get_running_loop()
     reaper = Reaper(loop)
     reaper.install()

@@ -58,6 +58,32 @@ def apply_sysctl(key: str, value: str) -> None:
         raise GRPCError(code, f"sysctl {key}={value!r}: {exc.strerror}") from exc
 
 
+# The guest is the pod's node: it gets the memory tunables kubelet sets on every node
+# (pkg/kubelet/cm/container_manager_linux.go, setupKernelTunables). With the kernel's default
+# heuristic overcommit a small guest refuses an allocation larger than its RAM outright, so a
+# container over its limit saw ENOMEM ("dd: out of memory", reason Error) where a node's
+# container is OOM-killed by its cgroup (reason OOMKilled).
+NODE_TUNABLES = {"vm.overcommit_memory": "1", "vm.panic_on_oom": "0"}
+
+
+def apply_node_tunables(root: str = "/proc/sys") -> list[str]:
+    """Set NODE_TUNABLES where they differ; returns the keys changed. A failure is logged, not
+    raised: the agent serves on with the kernel's defaults."""
+    changed = []
+    for key, value in NODE_TUNABLES.items():
+        path = sysctl_path(key, root)
+        try:
+            with open(path) as f:  # procfs
+                if f.read().strip() == value:
+                    continue
+            with open(path, "w") as f:
+                f.write(value)
+            changed.append(key)
+        except OSError as exc:
+            log.warning("node tunable %s=%s: %s", key, value, exc.strerror)
+    return changed
+
+
 def set_clock(realtime_ns: int) -> None:
     try:
         time.clock_settime_ns(time.CLOCK_REALTIME, realtime_ns)

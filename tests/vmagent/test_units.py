@@ -14,7 +14,7 @@ from vmagent.api import agent_grpc
 from vmagent.idempotency import RecentRequests
 from vmagent.mapping import mapping_for
 from vmagent.port import find_port
-from vmagent.sandbox import reseed_rng, sysctl_path
+from vmagent.sandbox import apply_node_tunables, reseed_rng, sysctl_path
 from vmagent.service import AgentService, HealthService
 from vmagent.settings import load
 
@@ -59,6 +59,23 @@ def test_settings_power_off_defaults_on_in_a_vm(tmp_path: Path) -> None:
 ])
 def test_sysctl_path(key: str, path: str) -> None:
     assert sysctl_path(key) == path
+
+
+def test_node_tunables_let_a_container_over_its_limit_be_oom_killed(tmp_path: Path) -> None:
+    """The guest overcommits as kubelet's nodes do (vm.overcommit_memory=1): under the
+    kernel's default heuristic a small guest refused a container's large allocation (ENOMEM,
+    reason Error) before its cgroup could OOM-kill it (reason OOMKilled)."""
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "overcommit_memory").write_text("0\n")  # the kernel's default
+    (vm / "panic_on_oom").write_text("0\n")
+    assert apply_node_tunables(str(tmp_path)) == ["vm.overcommit_memory"]
+    assert (vm / "overcommit_memory").read_text() == "1"
+    assert (vm / "panic_on_oom").read_text() == "0\n"  # already right: not rewritten
+    assert apply_node_tunables(str(tmp_path)) == []
+    (vm / "panic_on_oom").unlink()  # unwritable or absent: the agent serves on regardless
+    (vm / "overcommit_memory").write_text("2\n")
+    assert apply_node_tunables(str(tmp_path)) == ["vm.overcommit_memory"]
 
 
 @pytest.mark.parametrize("key", ["", "net..x", "../etc", "net/../../etc", "a b", "k;rm"])
