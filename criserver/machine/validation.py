@@ -1,0 +1,114 @@
+"""Checks of what a MachineRuntime client asks for, before anything is stored.
+
+Bad input is refused with InvalidArgument and a message naming the field, so nothing half-made
+is ever stored for the reconciler to trip over later.
+"""
+
+from __future__ import annotations
+
+import re
+
+from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
+from criserver.errors import AlreadyExists, InvalidArgument
+
+# Guest-visible disk slots: "oda".."odz", then "odaa".."odzz" (as the reference providers name
+# them; each maps to one virtio disk).
+DEVICE = re.compile(r"od[a-z]{1,2}")
+
+
+def require(value: str, what: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+
+
+def check_volume(volume: iri.Volume, max_local_disk_bytes: int) -> None:
+    """:raises InvalidArgument: no name, a bad device, not exactly one source, a bad size."""
+    require(volume.name, "volume.name")
+    where = f"volume {volume.name}"
+    if not DEVICE.fullmatch(volume.device):
+        raise InvalidArgument(f"{where}: device {volume.device!r} is not a device name "
+                              f"(oda..odz, odaa..odzz)")
+    has_disk, has_connection = volume.HasField("local_disk"), volume.HasField("connection")
+    if has_disk == has_connection:
+        raise InvalidArgument(f"{where}: exactly one of local_disk and connection must be set")
+    if has_disk:
+        size = volume.local_disk.size_bytes
+        if size < 0:
+            raise InvalidArgument(f"{where}: local_disk.size_bytes {size} is negative")
+        if size > max_local_disk_bytes:
+            raise InvalidArgument(
+                f"{where}: local_disk.size_bytes {size} is larger than this node allows "
+                f"({max_local_disk_bytes} bytes, machine.max_local_disk_bytes)")
+    else:
+        require(volume.connection.driver, f"{where}: connection.driver")
+        require(volume.connection.handle, f"{where}: connection.handle")
+        if volume.connection.effective_storage_bytes < 0:
+            raise InvalidArgument(f"{where}: connection.effective_storage_bytes is negative")
+
+
+def check_volume_fits(volume: iri.Volume, volumes: list[iri.Volume]) -> None:
+    """A new volume beside the machine's `volumes`.
+
+    :raises AlreadyExists: its name or its device is taken.
+    """
+    for other in volumes:
+        if other.name == volume.name:
+            raise AlreadyExists(f"volume {volume.name} is already attached")
+        if other.device == volume.device:
+            raise AlreadyExists(f"volume {volume.name}: device {volume.device} is already used "
+                                f"by volume {other.name}")
+
+
+def check_volume_update(old: iri.Volume, new: iri.Volume) -> None:
+    """What UpdateVolume may change: a connection's details or a size, upwards.
+
+    :raises InvalidArgument: the device or the kind of volume changed, or a size shrank.
+    """
+    where = f"volume {new.name}"
+    if new.device != old.device:
+        raise InvalidArgument(f"{where}: the device cannot change ({old.device} -> {new.device})"
+                              f"; detach and attach instead")
+    if new.HasField("local_disk") != old.HasField("local_disk"):
+        raise InvalidArgument(f"{where}: a local disk cannot become a connection or the "
+                              f"reverse; detach and attach instead")
+    if new.HasField("local_disk"):
+        if new.local_disk.image.image != old.local_disk.image.image:
+            raise InvalidArgument(f"{where}: the image of a local disk cannot change")
+        old_size, new_size = old.local_disk.size_bytes, new.local_disk.size_bytes
+    else:
+        old_size = old.connection.effective_storage_bytes
+        new_size = new.connection.effective_storage_bytes
+    if new_size < old_size:
+        raise InvalidArgument(f"{where}: disks only grow ({old_size} -> {new_size} bytes)")
+
+
+def check_nic(nic: iri.NetworkInterface) -> None:
+    """:raises InvalidArgument: no name or no network."""
+    require(nic.name, "network_interface.name")
+    require(nic.network_id, f"network interface {nic.name}: network_id")
+
+
+def check_nic_fits(nic: iri.NetworkInterface, nics: list[iri.NetworkInterface]) -> None:
+    """:raises AlreadyExists: a NIC of this name is attached."""
+    if any(other.name == nic.name for other in nics):
+        raise AlreadyExists(f"network interface {nic.name} is already attached")
+
+
+def check_spec(spec: iri.MachineSpec, max_local_disk_bytes: int) -> None:
+    """A whole new machine's volumes and NICs, each alone and beside the others."""
+    volumes: list[iri.Volume] = []
+    for volume in spec.volumes:
+        check_volume(volume, max_local_disk_bytes)
+        try:
+            check_volume_fits(volume, volumes)
+        except AlreadyExists as exc:
+            raise InvalidArgument(exc.message) from None
+        volumes.append(volume)
+    nics: list[iri.NetworkInterface] = []
+    for nic in spec.network_interfaces:
+        check_nic(nic)
+        try:
+            check_nic_fits(nic, nics)
+        except AlreadyExists as exc:
+            raise InvalidArgument(exc.message) from None
+        nics.append(nic)
