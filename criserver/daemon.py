@@ -24,11 +24,14 @@ import grpc
 
 from criserver import admin, instrument, sdnotify
 from criserver.api.admin.v1 import admin_pb2
+from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri_machine
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.config import Config, ConfigError
 from criserver.errors import CriError
 from criserver.image import servicer as image_servicer
 from criserver.image.service import ImageService
+from criserver.machine import servicer as machine_servicer
+from criserver.machine.provider import MachineProvider, machine_provider
 from criserver.runtime import servicer as runtime_servicer
 from criserver.runtime.backend import (
     BackendContext,
@@ -48,9 +51,9 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
-def socket_path(listen: str) -> Path:
+def socket_path(listen: str, key: str = "daemon.listen") -> Path:
     if not listen.startswith("unix://"):
-        raise ConfigError(f"daemon.listen: only unix:// endpoints are supported, got {listen!r}")
+        raise ConfigError(f"{key}: only unix:// endpoints are supported, got {listen!r}")
     return Path(listen.removeprefix("unix://"))
 
 
@@ -65,7 +68,12 @@ async def serve(config: Config) -> int:
         runtime.streaming = LazyStreaming(config.streaming)
         # Stopped before the backends close: it ends the sessions (and the exec'd processes).
         stack.push_async_callback(runtime.streaming.close)
-        server = await _start_server(config, runtime)
+        servers = [await _start_server(config, runtime)]
+        if config.machine.enabled:
+            provider = await stack.enter_async_context(machine_provider(config, runtime.db))
+            servers.append(await _start_machine_server(config, provider))
+            log.info("serving IRI MachineRuntime listen=%s machines=%d",
+                     config.machine.listen, len(provider.store))
         # Everything loaded so far lives as long as the daemon: keep it out of the cyclic GC's
         # scans, which otherwise add millisecond pauses to calls once the store is large.
         gc.freeze()
@@ -76,7 +84,7 @@ async def serve(config: Config) -> int:
         await stop.wait()
         log.info("shutting down grace_s=%.1f", config.daemon.shutdown_timeout)
         sdnotify.notify("STOPPING=1")
-        await server.stop(config.daemon.shutdown_timeout)
+        await asyncio.gather(*(s.stop(config.daemon.shutdown_timeout) for s in servers))
     log.info("stopped")
     return 0
 
@@ -151,16 +159,9 @@ def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend
 
 
 async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
-    path = socket_path(config.daemon.listen)
-    _claim_socket(path)
-    limit = config.daemon.max_message_bytes
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-    ])
     services = cri.DESCRIPTOR.services_by_name
     images = _images(runtime)
-    server.add_generic_rpc_handlers([
+    return await _listen(config, socket_path(config.daemon.listen), [
         instrument.generic_handler(services["RuntimeService"],
                                    runtime_servicer.runtime_service(runtime),
                                    runtime_servicer.MISSING),
@@ -170,6 +171,28 @@ async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
         instrument.generic_handler(admin_pb2.DESCRIPTOR.services_by_name["Images"],
                                    admin.images_service(images), admin.MISSING),
     ])
+
+
+async def _start_machine_server(config: Config, provider: MachineProvider) -> grpc.aio.Server:
+    service = iri_machine.DESCRIPTOR.services_by_name["MachineRuntime"]
+    return await _listen(config, socket_path(config.machine.listen, "machine.listen"), [
+        instrument.generic_handler(service,
+                                   machine_servicer.machine_runtime_service(provider.service),
+                                   machine_servicer.MISSING),
+    ])
+
+
+async def _listen(config: Config, path: Path,
+                  handlers: list[grpc.GenericRpcHandler]) -> grpc.aio.Server:
+    """A started gRPC server on the Unix socket `path`, with the daemon's message limits, socket
+    mode and group."""
+    _claim_socket(path)
+    limit = config.daemon.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ])
+    server.add_generic_rpc_handlers(handlers)
     server.add_insecure_port(f"unix:{path}")
     await server.start()
     os.chmod(path, 0o660)

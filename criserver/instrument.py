@@ -32,7 +32,7 @@ Streaming = Callable[[Any], AsyncIterator[Message | bytes]]
 READ_ONLY_PREFIXES = ("List", "Stream", "Version", "Status", "ImageStatus", "ImageFsInfo",
                       "PodSandboxStatus", "ContainerStatus", "ContainerStats", "PodSandboxStats",
                       "RuntimeConfig")
-ID_FIELDS = ("pod_sandbox_id", "container_id")
+ID_FIELDS = ("pod_sandbox_id", "container_id", "machine_id")
 
 
 def _serialize(response: Message | bytes) -> bytes:

@@ -1,0 +1,154 @@
+"""The real daemon serving the IRI MachineRuntime on its own socket, called with grpcio."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from criserver import __version__
+from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
+from tests.daemon import INERT_CONFIG, Daemon
+
+SERVICE = "/machine.v1alpha1.MachineRuntime/"
+RESPONSES = {name: getattr(iri, f"{name}Response") for name in (
+    "Version", "Status", "ListMachines", "CreateMachine", "DeleteMachine", "ListEvents", "Exec")}
+
+
+class MachineClient:
+    def __init__(self, socket_path: Path) -> None:
+        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+
+    async def call(self, method: str, request: Any) -> Any:
+        rpc = self.channel.unary_unary(
+            SERVICE + method, request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=RESPONSES[method].FromString)
+        return await rpc(request, timeout=10)
+
+    async def list_ids(self, machine_id: str = "", **labels: str) -> list[str]:
+        response = await self.call("ListMachines", iri.ListMachinesRequest(
+            filter=iri.MachineFilter(id=machine_id, label_selector=labels)))
+        return [m.metadata.id for m in response.machines]
+
+    async def create(self, **labels: str) -> iri.Machine:
+        machine = iri.Machine()
+        machine.metadata.labels.update(labels)
+        setattr(machine.spec, "class", "x1")
+        root = machine.spec.volumes.add(name="root", device="oda")
+        root.local_disk.size_bytes = 1 << 30
+        response = await self.call("CreateMachine", iri.CreateMachineRequest(machine=machine))
+        return response.machine  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def machine_daemon(workdir: Path) -> Daemon:
+    path = workdir / "iri-machine.sock"
+    return Daemon(workdir, INERT_CONFIG + (
+        f'[machine]\nenabled = true\nlisten = "unix://{path}"\n'
+        'classes = [{name = "x1", cpu = 1, memory_bytes = 67108864}]\n'))
+
+
+def wait_for(path: Path, daemon: Daemon, timeout: float = 10) -> None:
+    """Until the daemon serves on `path` (a killed daemon's socket file stays behind)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing serves on {path}:\n{daemon.log()}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = machine_daemon(tmp_path).start()
+    wait_for(tmp_path / "iri-machine.sock", d)
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
+@pytest.fixture
+async def client(daemon: Daemon) -> AsyncIterator[MachineClient]:
+    c = MachineClient(daemon.workdir / "iri-machine.sock")
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_version_and_status(client: MachineClient) -> None:
+    version = await client.call("Version", iri.VersionRequest(version="0.1.0"))
+    assert (version.runtime_name, version.runtime_version) == ("criserver", __version__)
+    status = await client.call("Status", iri.StatusRequest())
+    (x1,) = status.machine_class_status
+    assert x1.machine_class.name == "x1"
+    assert dict(x1.machine_class.capabilities.resources) == {"cpu": 1, "memory": 64 << 20}
+    assert x1.quantity >= 1
+
+
+async def test_create_list_delete(client: MachineClient, daemon: Daemon) -> None:
+    a = await client.create(uid="a", pool="p")
+    b = await client.create(uid="b", pool="p")
+    assert a.status.state == iri.MACHINE_PENDING
+    assert await client.list_ids(pool="p") == [a.metadata.id, b.metadata.id]
+    assert await client.list_ids(uid="b") == [b.metadata.id]
+    assert await client.list_ids(uid="b", pool="q") == []
+    assert await client.list_ids(a.metadata.id) == [a.metadata.id]
+    assert await client.list_ids("unknown") == []
+
+    await client.call("DeleteMachine", iri.DeleteMachineRequest(machine_id=a.metadata.id))
+    await client.call("DeleteMachine", iri.DeleteMachineRequest(machine_id=a.metadata.id))
+    listed = await client.call("ListMachines", iri.ListMachinesRequest(
+        filter=iri.MachineFilter(id=a.metadata.id)))
+    (deleting,) = listed.machines
+    assert deleting.metadata.deleted_at > 0
+    assert deleting.status.state == iri.MACHINE_TERMINATING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.call("DeleteMachine", iri.DeleteMachineRequest(machine_id="unknown"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "rpc=DeleteMachine machine=unknown code=NOT_FOUND" in daemon.log()
+
+
+async def test_errors_carry_their_codes(client: MachineClient) -> None:
+    machine = iri.Machine()
+    setattr(machine.spec, "class", "huge")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.call("CreateMachine", iri.CreateMachineRequest(machine=machine))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "machine class 'huge' is not offered" in str(err.value.details())
+    m = await client.create()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.call("Exec", iri.ExecRequest(machine_id=m.metadata.id))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_machines_survive_sigkill_and_the_socket_is_private(
+        client: MachineClient, daemon: Daemon) -> None:
+    path = daemon.workdir / "iri-machine.sock"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    m = await client.create(uid="kept")
+    await client.close()
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    wait_for(path, daemon)
+    again = MachineClient(path)
+    try:
+        assert await again.list_ids(uid="kept") == [m.metadata.id]
+    finally:
+        await again.close()
+    assert daemon.stop(signal.SIGTERM) == 0
