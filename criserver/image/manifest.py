@@ -24,7 +24,12 @@ DOCKER_SCHEMA1 = (
 
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
+# IronCore OS images (criserver/image/osboot.py): asked for too, so that a registry holding one
+# serves it and the caller can say what it is rather than "not found".
+OSBOOT_ARTIFACTS_MANIFEST = "application/vnd.ironcore.osboot.artifacts.v1+json"
+ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES, OSBOOT_ARTIFACTS_MANIFEST))
+# An index may name an index, once: deeper nesting is refused.
+MAX_INDEX_DEPTH = 2
 # Manifests are small: anything larger is hostile or broken.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from criserver.errors import CriError, FailedPrecondition
 from criserver.image import manifest as mf
+from criserver.image import osboot
 from criserver.image.auth import Credentials
 from criserver.image.content import ContentStore
 from criserver.image.flight import SingleFlight
@@ -23,7 +24,7 @@ from criserver.image.registry import Progress, RegistryClient
 
 log = logging.getLogger(__name__)
 
-MAX_INDEX_DEPTH = 2
+MAX_INDEX_DEPTH = mf.MAX_INDEX_DEPTH
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Puller:
             if media not in mf.INDEX_TYPES:
                 break
             index_digest = index_digest or digest
+            osboot.refuse_as_container(doc, f"image {ref}")
             desc = mf.select_platform(doc, self.platform, f"image {ref}")
             body, media_header, digest = await self.client.fetch_manifest(ref, desc.digest, creds)
             if len(body) != desc.size:
@@ -76,6 +78,7 @@ class Puller:
             media = mf.media_type_of(doc, desc.media_type or media_header)
         if media in mf.DOCKER_SCHEMA1:
             raise FailedPrecondition(f"image {ref}: Docker schema 1 manifests are not supported")
+        osboot.refuse_as_container(doc, f"image {ref}")
         if media not in mf.MANIFEST_TYPES:
             raise FailedPrecondition(f"image {ref}: unsupported manifest type {media!r}")
         manifest = mf.parse_manifest(doc, f"image {ref}")
@@ -94,7 +97,7 @@ class Puller:
         config = mf.parse_config(mf.parse_json(config_bytes, f"image {ref} config"),
                                  len(manifest.layers), f"image {ref}")
 
-        await self._fetch_layers(ref, manifest.layers, creds, progress)
+        await self.fetch_blobs(ref, manifest.layers, creds, progress)
         # Small documents last: an image's manifest in the store means its layers are too.
         await self.content.put(manifest.config.digest, config_bytes)
         for doc_digest, doc_body in reversed(docs):
@@ -103,8 +106,10 @@ class Puller:
             sum(layer.size for layer in manifest.layers)
         return Resolved(index_digest, digest, manifest, config, size)
 
-    async def _fetch_layers(self, ref: Reference, layers: tuple[mf.Descriptor, ...],
-                            creds: Credentials | None, progress: Progress | None) -> None:
+    async def fetch_blobs(self, ref: Reference, layers: tuple[mf.Descriptor, ...],
+                          creds: Credentials | None, progress: Progress | None) -> None:
+        """Download the blobs not yet in the content store, bounded and deduplicated
+        (container layers here, OS image layers from criserver/image/osboot.py)."""
         limit = asyncio.Semaphore(self.max_concurrent)
 
         async def one(desc: mf.Descriptor) -> None:

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from criserver.config import ImageConfig
-from criserver.errors import InvalidArgument, NotFound
+from criserver.errors import FailedPrecondition, InvalidArgument, NotFound
 from criserver.image import manifest as mf
-from criserver.image import reference
+from criserver.image import osboot, reference
 from criserver.image.auth import Credentials
 from criserver.image.content import ContentStore
 from criserver.image.flight import SingleFlight
+from criserver.image.osboot import OsImage
 from criserver.image.pull import Puller, Resolved
 from criserver.image.registry import Progress, RegistryClient
 from criserver.image.snapshot import SnapshotStore
@@ -80,6 +81,9 @@ class ImageService:
                              config.max_concurrent_downloads, self._lease)
         self._pinned = [p for p in pinned_images if p]
         self._pulls: SingleFlight[str] = SingleFlight()
+        self._os_pulls: SingleFlight[OsImage] = SingleFlight()
+        # OS image records are read, changed and saved (users, tags): one change at a time.
+        self._os_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Load records and clean temp files left by a crash."""
@@ -98,6 +102,11 @@ class ImageService:
 
         :raises InvalidArgument: `text` is neither an id nor a valid reference.
         """
+        record = self._lookup(text)
+        # OS images are the machines': CRI callers (and kubelet's image GC) never see them.
+        return None if record is None or osboot.is_os_record(record) else record
+
+    def _lookup(self, text: str) -> ImageRecord | None:
         image_id = reference.parse_image_id(text)
         if image_id is not None:
             record = self.records.visible(image_id)
@@ -122,7 +131,8 @@ class ImageService:
         if filter_text:
             record = self.get(filter_text)
             return [record] if record is not None else []
-        return sorted(self.records.all(), key=lambda r: r.created_ns)
+        return sorted((r for r in self.records.all() if not osboot.is_os_record(r)),
+                      key=lambda r: r.created_ns)
 
     def snapshot_path(self, image_id: str) -> Path:
         """The read-only EROFS root filesystem of `image_id` (exists once pulled)."""
@@ -206,6 +216,130 @@ class ImageService:
             for other in await self.records.save(record):
                 log.info("tag moved away image_id=%s tags=%s", other.id, other.repo_tags)
         return record
+
+    # -- OS images (IRI machines) ---------------------------------------------------------
+
+    async def pull_os_image(
+        self,
+        image: str,
+        auth: Credentials | Any = None,
+        progress: Progress | None = None,
+    ) -> OsImage:
+        """Pull the IronCore OS image `image` names (see criserver/image/osboot.py). Blobs
+        already present are not fetched again; concurrent pulls of one reference share one
+        pull; a digest reference already pulled needs no registry at all.
+
+        :raises InvalidArgument: not an OS image, or one refused (sizes, media types).
+        :raises NotFound, FailedPrecondition, Unavailable, Internal: as `pull`.
+        """
+        ref = reference.parse(image)
+        if ref.digest:
+            local = self.get_os_image(str(ref))
+            if local is not None:
+                return local
+        creds = auth if isinstance(auth, Credentials) or auth is None \
+            else Credentials.from_auth_config(auth)
+        return await self._os_pulls.run(str(ref), lambda: self._pull_os(ref, creds, progress))
+
+    async def _pull_os(self, ref: reference.Reference, creds: Credentials | None,
+                       progress: Progress | None) -> OsImage:
+        started = time.monotonic()
+        log.info("os image pull started image=%s", ref)
+        resolved = await osboot.fetch(self.puller, ref, creds, self.config.max_layer_bytes,
+                                      progress)
+        image_id = resolved.manifest_digest
+        tags = [ref.tagged] if ref.tagged else []
+        digests = [ref.with_digest(resolved.index_digest or resolved.manifest_digest)]
+        async with self._os_lock:
+            old = self.records.by_id(image_id)
+            if old is not None and not osboot.is_os_record(old):
+                raise FailedPrecondition(f"image {ref}: {image_id} is a container image")
+            users: list[str] = []
+            if old is not None:
+                tags, digests = _merge(old.repo_tags, tags), _merge(old.repo_digests, digests)
+                users = list(old.extra.get("users", []))
+            record = osboot.record_of(resolved, tags, digests,
+                                      old.created_ns if old else time.time_ns(), users)
+            with self._lease(record.blobs):
+                for other in await self.records.save(record):
+                    log.info("tag moved away image_id=%s tags=%s", other.id, other.repo_tags)
+        log.info("os image pulled image=%s image_id=%s bytes=%d seconds=%.2f", ref, image_id,
+                 resolved.content_size, time.monotonic() - started)
+        return osboot.os_image_of(record, ref, self.content.path)
+
+    def get_os_image(self, text: str) -> OsImage | None:
+        """The OS image pulled before that `text` (id, tag or digest reference) names, without
+        asking any registry, or None.
+
+        :raises InvalidArgument: `text` is neither an id nor a valid reference.
+        """
+        record = self._lookup(text)
+        if record is None or not osboot.is_os_record(record):
+            return None
+        image_id = reference.parse_image_id(text)
+        if image_id == record.id:
+            # By id: name it by the first reference it was pulled as.
+            names = record.repo_digests or record.repo_tags
+            ref = reference.parse(names[0]) if names else None
+            if ref is None:
+                return None
+        else:
+            ref = reference.parse(text)
+        return osboot.os_image_of(record, ref, self.content.path)
+
+    def os_images(self) -> list[ImageRecord]:
+        """The OS image records, oldest first (the admin's view; CRI never lists them)."""
+        return sorted((r for r in self.records.all() if osboot.is_os_record(r)),
+                      key=lambda r: r.created_ns)
+
+    def os_image_users(self, image_id: str) -> list[str]:
+        """Who uses this OS image (machine ids, as `use_os_image` was told)."""
+        record = self.records.by_id(image_id)
+        return list(record.extra.get("users", [])) if record is not None else []
+
+    async def use_os_image(self, image_id: str, user: str) -> None:
+        """Mark OS image `image_id` in use by `user` (a machine id), durably: while any user
+        holds it, `remove_os_image` refuses and its blobs stay. Idempotent.
+
+        :raises NotFound: no such OS image (pull it first).
+        """
+        async with self._os_lock:
+            record = self.records.by_id(image_id)
+            if record is None or not osboot.is_os_record(record):
+                raise NotFound(f"os image {image_id} not found")
+            users = list(record.extra.get("users", []))
+            if user not in users:
+                await self.records.save(replace(record, extra={**record.extra,
+                                                               "users": [*users, user]}))
+
+    async def release_os_image(self, image_id: str, user: str) -> None:
+        """`user` no longer uses the OS image. Idempotent; an unknown image is no error. The
+        image stays until removed (`remove_os_image`): the next machine may want it."""
+        async with self._os_lock:
+            record = self.records.by_id(image_id)
+            if record is None or not osboot.is_os_record(record):
+                return
+            users = list(record.extra.get("users", []))
+            if user in users:
+                users.remove(user)
+                await self.records.save(replace(record, extra={**record.extra, "users": users}))
+
+    async def remove_os_image(self, text: str) -> None:
+        """Remove the OS image `text` names and its content. Missing images are no error.
+
+        :raises FailedPrecondition: machines use it (they are named).
+        """
+        async with self._os_lock:
+            record = self._lookup(text)
+            if record is None or not osboot.is_os_record(record):
+                return
+            users = record.extra.get("users", [])
+            if users:
+                raise FailedPrecondition(
+                    f"os image {text} is in use by machines {', '.join(users)}")
+            await self.records.delete(record.id)
+        log.info("os image removed image_id=%s", record.id)
+        await self.gc()
 
     # -- removal and garbage collection ----------------------------------------------------
 

@@ -48,6 +48,10 @@ class ImageRecord:
         digests = {self.id, self.manifest_digest, *(layer.digest for layer in self.layers)}
         if self.index_digest:
             digests.add(self.index_digest)
+        # An OS image's id is its manifest digest: its config blob is named here.
+        config_digest = self.extra.get("config_digest")
+        if isinstance(config_digest, str) and config_digest:
+            digests.add(config_digest)
         return digests
 
     def to_json(self) -> str:
