@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
 from criserver.config import MachineClassConfig
+from criserver.machine.driver import Shape
 
 CPU = "cpu"
 MEMORY = "memory"
+MIB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,13 @@ class MachineClasses:
 
     def names(self) -> list[str]:
         return list(self._classes)
+
+    def shape(self, class_name: str) -> Shape | None:
+        """The VM shape of a class (the reconciler's Classes seam), None if not offered."""
+        machine_class = self._classes.get(class_name)
+        if machine_class is None:
+            return None
+        return Shape(vcpus=machine_class.cpu, memory_mib=machine_class.memory_bytes // MIB)
 
     def status(self, host: HostCapacity) -> list[iri.MachineClassStatus]:
         return [

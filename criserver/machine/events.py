@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 from criserver.api.iri.event.v1alpha1 import api_pb2 as event_pb2
 from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
+from criserver.api.iri.meta.v1alpha1 import api_pb2 as meta_pb2
 
 NORMAL = "Normal"
 WARNING = "Warning"
@@ -33,15 +34,17 @@ class EventStore:
         self._max_age = max_age
         self._clock = clock
 
-    def record(self, machine: iri.Machine, type: str, reason: str, message: str,
-               action: str) -> None:
-        """Record an event about `machine` (its metadata as it is now, labels included).
-        `type` is NORMAL or WARNING; an empty `action` becomes the reason (clients need one)."""
+    def record(self, subject: iri.Machine | meta_pb2.ObjectMetadata, type: str, reason: str,
+               message: str, action: str) -> None:
+        """Record an event about a machine, given as itself or its metadata (copied as it is
+        now, labels included). `type` is NORMAL or WARNING; an empty `action` becomes the
+        reason (clients need one)."""
         if type not in (NORMAL, WARNING):
             raise ValueError(f"event type must be {NORMAL!r} or {WARNING!r}, not {type!r}")
+        metadata = subject.metadata if isinstance(subject, iri.Machine) else subject
         event = event_pb2.Event()
         spec = event.spec
-        spec.involved_object_meta.CopyFrom(machine.metadata)
+        spec.involved_object_meta.CopyFrom(metadata)
         spec.type = type
         spec.reason = reason
         spec.message = message

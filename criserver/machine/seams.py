@@ -2,8 +2,9 @@
 console), as Protocols: the service only records desired state and says which machine changed.
 
 The other direction, what the reconciler may use: `MachineStore` (criserver/machine/store.py:
-`get`, `find`, `list`, `ids`, `update_status`, `remove`) and `EventStore.record`
-(criserver/machine/events.py). docs/design/machine-runtime.md describes both sides.
+`get`, `require`, `list`, `ids`, `update_status`, `remove`), `EventStore.record`
+(criserver/machine/events.py) and `MachineClasses.shape` (classes.py).
+docs/design/machine-runtime.md describes both sides.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class MachineService:
         f = request.filter
         if f.id:
             # An id that matches nothing is an empty list, never NotFound.
-            found = self.store.find(f.id)
+            found = self.store.get(f.id)
             candidates = [found] if found is not None else []
         else:
             candidates = self.store.list()
@@ -99,7 +99,7 @@ class MachineService:
 
     async def delete_machine(self, request: iri.DeleteMachineRequest) -> iri.DeleteMachineResponse:
         validation.require(request.machine_id, "machine_id")
-        machine = self.store.get(request.machine_id)
+        machine = self.store.require(request.machine_id)
         if not machine.metadata.deleted_at:
             # Asynchronous: the machine stays listed, TERMINATING, until the reconciler has
             # released what it holds and removed it. A second Delete meanwhile is OK.
@@ -198,7 +198,7 @@ class MachineService:
 
     async def exec(self, request: iri.ExecRequest) -> iri.ExecResponse:
         validation.require(request.machine_id, "machine_id")
-        _refuse_deleting(self.store.get(request.machine_id))
+        _refuse_deleting(self.store.require(request.machine_id))
         url = await self.console.exec_url(request.machine_id, request)
         return iri.ExecResponse(url=url)
 

@@ -52,16 +52,14 @@ class MachineStore:
     def __contains__(self, machine_id: object) -> bool:
         return machine_id in self._machines
 
-    def get(self, machine_id: str) -> iri.Machine:
-        """:raises NotFound: no machine has this id (or it was removed)."""
-        machine = self._machines.get(machine_id)
-        if machine is None:
-            raise NotFound(f"machine {machine_id} not found")
-        return _copy(machine)
-
-    def find(self, machine_id: str) -> iri.Machine | None:
+    def get(self, machine_id: str) -> iri.Machine | None:
+        """The machine, or None: no machine has this id (or it was removed)."""
         machine = self._machines.get(machine_id)
         return None if machine is None else _copy(machine)
+
+    def require(self, machine_id: str) -> iri.Machine:
+        """:raises NotFound: no machine has this id (or it was removed)."""
+        return _copy(self._current(machine_id))
 
     def list(self) -> list[iri.Machine]:
         """Every machine, deleting ones included, oldest first."""
@@ -108,25 +106,24 @@ class MachineStore:
             return _copy(new)
 
     async def update_status(
-        self, machine_id: str, change: Callable[[iri.MachineStatus], None]
-    ) -> iri.Machine:
-        """Apply `change` to a copy of the machine's status and persist it; metadata and spec
-        stay as they are (the generation too: status is not spec).
+        self, machine_id: str, update: Callable[[iri.Machine], None]
+    ) -> None:
+        """Apply `update` to a copy of the current machine and keep only its status: metadata
+        and spec stay as they are (the generation too: status is not spec). `update` sees the
+        current spec and generation, which may be newer than what the caller last read.
 
         :raises NotFound: no such machine.
         """
         async with self._writing:
             old = self._current(machine_id)
-            status = iri.MachineStatus()
-            status.CopyFrom(old.status)
-            change(status)
-            if status == old.status:
-                return _copy(old)
+            scratch = _copy(old)
+            update(scratch)
+            if scratch.status == old.status:
+                return
             new = _copy(old)
-            new.status.CopyFrom(status)
+            new.status.CopyFrom(scratch.status)
             await self._write(new)
             self._machines[machine_id] = new
-            return _copy(new)
 
     async def remove(self, machine_id: str) -> None:
         """Forget the machine: its resources are released. Removing an unknown id is a no-op."""

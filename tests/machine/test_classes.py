@@ -8,6 +8,7 @@ import pytest
 
 from criserver.config import ConfigError, MachineClassConfig, load
 from criserver.machine.classes import HostCapacity, MachineClasses, host_capacity
+from criserver.machine.driver import Shape
 
 GIB = 1024**3
 
@@ -27,6 +28,12 @@ def test_quantity_is_the_smaller_of_cores_and_memory() -> None:
     (cpu_bound,) = classes.status(HostCapacity(cores=5, memory_bytes=100 * GIB))
     (none,) = classes.status(HostCapacity(cores=1, memory_bytes=100 * GIB))
     assert (memory_bound.quantity, cpu_bound.quantity, none.quantity) == (3, 2, 0)
+
+
+def test_a_class_gives_the_vm_its_shape() -> None:
+    classes = MachineClasses([MachineClassConfig("c", 2, 3 * GIB)])
+    assert classes.shape("c") == Shape(vcpus=2, memory_mib=3072)
+    assert classes.shape("nope") is None
 
 
 def test_the_host_is_measured() -> None:

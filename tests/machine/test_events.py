@@ -43,6 +43,8 @@ def test_an_event_carries_the_metadata_seconds_and_an_action() -> None:
 def test_the_type_is_normal_or_warning() -> None:
     events = EventStore()
     events.record(machine("m"), WARNING, "Failed", "", "Start")
+    events.record(machine("m").metadata, NORMAL, "ByMetadata", "", "Start")
+    assert [e.spec.involved_object_meta.id for e in events.list()] == ["m", "m"]
     with pytest.raises(ValueError):
         events.record(machine("m"), "Error", "Failed", "", "Start")
 

@@ -142,7 +142,7 @@ async def test_create_answers_pending_with_a_server_id(env: Env) -> None:
     assert machine.status.observed_generation == 0
     assert getattr(machine.spec, "class") == "small"
     assert machine.spec.guest_config.hostname == "vm1"
-    assert env.store.get(machine.metadata.id) == machine
+    assert env.store.require(machine.metadata.id) == machine
     assert env.reconciler.changes == [machine.metadata.id]
 
 
@@ -225,14 +225,14 @@ async def test_list_by_id_is_empty_not_not_found(env: Env) -> None:
 async def test_delete_is_asynchronous_and_repeatable(env: Env) -> None:
     m = (await create(env)).metadata.id
     await env.service.delete_machine(iri.DeleteMachineRequest(machine_id=m))
-    machine = env.store.get(m)
+    machine = env.store.require(m)
     assert machine.metadata.deleted_at >= machine.metadata.created_at
     assert machine.status.state == iri.MACHINE_TERMINATING
     assert machine.metadata.generation == 1
     assert await listed(env) == [m]
     deleted_at = machine.metadata.deleted_at
     await env.service.delete_machine(iri.DeleteMachineRequest(machine_id=m))
-    assert env.store.get(m).metadata.deleted_at == deleted_at
+    assert env.store.require(m).metadata.deleted_at == deleted_at
     assert env.reconciler.changes == [m, m, m]
 
 
@@ -265,7 +265,7 @@ async def test_annotations_are_replaced_without_a_new_generation(env: Env) -> No
     m = (await create(env)).metadata.id
     await env.service.update_machine_annotations(iri.UpdateMachineAnnotationsRequest(
         machine_id=m, annotations={"a": "1"}))
-    machine = env.store.get(m)
+    machine = env.store.require(m)
     assert machine.metadata.annotations == {"a": "1"}
     assert machine.metadata.generation == 1
     with pytest.raises(NotFound):
@@ -277,7 +277,7 @@ async def test_power_is_stored_and_bumps_the_generation(env: Env) -> None:
     m = (await create(env)).metadata.id
     await env.service.update_machine_power(iri.UpdateMachinePowerRequest(
         machine_id=m, power=iri.POWER_OFF))
-    machine = env.store.get(m)
+    machine = env.store.require(m)
     assert machine.spec.power == iri.POWER_OFF
     assert machine.metadata.generation == 2
     assert env.reconciler.changes == [m, m]
@@ -293,15 +293,15 @@ async def test_attach_detach_and_update_volumes(env: Env) -> None:
     m = (await create(env, volumes=(volume(),))).metadata.id
     await env.service.attach_volume(iri.AttachVolumeRequest(
         machine_id=m, volume=connection("data", "odb", GIB)))
-    assert [v.name for v in env.store.get(m).spec.volumes] == ["root", "data"]
+    assert [v.name for v in env.store.require(m).spec.volumes] == ["root", "data"]
     await env.service.update_volume(iri.UpdateVolumeRequest(
         machine_id=m, volume=connection("data", "odb", 2 * GIB)))
-    assert env.store.get(m).spec.volumes[1].connection.effective_storage_bytes == 2 * GIB
+    assert env.store.require(m).spec.volumes[1].connection.effective_storage_bytes == 2 * GIB
     await env.service.update_volume(iri.UpdateVolumeRequest(
         machine_id=m, volume=volume(size=20 * GIB)))
-    assert env.store.get(m).spec.volumes[0].local_disk.size_bytes == 20 * GIB
+    assert env.store.require(m).spec.volumes[0].local_disk.size_bytes == 20 * GIB
     await env.service.detach_volume(iri.DetachVolumeRequest(machine_id=m, name="root"))
-    machine = env.store.get(m)
+    machine = env.store.require(m)
     assert [v.name for v in machine.spec.volumes] == ["data"]
     assert machine.metadata.generation == 5
     assert env.reconciler.changes == [m] * 5
@@ -338,7 +338,7 @@ async def test_volume_errors(env: Env) -> None:
         await update(iri.UpdateVolumeRequest(machine_id=m, volume=volume(device="odb")))
     with pytest.raises(InvalidArgument, match="cannot become a connection"):
         await update(iri.UpdateVolumeRequest(machine_id=m, volume=connection("root", "oda")))
-    assert env.store.get(m).metadata.generation == 1
+    assert env.store.require(m).metadata.generation == 1
     assert env.reconciler.changes == [m]
 
 
@@ -348,10 +348,10 @@ async def test_attach_and_detach_nics(env: Env) -> None:
     m = (await create(env, nics=(nic(),))).metadata.id
     await env.service.attach_network_interface(iri.AttachNetworkInterfaceRequest(
         machine_id=m, network_interface=nic("eth1", "net-2")))
-    assert [n.name for n in env.store.get(m).spec.network_interfaces] == ["eth0", "eth1"]
+    assert [n.name for n in env.store.require(m).spec.network_interfaces] == ["eth0", "eth1"]
     await env.service.detach_network_interface(iri.DetachNetworkInterfaceRequest(
         machine_id=m, name="eth0"))
-    machine = env.store.get(m)
+    machine = env.store.require(m)
     assert [n.network_id for n in machine.spec.network_interfaces] == ["net-2"]
     assert machine.metadata.generation == 3
 

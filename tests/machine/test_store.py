@@ -34,7 +34,7 @@ async def test_machines_survive_a_restart(tmp_path: Path) -> None:
     db, store = await opened(tmp_path / "db")
     await store.add(machine("b", created_at=2, app="web"))
     await store.add(machine("a", created_at=1))
-    await store.update_status("b", lambda s: setattr(s, "state", iri.MACHINE_RUNNING))
+    await store.update_status("b", lambda m: setattr(m.status, "state", iri.MACHINE_RUNNING))
     await store.add(machine("gone", created_at=3))
     await store.remove("gone")
     await db.close()
@@ -42,11 +42,11 @@ async def test_machines_survive_a_restart(tmp_path: Path) -> None:
     db, store = await opened(tmp_path / "db")
     try:
         assert store.ids() == ["a", "b"]  # oldest first
-        b = store.get("b")
+        b = store.require("b")
         assert b.metadata.labels == {"app": "web"}
         assert b.status.state == iri.MACHINE_RUNNING
         assert b.spec.volumes[0].local_disk.size_bytes == 1 << 30
-        assert store.find("gone") is None
+        assert store.get("gone") is None
     finally:
         await db.close()
 
@@ -62,7 +62,9 @@ async def test_a_spec_change_bumps_the_generation_and_nothing_else_does(tmp_path
         annotated = await store.update("m", lambda m: m.metadata.annotations.update(k="v"))
         assert annotated.metadata.generation == 2
         assert annotated.metadata.annotations == {"k": "v"}
-        status = await store.update_status("m", lambda s: setattr(s, "observed_generation", 2))
+        await store.update_status(
+            "m", lambda m: setattr(m.status, "observed_generation", m.metadata.generation))
+        status = store.require("m")
         assert status.metadata.generation == 2
         assert status.status.observed_generation == 2
     finally:
@@ -73,13 +75,23 @@ async def test_update_keeps_status_and_update_status_keeps_the_rest(tmp_path: Pa
     db, store = await opened(tmp_path / "db")
     try:
         await store.add(machine("m"))
-        await store.update_status("m", lambda s: setattr(s, "state", iri.MACHINE_RUNNING))
+        await store.update_status("m", lambda m: setattr(m.status, "state", iri.MACHINE_RUNNING))
 
         def both(m: iri.Machine) -> None:
             m.spec.power = iri.POWER_OFF
             m.status.state = iri.MACHINE_TERMINATED  # not the RPCs' to write
 
         assert (await store.update("m", both)).status.state == iri.MACHINE_RUNNING
+
+        def spec_too(m: iri.Machine) -> None:
+            m.status.state = iri.MACHINE_STOPPED
+            m.spec.power = iri.POWER_ON  # not the reconciler's to write
+            m.metadata.generation = 99
+
+        await store.update_status("m", spec_too)
+        stopped = store.require("m")
+        assert stopped.status.state == iri.MACHINE_STOPPED
+        assert (stopped.spec.power, stopped.metadata.generation) == (iri.POWER_OFF, 2)
         terminating = await store.update(
             "m", lambda m: None, status=lambda s: setattr(s, "state", iri.MACHINE_TERMINATING))
         assert terminating.status.state == iri.MACHINE_TERMINATING
@@ -98,7 +110,7 @@ async def test_a_refused_change_writes_nothing(tmp_path: Path) -> None:
 
         with pytest.raises(NotFound):
             await store.update("m", refuse)
-        assert store.get("m").spec.power == iri.POWER_ON
+        assert store.require("m").spec.power == iri.POWER_ON
     finally:
         await db.close()
 
@@ -108,7 +120,7 @@ async def test_callers_get_copies(tmp_path: Path) -> None:
     try:
         added = await store.add(machine("m"))
         added.spec.power = iri.POWER_OFF
-        store.get("m").metadata.labels["x"] = "y"
+        store.require("m").metadata.labels["x"] = "y"
         store.list()[0].status.state = iri.MACHINE_RUNNING
         assert store.get("m") == machine("m")
     finally:
@@ -118,12 +130,13 @@ async def test_callers_get_copies(tmp_path: Path) -> None:
 async def test_unknown_ids(tmp_path: Path) -> None:
     db, store = await opened(tmp_path / "db")
     try:
+        assert store.get("nope") is None
         with pytest.raises(NotFound):
-            store.get("nope")
+            store.require("nope")
         with pytest.raises(NotFound):
             await store.update("nope", lambda m: None)
         with pytest.raises(NotFound):
-            await store.update_status("nope", lambda s: None)
+            await store.update_status("nope", lambda m: None)
         await store.remove("nope")
     finally:
         await db.close()
