@@ -1,0 +1,174 @@
+"""The tests' IronCore OS image end to end below the machine runtime: built here, pushed to a real
+docker-registry, pulled through criserver's image service (auth included), made into a root disk
+over a per-image base, and booted on the VM layer (q35, TCG) with its console answering."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from criserver.config import ImageConfig
+from criserver.image import ImageService
+from criserver.image.auth import Credentials
+from criserver.image.registry import AuthError
+from criserver.store.db import Database
+from criserver.vm import disks, process
+from criserver.vm.qemu import DirectKernel, Disk, FwCfgFile, Machine, RebootPolicy, VMSpec
+from criserver.vm.vm import VM
+from tests.machine import os_image
+from tests.registry import PASSWORD, USER, Registry
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def files() -> os_image.OsImageFiles:
+    return os_image.build()
+
+
+@pytest.fixture
+async def images(tmp_path: Path) -> AsyncIterator[ImageService]:
+    db = await Database.open(tmp_path / "db.sqlite")
+    service = ImageService(ImageConfig(), tmp_path / "root", db)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()
+        await db.close()
+
+
+async def push(registry: Registry, files: os_image.OsImageFiles, repo: str,
+               as_index: bool = False) -> str:
+    async with aiohttp.ClientSession() as session:
+        return await os_image.push(session, registry.base, repo, "v1", files,
+                                   registry.authorization, as_index)
+
+
+async def test_pulled_from_a_real_registry(images: ImageService, registry: Registry,
+                                           files: os_image.OsImageFiles) -> None:
+    digest = await push(registry, files, "iri/test-os")
+    image = await images.pull_os_image(f"{registry.host}/iri/test-os:v1")
+    assert image.image_ref == f"{registry.host}/iri/test-os@{digest}" and image.id == digest
+    assert image.command_line == os_image.COMMAND_LINE
+    for got, built in ((image.kernel, files.kernel), (image.initramfs, files.initramfs),
+                       (image.disk, files.disk)):
+        assert got is not None and got.stat().st_size == built.stat().st_size
+    assert image.disk is not None and image.disk.read_bytes() == files.disk.read_bytes()
+    assert image.squashfs is None
+    assert images.images() == []  # never a container image
+
+
+async def test_index_form_and_auth(images: ImageService, auth_registry: Registry,
+                                   files: os_image.OsImageFiles) -> None:
+    """The spec's own shape (an index of osboot artifacts manifests) from a registry that
+    wants credentials."""
+    digest = await push(auth_registry, files, "iri/test-os", as_index=True)
+    ref = f"{auth_registry.host}/iri/test-os:v1"
+    with pytest.raises(AuthError):
+        await images.pull_os_image(ref)
+    image = await images.pull_os_image(ref, Credentials(USER, PASSWORD))
+    assert image.image_ref == f"{auth_registry.host}/iri/test-os@{digest}"
+    assert image.kernel is not None and image.disk is not None
+
+
+# -- booting it ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vm_dir() -> Iterator[Path]:
+    # Short path: Unix socket paths must stay under 108 bytes.
+    d = Path(tempfile.mkdtemp(prefix="crios-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        process.kill_all(d / "qemu.pid")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Console:
+    """The guest's serial console, typed into like a terminal."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def run(self, command: str, max_wait: float = 30.0) -> str:
+        """Type `command`; what it printed (the echoed line and the next prompt stripped)."""
+        self.writer.write(f"{command}\n".encode())
+        await self.writer.drain()
+        out = await asyncio.wait_for(
+            self.reader.readuntil(os_image.PROMPT.encode()), max_wait)
+        lines = out.decode(errors="replace").replace("\r", "").split("\n")
+        return "\n".join(lines[1:-1]).strip()
+
+
+async def wait_for_log(log: Path, text: str, max_wait: float = 90.0) -> str:
+    deadline = asyncio.get_running_loop().time() + max_wait
+    while True:
+        data = (await asyncio.to_thread(log.read_bytes)).decode(errors="replace")
+        if text in data:
+            return data
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no {text!r} on the console: {data[-1500:]}")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.vm
+async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
+        images: ImageService, registry: Registry, files: os_image.OsImageFiles,
+        vm_dir: Path) -> None:
+    await push(registry, files, "iri/boot-os")
+    image = await images.pull_os_image(f"{registry.host}/iri/boot-os:v1")
+    await images.use_os_image(image.id, "machine-1")
+    assert image.kernel and image.initramfs and image.disk
+    base = await disks.Bases(vm_dir / "bases").ensure(image.id.removeprefix("sha256:"),
+                                                       image.disk)
+    root = await disks.create(vm_dir / "root.qcow2", 64 * MiB, base)
+    data = await disks.create(vm_dir / "data.qcow2", 16 * MiB)
+    ignition = vm_dir / "ignition.json"
+    ignition.write_text('{"ignition": {"version": "3.4.0"}}')
+    spec = VMSpec(
+        vm_id="os-image", state_dir=vm_dir, machine=Machine.Q35, reboot=RebootPolicy.RESET,
+        boot=DirectKernel(image.kernel, image.initramfs,
+                          f"{image.command_line} systemd.hostname=machine-one"),
+        disks=(Disk("root", root.path, serial="root", read_only=False, format="qcow2"),),
+        fw_cfg=(FwCfgFile(os_image.IGNITION_FW_CFG, ignition),),
+        hotplug_slots=2, pvpanic=False, interactive_console=True)
+    vm = VM(spec)
+    await vm.start()
+    try:
+        log = await wait_for_log(spec.location.log_file, os_image.MARKER)
+        assert f"{os_image.MARKER} hostname=machine-one ignition=35 disk=vda" in log
+        reader, writer = await asyncio.open_unix_connection(str(spec.console_socket))
+        console = Console(reader, writer)
+        await console.run("")  # a fresh prompt
+        assert await console.run("hostname") == "machine-one"
+        assert await console.run(f"cat {os_image.IGNITION_PATH}") == ignition.read_text()
+        assert await console.run("cat /mnt/disk/etc/iri-test-os") == os_image.DISK_MARKER
+        assert await console.run("cat /sys/block/vda/size") == str(64 * MiB // 512)
+        # A hot-added disk shows up, and grows live.
+        data_disk = Disk("data", data.path, serial="data", read_only=False, format="qcow2")
+        await vm.add_disk(data_disk)
+        await until(console, "cat /sys/block/vdb/size", str(16 * MiB // 512))
+        await vm.resize_disk(data_disk, 32 * MiB)
+        await until(console, "cat /sys/block/vdb/size", str(32 * MiB // 512))
+        writer.close()
+        # The ACPI power button powers it off.
+        await vm.press_power_button()
+        assert await vm.wait_exited(30), "the guest ignored the power button"
+    finally:
+        await vm.kill()
+    await images.release_os_image(image.id, "machine-1")
+
+
+async def until(console: Console, command: str, want: str, max_wait: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + max_wait
+    while (got := await console.run(command)) != want:
+        assert asyncio.get_running_loop().time() < deadline, f"{command}: {got!r}, not {want!r}"
+        await asyncio.sleep(0.5)
