@@ -27,3 +27,9 @@ def node(kubelet: Path, conformance_daemon: Daemon) -> Iterator[KubeletNode]:  #
     """One kubelet per test module on the module's daemon; its log stays in build/kubelet/."""
     with running_node(conformance_daemon, kubelet) as started:
         yield started
+
+
+@pytest.fixture
+def log_mark(node: KubeletNode) -> int:
+    """Where kubelet's log stood when the test began."""
+    return node.log_lines()

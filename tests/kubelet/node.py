@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from tests.cri_client import REPO
 from tests.daemon import Daemon, unmount_under
+from tests.e2e.conftest import vm_pids_of
 from tests.registry import free_port
 
 T = TypeVar("T")
@@ -112,6 +113,19 @@ def runtime_containers(daemon: Daemon) -> list[Any]:
     return list(in_thread(list_containers))
 
 
+def runtime_images(daemon: Daemon) -> list[Any]:
+    """criserver's images (ListImages)."""
+
+    async def list_images() -> list[Any]:
+        cri = daemon.client()
+        try:
+            return list((await cri.image.ListImages(timeout=30)).images)
+        finally:
+            await cri.close()
+
+    return list(in_thread(list_images))
+
+
 # -- what kubelet changes on the host --------------------------------------------------------
 
 
@@ -189,6 +203,23 @@ class HostState:
             CONTAINER_LOG_LINKS.rmdir()
 
 
+# klog's header: severity, month, day, local time (no year).
+KLOG_HEADER = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+) ")
+
+
+def klog_time(line: str) -> float | None:
+    """When kubelet logged `line`, as a `time.time()` value; None for a line without klog's
+    header (a continuation line)."""
+    found = KLOG_HEADER.match(line)
+    if found is None:
+        return None
+    month, day, hour, minute = (int(g) for g in found.groups()[:4])
+    now = time.time()
+    year = time.localtime(now).tm_year
+    stamp = time.mktime((year, month, day, hour, minute, 0, 0, 0, -1)) + float(found[5])
+    return stamp - 365 * 86400 if stamp > now + 86400 else stamp  # logged last year
+
+
 # -- the node ----------------------------------------------------------------------------------
 
 
@@ -257,11 +288,13 @@ class KubeletNode:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2) + "\n")
         shutil.copy(self.config_path, LOG_DIR / "kubelet.yaml")
-        self.host_state = HostState.capture()
+        restarted = self.host_state is not None  # the host as it was before the first start
+        if not restarted:
+            self.host_state = HostState.capture()
         argv = [str(self.binary), f"--config={self.config_path}", f"--root-dir={self.root}",
                 f"--cert-dir={self.workdir / 'pki'}", f"--hostname-override={self.name}",
                 "--v=2"]
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab" if restarted else "wb") as log:
             log.write(f"# {' '.join(argv)}\n".encode())
             log.flush()
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
@@ -304,6 +337,13 @@ class KubeletNode:
             if self.host_state is not None:
                 self.host_state.restore(self.pod_logs)
                 self.host_state = None
+
+    def restart(self, extra_config: dict[str, Any], timeout: float = 90) -> None:
+        """Stop kubelet alone and start it again with `extra_config` in place of the node's
+        own: same root dir, manifests and pods (kubelet adopts them), its log appended to."""
+        self._stop_process()
+        self.extra_config = dict(extra_config)
+        self.start(timeout)
 
     def _stop_process(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -397,6 +437,73 @@ class KubeletNode:
         gave up a call itself) are kubelet's normal course with any runtime."""
         return [line for line in self.error_lines(since)
                 if "rpc error" in line and not re.search(r"code = (NotFound|Canceled)\b", line)]
+
+
+# -- what the scenarios share -----------------------------------------------------------
+
+# Under TCG: a pod boots in seconds, a container is created in ~2 s, an image is pulled once
+# per daemon; kubelet retries a failed step after backoff. Generous, but bounded.
+START_TIMEOUT = 300
+# kubelet stops a removed pod at once, but removes its sandbox in container GC (every minute).
+GONE_TIMEOUT = 240
+
+
+def pod_manifest(name: str, containers: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        # busybox's sleep ignores SIGTERM as pid 1: do not wait kubelet's default 30 s for it
+        "spec": {"terminationGracePeriodSeconds": 2, "containers": containers, **spec},
+    }
+
+
+def statuses(pod: dict[str, Any], key: str = "containerStatuses") -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in pod.get("status", {}).get(key) or []}
+
+
+def all_running(count: int) -> Any:
+    def check(pod: dict[str, Any]) -> bool:
+        found = statuses(pod)
+        return (pod.get("status", {}).get("phase") == "Running" and len(found) == count
+                and all("running" in s.get("state", {}) and s.get("ready") for s in found.values()))
+
+    return check
+
+
+def sandbox_of(node: KubeletNode, name: str) -> Any:
+    """criserver's sandbox for the static pod `name` (kubelet names it after the pod)."""
+    found = [p for p in runtime_pods(node.daemon) if p.metadata.name == node.full_name(name)]
+    assert len(found) == 1, f"expected one sandbox for {name}, criserver has {found}"
+    return found[0]
+
+
+def http_get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return str(answer.read().decode())
+    except OSError:
+        return None
+
+
+def assert_no_runtime_errors(node: KubeletNode, since: int) -> None:
+    errors = node.runtime_errors(since)
+    assert not errors, "criserver failed kubelet's CRI calls:\n" + "\n".join(errors[:10])
+
+
+def remove_and_check_gone(node: KubeletNode, name: str, sandbox_id: str) -> None:
+    """Remove the manifest; kubelet must stop the pod, its VM must end, and kubelet's GC must
+    remove the sandbox and its containers from criserver."""
+    node.remove_manifest(name)
+    wait_for(lambda: node.pod(name) is None, 60, f"kubelet to drop pod {name}",
+             lambda: node.describe(name))
+    wait_for(lambda: not vm_pids_of(sandbox_id), GONE_TIMEOUT,
+             f"the VM of pod {name} to end", lambda: node.describe(name))
+    wait_for(lambda: not [p for p in runtime_pods(node.daemon) if p.id == sandbox_id],
+             GONE_TIMEOUT, f"kubelet's GC to remove the sandbox of pod {name}",
+             lambda: node.describe(name))
+    left = [c for c in runtime_containers(node.daemon) if c.pod_sandbox_id == sandbox_id]
+    assert not left, f"containers left of pod {name}: {left}"
 
 
 @contextmanager

@@ -22,23 +22,21 @@ from tests.daemon import Daemon, process_cmdlines
 from tests.e2e.conftest import vm_pids_of
 from tests.kubelet.node import (
     BUSYBOX,
-    KubeletNode,
-    in_thread,
-    running_node,
-    runtime_containers,
-    runtime_pods,
-    wait_for,
-)
-from tests.kubelet.test_static_pods import (
     GONE_TIMEOUT,
     START_TIMEOUT,
+    KubeletNode,
     all_running,
     assert_no_runtime_errors,
     http_get,
+    in_thread,
     pod_manifest,
     remove_and_check_gone,
+    running_node,
+    runtime_containers,
+    runtime_pods,
     sandbox_of,
     statuses,
+    wait_for,
 )
 from tests.registry import free_port
 
@@ -61,11 +59,6 @@ def node(kubelet: Path, conformance_daemon: Daemon) -> Iterator[KubeletNode]:
     """This module's kubelet rotates container logs small and often."""
     with running_node(conformance_daemon, kubelet, extra_config=ROTATION) as started:
         yield started
-
-
-@pytest.fixture
-def log_mark(node: KubeletNode) -> int:
-    return node.log_lines()
 
 
 def sandbox_info(daemon: Daemon, sandbox_id: str) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import urllib.request
 from datetime import datetime
 from typing import Any
 
@@ -16,89 +15,26 @@ from tests.e2e.conftest import vm_pids_of
 from tests.kubelet.node import (
     BUSYBOX,
     NGINX,
+    START_TIMEOUT,
     KubeletNode,
+    all_running,
+    assert_no_runtime_errors,
+    http_get,
+    pod_manifest,
+    remove_and_check_gone,
     runtime_containers,
-    runtime_pods,
+    sandbox_of,
+    statuses,
     wait_for,
 )
 
 pytestmark = pytest.mark.vm
-
-# Under TCG: a pod boots in seconds, a container is created in ~2 s, an image is pulled once
-# per daemon; kubelet retries a failed step after backoff. Generous, but bounded.
-START_TIMEOUT = 300
-# kubelet stops a removed pod at once, but removes its sandbox in container GC (every minute).
-GONE_TIMEOUT = 240
-
-
-def pod_manifest(name: str, containers: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
-        # busybox's sleep ignores SIGTERM as pid 1: do not wait kubelet's default 30 s for it
-        "spec": {"terminationGracePeriodSeconds": 2, "containers": containers, **spec},
-    }
-
-
-def statuses(pod: dict[str, Any], key: str = "containerStatuses") -> dict[str, dict[str, Any]]:
-    return {s["name"]: s for s in pod.get("status", {}).get(key) or []}
-
-
-def all_running(count: int) -> Any:
-    def check(pod: dict[str, Any]) -> bool:
-        found = statuses(pod)
-        return (pod.get("status", {}).get("phase") == "Running" and len(found) == count
-                and all("running" in s.get("state", {}) and s.get("ready") for s in found.values()))
-
-    return check
-
-
-def sandbox_of(node: KubeletNode, name: str) -> Any:
-    """criserver's sandbox for the static pod `name` (kubelet names it after the pod)."""
-    found = [p for p in runtime_pods(node.daemon) if p.metadata.name == node.full_name(name)]
-    assert len(found) == 1, f"expected one sandbox for {name}, criserver has {found}"
-    return found[0]
 
 
 def pod_subnet(node: KubeletNode) -> ipaddress.IPv4Network:
     found = re.search(r'default_subnet = "([\d./]+)"', node.daemon.config_path.read_text())
     assert found is not None
     return ipaddress.IPv4Network(found[1])
-
-
-def http_get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            return str(answer.read().decode())
-    except OSError:
-        return None
-
-
-@pytest.fixture
-def log_mark(node: KubeletNode) -> int:
-    """Where kubelet's log stood when the test began."""
-    return node.log_lines()
-
-
-def assert_no_runtime_errors(node: KubeletNode, since: int) -> None:
-    errors = node.runtime_errors(since)
-    assert not errors, "criserver failed kubelet's CRI calls:\n" + "\n".join(errors[:10])
-
-
-def remove_and_check_gone(node: KubeletNode, name: str, sandbox_id: str) -> None:
-    """Remove the manifest; kubelet must stop the pod, its VM must end, and kubelet's GC must
-    remove the sandbox and its containers from criserver."""
-    node.remove_manifest(name)
-    wait_for(lambda: node.pod(name) is None, 60, f"kubelet to drop pod {name}",
-             lambda: node.describe(name))
-    wait_for(lambda: not vm_pids_of(sandbox_id), GONE_TIMEOUT,
-             f"the VM of pod {name} to end", lambda: node.describe(name))
-    wait_for(lambda: not [p for p in runtime_pods(node.daemon) if p.id == sandbox_id],
-             GONE_TIMEOUT, f"kubelet's GC to remove the sandbox of pod {name}",
-             lambda: node.describe(name))
-    left = [c for c in runtime_containers(node.daemon) if c.pod_sandbox_id == sandbox_id]
-    assert not left, f"containers left of pod {name}: {left}"
 
 
 def test_two_containers_share_an_empty_dir_and_serve_http(node: KubeletNode,
