@@ -179,13 +179,20 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
                          ("privileged_handler", runtime.privileged_handler)):
         if (handler or key == "default_handler") and handler not in config.runtimes:
             raise ConfigError(f"runtime.{key}: no [runtimes.{handler}] table")
-    _check_machine_classes(config.machine.classes)
+    _check_machine(config)
     return config
 
 
-def _check_machine_classes(classes: list[MachineClassConfig]) -> None:
+def _check_machine(config: Config) -> None:
+    machine = config.machine
+    # Checked here, not when the socket opens: by then the CRI socket already serves.
+    if not machine.listen.startswith("unix://"):
+        raise ConfigError(f"machine.listen: only unix:// endpoints are supported, got "
+                          f"{machine.listen!r}")
+    if machine.enabled and machine.listen == config.daemon.listen:
+        raise ConfigError("machine.listen: must differ from daemon.listen")
     seen = set()
-    for i, machine_class in enumerate(classes):
+    for i, machine_class in enumerate(machine.classes):
         if not machine_class.name:
             raise ConfigError(f"machine.classes[{i}].name: a class needs a name")
         if machine_class.name in seen:

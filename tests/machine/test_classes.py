@@ -54,8 +54,11 @@ def test_the_default_config_offers_classes() -> None:
     ('classes = [{name = "a"}, {name = "a"}]', "machine.classes[1].name: 'a' is defined twice"),
     ('classes = [{name = "a", memory = 1}]', "unknown key machine.classes[0].memory"),
     ('classes = "small"', "machine.classes: expected a list"),
+    ('listen = "/run/iri.sock"', "machine.listen: only unix:// endpoints are supported"),
+    ('enabled = true\nlisten = "unix:///run/criserver/criserver.sock"',
+     "machine.listen: must differ from daemon.listen"),
 ])
-def test_bad_classes_are_config_errors(tmp_path: Path, table: str, error: str) -> None:
+def test_bad_machine_tables_are_config_errors(tmp_path: Path, table: str, error: str) -> None:
     path = tmp_path / "config.toml"
     path.write_text(f"[machine]\n{table}\n")
     with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("]", r"\]")):

@@ -152,3 +152,17 @@ async def test_machines_survive_sigkill_and_the_socket_is_private(
     finally:
         await again.close()
     assert daemon.stop(signal.SIGTERM) == 0
+
+
+def test_a_machine_socket_in_use_stops_the_start(tmp_path: Path, daemon: Daemon) -> None:
+    taken = daemon.workdir / "iri-machine.sock"
+    (tmp_path / "second").mkdir()
+    second = Daemon(tmp_path / "second", INERT_CONFIG + (
+        f'[machine]\nenabled = true\nlisten = "unix://{taken}"\n'))
+    try:
+        second.start()
+    except RuntimeError:
+        pass  # exited before its CRI socket was seen
+    assert second.process is not None
+    assert second.process.wait(20) != 0
+    assert f"another process is already serving on {taken}" in second.log()
