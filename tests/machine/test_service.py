@@ -22,6 +22,7 @@ from criserver.machine.classes import HostCapacity, MachineClasses
 from criserver.machine.events import NORMAL, EventStore
 from criserver.machine.placeholders import NoConsole
 from criserver.machine.service import MachineService
+from criserver.machine.servicer import MISSING, machine_runtime_service
 from criserver.machine.store import MachineStore
 from criserver.store.db import Database
 
@@ -405,3 +406,10 @@ async def test_list_events_filters_as_asked(env: Env) -> None:
     assert [e.spec.involved_object_meta.id for e in response.events] == [b.metadata.id]
     everything = await env.service.list_events(iri.ListEventsRequest())
     assert len(everything.events) == 2
+
+
+def test_the_table_implements_every_call_of_the_proto(env: Env) -> None:
+    service = iri.DESCRIPTOR.services_by_name["MachineRuntime"]
+    table = machine_runtime_service(env.service)
+    assert set(table) == set(service.methods_by_name)
+    assert MISSING == {}
