@@ -10,6 +10,7 @@ import re
 
 from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
 from criserver.errors import AlreadyExists, InvalidArgument
+from criserver.image import reference
 
 # Guest-visible disk slots: "oda".."odz", then "odaa".."odzz" (as the reference providers name
 # them; each maps to one virtio disk).
@@ -39,6 +40,12 @@ def check_volume(volume: iri.Volume, max_local_disk_bytes: int) -> None:
             raise InvalidArgument(
                 f"{where}: local_disk.size_bytes {size} is larger than this node allows "
                 f"({max_local_disk_bytes} bytes, machine.max_local_disk_bytes)")
+        if volume.local_disk.image.image:
+            # A malformed name is refused now; one that names nothing is found out by the pull.
+            try:
+                reference.parse(volume.local_disk.image.image)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{where}: local_disk.image: {exc.message}") from None
     else:
         require(volume.connection.driver, f"{where}: connection.driver")
         require(volume.connection.handle, f"{where}: connection.handle")

@@ -176,6 +176,7 @@ async def test_an_unknown_class_is_invalid(env: Env) -> None:
     ((volume("a", "oda"), volume("b", "oda")), "device oda is already used"),
     ((iri.Volume(name="c", device="odc", connection=iri.VolumeConnection(driver="file")),),
      "connection.handle is required"),
+    ((volume(image="Registry.example/OS:1"),), "volume root: local_disk.image: invalid image"),
 ])
 async def test_bad_volumes_are_refused_at_create(
         env: Env, volumes: tuple[iri.Volume, ...], error: str) -> None:
@@ -185,7 +186,8 @@ async def test_bad_volumes_are_refused_at_create(
 
 
 async def test_device_names_as_the_reference(env: Env) -> None:
-    machine = await create(env, volumes=(volume("a", "oda"), volume("b", "odz"),
+    machine = await create(env, volumes=(volume("a", "oda", image="registry.example/os/debian:12"),
+                                         volume("b", "odz"),
                                          volume("c", "odaa"), connection("d", "odzz")))
     assert [v.device for v in machine.spec.volumes] == ["oda", "odz", "odaa", "odzz"]
 
