@@ -182,26 +182,13 @@ async def fetch(puller: Puller, ref: Reference, creds: Credentials | None,
     content store, each verified against its descriptor.
 
     :raises InvalidArgument: not an OS image, or hostile (sizes beyond the limits).
-    :raises NotFound, FailedPrecondition, Unavailable, Internal: as container pulls.
+    :raises FailedPrecondition: an index lying about sizes; no entry for this node.
+    :raises NotFound, Unavailable, Internal: as container pulls.
     """
     client = puller.client
-    body, media_header, digest = await client.fetch_manifest(ref, ref.digest or ref.tag, creds)
-    docs = [(digest, body)]
-    doc = mf.parse_json(body, f"image {ref}")
-    media = mf.media_type_of(doc, media_header)
-    index_digest = ""
-    for _ in range(mf.MAX_INDEX_DEPTH):
-        if media not in mf.INDEX_TYPES:
-            break
-        index_digest = index_digest or digest
-        desc = select_os_platform(doc, puller.platform, f"image {ref}")
-        body, media_header, digest = await client.fetch_manifest(ref, desc.digest, creds)
-        if len(body) != desc.size:
-            raise InvalidArgument(f"image {ref}: manifest {desc.digest} has {len(body)} bytes, "
-                                  f"the index says {desc.size}")
-        docs.append((digest, body))
-        doc = mf.parse_json(body, f"image {ref} manifest {digest}")
-        media = mf.media_type_of(doc, desc.media_type or media_header)
+    docs, doc, media, index_digest = await puller.resolve(
+        ref, creds, lambda index: select_os_platform(index, puller.platform, f"image {ref}"))
+    digest = docs[-1][0]
     if media in mf.INDEX_TYPES:
         raise InvalidArgument(f"image {ref}: indexes nested deeper than {mf.MAX_INDEX_DEPTH}")
     manifest = parse_os_manifest(doc, f"image {ref}")

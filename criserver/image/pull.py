@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from criserver.errors import CriError, FailedPrecondition
 from criserver.image import manifest as mf
@@ -56,6 +57,30 @@ class Puller:
 
         :raises NotFound, FailedPrecondition, InvalidArgument, Unavailable, Internal.
         """
+        def choose(index: dict[str, Any]) -> mf.Descriptor:
+            osboot.refuse_as_container(index, f"image {ref}")
+            return mf.select_platform(index, self.platform, f"image {ref}")
+
+        docs, doc, media, index_digest = await self.resolve(ref, creds, choose)
+        if media in mf.DOCKER_SCHEMA1:
+            raise FailedPrecondition(f"image {ref}: Docker schema 1 manifests are not supported")
+        osboot.refuse_as_container(doc, f"image {ref}")
+        if media not in mf.MANIFEST_TYPES:
+            raise FailedPrecondition(f"image {ref}: unsupported manifest type {media!r}")
+        manifest = mf.parse_manifest(doc, f"image {ref}")
+        held = {d for d, _ in docs} | {manifest.config.digest} | {d.digest for d in manifest.layers}
+        with self.lease(held):
+            return await self._fetch_content(ref, creds, progress, docs, index_digest, manifest)
+
+    async def resolve(self, ref: Reference, creds: Credentials | None,
+                      choose: Callable[[dict[str, Any]], mf.Descriptor]
+                      ) -> tuple[list[tuple[str, bytes]], dict[str, Any], str, str]:
+        """Follow `ref` through at most MAX_INDEX_DEPTH indexes, `choose` picking the entry
+        of each: (every document fetched as (digest, bytes), the last one parsed, its media
+        type, the first index's digest or "").
+
+        :raises FailedPrecondition: an index lies about an entry's size.
+        """
         body, media_header, digest = await self.client.fetch_manifest(
             ref, ref.digest or ref.tag, creds
         )
@@ -67,8 +92,7 @@ class Puller:
             if media not in mf.INDEX_TYPES:
                 break
             index_digest = index_digest or digest
-            osboot.refuse_as_container(doc, f"image {ref}")
-            desc = mf.select_platform(doc, self.platform, f"image {ref}")
+            desc = choose(doc)
             body, media_header, digest = await self.client.fetch_manifest(ref, desc.digest, creds)
             if len(body) != desc.size:
                 raise FailedPrecondition(f"image {ref}: manifest {desc.digest} has "
@@ -76,15 +100,7 @@ class Puller:
             docs.append((digest, body))
             doc = mf.parse_json(body, f"image {ref} manifest {digest}")
             media = mf.media_type_of(doc, desc.media_type or media_header)
-        if media in mf.DOCKER_SCHEMA1:
-            raise FailedPrecondition(f"image {ref}: Docker schema 1 manifests are not supported")
-        osboot.refuse_as_container(doc, f"image {ref}")
-        if media not in mf.MANIFEST_TYPES:
-            raise FailedPrecondition(f"image {ref}: unsupported manifest type {media!r}")
-        manifest = mf.parse_manifest(doc, f"image {ref}")
-        held = {d for d, _ in docs} | {manifest.config.digest} | {d.digest for d in manifest.layers}
-        with self.lease(held):
-            return await self._fetch_content(ref, creds, progress, docs, index_digest, manifest)
+        return docs, doc, media, index_digest
 
     async def _fetch_content(self, ref: Reference, creds: Credentials | None,
                              progress: Progress | None, docs: list[tuple[str, bytes]],

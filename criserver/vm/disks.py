@@ -122,6 +122,7 @@ class Bases:
     def __init__(self, dir: Path) -> None:
         self.dir = dir
         self._making: dict[str, asyncio.Task[Base]] = {}
+        self._made: dict[str, Base] = {}  # saves a qemu-img per disk made
 
     def path(self, key: str, fmt: str) -> Path:
         return self.dir / f"{key}.{fmt}"
@@ -134,12 +135,17 @@ class Bases:
         """
         if not key or "/" in key or key.startswith("."):
             raise InvalidArgument(f"base key {key!r} is not a plain name")
+        made = self._made.get(key)
+        if made is not None and await asyncio.to_thread(made.path.exists):
+            return made
         task = self._making.get(key)
         if task is None:
             task = asyncio.ensure_future(self._make(key, source))
             self._making[key] = task
             task.add_done_callback(lambda _t: self._making.pop(key, None))
-        return await asyncio.shield(task)
+        base = await asyncio.shield(task)
+        self._made[key] = base
+        return base
 
     async def _make(self, key: str, source: Path) -> Base:
         for fmt in BASE_FORMATS:
@@ -197,6 +203,7 @@ class Bases:
             if key in keep or key in self._making or os.path.realpath(entry.path) in used:
                 continue
             os.unlink(entry.path)
+            self._made.pop(key, None)
             removed.append(key)
             log.info("disk base removed key=%s", key)
         return removed

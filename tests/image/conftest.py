@@ -14,6 +14,7 @@ import pytest
 from criserver.config import ImageConfig
 from criserver.image import ImageService
 from criserver.store.db import Database
+from tests.image.fakeregistry import FakeRegistry
 from tests.registry import (  # noqa: F401 - helpers the image tests import from here
     BUSYBOX,
     PASSWORD,
@@ -51,6 +52,16 @@ async def make_service(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
         for service, db in opened:
             await service.close()
             await db.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRegistry]:
+    """The in-test registry (tests/image/fakeregistry.py), stopped at the end."""
+    reg = await FakeRegistry().start()
+    try:
+        yield reg
+    finally:
+        await reg.stop()
 
 
 @pytest.fixture

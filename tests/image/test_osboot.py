@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -45,15 +44,6 @@ def add_os(fake: FakeRegistry, repo: str, tag: str, layers: list[tuple[str, byte
     fake.manifests[f"{repo}/{tag}"] = (index, OCI_INDEX)
     fake.manifests[f"{repo}/{sha(index)}"] = (index, OCI_INDEX)
     return sha(index)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRegistry]:
-    reg = await FakeRegistry().start()
-    try:
-        yield reg
-    finally:
-        await reg.stop()
 
 
 # -- recognition, without a registry -----------------------------------------------------------
@@ -179,7 +169,7 @@ async def test_hostile_images_are_refused(service: ImageService, fake: FakeRegis
     index = json.loads(fake.manifests["os/lie/v1"][0])
     index["manifests"][0]["size"] = len(body) + 10
     fake.manifests["os/lie/v1"] = (json.dumps(index).encode(), OCI_INDEX)
-    with pytest.raises(InvalidArgument, match="the index says"):
+    with pytest.raises(FailedPrecondition, match="index says"):
         await service.pull_os_image(f"{fake.host}/os/lie:v1")
     # A huge config.
     huge = b'{"commandLine": "' + b"x" * osboot.MAX_CONFIG_BYTES + b'"}'

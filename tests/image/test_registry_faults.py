@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,15 +20,6 @@ from tests.image.oci import E, Image, Layer, sha, tar_bytes
 def two_layer_image(size: int = 300_000) -> Image:
     return Image([Layer(tar_bytes([E("a", data=os.urandom(size))]), "gzip"),
                   Layer(tar_bytes([E("b", data=os.urandom(size))]), "zstd")])
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRegistry]:
-    reg = await FakeRegistry().start()
-    try:
-        yield reg
-    finally:
-        await reg.stop()
 
 
 async def test_bearer_token_flow(service: ImageService, fake: FakeRegistry) -> None:

@@ -10,7 +10,8 @@ read-only by /init.
 
 What the console shows, in order (ttyS0, `console=ttyS0` on the command line):
     IRI-TEST-OS READY hostname=<name> ignition=<bytes> disk=<vdX or none>
-then the prompt PROMPT of a shell that reads commands from the console, e.g.
+then the prompt PROMPT of a shell that reads commands from the console (busybox line editing:
+it echoes what is typed and asks the terminal for the cursor, ESC[6n, before each prompt), e.g.
 `cat /sys/block/vdb/size`, `cat /sys/class/net/eth1/address`, `cat /run/ignition.json`.
 The hostname comes from `systemd.hostname=` or `hostname=` on the command line, else from the
 fw_cfg file HOSTNAME_FW_CFG; the Ignition data from IGNITION_FW_CFG (libvirt-provider's name).
@@ -88,9 +89,7 @@ for i in /sys/class/input/input*; do
     fi
 done
 echo "@MARKER@ hostname=$(hostname) ignition=$ign disk=$disk"
-# No line editing: it would query the terminal (ESC[6n) before every prompt.
-echo 'set +o emacs; set +o vi' > /etc/profile
-export PS1='@PROMPT@' HOME=/ TERM=dumb ENV=/etc/profile
+export PS1='@PROMPT@' HOME=/ TERM=dumb
 exec setsid cttyhack sh
 """
 

@@ -5,9 +5,7 @@ over a per-image base, and booted on the VM layer (q35, TCG) with its console an
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -18,11 +16,12 @@ from criserver.image import ImageService
 from criserver.image.auth import Credentials
 from criserver.image.registry import AuthError
 from criserver.store.db import Database
-from criserver.vm import disks, process
+from criserver.vm import disks
 from criserver.vm.qemu import DirectKernel, Disk, FwCfgFile, Machine, RebootPolicy, VMSpec
 from criserver.vm.vm import VM
 from tests.machine import os_image
 from tests.registry import PASSWORD, USER, Registry
+from tests.vm.conftest import vm_dir  # noqa: F401 - a fixture: short path, no QEMU left
 
 MiB = 1 << 20
 
@@ -81,17 +80,6 @@ async def test_index_form_and_auth(images: ImageService, auth_registry: Registry
 # -- booting it ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vm_dir() -> Iterator[Path]:
-    # Short path: Unix socket paths must stay under 108 bytes.
-    d = Path(tempfile.mkdtemp(prefix="crios-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        process.kill_all(d / "qemu.pid")
-        shutil.rmtree(d, ignore_errors=True)
-
-
 class Console:
     """The guest's serial console, typed into like a terminal."""
 
@@ -104,8 +92,9 @@ class Console:
         await self.writer.drain()
         out = await asyncio.wait_for(
             self.reader.readuntil(os_image.PROMPT.encode()), max_wait)
-        lines = out.decode(errors="replace").replace("\r", "").split("\n")
-        return "\n".join(lines[1:-1]).strip()
+        text = out.decode(errors="replace").replace("\r", "")[:-len(os_image.PROMPT)]
+        _echo, _, printed = text.partition("\n")
+        return printed.strip()
 
 
 async def wait_for_log(log: Path, text: str, max_wait: float = 90.0) -> str:
@@ -122,7 +111,7 @@ async def wait_for_log(log: Path, text: str, max_wait: float = 90.0) -> str:
 @pytest.mark.vm
 async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
         images: ImageService, registry: Registry, files: os_image.OsImageFiles,
-        vm_dir: Path) -> None:
+        vm_dir: Path) -> None:  # noqa: F811 - the fixture imported above
     await push(registry, files, "iri/boot-os")
     image = await images.pull_os_image(f"{registry.host}/iri/boot-os:v1")
     await images.use_os_image(image.id, "machine-1")
@@ -144,7 +133,8 @@ async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
     await vm.start()
     try:
         log = await wait_for_log(spec.location.log_file, os_image.MARKER)
-        assert f"{os_image.MARKER} hostname=machine-one ignition=35 disk=vda" in log
+        ignition_bytes = len(ignition.read_bytes())
+        assert f"{os_image.MARKER} hostname=machine-one ignition={ignition_bytes} disk=vda" in log
         reader, writer = await asyncio.open_unix_connection(str(spec.console_socket))
         console = Console(reader, writer)
         await console.run("")  # a fresh prompt
