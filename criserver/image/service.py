@@ -224,21 +224,36 @@ class ImageService:
         image: str,
         auth: Credentials | Any = None,
         progress: Progress | None = None,
+        user: str | None = None,
     ) -> OsImage:
         """Pull the IronCore OS image `image` names (see criserver/image/osboot.py). Blobs
         already present are not fetched again; concurrent pulls of one reference share one
-        pull; a digest reference already pulled needs no registry at all.
+        pull; a digest reference already pulled needs no registry at all. With `user` (a
+        machine id) the image is marked in use by it as `use_os_image` does, so that no
+        removal slips in between the pull and the mark.
 
         :raises InvalidArgument: not an OS image, or one refused (sizes, media types).
         :raises NotFound, FailedPrecondition, Unavailable, Internal: as `pull`.
         """
         ref = reference.parse(image)
+        creds = auth if isinstance(auth, Credentials) or auth is None \
+            else Credentials.from_auth_config(auth)
+        os_image = await self._pull_os_once(ref, creds, progress)
+        if user is not None:
+            try:
+                await self.use_os_image(os_image.id, user)
+            except NotFound:
+                log.info("os image removed while pulled, pulling again image=%s", ref)
+                os_image = await self._pull_os_once(ref, creds, progress)
+                await self.use_os_image(os_image.id, user)
+        return os_image
+
+    async def _pull_os_once(self, ref: reference.Reference, creds: Credentials | None,
+                            progress: Progress | None) -> OsImage:
         if ref.digest:
             local = self.get_os_image(str(ref))
             if local is not None:
                 return local
-        creds = auth if isinstance(auth, Credentials) or auth is None \
-            else Credentials.from_auth_config(auth)
         return await self._os_pulls.run(str(ref), lambda: self._pull_os(ref, creds, progress))
 
     async def _pull_os(self, ref: reference.Reference, creds: Credentials | None,

@@ -196,8 +196,8 @@ async def test_hostile_images_are_refused(service: ImageService, fake: FakeRegis
 
 async def test_in_use_os_image_is_not_removed(service: ImageService, fake: FakeRegistry) -> None:
     add_os(fake, "os/test", "v1", os_layers())
-    image = await service.pull_os_image(f"{fake.host}/os/test:v1")
-    await service.use_os_image(image.id, "machine-1")
+    image = await service.pull_os_image(f"{fake.host}/os/test:v1", user="machine-1")
+    assert service.os_image_users(image.id) == ["machine-1"]
     await service.use_os_image(image.id, "machine-1")  # idempotent
     await service.use_os_image(image.id, "machine-2")
     with pytest.raises(FailedPrecondition, match="in use by machines machine-1, machine-2"):
