@@ -1,5 +1,5 @@
-"""criserver's own calls (criserver.admin.v1), served beside the CRI: pull with progress and
-image-layout import, used by `criserver image ...`."""
+"""criserver's own calls (criserver.admin.v1), served beside the CRI: pull with progress,
+image-layout import and the IronCore OS images machines boot, used by `criserver image ...`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ MISSING: dict[str, str] = {}
 
 
 def images_service(images: ImageService) -> dict[str, Any]:
-    return {"Pull": partial(pull, images), "Import": partial(import_, images)}
+    return {"Pull": partial(pull, images), "Import": partial(import_, images),
+            "ListOsImages": partial(list_os_images, images),
+            "RemoveOsImage": partial(remove_os_image, images)}
 
 
 async def pull(
@@ -39,7 +41,12 @@ async def pull(
 
     creds = (Credentials(username=request.username, password=request.password)
              if request.username else None)
-    task = asyncio.create_task(images.pull(request.image, creds, progress))
+    async def pull_image() -> str:
+        if request.os_image:
+            return (await images.pull_os_image(request.image, creds, progress)).id
+        return await images.pull(request.image, creds, progress)
+
+    task = asyncio.create_task(pull_image())
     try:
         while not task.done():
             getter = asyncio.ensure_future(queue.get())
@@ -61,3 +68,19 @@ async def import_(images: ImageService, request: admin.ImportRequest) -> admin.I
         raise InvalidArgument(f"import path {request.path!r} must be absolute")
     ids = await images.import_layout(path, request.name or None)
     return admin.ImportResponse(image_ids=ids)
+
+
+async def list_os_images(images: ImageService, request: admin.ListOsImagesRequest
+                         ) -> admin.ListOsImagesResponse:
+    return admin.ListOsImagesResponse(images=[
+        admin.OsImage(id=r.id, repo_tags=r.repo_tags, repo_digests=r.repo_digests, size=r.size,
+                      users=images.os_image_users(r.id))
+        for r in images.os_images()])
+
+
+async def remove_os_image(images: ImageService, request: admin.RemoveOsImageRequest
+                          ) -> admin.RemoveOsImageResponse:
+    if not request.image:
+        raise InvalidArgument("image must not be empty")
+    await images.remove_os_image(request.image)
+    return admin.RemoveOsImageResponse()

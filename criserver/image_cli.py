@@ -1,4 +1,5 @@
-"""`criserver image pull|ls|rm|import`: image commands talking to the running daemon."""
+"""`criserver image pull|ls|rm|import`: image commands talking to the running daemon (`--os`:
+the IronCore OS images IRI machines boot, which the CRI never lists)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ def add_parser(commands: Any) -> None:
     pull.add_argument("--username", default="")
     pull.add_argument("--password", default="", help="or set it on stdin with --password-stdin")
     pull.add_argument("--password-stdin", action="store_true")
-    sub.add_parser("ls", help="list images")
+    os_help = "IronCore OS images (what IRI machines boot) instead of container images"
+    pull.add_argument("--os", action="store_true", help=os_help)
+    ls = sub.add_parser("ls", help="list images")
+    ls.add_argument("--os", action="store_true", help=os_help)
     rm = sub.add_parser("rm", help="remove images (by tag, id or digest)")
     rm.add_argument("references", nargs="+")
+    rm.add_argument("--os", action="store_true", help=os_help)
     imp = sub.add_parser("import", help="import an OCI image layout directory or .tar archive")
     imp.add_argument("path")
     imp.add_argument("--name", default="", help="reference for an image the layout names not")
@@ -54,7 +59,8 @@ def _pull(channel: grpc.Channel, args: argparse.Namespace) -> int:
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else args.password
     progress: Iterator[admin.PullProgress] = _call(
         channel, "/criserver.admin.v1.Images/Pull",
-        admin.PullRequest(image=args.reference, username=args.username, password=password),
+        admin.PullRequest(image=args.reference, username=args.username, password=password,
+                          os_image=args.os),
         admin.PullProgress, stream=True)
     display = _Progress(sys.stderr)
     for message in progress:
@@ -110,14 +116,19 @@ def _size(n: int) -> str:
 
 
 def _ls(channel: grpc.Channel, args: argparse.Namespace) -> int:
-    listed = _call(channel, "/runtime.v1.ImageService/ListImages", cri.ListImagesRequest(),
-                   cri.ListImagesResponse)
-    rows = [("IMAGE", "ID", "SIZE")]
+    if args.os:
+        listed = _call(channel, "/criserver.admin.v1.Images/ListOsImages",
+                       admin.ListOsImagesRequest(), admin.ListOsImagesResponse)
+    else:
+        listed = _call(channel, "/runtime.v1.ImageService/ListImages", cri.ListImagesRequest(),
+                       cri.ListImagesResponse)
+    rows = [("IMAGE", "ID", "SIZE", "USED BY" if args.os else "")]
     for image in listed.images:
         names = list(image.repo_tags) or list(image.repo_digests) or ["<none>"]
+        users = ",".join(image.users) if args.os else ""
         for name in names:
-            rows.append((name, image.id.split(":", 1)[-1][:12], _size(image.size)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+            rows.append((name, image.id.split(":", 1)[-1][:12], _size(image.size), users))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
@@ -125,8 +136,13 @@ def _ls(channel: grpc.Channel, args: argparse.Namespace) -> int:
 
 def _rm(channel: grpc.Channel, args: argparse.Namespace) -> int:
     for ref in args.references:
-        _call(channel, "/runtime.v1.ImageService/RemoveImage",
-              cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)), cri.RemoveImageResponse)
+        if args.os:
+            _call(channel, "/criserver.admin.v1.Images/RemoveOsImage",
+                  admin.RemoveOsImageRequest(image=ref), admin.RemoveOsImageResponse)
+        else:
+            _call(channel, "/runtime.v1.ImageService/RemoveImage",
+                  cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)),
+                  cri.RemoveImageResponse)
         print(f"removed {ref}")
     return 0
 

@@ -3,17 +3,22 @@ real docker-registry process."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
+from criserver.image import osboot
 from tests.cri_client import REPO, CRIClient, msg
 from tests.daemon import Daemon
-from tests.registry import Pushed
+from tests.image.oci import OCI_MANIFEST, Pusher
+from tests.machine.os_image import manifest_bytes
+from tests.registry import Pushed, Registry
 
 
 def spec(image: str) -> object:
@@ -99,3 +104,34 @@ def test_cli_pull_ls_rm_import(daemon: Daemon, pushed: Pushed, tmp_path: Path) -
     missing = _cli(daemon, "import", str(tmp_path / "nothing-here"))
     assert missing.returncode == 1
     assert "nothing-here" in missing.stderr
+
+
+async def test_os_images_through_the_daemon(daemon: Daemon, cri: CRIClient,
+                                            registry: Registry) -> None:
+    """An IronCore OS image: `image pull --os` fetches it, the CRI never lists it (kubelet's
+    image GC cannot remove what machines boot), `image ls --os` and `image rm --os` manage it."""
+    config = b'{"commandLine": "console=ttyS0"}'
+    layers = [(osboot.KERNEL, os.urandom(4096)), (osboot.DISK, os.urandom(8192))]
+    body = manifest_bytes(config, layers)
+    async with aiohttp.ClientSession() as session:
+        pusher = Pusher(session, registry.base)
+        for blob in (config, *(b for _, b in layers)):
+            await pusher.blob("iri/cli-os", blob)
+        digest = await pusher.manifest("iri/cli-os", "v1", body, OCI_MANIFEST)
+    ref = f"{registry.host}/iri/cli-os:v1"
+
+    as_container = await asyncio.to_thread(_cli, daemon, "pull", ref)
+    assert as_container.returncode == 1 and "is an IronCore OS image" in as_container.stderr
+    pulled = await asyncio.to_thread(_cli, daemon, "pull", "--os", ref)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip() == digest
+    assert not (await cri.image.ListImages(msg("ListImagesRequest"))).images
+    assert ref not in (await asyncio.to_thread(_cli, daemon, "ls")).stdout
+    listed = await asyncio.to_thread(_cli, daemon, "ls", "--os")
+    assert ref in listed.stdout and digest.split(":")[1][:12] in listed.stdout
+    # A CRI RemoveImage does not reach it.
+    await cri.image.RemoveImage(msg("RemoveImageRequest", image=spec(ref)))
+    assert ref in (await asyncio.to_thread(_cli, daemon, "ls", "--os")).stdout
+    removed = await asyncio.to_thread(_cli, daemon, "rm", "--os", ref)
+    assert removed.returncode == 0, removed.stderr
+    assert ref not in (await asyncio.to_thread(_cli, daemon, "ls", "--os")).stdout

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x64min/v1/admin.proto\x12\x12\x63riserver.admin.v1\"@\n\x0bPullRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"M\n\x0cPullProgress\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x10\n\x08image_id\x18\x04 \x01(\t\"+\n\rImportRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"#\n\x0eImportResponse\x12\x11\n\timage_ids\x18\x01 \x03(\t2\xaa\x01\n\x06Images\x12M\n\x04Pull\x12\x1f.criserver.admin.v1.PullRequest\x1a .criserver.admin.v1.PullProgress\"\x00\x30\x01\x12Q\n\x06Import\x12!.criserver.admin.v1.ImportRequest\x1a\".criserver.admin.v1.ImportResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x64min/v1/admin.proto\x12\x12\x63riserver.admin.v1\"R\n\x0bPullRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x10\n\x08os_image\x18\x04 \x01(\x08\"M\n\x0cPullProgress\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x10\n\x08image_id\x18\x04 \x01(\t\"+\n\rImportRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"#\n\x0eImportResponse\x12\x11\n\timage_ids\x18\x01 \x03(\t\"[\n\x07OsImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trepo_tags\x18\x02 \x03(\t\x12\x14\n\x0crepo_digests\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\r\n\x05users\x18\x05 \x03(\t\"\x15\n\x13ListOsImagesRequest\"C\n\x14ListOsImagesResponse\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.criserver.admin.v1.OsImage\"%\n\x14RemoveOsImageRequest\x12\r\n\x05image\x18\x01 \x01(\t\"\x17\n\x15RemoveOsImageResponse2\xf7\x02\n\x06Images\x12M\n\x04Pull\x12\x1f.criserver.admin.v1.PullRequest\x1a .criserver.admin.v1.PullProgress\"\x00\x30\x01\x12Q\n\x06Import\x12!.criserver.admin.v1.ImportRequest\x1a\".criserver.admin.v1.ImportResponse\"\x00\x12\x63\n\x0cListOsImages\x12\'.criserver.admin.v1.ListOsImagesRequest\x1a(.criserver.admin.v1.ListOsImagesResponse\"\x00\x12\x66\n\rRemoveOsImage\x12(.criserver.admin.v1.RemoveOsImageRequest\x1a).criserver.admin.v1.RemoveOsImageResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'admin.v1.admin_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PULLREQUEST']._serialized_start=44
-  _globals['_PULLREQUEST']._serialized_end=108
-  _globals['_PULLPROGRESS']._serialized_start=110
-  _globals['_PULLPROGRESS']._serialized_end=187
-  _globals['_IMPORTREQUEST']._serialized_start=189
-  _globals['_IMPORTREQUEST']._serialized_end=232
-  _globals['_IMPORTRESPONSE']._serialized_start=234
-  _globals['_IMPORTRESPONSE']._serialized_end=269
-  _globals['_IMAGES']._serialized_start=272
-  _globals['_IMAGES']._serialized_end=442
+  _globals['_PULLREQUEST']._serialized_end=126
+  _globals['_PULLPROGRESS']._serialized_start=128
+  _globals['_PULLPROGRESS']._serialized_end=205
+  _globals['_IMPORTREQUEST']._serialized_start=207
+  _globals['_IMPORTREQUEST']._serialized_end=250
+  _globals['_IMPORTRESPONSE']._serialized_start=252
+  _globals['_IMPORTRESPONSE']._serialized_end=287
+  _globals['_OSIMAGE']._serialized_start=289
+  _globals['_OSIMAGE']._serialized_end=380
+  _globals['_LISTOSIMAGESREQUEST']._serialized_start=382
+  _globals['_LISTOSIMAGESREQUEST']._serialized_end=403
+  _globals['_LISTOSIMAGESRESPONSE']._serialized_start=405
+  _globals['_LISTOSIMAGESRESPONSE']._serialized_end=472
+  _globals['_REMOVEOSIMAGEREQUEST']._serialized_start=474
+  _globals['_REMOVEOSIMAGEREQUEST']._serialized_end=511
+  _globals['_REMOVEOSIMAGERESPONSE']._serialized_start=513
+  _globals['_REMOVEOSIMAGERESPONSE']._serialized_end=536
+  _globals['_IMAGES']._serialized_start=539
+  _globals['_IMAGES']._serialized_end=914
 # @@protoc_insertion_point(module_scope)
