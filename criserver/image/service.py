@@ -252,7 +252,10 @@ class ImageService:
                             progress: Progress | None) -> OsImage:
         if ref.digest:
             local = self.get_os_image(str(ref))
-            if local is not None:
+            record = self.records.by_id(local.id) if local is not None else None
+            # Blobs gone from under the record (a damaged store) are fetched again.
+            if local is not None and record is not None and all(
+                    self.content.has(layer.digest, layer.size) for layer in record.layers):
                 return local
         return await self._os_pulls.run(str(ref), lambda: self._pull_os(ref, creds, progress))
 

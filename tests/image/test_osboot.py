@@ -129,9 +129,17 @@ async def test_second_pull_downloads_nothing_and_concurrent_pulls_share_one(
     again = await service.pull_os_image(ref)
     assert again == first[0]
     assert all(fake.blob_gets[sha(blob)] == 1 for _, blob in layers)
+    # A blob lost from the store is fetched again, even by digest.
+    by_digest_ref = f"{fake.host}/os/test@{digest}"
+    assert first[0].kernel is not None
+    first[0].kernel.unlink()
+    await service.content.start()  # rescans the store
+    fixed = await service.pull_os_image(by_digest_ref)
+    assert fixed.kernel is not None and fixed.kernel.read_bytes() == layers[0][1]
+    assert fake.blob_gets[sha(layers[0][1])] == 2
     # By digest, once pulled, no registry is needed at all.
     await fake.stop()
-    by_digest = await service.pull_os_image(f"{fake.host}/os/test@{digest}")
+    by_digest = await service.pull_os_image(by_digest_ref)
     assert by_digest.id == first[0].id and by_digest.kernel == first[0].kernel
 
 
