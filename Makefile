@@ -13,12 +13,14 @@ PYTEST_ARGS ?=
 # build the agent's static exec helper guest/vmexec.c), pod networking
 # (containernetworking-plugins, iproute2, iptables), and the tests' registry and tools
 # (docker-registry, skopeo, apache2-utils for htpasswd, socat; make, dpkg-dev, bzip2 and xz-utils
-# build busybox from its Debian source for the conformance images).
+# build busybox from its Debian source for the conformance images; syslinux, mtools and
+# dosfstools make the machine tests' bootable OS disk without mounting anything).
 APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-amd64 \
 	busybox-static runc python3 python3-venv erofs-utils squashfs-tools cpio lz4 zstd \
 	ca-certificates \
 	gcc libc6-dev libseccomp-dev make dpkg-dev bzip2 xz-utils \
-	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat
+	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat \
+	syslinux syslinux-common mtools dosfstools
 
 .PHONY: install install-service deps venv proto guest run test lint typecheck bench clean tools conformance-assets
 

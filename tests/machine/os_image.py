@@ -4,12 +4,15 @@ manifest with the osboot media types (how Debian's docker-registry stores such i
 
 Layers: kernel (the uncompressed vmlinux: QEMU boots it through its PVH note, ~3x faster under
 TCG than the XZ bzImage), initramfs (busybox, a few modules, /init below) and disk.img (a small
-raw ext4, made with `mke2fs -d`, holding DISK_MARKER). It has no boot loader: machines boot it
-with -kernel/-initrd; disk.img becomes the root `local_disk` (copy-on-write) and is mounted
-read-only by /init.
+raw ext4, made with `mke2fs -d`, holding DISK_MARKER). Machines boot it with -kernel/-initrd;
+disk.img becomes the root `local_disk` (copy-on-write) and is mounted read-only by /init.
+The `disk_only` variant has a single layer, a bootable disk.img (MBR, syslinux on FAT16, the
+bzImage and the same initramfs) that machines boot through firmware (SeaBIOS): ~7 s here.
+Kernel and initramfs are byte-identical between builds; the disk images carry build-time
+timestamps (ext4 ctimes, mtools), so builds are cached per input hash instead.
 
 What the console shows, in order (ttyS0, `console=ttyS0` on the command line):
-    IRI-TEST-OS READY hostname=<name> ignition=<bytes> disk=<vdX or none>
+    IRI-TEST-OS READY hostname=<name> ignition=<bytes> disk=<vda, vda1 (bootable) or none>
 then the prompt PROMPT of a shell that reads commands from the console (busybox line editing:
 it echoes what is typed and asks the terminal for the cursor, ESC[6n, before each prompt), e.g.
 `cat /sys/block/vdb/size`, `cat /sys/class/net/eth1/address`, `cat /run/ignition.json`.
@@ -45,8 +48,13 @@ COMMAND_LINE = "console=ttyS0 panic=-1 quiet cryptomgr.notests"
 # Built images are kept here between sessions, one directory per input hash.
 CACHE_DIR = Path("/var/tmp/criserver-test-osimage")
 # Leaves only: their dependencies come from modules.dep. qemu_fw_cfg: Ignition and hostname;
-# button + evdev: the ACPI power button; ext4: mounting disk.img.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg", "ext4", "button", "evdev")
+# button + evdev: the ACPI power button; ext4, vfat and its code pages: mounting disk.img.
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg", "ext4", "button", "evdev",
+           "vfat", "nls_cp437", "nls_ascii", "nls_utf8")
+# The bootable disk.img (for firmware boot): MBR + one FAT16 partition from sector 2048.
+BOOT_DISK_BYTES = 32 << 20
+PART_START = 2048
+SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
 MTIME = 1_600_000_000
 
 INIT = r"""#!/bin/sh
@@ -74,10 +82,11 @@ fi
 disk=none
 for d in /dev/vd*; do
     [ -b "$d" ] || continue
-    if mount -t ext4 -o ro "$d" /mnt/disk 2>/dev/null; then
-        if [ -f /mnt/disk/etc/iri-test-os ]; then disk=${d#/dev/}; break; fi
+    for t in ext4 vfat; do
+        mount -t $t -o ro "$d" /mnt/disk 2>/dev/null || continue
+        if [ -f /mnt/disk/etc/iri-test-os ]; then disk=${d#/dev/}; break 2; fi
         umount /mnt/disk
-    fi
+    done
 done
 ip link set lo up
 # The ACPI power button: power off at once (no init system to ask).
@@ -99,6 +108,7 @@ class OsImageFiles:
     kernel: Path
     initramfs: Path
     disk: Path
+    boot_disk: Path  # bootable through firmware: syslinux, the bzImage and the initramfs
     kernel_release: str
 
     def config_bytes(self) -> bytes:
@@ -124,10 +134,12 @@ def build(cache_dir: Path = CACHE_DIR) -> OsImageFiles:
     key = hashlib.sha256(json.dumps([
         release, bzimage.stat().st_size, bzimage.stat().st_mtime_ns,
         busybox.stat().st_size, busybox.stat().st_mtime_ns, init_script(), MODULES, DISK_MARKER,
+        COMMAND_LINE, BOOT_DISK_BYTES,
     ]).encode()).hexdigest()[:16]
     out = cache_dir / key
-    files = OsImageFiles(out / "vmlinux", out / "initramfs.cpio", out / "disk.img", release)
-    if all(p.is_file() for p in (files.kernel, files.initramfs, files.disk)):
+    files = OsImageFiles(out / "vmlinux", out / "initramfs.cpio", out / "disk.img",
+                         out / "boot-disk.img", release)
+    if all(p.is_file() for p in (files.kernel, files.initramfs, files.disk, files.boot_disk)):
         return files
     cache_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
@@ -135,6 +147,7 @@ def build(cache_dir: Path = CACHE_DIR) -> OsImageFiles:
         (stage / "vmlinux").write_bytes(guestbuild.extract_vmlinux(bzimage))
         (stage / "initramfs.cpio").write_bytes(_initramfs(release, busybox))
         _disk_img(stage / "disk.img")
+        _boot_disk_img(stage / "boot-disk.img", bzimage, stage / "initramfs.cpio")
         try:
             stage.rename(out)
         except OSError:  # another session built it meanwhile
@@ -182,11 +195,53 @@ def _disk_img(path: Path) -> None:
     shutil.rmtree(root)
 
 
+def _boot_disk_img(path: Path, bzimage: Path, initramfs: Path) -> None:
+    """A disk SeaBIOS boots: syslinux's MBR, one FAT16 partition with syslinux, the kernel
+    (bzImage: syslinux loads no ELF), the initramfs and the marker. All through mtools and
+    syslinux's mtools installer: nothing is mounted."""
+    work = path.parent / "boot-work"
+    work.mkdir()
+    part = work / "part.img"
+    with open(part, "wb") as f:
+        f.truncate(BOOT_DISK_BYTES - PART_START * 512)
+    config = work / "syslinux.cfg"
+    config.write_text(f"DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n"
+                      f"  INITRD initrd\n  APPEND {COMMAND_LINE}\n")
+    marker = work / "iri-test-os"
+    marker.write_text(f"{DISK_MARKER}\n")
+    for p in (config, marker):
+        os.utime(p, (MTIME, MTIME))
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(MTIME)}
+
+    def run(*argv: str) -> None:
+        subprocess.run(list(argv), check=True, capture_output=True, env=env)
+
+    run("mkfs.fat", "-F", "16", "-n", "IRITEST", "-i", "1a2b3c4d", "--invariant", str(part))
+    run("mmd", "-i", str(part), "::etc")
+    run("mcopy", "-m", "-i", str(part), str(bzimage), "::vmlinuz")
+    run("mcopy", "-m", "-i", str(part), str(initramfs), "::initrd")
+    run("mcopy", "-m", "-i", str(part), str(config), "::syslinux.cfg")
+    run("mcopy", "-m", "-i", str(part), str(marker), "::etc/iri-test-os")
+    run("syslinux", "--install", str(part))
+    # The MBR: syslinux's boot code, one active FAT16 (LBA) partition; CHS fields unused.
+    sectors = (BOOT_DISK_BYTES // 512) - PART_START
+    entry = bytes([0x80, 0xFE, 0xFF, 0xFF, 0x0E, 0xFE, 0xFF, 0xFF]) + \
+        PART_START.to_bytes(4, "little") + sectors.to_bytes(4, "little")
+    mbr = SYSLINUX_MBR.read_bytes()[:440].ljust(446, b"\0") + entry + bytes(48) + b"\x55\xaa"
+    with open(path, "wb") as out, open(part, "rb") as src:
+        out.write(mbr.ljust(PART_START * 512, b"\0"))
+        shutil.copyfileobj(src, out, 1 << 20)
+    shutil.rmtree(work)
+
+
 # -- the OCI image -----------------------------------------------------------------------------
 
 
-def layers_of(files: OsImageFiles) -> list[tuple[str, bytes]]:
-    """(media type, blob) of each layer, in manifest order."""
+def layers_of(files: OsImageFiles, disk_only: bool = False) -> list[tuple[str, bytes]]:
+    """(media type, blob) of each layer, in manifest order. `disk_only`: just the bootable
+    disk.img, which machines boot through firmware."""
+    if disk_only:
+        return [(osboot.DISK, files.boot_disk.read_bytes())]
     return [(osboot.KERNEL, files.kernel.read_bytes()),
             (osboot.INITRAMFS, files.initramfs.read_bytes()),
             (osboot.DISK, files.disk.read_bytes())]
@@ -216,12 +271,12 @@ def index_bytes(manifest: bytes, architecture: str = "amd64") -> bytes:
 
 async def push(session: aiohttp.ClientSession, base: str, repo: str, tag: str,
                files: OsImageFiles, authorization: str | None = None,
-               as_index: bool = False) -> str:
+               as_index: bool = False, disk_only: bool = False) -> str:
     """Push the image to the registry at `base`; returns the digest `tag` names (the manifest,
-    or with `as_index` an index over it)."""
+    or with `as_index` an index over it). `disk_only`: the firmware-booted variant."""
     pusher = Pusher(session, base, authorization)
     config = files.config_bytes()
-    layers = layers_of(files)
+    layers = layers_of(files, disk_only)
     await pusher.blob(repo, config)
     for _, blob in layers:
         await pusher.blob(repo, blob)

@@ -17,7 +17,15 @@ from criserver.image.auth import Credentials
 from criserver.image.registry import AuthError
 from criserver.store.db import Database
 from criserver.vm import disks
-from criserver.vm.qemu import DirectKernel, Disk, FwCfgFile, Machine, RebootPolicy, VMSpec
+from criserver.vm.qemu import (
+    DirectKernel,
+    Disk,
+    Firmware,
+    FwCfgFile,
+    Machine,
+    RebootPolicy,
+    VMSpec,
+)
 from criserver.vm.vm import VM
 from tests.machine import os_image
 from tests.registry import PASSWORD, USER, Registry
@@ -44,10 +52,10 @@ async def images(tmp_path: Path) -> AsyncIterator[ImageService]:
 
 
 async def push(registry: Registry, files: os_image.OsImageFiles, repo: str,
-               as_index: bool = False) -> str:
+               as_index: bool = False, disk_only: bool = False) -> str:
     async with aiohttp.ClientSession() as session:
         return await os_image.push(session, registry.base, repo, "v1", files,
-                                   registry.authorization, as_index)
+                                   registry.authorization, as_index, disk_only)
 
 
 async def test_pulled_from_a_real_registry(images: ImageService, registry: Registry,
@@ -162,3 +170,31 @@ async def until(console: Console, command: str, want: str, max_wait: float = 30.
     while (got := await console.run(command)) != want:
         assert asyncio.get_running_loop().time() < deadline, f"{command}: {got!r}, not {want!r}"
         await asyncio.sleep(0.5)
+
+
+@pytest.mark.vm
+async def test_disk_only_image_boots_through_firmware(
+        images: ImageService, registry: Registry, files: os_image.OsImageFiles,
+        vm_dir: Path) -> None:  # noqa: F811 - the fixture imported above
+    """No kernel layer: SeaBIOS boots the disk made from disk.img (syslinux on it); the
+    hostname comes through fw_cfg, as nothing can add to the command line."""
+    await push(registry, files, "iri/firmware-os", disk_only=True)
+    image = await images.pull_os_image(f"{registry.host}/iri/firmware-os:v1")
+    assert image.kernel is None and image.initramfs is None and image.disk is not None
+    base = await disks.Bases(vm_dir / "bases").ensure(image.id.removeprefix("sha256:"),
+                                                       image.disk)
+    root = await disks.create(vm_dir / "root.qcow2", 64 * MiB, base)
+    hostname = vm_dir / "hostname"
+    hostname.write_text("firmware-one")
+    spec = VMSpec(
+        vm_id="os-image-fw", state_dir=vm_dir, machine=Machine.Q35, reboot=RebootPolicy.RESET,
+        boot=Firmware(),
+        disks=(Disk("root", root.path, serial="root", read_only=False, format="qcow2"),),
+        fw_cfg=(FwCfgFile(os_image.HOSTNAME_FW_CFG, hostname),), pvpanic=False)
+    vm = VM(spec)
+    await vm.start()
+    try:
+        log = await wait_for_log(spec.location.log_file, os_image.MARKER, max_wait=180)
+        assert f"{os_image.MARKER} hostname=firmware-one ignition=0 disk=vda1" in log
+    finally:
+        await vm.kill()
