@@ -155,6 +155,9 @@ def build(cache_dir: Path = CACHE_DIR) -> OsImageFiles:
                 raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    for old in cache_dir.iterdir():  # builds from older inputs
+        if old.name != key and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
     return files
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from criserver.errors import InvalidArgument, NotFound
+from criserver.errors import FailedPrecondition, InvalidArgument, NotFound
 from criserver.vm import disks
 
 MiB = 1 << 20
@@ -148,3 +148,23 @@ async def test_remove_and_base_lifetime(tmp_path: Path) -> None:
     await disks.remove(disk)  # already gone: no error
     assert await bases.prune([disk], keep=[]) == ["a"]
     assert list((tmp_path / "bases").iterdir()) == []
+
+
+async def test_resize_refuses_a_disk_held_open(tmp_path: Path) -> None:
+    """A process holding the disk's write lock (a running VM; here qemu-nbd) makes the
+    file-level resize fail clearly: a running VM's disk grows over QMP."""
+    disk = tmp_path / "held.qcow2"
+    await disks.create(disk, 16 * MiB)
+    holder = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "--persistent",
+                               "-k", str(tmp_path / "nbd.sock"), str(disk)])
+    try:
+        for _ in range(100):
+            if (tmp_path / "nbd.sock").exists():
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(FailedPrecondition, match="in use by a running VM"):
+            await disks.resize(disk, 32 * MiB)
+        assert (await disks.inspect(disk, "qcow2")).virtual_size == 16 * MiB
+    finally:
+        holder.kill()
+        holder.wait()

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from criserver.config import ImageConfig
+from criserver.errors import FailedPrecondition
 from criserver.image import ImageService
 from criserver.image.auth import Credentials
 from criserver.image.registry import AuthError
@@ -156,6 +157,10 @@ async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
         await until(console, "cat /sys/block/vdb/size", str(16 * MiB // 512))
         await vm.resize_disk(data_disk, 32 * MiB)
         await until(console, "cat /sys/block/vdb/size", str(32 * MiB // 512))
+        # The file-level resize refuses a disk a running VM holds (that one is QMP's).
+        with pytest.raises(FailedPrecondition, match="running VM"):
+            await disks.resize(data.path, 64 * MiB)
+        assert (await disks.inspect(data.path, "qcow2")).virtual_size == 32 * MiB
         writer.close()
         # The ACPI power button powers it off.
         await vm.press_power_button()
