@@ -128,9 +128,15 @@ class MachineConfig:
         "Machine classes offered; Status reports how many of each fit this host")
     delete_grace_seconds: float = _f(300.0, "Seconds a deleted machine gets to shut down after "
                                             "ACPI power button presses before it is killed", min=0)
-    max_exec_sessions: int = _f(1000, "Console URLs handed out and not yet used, at most "
-                                      "(more: ResourceExhausted)", min=1)
     max_local_disk_bytes: int = _f(1024**4, "Largest local_disk a machine may ask for", min=1)
+    accelerator: str = _f("auto", "auto (KVM when a probe boot proves it works, else TCG), "
+                                  "kvm or tcg; shared with pods when their handler says the same",
+                          choices=("auto", "kvm", "tcg"))
+    qemu_binary: str = _f("qemu-system-x86_64", "QEMU executable, a name on PATH or a path")
+    connection_dirs: list[str] = _f(
+        ["/var/lib/iri-volumes"],
+        "Directories whose files and block devices `connection` volumes (driver \"file\") may "
+        "name; nothing outside them is handed to a machine")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from criserver.machine.provider import MachineProvider, machine_provider
 from criserver.runtime import servicer as runtime_servicer
 from criserver.runtime.backend import (
     BackendContext,
-    DaemonShared,
     SandboxBackend,
     load_backend_class,
 )
@@ -70,7 +69,9 @@ async def serve(config: Config) -> int:
         stack.push_async_callback(runtime.streaming.close)
         servers = [await _start_server(config, runtime)]
         if config.machine.enabled:
-            provider = await stack.enter_async_context(machine_provider(config, runtime.db))
+            assert runtime.images is not None
+            provider = await stack.enter_async_context(machine_provider(
+                config, runtime.db, runtime.images, runtime.shared, runtime.streaming))
             servers.append(await _start_machine_server(config, provider))
             log.info("serving IRI MachineRuntime listen=%s machines=%d",
                      config.machine.listen, len(provider.store))
@@ -134,7 +135,6 @@ def _lock_state_dir(state: Path) -> Any:
 def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend]:
     backends: dict[str, SandboxBackend] = {}
     sink = BackendEventSink(runtime)
-    shared = DaemonShared()
     for handler, handler_config in config.runtimes.items():
         try:
             cls = load_backend_class(handler_config.backend)
@@ -147,7 +147,7 @@ def _load_backends(config: Config, runtime: Runtime) -> dict[str, SandboxBackend
             config=config,
             events=sink,
             images=runtime.images,
-            shared=shared,
+            shared=runtime.shared,
         )
         context.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         context.state.mkdir(parents=True, exist_ok=True, mode=0o711)

@@ -40,7 +40,8 @@ from criserver.vm.vm import VM, EventKind
 log = logging.getLogger(__name__)
 
 IGNITION_FW_CFG = "opt/com.coreos/config"  # where Ignition looks on QEMU (reference provider)
-HOSTNAME_FW_CFG = "opt/com.ironcore/hostname"
+# QEMU wants opt/<reverse domain>/... names; Ignition reads the other one itself.
+HOSTNAME_FW_CFG = "opt/dev.ironcore/hostname"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,11 @@
-"""The machine provider as the daemon runs it: its store, events, classes and service, built
-from the [machine] config over the daemon's database, and closed in reverse at shutdown."""
+"""The machine provider as the daemon runs it: store, events, classes, the reconciler with its
+QEMU driver and volumes, the console broker and the service, built from the [machine] config
+over the daemon's database, image service and VM host, and closed in reverse at shutdown.
+
+The VM host is the one the micro-VM pods use when both are configured alike (same QEMU, same
+accelerator): one KVM probe, one set of host facts. Machines' VMs outlive the daemon; the next
+start re-adopts them.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from criserver.config import Config
+from criserver.image.service import ImageService
 from criserver.machine.classes import MachineClasses
+from criserver.machine.console import ConsoleBroker
+from criserver.machine.driver import DriverSettings, MachineDriver
 from criserver.machine.events import EventStore
-from criserver.machine.placeholders import NoConsole, StoreOnlyReconciler
+from criserver.machine.reconciler import Reconciler, ReconcileSettings
 from criserver.machine.service import MachineService
 from criserver.machine.store import MachineStore
+from criserver.machine.volumes import MachineVolumes
+from criserver.runtime.backend import DaemonShared
+from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.store.db import Database
+from criserver.vm import assets
+from criserver.vm.host import VMHost
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,8 @@ class MachineProvider:
     store: MachineStore
     events: EventStore
     classes: MachineClasses
+    driver: MachineDriver
+    reconciler: Reconciler
     service: MachineService
 
 
@@ -35,8 +51,21 @@ def machine_dirs(config: Config) -> tuple[Path, Path]:
     return root, state
 
 
+def vm_host(config: Config, shared: DaemonShared) -> VMHost:
+    """The daemon's VM host for machines: the micro-VM backend's own when they agree (its key
+    is the same tuple with the pod handler's options)."""
+    machine = config.machine
+    assets_dir = str(assets.DEFAULT_ASSETS_DIR)
+    return shared.get(
+        (VMHost, machine.qemu_binary, machine.accelerator, assets_dir, False),
+        lambda: VMHost(Path(config.daemon.state), qemu_binary=machine.qemu_binary,
+                       accelerator=machine.accelerator, assets_dir=Path(assets_dir)))
+
+
 @asynccontextmanager
-async def machine_provider(config: Config, db: Database) -> AsyncIterator[MachineProvider]:
+async def machine_provider(config: Config, db: Database, images: ImageService,
+                           shared: DaemonShared, streaming: LazyStreaming
+                           ) -> AsyncIterator[MachineProvider]:
     root, state = machine_dirs(config)
     for directory in (root, state):
         directory.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -44,7 +73,28 @@ async def machine_provider(config: Config, db: Database) -> AsyncIterator[Machin
     await store.load()
     events = EventStore()
     classes = MachineClasses(config.machine.classes)
-    # Until the reconciler and the console are wired in, machines are stored and listed only.
-    reconciler, console = StoreOnlyReconciler(), NoConsole()
+    host = vm_host(config, shared)
+    await host.start()
+
+    def vm_exited(machine_id: str, guest_powered_off: bool) -> None:
+        reconciler.vm_exited(machine_id, guest_powered_off)
+
+    driver = MachineDriver(host, DriverSettings(state, qemu_binary=config.machine.qemu_binary),
+                           vm_exited)
+    volumes = MachineVolumes(images, events, root / "disks", root / "bases",
+                             config.machine.connection_dirs)
+    reconciler = Reconciler(store, events, driver, volumes, classes,
+                            ReconcileSettings(delete_grace=config.machine.delete_grace_seconds))
+    console = ConsoleBroker(
+        streaming.server,
+        lambda machine_id: driver.console_socket(machine_id) if driver.running(machine_id)
+        else None)
     service = MachineService(store, events, classes, reconciler, console, config.machine)
-    yield MachineProvider(root, state, store, events, classes, service)
+    await volumes.prune()
+    await reconciler.start()
+    try:
+        yield MachineProvider(root, state, store, events, classes, driver, reconciler, service)
+    finally:
+        await reconciler.close()
+        await driver.close()  # machines keep running: the next start adopts them
+        await host.close()

@@ -76,13 +76,15 @@ class PreparedVolume:
     disk: MachineDisk
     image_ref: str = ""  # the OS image the disk was made from
     boot: Boot | None = None  # how the OS image boots, for the volume that has one
+    size_bytes: int = 0  # how large the disk is now (a spec asking for more grows it)
 
 
 class Volumes(Protocol):
     """Disks for volumes: made (and OS images pulled) on first use, released on detach."""
 
     async def prepare(self, machine: iri.Machine, volume: iri.Volume) -> PreparedVolume: ...
-    async def grow(self, machine_id: str, volume: iri.Volume, size_bytes: int) -> None: ...
+    async def grow(self, machine_id: str, volume: iri.Volume, size_bytes: int) -> None:
+        """Grow the disk of a machine whose VM is off (a running VM grows it over QMP)."""
     async def release(self, machine_id: str, volume_name: str) -> None: ...
     def size_bytes(self, volume: iri.Volume) -> int: ...
 
@@ -239,6 +241,7 @@ class Reconciler:
         await self._prepare_nics(machine, state)
         await self._prepare_volumes(machine, state)
         if not self._driver.running(machine_id):
+            await self._grow_offline(machine, state)
             await self._boot(machine, state)
         else:
             await self._sync_devices(machine, state)
@@ -275,8 +278,21 @@ class Reconciler:
     async def _prepare_volumes(self, machine: iri.Machine, state: _Machine) -> None:
         for volume in machine.spec.volumes:
             if volume.name not in state.volumes:
-                state.volumes[volume.name] = await self._volumes.prepare(machine, volume)
-                state.sizes[volume.name] = self._volumes.size_bytes(volume)
+                prepared = await self._volumes.prepare(machine, volume)
+                state.volumes[volume.name] = prepared
+                state.sizes[volume.name] = prepared.size_bytes
+
+    async def _grow_offline(self, machine: iri.Machine, state: _Machine) -> None:
+        """Sizes asked for while the VM was off (or before a daemon restart) are given to the
+        disk files before it boots."""
+        for volume in machine.spec.volumes:
+            size = self._volumes.size_bytes(volume)
+            if size > state.sizes.get(volume.name, 0):
+                await self._volumes.grow(machine.metadata.id, volume, size)
+                state.sizes[volume.name] = size
+                self._events.record(machine.metadata, NORMAL, "ResizeVolumeSucceeded",
+                                    f"volume {volume.name} grown to {size} bytes",
+                                    "UpdateVolume")
 
     async def _sync_devices(self, machine: iri.Machine, state: _Machine) -> None:
         """Hot-plug to match the spec: detach first (frees ports), then attach, then grow."""
@@ -310,7 +326,6 @@ class Reconciler:
                                     "AttachVolume")
             size = self._volumes.size_bytes(volume)
             if size > state.sizes.get(name, 0):
-                await self._volumes.grow(machine_id, volume, size)
                 await self._driver.resize_disk(machine_id, prepared.disk, size)
                 state.sizes[name] = size
                 self._events.record(machine.metadata, NORMAL, "ResizeVolumeSucceeded",

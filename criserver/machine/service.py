@@ -81,7 +81,7 @@ class MachineService:
         if self.classes.get(class_name) is None:
             raise InvalidArgument(f"machine class {class_name!r} is not offered by this node "
                                   f"(offered: {', '.join(self.classes.names()) or 'none'})")
-        validation.check_spec(asked.spec, self.settings.max_local_disk_bytes)
+        validation.check_spec(asked.spec, self.settings)
 
         machine = iri.Machine()
         # Only labels and annotations are taken from the request's metadata; the id is ours.
@@ -133,7 +133,7 @@ class MachineService:
     async def attach_volume(self, request: iri.AttachVolumeRequest) -> iri.AttachVolumeResponse:
         if not request.HasField("volume"):
             raise InvalidArgument("volume is required")
-        validation.check_volume(request.volume, self.settings.max_local_disk_bytes)
+        validation.check_volume(request.volume, self.settings)
 
         def attach(machine: iri.Machine) -> None:
             validation.check_volume_fits(request.volume, list(machine.spec.volumes))
@@ -155,7 +155,7 @@ class MachineService:
     async def update_volume(self, request: iri.UpdateVolumeRequest) -> iri.UpdateVolumeResponse:
         if not request.HasField("volume"):
             raise InvalidArgument("volume is required")
-        validation.check_volume(request.volume, self.settings.max_local_disk_bytes)
+        validation.check_volume(request.volume, self.settings)
 
         def update(machine: iri.Machine) -> None:
             index = _index_of(machine.spec.volumes, request.volume.name, "volume", machine)

@@ -6,15 +6,20 @@ is ever stored for the reconciler to trip over later.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
+from criserver.config import MachineConfig
 from criserver.errors import AlreadyExists, InvalidArgument
 from criserver.image import reference
 
 # Guest-visible disk slots: "oda".."odz", then "odaa".."odzz" (as the reference providers name
 # them; each maps to one virtio disk).
 DEVICE = re.compile(r"od[a-z]{1,2}")
+# The one connection driver this runtime speaks: a host file or block device, used raw.
+FILE_DRIVER = "file"
 
 
 def require(value: str, what: str) -> None:
@@ -22,8 +27,30 @@ def require(value: str, what: str) -> None:
         raise InvalidArgument(f"{what} is required")
 
 
-def check_volume(volume: iri.Volume, max_local_disk_bytes: int) -> None:
-    """:raises InvalidArgument: no name, a bad device, not exactly one source, a bad size."""
+def check_connection(connection: iri.VolumeConnection, allowed: list[str]) -> Path:
+    """The host path a `connection` volume names.
+
+    :raises InvalidArgument: another driver, a relative path, `..`, or a path outside the
+        `allowed` directories (machine.connection_dirs): a client must not hand a machine any
+        file of the host.
+    """
+    if connection.driver != FILE_DRIVER:
+        raise InvalidArgument(f"connection.driver {connection.driver!r} is not supported "
+                              f"(only {FILE_DRIVER!r}: a host file or block device)")
+    handle = connection.handle
+    if not handle.startswith("/") or ".." in handle.split("/"):
+        raise InvalidArgument(f"connection.handle {handle!r} is not an absolute path "
+                              f"without '..'")
+    path = Path(os.path.normpath(handle))
+    if not any(path.is_relative_to(d) and path != Path(d) for d in allowed):
+        raise InvalidArgument(f"connection.handle {handle!r} is outside the directories this "
+                              f"node allows (machine.connection_dirs: {', '.join(allowed)})")
+    return path
+
+
+def check_volume(volume: iri.Volume, settings: MachineConfig) -> None:
+    """:raises InvalidArgument: no name, a bad device, not exactly one source, a bad size, a
+    connection this node does not serve."""
     require(volume.name, "volume.name")
     where = f"volume {volume.name}"
     if not DEVICE.fullmatch(volume.device):
@@ -36,10 +63,12 @@ def check_volume(volume: iri.Volume, max_local_disk_bytes: int) -> None:
         size = volume.local_disk.size_bytes
         if size < 0:
             raise InvalidArgument(f"{where}: local_disk.size_bytes {size} is negative")
-        if size > max_local_disk_bytes:
+        if size > settings.max_local_disk_bytes:
             raise InvalidArgument(
                 f"{where}: local_disk.size_bytes {size} is larger than this node allows "
-                f"({max_local_disk_bytes} bytes, machine.max_local_disk_bytes)")
+                f"({settings.max_local_disk_bytes} bytes, machine.max_local_disk_bytes)")
+        if size == 0 and not volume.local_disk.image.image:
+            raise InvalidArgument(f"{where}: a local_disk without an image needs size_bytes")
         if volume.local_disk.image.image:
             # A malformed name is refused now; one that names nothing is found out by the pull.
             try:
@@ -51,6 +80,10 @@ def check_volume(volume: iri.Volume, max_local_disk_bytes: int) -> None:
         require(volume.connection.handle, f"{where}: connection.handle")
         if volume.connection.effective_storage_bytes < 0:
             raise InvalidArgument(f"{where}: connection.effective_storage_bytes is negative")
+        try:
+            check_connection(volume.connection, settings.connection_dirs)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where}: {exc.message}") from None
 
 
 def check_volume_fits(volume: iri.Volume, volumes: list[iri.Volume]) -> None:
@@ -101,11 +134,11 @@ def check_nic_fits(nic: iri.NetworkInterface, nics: list[iri.NetworkInterface]) 
         raise AlreadyExists(f"network interface {nic.name} is already attached")
 
 
-def check_spec(spec: iri.MachineSpec, max_local_disk_bytes: int) -> None:
+def check_spec(spec: iri.MachineSpec, settings: MachineConfig) -> None:
     """A whole new machine's volumes and NICs, each alone and beside the others."""
     volumes: list[iri.Volume] = []
     for volume in spec.volumes:
-        check_volume(volume, max_local_disk_bytes)
+        check_volume(volume, settings)
         try:
             check_volume_fits(volume, volumes)
         except AlreadyExists as exc:

@@ -18,7 +18,7 @@ from criserver.config import Config
 from criserver.errors import InvalidArgument
 from criserver.image.service import ImageService
 from criserver.runtime import exit_codes, routing
-from criserver.runtime.backend import SandboxBackend
+from criserver.runtime.backend import DaemonShared, SandboxBackend
 from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock, KeyedSharedLock
 from criserver.runtime.streaming.lazy import LazyStreaming
@@ -57,6 +57,8 @@ class Runtime:
         self.settings: dict[str, str] = {}
         self.images = images
         self.streaming: LazyStreaming | None = None
+        # What the daemon's VM and network users share (backends, the machine provider).
+        self.shared = DaemonShared()
         self.transitions = Transitions(self.pods, self.containers, self.events)
         self._background: set[asyncio.Task[None]] = set()
 

@@ -17,7 +17,7 @@ then the prompt PROMPT of a shell that reads commands from the console (busybox 
 it echoes what is typed and asks the terminal for the cursor, ESC[6n, before each prompt), e.g.
 `cat /sys/block/vdb/size`, `cat /sys/class/net/eth1/address`, `cat /run/ignition.json`.
 The hostname comes from `systemd.hostname=` or `hostname=` on the command line, else from the
-fw_cfg file HOSTNAME_FW_CFG; the Ignition data from IGNITION_FW_CFG (libvirt-provider's name).
+fw_cfg file HOSTNAME_FW_CFG; the Ignition data from IGNITION_FW_CFG (the driver's names).
 The ACPI power button powers the guest off at once (graceful Delete / power off).
 """
 
@@ -35,13 +35,12 @@ from pathlib import Path
 import aiohttp
 
 from criserver.image import osboot
+from criserver.machine.driver import HOSTNAME_FW_CFG, IGNITION_FW_CFG
 from guest import build as guestbuild
 from tests.image.oci import OCI_INDEX, OCI_MANIFEST, Pusher, sha
 
 MARKER = "IRI-TEST-OS READY"
 PROMPT = "iri-test# "
-IGNITION_FW_CFG = "opt/com.coreos/config"
-HOSTNAME_FW_CFG = "opt/ironcore.dev/hostname"
 IGNITION_PATH = "/run/ignition.json"
 DISK_MARKER = "iri-test-os disk v1"
 COMMAND_LINE = "console=ttyS0 panic=-1 quiet cryptomgr.notests"

@@ -135,6 +135,7 @@ class Driver:
 class Volumes:
     prepared: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    grown: list[tuple[str, int]] = field(default_factory=list)
     fail_next: int = 0
 
     async def prepare(self, machine: iri.Machine, volume: iri.Volume) -> PreparedVolume:
@@ -143,13 +144,14 @@ class Volumes:
             raise Internal("the registry is down")
         self.prepared.append(volume.name)
         disk = MachineDisk(volume.device, Path(f"/disks/{volume.name}"))
+        size = self.size_bytes(volume)
         if volume.local_disk.image.image:
             boot = KernelBoot(Path("/img/kernel"), Path("/img/initramfs"), "console=ttyS0")
-            return PreparedVolume(disk, volume.local_disk.image.image, boot)
-        return PreparedVolume(disk)
+            return PreparedVolume(disk, volume.local_disk.image.image, boot, size)
+        return PreparedVolume(disk, size_bytes=size)
 
     async def grow(self, machine_id: str, volume: iri.Volume, size_bytes: int) -> None:
-        pass
+        self.grown.append((volume.name, size_bytes))
 
     async def release(self, machine_id: str, volume_name: str) -> None:
         self.released.append(volume_name)
@@ -283,10 +285,14 @@ async def test_power_off_presses_the_button_and_power_on_boots_again(world: Worl
     assert world.driver.buttons == 1 and world.driver.kills == 0
     assert world.status("m1").observed_generation == 2
 
-    world.store.edit("m1", lambda m: setattr(m.spec, "power", iri.POWER_ON))
+    # Grown while off: the file grows before the boot, QEMU is not asked.
+    world.store.edit("m1", lambda m: (setattr(m.spec, "power", iri.POWER_ON),
+                                      m.spec.volumes[1].local_disk.__setattr__("size_bytes",
+                                                                               2 << 20)))
     world.reconciler.changed("m1")
     await until(lambda: world.status("m1").state == iri.MACHINE_RUNNING)
     assert len(world.driver.boots) == 2
+    assert world.volumes.grown == [("data", 2 << 20)] and world.driver.resized == []
 
 
 async def test_a_guest_that_powers_off_stays_off_but_a_crashed_qemu_restarts(
