@@ -70,8 +70,11 @@ async def serve(config: Config) -> int:
         servers = [await _start_server(config, runtime)]
         if config.machine.enabled:
             assert runtime.images is not None
-            provider = await stack.enter_async_context(machine_provider(
-                config, runtime.db, runtime.images, runtime.shared, runtime.streaming))
+            try:
+                provider = await stack.enter_async_context(machine_provider(
+                    config, runtime.db, runtime.images, runtime.shared, runtime.streaming))
+            except CriError as exc:
+                raise StartupError(f"[machine]: {exc.message}") from exc
             servers.append(await _start_machine_server(config, provider))
             log.info("serving IRI MachineRuntime listen=%s machines=%d",
                      config.machine.listen, len(provider.store))

@@ -7,7 +7,7 @@ restart), hot-plugs and stops those VMs, and tells the reconciler when one ends.
 come from (images, sizes) and which taps exist is the reconciler's business.
 
 Files: the VM's own directory (pidfile, QMP and console sockets, console log, Ignition file)
-is `state_dir/<machine id>`, found again by a restarted daemon from the id alone.
+is `state_dir/<machine id's first 32 digits>`, found again by a restarted daemon from the id.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from criserver.errors import CriError, NotFound, Unavailable
+from criserver.errors import CriError, InvalidArgument, NotFound, Unavailable
 from criserver.machine import network
 from criserver.vm.host import VMHost
 from criserver.vm.qemu import (
+    MAX_SOCKET_PATH,
     DirectKernel,
     Disk,
     Firmware,
@@ -97,6 +98,25 @@ def nic_device_id(index_key: str) -> str:
     return f"nic-{index_key}"
 
 
+# Machine ids are 63 random hex digits; 32 of them (128 bits) name the VM's directory, short
+# enough that its sockets fit AF_UNIX's 108 bytes below an ordinary state directory.
+VM_DIR_ID_CHARS = 32
+LONGEST_SOCKET_NAME = "console.sock"
+
+
+def vm_dir(state_dir: Path, machine_id: str) -> Path:
+    return state_dir / machine_id[:VM_DIR_ID_CHARS]
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """:raises InvalidArgument: the machines' sockets would not fit a Unix socket address."""
+    longest = len(str(state_dir)) + 1 + VM_DIR_ID_CHARS + 1 + len(LONGEST_SOCKET_NAME)
+    if longest > MAX_SOCKET_PATH:
+        raise InvalidArgument(f"machine state directory {state_dir} is too long for the VMs' "
+                              f"Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes): pick a "
+                              f"shorter [machine] state")
+
+
 @dataclass(frozen=True)
 class DriverSettings:
     state_dir: Path
@@ -119,7 +139,7 @@ class MachineDriver:
     # --- where things are ------------------------------------------------------------------
 
     def location(self, machine_id: str) -> VMLocation:
-        return VMLocation(f"machine-{machine_id}", self._settings.state_dir / machine_id,
+        return VMLocation(f"machine-{machine_id}", vm_dir(self._settings.state_dir, machine_id),
                           Machine.Q35)
 
     def console_socket(self, machine_id: str) -> Path:

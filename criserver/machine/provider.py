@@ -18,7 +18,7 @@ from criserver.config import Config
 from criserver.image.service import ImageService
 from criserver.machine.classes import MachineClasses
 from criserver.machine.console import ConsoleBroker
-from criserver.machine.driver import DriverSettings, MachineDriver
+from criserver.machine.driver import DriverSettings, MachineDriver, check_state_dir
 from criserver.machine.events import EventStore
 from criserver.machine.reconciler import Reconciler, ReconcileSettings
 from criserver.machine.service import MachineService
@@ -67,6 +67,7 @@ async def machine_provider(config: Config, db: Database, images: ImageService,
                            shared: DaemonShared, streaming: LazyStreaming
                            ) -> AsyncIterator[MachineProvider]:
     root, state = machine_dirs(config)
+    check_state_dir(state)
     for directory in (root, state):
         directory.mkdir(parents=True, exist_ok=True, mode=0o711)
     store = MachineStore(db)

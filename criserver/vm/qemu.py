@@ -18,7 +18,7 @@ from criserver.errors import InvalidArgument
 
 QEMU_BINARY = "qemu-system-x86_64"
 # A Unix socket path must fit sun_path (108 bytes with the NUL).
-_MAX_SOCKET_PATH = 107
+MAX_SOCKET_PATH = 107
 _DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")  # QEMU's id syntax, kept short
 # virtio-9p mount tags: short, and no characters QEMU's option parser or mount(8) would mangle.
 _SHARE_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
@@ -231,7 +231,7 @@ def _check(spec: VMSpec) -> None:
     if isinstance(spec.transport, SerialTransport):
         sockets.append(spec.transport.socket_path)
     for s in sockets:
-        if len(str(s)) > _MAX_SOCKET_PATH:
+        if len(str(s)) > MAX_SOCKET_PATH:
             raise InvalidArgument(f"vm {spec.vm_id}: socket path too long for AF_UNIX: {s}")
     if isinstance(spec.transport, VsockTransport) and spec.transport.guest_cid < 3:
         raise InvalidArgument(f"vm {spec.vm_id}: vsock guest CID must be >= 3")

@@ -17,6 +17,7 @@ import pytest
 from criserver import __version__
 from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
 from tests.daemon import INERT_CONFIG, Daemon
+from tests.vm.conftest import vm_dir  # noqa: F401 - a fixture: short path, no QEMU left
 
 SERVICE = "/machine.v1alpha1.MachineRuntime/"
 RESPONSES = {name: getattr(iri, f"{name}Response") for name in (
@@ -54,10 +55,11 @@ class MachineClient:
         await self.channel.close()
 
 
-def machine_daemon(workdir: Path) -> Daemon:
+def machine_daemon(workdir: Path, state: Path) -> Daemon:
+    """`state`: a short directory (the VMs' sockets live below it)."""
     path = workdir / "iri-machine.sock"
     return Daemon(workdir, INERT_CONFIG + (
-        f'[machine]\nenabled = true\nlisten = "unix://{path}"\n'
+        f'[machine]\nenabled = true\nlisten = "unix://{path}"\nstate = "{state}"\n'
         'classes = [{name = "x1", cpu = 1, memory_bytes = 67108864}]\n'))
 
 
@@ -77,8 +79,8 @@ def wait_for(path: Path, daemon: Daemon, timeout: float = 10) -> None:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = machine_daemon(tmp_path).start()
+def daemon(tmp_path: Path, vm_dir: Path) -> Iterator[Daemon]:  # noqa: F811 - the fixture
+    d = machine_daemon(tmp_path, vm_dir).start()
     wait_for(tmp_path / "iri-machine.sock", d)
     try:
         yield d
@@ -163,15 +165,32 @@ async def test_machines_survive_sigkill_and_the_socket_is_private(
     assert daemon.stop(signal.SIGTERM) == 0
 
 
-def test_a_machine_socket_in_use_stops_the_start(tmp_path: Path, daemon: Daemon) -> None:
+def test_a_machine_socket_in_use_stops_the_start(tmp_path: Path, daemon: Daemon,
+                                                  vm_dir: Path) -> None:  # noqa: F811
     taken = daemon.workdir / "iri-machine.sock"
     (tmp_path / "second").mkdir()
     second = Daemon(tmp_path / "second", INERT_CONFIG + (
-        f'[machine]\nenabled = true\nlisten = "unix://{taken}"\n'))
+        f'[machine]\nenabled = true\nlisten = "unix://{taken}"\nstate = "{vm_dir}/2"\n'))
+    assert not _starts(second)
+    assert f"another process is already serving on {taken}" in second.log()
+
+
+def test_a_state_directory_too_long_for_the_vms_sockets_stops_the_start(
+        tmp_path: Path) -> None:
+    state = tmp_path / ("x" * 80)
+    daemon = Daemon(tmp_path, INERT_CONFIG + (
+        f'[machine]\nenabled = true\nlisten = "unix://{tmp_path}/m.sock"\nstate = "{state}"\n'))
+    assert not _starts(daemon)
+    assert "is too long for the VMs' Unix sockets" in daemon.log()
+
+
+def _starts(daemon: Daemon) -> bool:
     try:
-        second.start()
+        daemon.start()
     except RuntimeError:
         pass  # exited before its CRI socket was seen
-    assert second.process is not None
-    assert second.process.wait(20) != 0
-    assert f"another process is already serving on {taken}" in second.log()
+    assert daemon.process is not None
+    try:
+        return daemon.process.wait(20) == 0
+    finally:
+        daemon.kill()
