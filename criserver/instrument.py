@@ -5,7 +5,8 @@ each built by its servicer module (criserver/runtime/servicer.py, criserver/imag
 criserver/admin.py) beside a MISSING dict. This module registers every method of a service
 descriptor with grpcio: implemented ones wrapped so that domain errors become their gRPC status
 codes and each call is logged with its duration and the pod/container ID it names; the rest
-answer UNIMPLEMENTED with the reason MISSING gives.
+answer UNIMPLEMENTED with the reason MISSING gives. A request body that does not parse as its
+message type is answered INVALID_ARGUMENT before any function sees it.
 Functions may return pre-encoded response bytes (see the List* calls) instead of messages.
 """
 
@@ -39,6 +40,36 @@ def _serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
+class Undecodable:
+    """A request body that is not a message of the method's type. grpcio answers UNKNOWN (and
+    logs a traceback per call) when the deserializer raises, so the parse failure is carried to
+    the handler as this value instead and answered INVALID_ARGUMENT there."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def request_parser(request_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    name = request_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return request_type.FromString(data)
+        except Exception as exc:  # whatever the parser raises, the bytes are the caller's fault
+            return Undecodable(f"request is not a valid {name}: {exc}")
+
+    return parse
+
+
+async def _refuse_undecodable(
+    context: grpc.aio.ServicerContext, method: str, request: Undecodable
+) -> None:
+    log.info("rpc=%s code=INVALID_ARGUMENT error=%s", method, request.error)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+
+
 def _subject(request: Message) -> str:
     parts = []
     for name in ID_FIELDS:
@@ -67,7 +98,12 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, subject: str,
 def _unary(method: str, fn: Unary) -> Callable[..., Awaitable[Message | bytes]]:
     level = logging.DEBUG if method.startswith(READ_ONLY_PREFIXES) else logging.INFO
 
-    async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message | bytes:
+    async def handle(
+        request: Message | Undecodable, context: grpc.aio.ServicerContext
+    ) -> Message | bytes:
+        if isinstance(request, Undecodable):
+            await _refuse_undecodable(context, method, request)
+            raise AssertionError("unreachable: abort raises")
         started = time.perf_counter()
         try:
             async with asyncio.timeout(context.time_remaining()):
@@ -92,8 +128,11 @@ def _unary(method: str, fn: Unary) -> Callable[..., Awaitable[Message | bytes]]:
 
 def _streaming(method: str, fn: Streaming) -> Callable[..., AsyncIterator[Message | bytes]]:
     async def handle(
-        request: Message, context: grpc.aio.ServicerContext
+        request: Message | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Message | bytes]:
+        if isinstance(request, Undecodable):
+            await _refuse_undecodable(context, method, request)
+            return
         started = time.perf_counter()
         log.info("rpc=%s stream opened", method)
         try:
@@ -113,7 +152,9 @@ def _streaming(method: str, fn: Streaming) -> Callable[..., AsyncIterator[Messag
 def _unimplemented(full_name: str, reason: str) -> Callable[..., Any]:
     message = f"{full_name} is not implemented by criserver yet: {reason}"
 
-    async def handle(request: Message, context: grpc.aio.ServicerContext) -> None:
+    async def handle(request: Message | Undecodable, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            await _refuse_undecodable(context, full_name, request)
         log.info("rpc=%s code=UNIMPLEMENTED", full_name)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
@@ -142,7 +183,8 @@ def _method_handler(
     missing: dict[str, str],
 ) -> grpc.RpcMethodHandler:
     request_type = message_factory.GetMessageClass(method.input_type)
-    kwargs = {"request_deserializer": request_type.FromString, "response_serializer": _serialize}
+    kwargs = {"request_deserializer": request_parser(request_type),
+              "response_serializer": _serialize}
     fn = implemented.get(method.name)
     if method.client_streaming:
         raise ValueError(f"{method.full_name}: client streaming is not used by the CRI")
