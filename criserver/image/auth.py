@@ -7,7 +7,6 @@ registry token). They never appear in logs, reprs or error messages.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ class Credentials:
         if auth.auth:
             try:
                 decoded = base64.b64decode(auth.auth, validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # binascii.Error, UnicodeDecodeError, a str with non-ASCII
                 raise InvalidArgument("auth config: 'auth' is not valid base64") from None
             if ":" not in decoded:
                 raise InvalidArgument("auth config: 'auth' must encode 'username:password'")

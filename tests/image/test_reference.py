@@ -79,6 +79,8 @@ def test_auth_config_and_challenge() -> None:
     assert Credentials.from_auth_config(api_pb2.AuthConfig()) is None
     with pytest.raises(InvalidArgument):
         Credentials.from_auth_config(api_pb2.AuthConfig(auth="!!"))
+    with pytest.raises(InvalidArgument):  # found by the CRI fuzz test: INTERNAL before
+        Credentials.from_auth_config(api_pb2.AuthConfig(auth="dTpw\u00e9"))
     c = parse_challenge('Bearer realm="https://auth.example/token",service="reg",'
                         'scope="repository:a/b:pull,push"')
     assert c is not None and c.scheme == "bearer"
