@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 MODULE_GROUPS = ("overlay", "9p", "loop")  # containers: image mounts, volumes, overlays
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024
+# The pod's reason when its agent broke the protocol (channel.AgentProtocolError).
+AGENT_BROKE_REASON = "AgentProtocolError"
 CREATE_TIMEOUT = 120.0  # the first container of a pod mounts its shares and image
 _TEMPLATE_NETNS = "template-"  # pod ids are hex: no pod's netns is named like this
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
@@ -173,6 +175,7 @@ class MicroVMBackend(BaseBackend):
         # Pods this daemon stopped completely (VM gone, network torn down), until removed.
         self._stopped: set[str] = set()
         self._io: dict[str, ContainerIO] = {}
+        self._reports: set[asyncio.Task[None]] = set()  # pods reported broken (_agent_broke)
         self.templates: TemplateStore | None = None
         if self.settings.templates:
             self.templates = TemplateStore(
@@ -331,7 +334,21 @@ class MicroVMBackend(BaseBackend):
         return self.settings.transport == "vsock"
 
     def agent_client(self, pod: PodRecord, transport: AgentTransport | None = None) -> AgentClient:
-        return AgentClient(pod.id, AgentAddress.of(transport or self.agent_transport(pod)))
+        return AgentClient(pod.id, AgentAddress.of(transport or self.agent_transport(pod)),
+                           on_violation=lambda reason: self._agent_broke(pod.id, reason))
+
+    def _agent_broke(self, pod_id: str, reason: str) -> None:
+        """The pod's agent broke the protocol (its answers are untrusted: the guest is broken or
+        hostile), and its client gave up on it: the pod is reported NOTREADY with the reason,
+        its containers exited, as when the VM dies; kubelet then stops and replaces it."""
+        handle = self._pods.get(pod_id)
+        if handle is None or handle.stopping:
+            return  # still starting (the start fails and undoes itself), or being stopped
+        report = asyncio.get_running_loop().create_task(self.context.events.sandbox_exited(
+            pod_id, AGENT_BROKE_REASON, f"the guest agent broke the protocol: {reason}"),
+            name=f"agent-broke-{pod_id[:12]}")
+        self._reports.add(report)
+        report.add_done_callback(self._reports.discard)
 
     def _live(self, pod: PodRecord) -> PodVM:
         handle = self._pods.get(pod.id)
@@ -684,7 +701,7 @@ class MicroVMBackend(BaseBackend):
                 state = await handle.agent.call("GetContainerState", pb.ContainerRequest(
                     container_id=container.id))
                 info["pid"] = state.pid
-                info["guestStatus"] = pb.ContainerState.Status.Name(state.status)
+                info["guestStatus"] = guest_status_name(state.status)
         return info
 
     async def container_stats(
@@ -751,6 +768,15 @@ class MicroVMBackend(BaseBackend):
     ) -> None:
         await streams.port_forward_in_vm(self._live(pod).agent, pod.id, port, inbound=inbound,
                                          outbound=outbound)
+
+
+def guest_status_name(status: int) -> str:
+    """A guest container status by name; one the protocol does not define (the agent's answers
+    are untrusted) by number."""
+    try:
+        return pb.ContainerState.Status.Name(status)
+    except ValueError:
+        return f"UNDEFINED({status})"
 
 
 def _guest_cid(pod_id: str) -> int:

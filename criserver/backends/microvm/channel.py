@@ -1,6 +1,10 @@
 """Host side of the guest-agent channel: one HTTP/2 (grpclib) connection per pod to vmagent, over
 QEMU's virtio-serial chardev socket or AF_VSOCK, with a timeout on every call, a wait for the
 guest to boot, reconnection after the connection drops, and errors that name the pod and call.
+
+The agent's answers are untrusted (the guest may be broken or hostile): a message larger than
+MAX_MESSAGE_BYTES, one that does not decode, or HTTP/2 the client cannot follow is a protocol
+violation. The client then closes for good, and tells its owner why (`on_violation`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.client import Channel
 from grpclib.client import Handler as _ClientHandler
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import Connection, H2Protocol, Stream
+from h2.events import UnknownFrameReceived
+from h2.exceptions import ProtocolError as H2ProtocolError
 
 from criserver import errors
 from criserver.vm.qemu import AgentTransport, VsockTransport
@@ -34,6 +41,10 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 # A connection whose calls time out this many times in a row is presumed dead on the guest side
 # (the agent restarted and now discards our frames): the next call opens a new one.
 _TIMEOUTS_BEFORE_RECONNECT = 2
+# The largest message the agent may send: ExecSync's reply with both outputs at their limit
+# (the backend asks for at most 16 MiB each), and room. grpclib itself has no limit: a length
+# prefix of 4 GiB would have it buffer that much.
+MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 
 _STATUS_ERRORS: dict[Status, type[errors.CriError]] = {
     Status.NOT_FOUND: errors.NotFound,
@@ -79,10 +90,58 @@ class AgentAddress:
         return cls(unix_path=str(transport.socket_path))
 
 
+class AgentProtocolError(ProtocolError):
+    """The agent sent what the protocol does not allow (see the module's docstring)."""
+
+
+# What grpclib raises on a message it cannot take: a compressed one (NotImplementedError), one
+# cut short by the end of its stream (AssertionError), one that does not decode.
+_MALFORMED = (AgentProtocolError, DecodeError, NotImplementedError, AssertionError)
+_LOST = (StreamTerminatedError, ProtocolError, ConnectionError, OSError)
+
+
+class _BoundedStream(Stream):
+    """A grpclib stream that refuses to read a message larger than MAX_MESSAGE_BYTES."""
+
+    async def recv_data(self, size: int) -> bytes:
+        if size > MAX_MESSAGE_BYTES:
+            raise AgentProtocolError(f"a message of {size} bytes, over the limit of "
+                                     f"{MAX_MESSAGE_BYTES}")
+        return await super().recv_data(size)
+
+
+class _BoundedConnection(Connection):
+    def create_stream(self, *, stream_id: int | None = None, wrapper: Any = None) -> Stream:
+        return _BoundedStream(self, self._connection, self._transport, stream_id=stream_id,
+                              wrapper=wrapper)
+
+
 class _WatchedH2Protocol(H2Protocol):
-    """grpclib's client protocol, plus a callback when the connection goes away."""
+    """grpclib's client protocol, plus a callback when the connection goes away, bounded
+    messages, and a callback when the peer breaks HTTP/2."""
 
     on_lost: Callable[[_WatchedH2Protocol, BaseException | None], None] | None = None
+    on_violation: Callable[[str], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Same state, one method more (create_stream): grpclib builds its Connection here.
+        self.connection.__class__ = _BoundedConnection
+
+    def data_received(self, data: bytes) -> None:
+        # grpclib's own, except that an HTTP/2 error or a frame grpclib has no handler for
+        # (PUSH_PROMISE, a 1xx answer: NotImplementedError) is reported, not just logged.
+        try:
+            events = self.connection.feed(data)
+            self.connection.flush()
+            for event in events:
+                if not isinstance(event, UnknownFrameReceived):  # HTTP/2: ignored, not an error
+                    self.processor.process(event)
+            self.connection.flush()
+        except (H2ProtocolError, NotImplementedError) as exc:
+            if self.on_violation is not None:
+                self.on_violation(f"HTTP/2: {type(exc).__name__}: {exc}")
+            self.processor.close("Protocol error")  # fails the pending streams
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)  # fails the connection's pending streams
@@ -98,6 +157,7 @@ class _AgentChannel(Channel):
         self,
         address: AgentAddress,
         on_lost: Callable[[_WatchedH2Protocol, BaseException | None], None],
+        on_violation: Callable[[str], None],
     ) -> None:
         if address.unix_path is not None:
             super().__init__(path=address.unix_path)
@@ -106,10 +166,12 @@ class _AgentChannel(Channel):
             super().__init__(host="localhost", port=address.vsock_port)
         self._address = address
         self._on_lost = on_lost
+        self._on_violation = on_violation
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = _WatchedH2Protocol(_ClientHandler(), self._config, self._h2_config)
         protocol.on_lost = self._on_lost
+        protocol.on_violation = self._on_violation
         return protocol
 
     async def _create_connection(self) -> H2Protocol:
@@ -134,6 +196,9 @@ class AgentClient:
     `Unavailable`) and the next call opens a new HTTP/2 connection: that is also what happens
     after a daemon restart, since the agent serves each new connection from scratch. Calls that
     change guest state carry request ids (see agent.proto), so a caller may retry them.
+
+    A protocol violation by the agent closes the client for good: every call then fails with
+    FailedPrecondition naming the violation, and `on_violation` (if given) is called once.
     """
 
     def __init__(
@@ -143,6 +208,7 @@ class AgentClient:
         *,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        on_violation: Callable[[str], None] | None = None,
     ) -> None:
         self.pod_id = pod_id
         self.address = address
@@ -156,6 +222,9 @@ class AgentClient:
         # The agent identity seen by the last Health.Check: a change means the guest rebooted
         # or the agent restarted, and the caller must re-sync its view of the pod.
         self.agent_instance_id: str | None = None
+        # Why the client closed itself: the agent broke the protocol.
+        self.violation: str | None = None
+        self._on_violation = on_violation
 
     @property
     def state(self) -> ConnState:
@@ -167,21 +236,42 @@ class AgentClient:
     def _err(self, cls: type[errors.CriError], call: str, detail: str) -> errors.CriError:
         return cls(f"pod {self.pod_id}: agent call {call} ({self.address}): {detail}")
 
+    def _closed_err(self, call: str) -> errors.CriError:
+        if self.violation is not None:
+            return self._err(errors.FailedPrecondition, call,
+                             f"the agent broke the protocol: {self.violation}")
+        return self._err(errors.FailedPrecondition, call, "client is closed")
+
+    def _violated(self, reason: str) -> None:
+        """The agent broke the protocol: close for good, and say why once."""
+        if self.violation is not None or self._closed():
+            return
+        self.violation = reason
+        log.warning("agent broke the protocol, giving up on it pod=%s address=%s reason=%s",
+                    self.pod_id, self.address, reason)
+        self.close()
+        if self._on_violation is not None:
+            self._on_violation(reason)
+
+    def _malformed(self, call: str, exc: BaseException) -> errors.CriError:
+        self._violated(f"{call}: {type(exc).__name__}: {exc}")
+        return self._closed_err(call)
+
     # --- connection ------------------------------------------------------------------------
 
     async def connect(self) -> None:
         """Open the connection if there is none. Raises Unavailable or DeadlineExceeded."""
         if self._closed():
-            raise self._err(errors.FailedPrecondition, "connect", "client is closed")
+            raise self._closed_err("connect")
         if self._state is ConnState.READY:
             return
         async with self._lock:
             if self._state is not ConnState.IDLE:
                 if self._closed():
-                    raise self._err(errors.FailedPrecondition, "connect", "client is closed")
+                    raise self._closed_err("connect")
                 return
             self._state = ConnState.CONNECTING
-            channel = _AgentChannel(self.address, self._on_lost)
+            channel = _AgentChannel(self.address, self._on_lost, self._violated)
             try:
                 await asyncio.wait_for(channel.__connect__(), self.connect_timeout)
             except BaseException as exc:
@@ -196,7 +286,7 @@ class AgentClient:
                 raise
             if self._closed():  # close() was called while we connected
                 channel.close()
-                raise self._err(errors.FailedPrecondition, "connect", "client is closed")
+                raise self._closed_err("connect")
             self._channel = channel
             self._timeouts = 0
             self.connects += 1
@@ -243,6 +333,8 @@ class AgentClient:
         stub: Any = HealthStub(channel) if name == "Check" else AgentStub(channel)
         try:
             reply = await getattr(stub, name)(request, timeout=timeout)
+        except _MALFORMED as exc:
+            raise self._malformed(name, exc) from exc
         except GRPCError as exc:
             self._timeouts = 0
             cls = _STATUS_ERRORS.get(exc.status, errors.Internal)
@@ -256,7 +348,9 @@ class AgentClient:
                     self._drop()
             raise self._err(errors.DeadlineExceeded, name,
                             f"no answer within {timeout:.1f}s") from exc
-        except (StreamTerminatedError, ProtocolError, ConnectionError, OSError) as exc:
+        except _LOST as exc:
+            if self.violation is not None:  # the agent broke HTTP/2
+                raise self._closed_err(name) from exc
             if self._channel is channel:
                 self._drop()
             raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
@@ -279,10 +373,14 @@ class AgentClient:
                 await s.send_message(request, end=True)
                 async for reply in s:
                     yield reply
+        except _MALFORMED as exc:
+            raise self._malformed(name, exc) from exc
         except GRPCError as exc:
             cls = _STATUS_ERRORS.get(exc.status, errors.Internal)
             raise self._err(cls, name, f"{exc.status.name}: {exc.message}") from exc
-        except (StreamTerminatedError, ProtocolError, ConnectionError, OSError) as exc:
+        except _LOST as exc:
+            if self.violation is not None:
+                raise self._closed_err(name) from exc
             if self._channel is channel:
                 self._drop()
             raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
@@ -302,7 +400,9 @@ class AgentClient:
         stream = method.open()
         try:
             await stream.__aenter__()
-        except (StreamTerminatedError, ProtocolError, ConnectionError, OSError) as exc:
+        except _LOST as exc:
+            if self.violation is not None:
+                raise self._closed_err(name) from exc
             if self._channel is channel:
                 self._drop()
             raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
@@ -391,6 +491,10 @@ class DuplexStream:
 
     def _map(self, exc: Exception) -> errors.CriError:
         c = self._client
+        if isinstance(exc, _MALFORMED):
+            return c._malformed(self._name, exc)
+        if c.violation is not None:
+            return c._closed_err(self._name)
         if isinstance(exc, StreamTerminatedError):
             # The agent answered with an error status and reset the stream (it had not read
             # all we sent): the status is in the headers or trailers it sent first.
@@ -404,6 +508,11 @@ class DuplexStream:
         if c._channel is self._channel and not isinstance(exc, StreamTerminatedError):
             c._drop()  # the connection itself broke, not just this stream
         return c._err(errors.Unavailable, self._name, f"connection lost: {exc}")
+
+    def violation(self, reason: str) -> errors.CriError:
+        """The agent broke this stream's protocol (`reason`): its client gives up on it (see
+        AgentClient); the error to raise."""
+        return self._client._malformed(self._name, AgentProtocolError(reason))
 
     async def send(self, message: Any, *, end: bool = False) -> None:
         """Send one message (`end`: and half-close our side). A no-op once ended."""
@@ -433,8 +542,7 @@ class DuplexStream:
         """The next message, or None when the agent ended the stream successfully."""
         try:
             message = await self._stream.recv_message()
-        except (GRPCError, StreamTerminatedError, ProtocolError, ConnectionError,
-                OSError) as exc:
+        except (GRPCError, *_LOST, *_MALFORMED) as exc:
             raise self._map(exc) from exc
         if message is not None:
             return message

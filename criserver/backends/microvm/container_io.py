@@ -31,7 +31,24 @@ DRAIN_STALL = 5.0
 SAVE_DELAY = 0.05
 RETRY_DELAY = 0.5
 WAIT_CALL_TIMEOUT = 365 * 24 * 3600.0  # WaitContainer returns when the container exits
-STREAMS = {pb.StdioChunk.STDOUT: "stdout", pb.StdioChunk.STDERR: "stderr"}
+STREAMS: dict[int, str] = {pb.StdioChunk.STDOUT: "stdout", pb.StdioChunk.STDERR: "stderr"}
+# An exit reason is a word (Completed, Error, OOMKilled): a longer one from the guest is cut.
+MAX_REASON = 128
+
+
+def stream_name(stream: int) -> str | None:
+    """The log stream of a chunk; None for a value the protocol does not define (the agent's
+    answers are untrusted: a broken or hostile guest may send anything)."""
+    return STREAMS.get(stream)
+
+
+def exit_report(status: pb.ExitStatus) -> tuple[int, str, str, int]:
+    """(exit code, reason, message, finished at) of an exit the agent reports, as the runtime
+    records it: a missing reason is "Error", a missing or negative time is now."""
+    message = f"killed by signal {status.signal}" if status.signal else ""
+    finished = status.finished_at_unix_nanos
+    return (status.exit_code, (status.reason or "Error")[:MAX_REASON], message,
+            finished if finished > 0 else time.time_ns())
 
 
 class ContainerIO:
@@ -49,6 +66,7 @@ class ContainerIO:
         self._chunks = 0  # chunks received: the pump's progress, seen while draining
         self._saved_offset = 0
         self._saver: asyncio.Task[None] | None = None
+        self._bad_stream_logged = False
 
     def start(self) -> None:
         if self.log is not None:
@@ -88,9 +106,13 @@ class ContainerIO:
             try:
                 async for chunk in self.agent.stream("ReadStdio", request):
                     self._chunks += 1
-                    if chunk.data:
-                        await self.log.write(STREAMS[chunk.stream], chunk.data,
-                                             chunk.time_unix_nanos or None)
+                    stream = stream_name(chunk.stream)
+                    if chunk.data and stream is not None:
+                        await self.log.write(stream, chunk.data, chunk.time_unix_nanos or None)
+                    elif chunk.data and not self._bad_stream_logged:
+                        self._bad_stream_logged = True
+                        log.warning("container output on an undefined stream dropped "
+                                    "container=%s stream=%d", self.container_id, chunk.stream)
                     offset = chunk.offset + len(chunk.data)
                     if chunk.eof:
                         await asyncio.to_thread(self._save_offset, offset)
@@ -100,6 +122,9 @@ class ContainerIO:
             except (Unavailable, DeadlineExceeded) as exc:
                 log.info("container output interrupted container=%s error=%s: retrying",
                          self.container_id, exc.message)
+            except CriError:
+                if self.agent.state is not ConnState.CLOSED:
+                    raise
             if self.agent.state is ConnState.CLOSED:
                 return  # the pod's VM is gone: nothing more will come
             await asyncio.sleep(RETRY_DELAY)
@@ -172,6 +197,4 @@ class ContainerIO:
         if self.log is not None:
             await self.log.close()
         self.exited.set()
-        message = f"killed by signal {status.signal}" if status.signal else ""
-        await self.on_exit(self.container_id, status.exit_code, status.reason or "Error",
-                           message, status.finished_at_unix_nanos or time.time_ns())
+        await self.on_exit(self.container_id, *exit_report(status))

@@ -31,7 +31,7 @@ def pod_stats(pod: PodRecord, reply: pb.StatsResponse) -> cri.PodSandboxStats:
             memory=cri.MemoryUsage(
                 timestamp=now,
                 working_set_bytes=cri.UInt64Value(
-                    value=guest.memory_total_bytes - guest.memory_available_bytes),
+                    value=max(guest.memory_total_bytes - guest.memory_available_bytes, 0)),
                 available_bytes=cri.UInt64Value(value=guest.memory_available_bytes)),
             process=cri.ProcessUsage(timestamp=now, process_count=cri.UInt64Value(
                 value=guest.processes)),

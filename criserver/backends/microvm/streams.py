@@ -25,7 +25,7 @@ from criserver.errors import Internal
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource, TerminalSize
 from criserver.runtime.streaming.session_tasks import SessionTasks
 from vmagent.api import agent_pb2 as pb
-from vmagent.credit import Credit
+from vmagent.credit import WINDOW, Credit
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,24 @@ FIRST_SIZE_WAIT = 1.0
 
 
 class _Outbox:
-    """Agent output for the client, written in order by one task, acknowledged once written."""
+    """Agent output for the client, written in order by one task, acknowledged once written.
+    An agent that sends past its credit (more than WINDOW bytes unacknowledged, beyond a first
+    chunk) breaks the protocol: the output is not held for it."""
 
     def __init__(self, s: DuplexStream, ack: Callable[[int], Any]) -> None:
         self._s = s
         self._ack = ack
+        self._held = 0  # bytes put and not yet acknowledged
         # (sink, data or None to close the sink); None ends the outbox.
         self._queue: asyncio.Queue[tuple[ByteSink | None, bytes | None] | None] = \
             asyncio.Queue()
 
     def put(self, sink: ByteSink | None, data: bytes) -> None:
+        """:raises FailedPrecondition: the agent sent past its credit (and is given up)."""
+        if self._held and self._held + len(data) > WINDOW:
+            raise self._s.violation(f"{self._held + len(data)} bytes of output sent "
+                                    f"unacknowledged, over the window of {WINDOW}")
+        self._held += len(data)
         self._queue.put_nowait((sink, data))
 
     def close(self, sink: ByteSink) -> None:
@@ -60,6 +68,7 @@ class _Outbox:
             if sink is not None:
                 await (sink.close() if data is None else sink.write(data))
             if data:
+                self._held -= len(data)
                 await self._s.send(self._ack(len(data)))
 
 
