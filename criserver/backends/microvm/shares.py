@@ -25,12 +25,13 @@ import hashlib
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from criserver.errors import InvalidArgument, NotFound
+from criserver.errors import FailedPrecondition, InvalidArgument, NotFound
 from criserver.vm.qemu import Share
 from vmagent.contract import IMAGES_TAG, SHARED_DIR, SHARED_TAG
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 GUEST_VOLUMES_DIR = SHARED_DIR
 
 _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 4096, 8192, 16384, 1 << 18
-_MNT_DETACH = 2
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
 _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 MODES = ("rw", "ro", "rro")  # a volume's access: read-write, read-only, recursively read-only
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -116,10 +117,7 @@ class PodVolumes:
             raise NotFound(f"mount host path {source} does not exist")
         target = self.directory / name
         self._release_exact(name)  # the same container's retry binds afresh
-        if source.is_dir():
-            target.mkdir(exist_ok=True)
-        else:
-            target.touch(exist_ok=True)
+        _make_mount_point(target, directory=source.is_dir())
         _mount(source, target, _MS_BIND | _MS_REC)
         if mode != "rw":
             _set_read_only(target, recursive=mode == "rro")
@@ -131,7 +129,7 @@ class PodVolumes:
                 guest_source = f"{moved[parent]}/{rel[len(parent) + 1:]}"
             else:
                 aside = self.directory / f"{name}.m{index}"
-                aside.mkdir(exist_ok=True)
+                _make_mount_point(aside, directory=True)
                 _mount(target / rel, aside, _MS_MOVE)
                 guest_source = moved[rel] = f"{GUEST_VOLUMES_DIR}/{aside.name}"
             submounts.append(Submount(rel, read_only or mode == "rro", guest_source))
@@ -230,16 +228,47 @@ def _set_read_only(target: Path, recursive: bool) -> None:
         raise OSError(code, f"make {target} read-only: {os.strerror(code)}")
 
 
+def _make_mount_point(path: Path, *, directory: bool) -> None:
+    """An empty directory or file at `path` in the pod's volumes directory, which the guest
+    writes too: whatever it put there (a symlink out of the share, a fifo) is never followed
+    or opened. An entry of the right kind is reused (a mount point left behind)."""
+    try:
+        if directory:
+            os.mkdir(path, 0o755)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644))
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        raise FailedPrecondition(f"volume mount point {path} exists and is not a "
+                                 f"{'directory' if directory else 'file'}: made by the guest?")
+
+
 def _mount(source: Path | None, target: Path, flags: int) -> None:
+    """Mount onto `target` itself: a symlink there (the guest's) is refused, not followed,
+    and one swapped in after the check is not seen (the mount goes through an O_PATH fd)."""
     src = str(source).encode() if source is not None else None
-    if _libc.mount(src, str(target).encode(), None, flags, None) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"mount {source} -> {target}: {os.strerror(code)}")
+    fd = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.ELOOP, f"mount {source} -> {target}: the target is a symlink")
+        if _libc.mount(src, f"/proc/self/fd/{fd}".encode(), None, flags, None) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"mount {source} -> {target}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
 
 
 def _unmount(path: Path) -> None:
+    """Unmount everything mounted on `path`; never what a symlink there points to (a guest
+    may have put one in the volumes directory, named like a volume)."""
+    if path.is_symlink():
+        return
     while _is_mount_point(path):
-        if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
+        if _libc.umount2(str(path).encode(), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
             code = ctypes.get_errno()
             if code in (errno.EINVAL, errno.ENOENT):
                 return
