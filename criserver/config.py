@@ -172,7 +172,7 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
         except FileNotFoundError:
             if path != DEFAULT_CONFIG_PATH:
                 raise ConfigError(f"config file {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)

@@ -139,6 +139,8 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
         value = json.loads(data)
     except ValueError as exc:
         raise InvalidArgument(f"{what}: not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[...": nested deeper than the parser goes
+        raise InvalidArgument(f"{what}: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what}: not a JSON object")
     return value

@@ -91,7 +91,7 @@ def is_os_manifest(doc: dict[str, Any]) -> bool:
         return True
     layers = doc.get("layers")
     return isinstance(layers, list) and any(
-        isinstance(layer, dict) and layer.get("mediaType") in LAYER_ROLES for layer in layers)
+        isinstance(layer, dict) and str(layer.get("mediaType")) in LAYER_ROLES for layer in layers)
 
 
 def is_os_index(doc: dict[str, Any]) -> bool:

@@ -134,6 +134,21 @@ class CniResult:
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> CniResult:
         """:raises ValueError: not a CNI result."""
+        try:
+            result = cls._parse(raw)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a CNI result: {type(exc).__name__}: {exc}") from None
+        for ip in result.ips:
+            if not isinstance(ip.address, str):
+                raise ValueError(f"not a CNI result: address {ip.address!r}")
+            ipaddress.ip_interface(ip.address)  # validates
+            if ip.interface is not None and (not isinstance(ip.interface, int)
+                                             or isinstance(ip.interface, bool)):
+                raise ValueError(f"not a CNI result: interface {ip.interface!r}")
+        return result
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any]) -> CniResult:
         version = str(raw.get("cniVersion", ""))
         if "ip4" in raw or "ip6" in raw:  # 0.1.0 / 0.2.0
             ips, routes = [], []
@@ -149,8 +164,6 @@ class CniResult:
         ips = [
             CniIP(i["address"], i.get("gateway"), i.get("interface")) for i in raw.get("ips") or []
         ]
-        for ip in ips:
-            ipaddress.ip_interface(ip.address)  # validates
         routes = [CniRoute(r["dst"], r.get("gw")) for r in raw.get("routes") or []]
         return cls(version, interfaces, ips, routes, raw.get("dns") or {}, raw)
 
