@@ -125,6 +125,19 @@ typecheck: venv
 test: install tools kubelet conformance-assets lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The parsers' fuzz targets (tests/fuzz/), FUZZ_SECONDS each, at low priority; new inputs go to
+# a scratch directory, crashes to .cache/fuzz. The unit suite runs each for a few seconds.
+FUZZ_SECONDS ?= 300
+.PHONY: fuzz
+fuzz: venv
+	mkdir -p .cache/fuzz
+	set -o pipefail; for t in $$($(PY) -m tests.fuzz.run --list 2>/dev/null); do \
+		mkdir -p .cache/fuzz/$$t && echo "fuzzing $$t for $(FUZZ_SECONDS)s" && \
+		nice -n 15 $(PY) -m tests.fuzz.run $$t -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=.cache/fuzz/ .cache/fuzz/$$t tests/fuzz/corpus/$$t \
+			2>&1 | grep -v '^INFO: Instrumenting' | tail -n 3 || exit 1; \
+	done
+
 # containerd is the same-run baseline of bench/exec_baseline.py (no daemon of it is started).
 bench: install
 	$(MAKE) deps APT_PACKAGES=containerd
