@@ -5,6 +5,9 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Mapping
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import InvalidArgument
 
@@ -33,6 +36,28 @@ def check_map(values: Mapping[str, str], what: str) -> None:
         raise InvalidArgument(f"{what} must not have an empty key")
 
 
+def defined_enums(message: Message, what: str) -> None:
+    """Every enum in `message` holds a value the CRI defines. proto3 enums are open: a number
+    no CRI version has (or a newer one's) arrives as it is, and a namespace mode or a
+    propagation nobody knows must not fall through to some default.
+    """
+    for field, value in message.ListFields():
+        items = value if field.is_repeated else (value,)
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
+            if field.message_type.GetOptions().map_entry:
+                entry_value = field.message_type.fields_by_name["value"]
+                if entry_value.type != FieldDescriptor.TYPE_MESSAGE:
+                    continue
+                items = tuple(value.values())
+            for item in items:
+                defined_enums(item, what)
+        elif field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None:
+            for number in items:
+                if field.enum_type.values_by_number.get(number) is None:
+                    raise InvalidArgument(f"{what}: {field.name} = {number} is not a value "
+                                          f"of {field.enum_type.name}")
+
+
 def pod_config(config: cri.PodSandboxConfig) -> None:
     if not config.HasField("metadata"):
         raise InvalidArgument("pod sandbox config must include metadata")
@@ -44,6 +69,7 @@ def pod_config(config: cri.PodSandboxConfig) -> None:
     check_length(config.log_directory, "log_directory", 4096)
     check_map(config.labels, "labels")
     check_map(config.annotations, "annotations")
+    defined_enums(config, "pod sandbox config")
     user_namespace(config.linux.security_context.namespace_options)
 
 
@@ -60,8 +86,8 @@ def user_namespace(options: cri.NamespaceOption) -> bool:
             raise InvalidArgument("user namespace mode NODE takes no uid or gid mappings")
         return False
     if userns.mode != cri.POD:
-        raise InvalidArgument(f"user namespace mode {cri.NamespaceMode.Name(userns.mode)} is "
-                              "not supported: only POD and NODE")
+        raise InvalidArgument(f"user namespace mode {_enum_name(cri.NamespaceMode, userns.mode)} "
+                              "is not supported: only POD and NODE")
     for what, mappings in (("uid", userns.uids), ("gid", userns.gids)):
         if len(mappings) != 1:
             raise InvalidArgument(f"user namespace mode POD needs exactly one {what} mapping, "
@@ -84,6 +110,7 @@ def container_config(config: cri.ContainerConfig) -> None:
     check_length(config.log_path, "log_path", 4096)
     check_map(config.labels, "labels")
     check_map(config.annotations, "annotations")
+    defined_enums(config, "container config")
     for arg in (*config.command, *config.args):
         check_length(arg, "command argument", 128 * 1024)
     for mount in config.mounts:
@@ -104,3 +131,11 @@ def image_mount(mount: cri.Mount) -> None:
     if posixpath.isabs(sub_path) or ".." in sub_path.split("/") or "\0" in sub_path:
         raise InvalidArgument(f"{where}: image_sub_path {sub_path!r} is not a relative path "
                               "inside the image")
+
+
+def _enum_name(enum: object, number: int) -> str:
+    """The name of `number` in a generated enum, or the number when it names nothing."""
+    try:
+        return str(enum.Name(number))  # type: ignore[attr-defined]
+    except ValueError:
+        return str(number)
