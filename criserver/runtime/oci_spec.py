@@ -777,6 +777,38 @@ def update_resources(resources: cri.LinuxContainerResources) -> dict[str, Any]:
     return result
 
 
+# What the kernel's CFS and cgroup files accept (kubelet sends values inside these); outside
+# them runc fails after the container exists, which the caller saw as INTERNAL.
+CPU_SHARES = (2, 262_144)
+CPU_PERIOD_US = (1_000, 1_000_000)
+MIN_CPU_QUOTA_US = 1_000
+_CPU_LIST = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
+_CGROUP_FILE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z0-9_.]+$")
+
+
+def _check_resources(r: cri.LinuxContainerResources) -> None:
+    """:raises InvalidArgument: a value no cgroup takes (0 is "unset" everywhere)."""
+    if r.cpu_shares and not CPU_SHARES[0] <= r.cpu_shares <= CPU_SHARES[1]:
+        raise InvalidArgument(f"cpu_shares {r.cpu_shares} is outside {list(CPU_SHARES)}")
+    if r.cpu_period and not CPU_PERIOD_US[0] <= r.cpu_period <= CPU_PERIOD_US[1]:
+        raise InvalidArgument(f"cpu_period {r.cpu_period} is outside {list(CPU_PERIOD_US)} us")
+    if r.cpu_quota and r.cpu_quota != -1 and r.cpu_quota < MIN_CPU_QUOTA_US:
+        raise InvalidArgument(f"cpu_quota {r.cpu_quota}: -1 (no limit) or at least "
+                              f"{MIN_CPU_QUOTA_US} us")
+    if r.memory_limit_in_bytes < 0:
+        raise InvalidArgument(f"memory_limit_in_bytes {r.memory_limit_in_bytes} is negative")
+    if r.memory_swap_limit_in_bytes < -1:
+        raise InvalidArgument(f"memory_swap_limit_in_bytes {r.memory_swap_limit_in_bytes}: "
+                              "-1 (no limit) or not negative")
+    for what, cpus in (("cpuset_cpus", r.cpuset_cpus), ("cpuset_mems", r.cpuset_mems)):
+        if cpus and not _CPU_LIST.match(cpus):
+            raise InvalidArgument(f"{what} {cpus!r} is not a list like 0-3,5")
+    for key, value in r.unified.items():
+        # A cgroup file name: never a path (runc writes it inside the container's cgroup).
+        if not _CGROUP_FILE.match(key) or "\0" in value:
+            raise InvalidArgument(f"unified {key!r} is not a cgroup file name like memory.high")
+
+
 def _resources(
     linux: cri.LinuxContainerConfig, privileged: bool, pids_limit: int | None
 ) -> dict[str, Any]:
@@ -788,16 +820,13 @@ def _resources(
     if not linux.HasField("resources"):
         return result
     r = linux.resources
+    _check_resources(r)
     cpu: dict[str, Any] = {}
     if r.cpu_shares:
-        if r.cpu_shares < 0:
-            raise InvalidArgument(f"cpu_shares {r.cpu_shares} is negative")
         cpu["shares"] = r.cpu_shares
     if r.cpu_quota:
         cpu["quota"] = r.cpu_quota
     if r.cpu_period:
-        if r.cpu_period < 0:
-            raise InvalidArgument(f"cpu_period {r.cpu_period} is negative")
         cpu["period"] = r.cpu_period
     if r.cpuset_cpus:
         cpu["cpus"] = r.cpuset_cpus

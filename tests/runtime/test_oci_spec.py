@@ -567,15 +567,39 @@ def test_resources_absent_or_zero() -> None:
     assert set(spec["linux"]["resources"]) == {"devices"}
 
 
+# Past oom_score_adj and negative shares: what runc refused only after the container existed
+# (UpdateContainerResources with cpu_shares 1 answered INTERNAL; found by the CRI fuzz test).
+RUNC_REFUSES = [
+    cri.LinuxContainerResources(cpu_shares=1), cri.LinuxContainerResources(cpu_shares=1 << 20),
+    cri.LinuxContainerResources(cpu_quota=999), cri.LinuxContainerResources(cpu_quota=-2),
+    cri.LinuxContainerResources(cpu_period=999),
+    cri.LinuxContainerResources(memory_limit_in_bytes=-1),
+    cri.LinuxContainerResources(memory_swap_limit_in_bytes=-2),
+    cri.LinuxContainerResources(cpuset_cpus="abc"), cri.LinuxContainerResources(cpuset_mems="0-"),
+    cri.LinuxContainerResources(unified={"../../cgroup.procs": "1"}),
+    cri.LinuxContainerResources(unified={"memory.high": "1\0"}),
+]
+
+
 @pytest.mark.parametrize(
     "resources",
-    [cri.LinuxContainerResources(oom_score_adj=1001), cri.LinuxContainerResources(cpu_shares=-2)],
+    [cri.LinuxContainerResources(oom_score_adj=1001), cri.LinuxContainerResources(cpu_shares=-2),
+     *RUNC_REFUSES],
 )
 def test_resources_invalid(resources: cri.LinuxContainerResources) -> None:
     container = container_config()
     container.linux.resources.CopyFrom(resources)
     with pytest.raises(InvalidArgument):
         gen(container)
+
+
+@pytest.mark.parametrize("resources", RUNC_REFUSES)
+def test_update_resources_refuses_what_runc_would(resources: cri.LinuxContainerResources) -> None:
+    with pytest.raises(InvalidArgument):
+        oci_spec.update_resources(resources)
+    # -1 is "no limit" for the quota and the swap limit; the values kubelet sends pass.
+    oci_spec.update_resources(cri.LinuxContainerResources(
+        cpu_quota=-1, memory_swap_limit_in_bytes=-1, cpu_shares=2, cpu_period=100_000))
 
 
 def test_cgroups_path() -> None:
