@@ -429,6 +429,10 @@ def build_command(spec: VMSpec) -> list[str]:
     elif isinstance(spec.transport, VsockTransport):
         vsock = "vhost-vsock-device" if m is Machine.MICROVM else "vhost-vsock-pci"
         argv += ["-device", f"{vsock},guest-cid={spec.transport.guest_cid}"]
+    for i in range(spec.hotplug_slots):
+        # One root port per hot-added device (PCIe has one device per port). Before the
+        # devices: a cold-plugged one names its port as its bus, which must exist by then.
+        argv += ["-device", f"pcie-root-port,id={HOTPLUG_PORT}{i},chassis={i + 1}"]
     ports = iter(_cold_ports(spec))
     for i, disk in enumerate(spec.disks):
         device = disk_device(m, disk)
@@ -456,9 +460,6 @@ def build_command(spec: VMSpec) -> list[str]:
     if spec.pvpanic:
         # ISA pvpanic: reported to the guest through ACPI on both machines -> GUEST_PANICKED.
         argv += ["-device", "pvpanic"]
-    for i in range(spec.hotplug_slots):
-        # One root port per hot-added device (PCIe has one device per port).
-        argv += ["-device", f"pcie-root-port,id={HOTPLUG_PORT}{i},chassis={i + 1}"]
     if spec.incoming:
         argv += ["-incoming", "defer"]
     # fmt: off

@@ -14,6 +14,8 @@ import logging
 import os
 import shlex
 import signal
+import socket
+import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -65,6 +67,20 @@ UNPLUG_TIMEOUT = 30.0  # the guest acknowledges a removal (ACPI or PCIe hotplug)
 EVENT_NAMES = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET", "POWERDOWN",
                "DEVICE_DELETED")
 
+
+class _QMPClient(QMPClient):
+    """qemu.qmp's client, able to pass fds on any event loop: its own send_fd_scm reaches for
+    asyncio's private socket object, which uvloop's transports (the daemon's) do not have."""
+
+    def send_fd_scm(self, fd: int) -> None:
+        assert self._writer is not None
+        transport_socket = self._writer.transport.get_extra_info("socket")
+        # A dup of the connection's socket: closing it leaves the transport's own fd alone.
+        with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
+            if sock.family != socket.AF_UNIX:
+                raise QMPError("passing file descriptors needs a Unix socket")
+            sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   struct.pack("@i", fd))])
 
 class EventKind(enum.StrEnum):
     SHUTDOWN = "SHUTDOWN"  # data["reason"]: guest-shutdown, guest-reset, guest-panic, host-...
@@ -323,25 +339,35 @@ class VM:
 
     async def devices(self) -> dict[str, str]:
         """The devices in hotplug ports: id -> port."""
-        reply = await self._execute("list devices", "query-pci")
-        found: dict[str, str] = {}
-        for bus in reply:
-            for device in bus.get("devices", []):
-                port = str(device.get("qdev_id", ""))
-                bridge = device.get("pci_bridge") or {}
-                if port.startswith(HOTPLUG_PORT):
-                    for child in bridge.get("devices", []):
-                        found[str(child.get("qdev_id", ""))] = port
-        return found
+        return {device: port for port, devices in (await self._ports("list devices")).items()
+                for device in devices}
+
+    async def _ports(self, step: str) -> dict[str, list[str]]:
+        """Each hotplug port and the ids of the devices on it, from QEMU's object tree.
+        (query-pci cannot tell: it only sees behind a port once the guest's firmware has
+        numbered the port's bus, which cold-plugged devices at boot have not had yet.)"""
+        peripheral = "/machine/peripheral"
+        entries = await self._execute(step, "qom-list", {"path": peripheral})
+        ports: dict[str, list[str]] = {}
+        for entry in entries:
+            name = str(entry.get("name", ""))
+            if entry.get("type") != "child<pcie-root-port>" or not name.startswith(HOTPLUG_PORT):
+                continue
+            bus = f"{peripheral}/{name}/{name}"  # a root port's bus is named after it
+            links = await self._execute(step, "qom-list", {"path": bus})
+            ports[name] = []
+            for link in links:
+                if str(link.get("name", "")).startswith("child["):
+                    path = await self._execute(step, "qom-get",
+                                               {"path": bus, "property": link["name"]})
+                    ports[name].append(str(path).rsplit("/", 1)[-1])
+        return ports
 
     async def _free_hotplug_port(self, step: str) -> str:
-        reply = await self._execute(step, "query-pci")
-        for bus in reply:
-            for device in bus.get("devices", []):
-                port = str(device.get("qdev_id", ""))
-                bridge = device.get("pci_bridge") or {}
-                if port.startswith(HOTPLUG_PORT) and not bridge.get("devices"):
-                    return port
+        ports = await self._ports(step)
+        for port in sorted(ports, key=lambda p: int(p.removeprefix(HOTPLUG_PORT) or 0)):
+            if not ports[port]:
+                return port
         raise ResourceExhausted(f"vm {self.vm_id}: {step}: no free hotplug port")
 
     async def _unplug(self, device_id: str, max_wait: float) -> None:
@@ -462,6 +488,8 @@ class VM:
         log_fd = await asyncio.to_thread(
             os.open, self.location.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
         )
+        # The log outlives a start (a machine's console log): a failure quotes this one only.
+        started_at = os.fstat(log_fd).st_size
         try:
             # The process we spawn is QEMU's launcher: it exits 0 once the daemonized QEMU is
             # initialised (pidfile written, sockets listening), or non-zero with the reason.
@@ -479,15 +507,15 @@ class VM:
         self._launcher = proc
         rc = await proc.wait()  # on cancellation, _cleanup_failed_start deals with it
         if rc != 0:
-            tail = await asyncio.to_thread(self._log_tail)
+            tail = await asyncio.to_thread(self._log_tail, started_at)
             raise Internal(f"vm {self.vm_id}: start: qemu exited with {rc}: {tail}")
         crash_point("vm.spawned")  # QEMU runs; nothing of ours knows its pid yet
 
-    def _log_tail(self, limit: int = 800) -> str:
+    def _log_tail(self, since: int, limit: int = 800) -> str:
         try:
             with self.location.log_file.open("rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - limit))
+                f.seek(max(since, f.tell() - limit))
                 return f.read().decode(errors="replace").strip()
         except OSError as e:
             return f"(no log: {e})"
@@ -509,7 +537,7 @@ class VM:
             raise NotFound(f"vm {self.vm_id}: {step}: pid {pid} is not this VM's QEMU")
         asyncio.get_running_loop().add_reader(pidfd, self._on_process_exit)
 
-        qmp = QMPClient(self.vm_id)
+        qmp = _QMPClient(self.vm_id)
         # The client's built-in listener is the one event queue, drained by one task; it
         # keeps only the events we report so nothing else piles up in it.
         listener = qmp.events

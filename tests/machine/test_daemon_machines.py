@@ -9,7 +9,6 @@ import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -17,42 +16,21 @@ import pytest
 from criserver import __version__
 from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
 from tests.daemon import INERT_CONFIG, Daemon
+from tests.machine.client import MachineClient
 from tests.vm.conftest import vm_dir  # noqa: F401 - a fixture: short path, no QEMU left
 
-SERVICE = "/machine.v1alpha1.MachineRuntime/"
-RESPONSES = {name: getattr(iri, f"{name}Response") for name in (
-    "Version", "Status", "ListMachines", "CreateMachine", "DeleteMachine", "ListEvents", "Exec")}
 
-
-class MachineClient:
-    def __init__(self, socket_path: Path) -> None:
-        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
-
-    async def call(self, method: str, request: Any) -> Any:
-        rpc = self.channel.unary_unary(
-            SERVICE + method, request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=RESPONSES[method].FromString)
-        return await rpc(request, timeout=10)
-
-    async def list_ids(self, machine_id: str = "", **labels: str) -> list[str]:
-        response = await self.call("ListMachines", iri.ListMachinesRequest(
-            filter=iri.MachineFilter(id=machine_id, label_selector=labels)))
-        return [m.metadata.id for m in response.machines]
-
-    async def create(self, **labels: str) -> iri.Machine:
-        """A machine that stays off: these tests boot no VM (tests/machine/test_machines_vm.py
-        does)."""
-        machine = iri.Machine()
-        machine.metadata.labels.update(labels)
-        setattr(machine.spec, "class", "x1")
-        machine.spec.power = iri.POWER_OFF
-        root = machine.spec.volumes.add(name="root", device="oda")
-        root.local_disk.size_bytes = 1 << 30
-        response = await self.call("CreateMachine", iri.CreateMachineRequest(machine=machine))
-        return response.machine  # type: ignore[no-any-return]
-
-    async def close(self) -> None:
-        await self.channel.close()
+async def create(client: MachineClient, **labels: str) -> iri.Machine:
+    """A machine that stays off: these tests boot no VM (tests/machine/test_machines_vm.py
+    does)."""
+    machine = iri.Machine()
+    machine.metadata.labels.update(labels)
+    setattr(machine.spec, "class", "x1")
+    machine.spec.power = iri.POWER_OFF
+    root = machine.spec.volumes.add(name="root", device="oda")
+    root.local_disk.size_bytes = 1 << 30
+    response = await client.call("CreateMachine", iri.CreateMachineRequest(machine=machine))
+    return response.machine  # type: ignore[no-any-return]
 
 
 def machine_daemon(workdir: Path, state: Path) -> Daemon:
@@ -108,8 +86,8 @@ async def test_version_and_status(client: MachineClient) -> None:
 
 
 async def test_create_list_delete(client: MachineClient, daemon: Daemon) -> None:
-    a = await client.create(uid="a", pool="p")
-    b = await client.create(uid="b", pool="p")
+    a = await create(client, uid="a", pool="p")
+    b = await create(client, uid="b", pool="p")
     assert a.status.state == iri.MACHINE_PENDING
     assert await client.list_ids(pool="p") == [a.metadata.id, b.metadata.id]
     assert await client.list_ids(uid="b") == [b.metadata.id]
@@ -141,7 +119,7 @@ async def test_errors_carry_their_codes(client: MachineClient) -> None:
         await client.call("CreateMachine", iri.CreateMachineRequest(machine=machine))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "machine class 'huge' is not offered" in str(err.value.details())
-    m = await client.create()
+    m = await create(client)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await client.call("Exec", iri.ExecRequest(machine_id=m.metadata.id))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -152,7 +130,7 @@ async def test_machines_survive_sigkill_and_the_socket_is_private(
         client: MachineClient, daemon: Daemon) -> None:
     path = daemon.workdir / "iri-machine.sock"
     assert stat.S_IMODE(path.stat().st_mode) == 0o660
-    m = await client.create(uid="kept")
+    m = await create(client, uid="kept")
     await client.close()
     daemon.stop(signal.SIGKILL)
     daemon.start()

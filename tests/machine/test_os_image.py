@@ -16,6 +16,7 @@ from criserver.errors import FailedPrecondition
 from criserver.image import ImageService
 from criserver.image.auth import Credentials
 from criserver.image.registry import AuthError
+from criserver.machine.driver import HOSTNAME_FW_CFG, IGNITION_FW_CFG
 from criserver.store.db import Database
 from criserver.vm import disks
 from criserver.vm.qemu import (
@@ -29,6 +30,7 @@ from criserver.vm.qemu import (
 )
 from criserver.vm.vm import VM
 from tests.machine import os_image
+from tests.machine.console import Console, wait_for_log
 from tests.registry import PASSWORD, USER, Registry
 from tests.vm.conftest import vm_dir  # noqa: F401 - a fixture: short path, no QEMU left
 
@@ -89,34 +91,6 @@ async def test_index_form_and_auth(images: ImageService, auth_registry: Registry
 # -- booting it ---------------------------------------------------------------------------------
 
 
-class Console:
-    """The guest's serial console, typed into like a terminal."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def run(self, command: str, max_wait: float = 30.0) -> str:
-        """Type `command`; what it printed (the echoed line and the next prompt stripped)."""
-        self.writer.write(f"{command}\n".encode())
-        await self.writer.drain()
-        out = await asyncio.wait_for(
-            self.reader.readuntil(os_image.PROMPT.encode()), max_wait)
-        text = out.decode(errors="replace").replace("\r", "")[:-len(os_image.PROMPT)]
-        _echo, _, printed = text.partition("\n")
-        return printed.strip()
-
-
-async def wait_for_log(log: Path, text: str, max_wait: float = 90.0) -> str:
-    deadline = asyncio.get_running_loop().time() + max_wait
-    while True:
-        data = (await asyncio.to_thread(log.read_bytes)).decode(errors="replace")
-        if text in data:
-            return data
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"no {text!r} on the console: {data[-1500:]}")
-        await asyncio.sleep(0.2)
-
-
 @pytest.mark.vm
 async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
         images: ImageService, registry: Registry, files: os_image.OsImageFiles,
@@ -136,7 +110,7 @@ async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
         boot=DirectKernel(image.kernel, image.initramfs,
                           f"{image.command_line} systemd.hostname=machine-one"),
         disks=(Disk("root", root.path, serial="root", read_only=False, format="qcow2"),),
-        fw_cfg=(FwCfgFile(os_image.IGNITION_FW_CFG, ignition),),
+        fw_cfg=(FwCfgFile(IGNITION_FW_CFG, ignition),),
         hotplug_slots=2, pvpanic=False, interactive_console=True)
     vm = VM(spec)
     await vm.start()
@@ -145,8 +119,7 @@ async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
         ignition_bytes = len(ignition.read_bytes())
         assert f"{os_image.MARKER} hostname=machine-one ignition={ignition_bytes} disk=vda" in log
         reader, writer = await asyncio.open_unix_connection(str(spec.console_socket))
-        console = Console(reader, writer)
-        await console.run("")  # a fresh prompt
+        console = Console.unix(reader, writer)
         assert await console.run("hostname") == "machine-one"
         assert await console.run(f"cat {os_image.IGNITION_PATH}") == ignition.read_text()
         assert await console.run("cat /mnt/disk/etc/iri-test-os") == os_image.DISK_MARKER
@@ -154,9 +127,9 @@ async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
         # A hot-added disk shows up, and grows live.
         data_disk = Disk("data", data.path, serial="data", read_only=False, format="qcow2")
         await vm.add_disk(data_disk)
-        await until(console, "cat /sys/block/vdb/size", str(16 * MiB // 512))
+        await console.until("cat /sys/block/vdb/size", str(16 * MiB // 512))
         await vm.resize_disk(data_disk, 32 * MiB)
-        await until(console, "cat /sys/block/vdb/size", str(32 * MiB // 512))
+        await console.until("cat /sys/block/vdb/size", str(32 * MiB // 512))
         # The file-level resize refuses a disk a running VM holds (that one is QMP's).
         with pytest.raises(FailedPrecondition, match="running VM"):
             await disks.resize(data.path, 64 * MiB)
@@ -168,13 +141,6 @@ async def test_boots_from_its_layers_with_a_root_disk_over_the_base(
     finally:
         await vm.kill()
     await images.release_os_image(image.id, "machine-1")
-
-
-async def until(console: Console, command: str, want: str, max_wait: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + max_wait
-    while (got := await console.run(command)) != want:
-        assert asyncio.get_running_loop().time() < deadline, f"{command}: {got!r}, not {want!r}"
-        await asyncio.sleep(0.5)
 
 
 @pytest.mark.vm
@@ -195,7 +161,7 @@ async def test_disk_only_image_boots_through_firmware(
         vm_id="os-image-fw", state_dir=vm_dir, machine=Machine.Q35, reboot=RebootPolicy.RESET,
         boot=Firmware(),
         disks=(Disk("root", root.path, serial="root", read_only=False, format="qcow2"),),
-        fw_cfg=(FwCfgFile(os_image.HOSTNAME_FW_CFG, hostname),), pvpanic=False)
+        fw_cfg=(FwCfgFile(HOSTNAME_FW_CFG, hostname),), pvpanic=False)
     vm = VM(spec)
     await vm.start()
     try:

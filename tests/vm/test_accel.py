@@ -26,6 +26,7 @@ from criserver.store.records import PodRecord
 from criserver.vm import accel
 from criserver.vm.assets import GuestAssets
 from tests.daemon import unmount_under
+from tests.processes import running
 
 
 def _read_cache_and_boot_id(state_dir: Path) -> tuple[dict[str, str], str]:
@@ -99,18 +100,11 @@ def test_a_probe_dies_with_its_daemon(tmp_path: Path, guest_assets: GuestAssets)
         parent.wait()
     # Killed at once, well before its guest could boot and end it (>= 1.4 s under TCG here).
     deadline = time.monotonic() + 1.0
-    while any(_alive(pid) for pid in probes):
+    while any(running(pid) for pid in probes):
         assert time.monotonic() < deadline, f"probe QEMU {probes} outlived its daemon"
         time.sleep(0.01)
 
 
-def _alive(pid: int) -> bool:
-    """Running: not gone, and not a zombie its new parent has yet to reap."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _comm(proc: Path) -> str:

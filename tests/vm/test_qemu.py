@@ -225,6 +225,9 @@ def test_unpluggable_devices_start_in_hotplug_ports() -> None:
                and d.endswith("bus=hotplug0") for d in devices)
     assert any(d.startswith("virtio-net-pci,id=eth0,") and d.endswith("bus=hotplug1")
                for d in devices)
+    # QEMU resolves a device's bus when it reads the device: the ports come first.
+    first_port = devices.index("pcie-root-port,id=hotplug0,chassis=1")
+    assert all(i > first_port for i, d in enumerate(devices) if "bus=hotplug" in d)
     with pytest.raises(InvalidArgument, match="hotplug slots"):
         build_command(spec(machine=Machine.Q35, boot=Firmware(), transport=None,
                            hotplug_slots=0, unpluggable_devices=True))

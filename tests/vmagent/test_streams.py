@@ -21,6 +21,7 @@ from criserver import errors
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.backends.microvm.streams import exec_in_vm, port_forward_in_vm
 from criserver.runtime.streaming.interface import TerminalSize
+from tests.processes import running
 from tests.vmagent.agentproc import RunningAgent, start_agent
 from vmagent.api import agent_pb2 as pb
 from vmagent.api.agent_grpc import AgentStub
@@ -83,9 +84,9 @@ async def sizes(queue: asyncio.Queue[TerminalSize]) -> AsyncIterator[TerminalSiz
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[RunningAgent]:
-    running = await start_agent(tmp_path, transport="unix")
-    yield running
-    await running.stop()
+    started = await start_agent(tmp_path, transport="unix")
+    yield started
+    await started.stop()
 
 
 @pytest.fixture
@@ -95,17 +96,9 @@ async def client(agent: RunningAgent) -> AsyncIterator[AgentClient]:
     c.close()
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 async def wait_gone(pid: int, timeout: float = 20) -> None:
     async def wait() -> None:
-        while alive(pid):
+        while running(pid):
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(wait(), timeout)
@@ -182,7 +175,7 @@ async def test_cancel_kills_the_process(client: AgentClient) -> None:
         stdout=out, stderr=None, resize=None))
     await out.wait_for(b"\n")
     pid = int(out.data.split()[0])
-    assert alive(pid)
+    assert running(pid)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
@@ -206,7 +199,7 @@ async def test_slow_client_back_pressure(client: AgentClient) -> None:
     received = len(out.data)
     # One write is held: what passed is at most one message, the rest sits in windows.
     assert received < 1024 * 1024, received
-    assert alive(pid)
+    assert running(pid)
     assert (await client.stats()).guest.memory_total_bytes > 0  # the agent still answers
     with open(f"/proc/{pid}/wchan") as f:
         assert "pipe" in f.read()  # blocked writing to its full pipe

@@ -1,0 +1,15 @@
+"""Process checks the tests share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def running(pid: int) -> bool:
+    """Not gone, and not a zombie: daemonized QEMUs and monitors are reparented to PID 1,
+    which may be slow to reap them (or, in some sandboxes, never does)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
