@@ -68,7 +68,9 @@ def _log_path(pod: PodRecord, config: cri.ContainerConfig) -> str:
         return ""
     if not pod.config.log_directory:
         raise InvalidArgument("container log_path is set but the pod has no log_directory")
-    path = os.path.normpath(os.path.join(pod.config.log_directory, config.log_path))
-    if not path.startswith(os.path.normpath(pod.config.log_directory) + os.sep):
+    base = os.path.normpath(pod.config.log_directory)
+    path = os.path.normpath(os.path.join(base, config.log_path))
+    # commonpath, not a prefix test: a log directory of "/" holds "/x.log" too.
+    if path == base or os.path.commonpath([base, path]) != base:
         raise InvalidArgument(f"container log_path {config.log_path!r} leaves the log directory")
     return path

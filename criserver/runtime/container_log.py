@@ -8,6 +8,7 @@ in a thread; records produced while a write is in flight are batched into the ne
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -167,11 +168,30 @@ class ContainerLog:
     def _open_file(self) -> int:
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            return os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
-            )
+            # O_NOFOLLOW: a symlink put where the log goes would have the daemon append to
+            # whatever file it names.
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                           | os.O_NOFOLLOW, FILE_MODE)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FailedPrecondition(
+                    f"container log {self.path} is a symbolic link: not followed") from exc
             raise Internal(f"cannot open container log {self.path}: {exc.strerror}") from exc
+
+
+def check_inside(path: str, directory: str) -> None:
+    """That the log file `path` lands inside the pod's log `directory` once the symlinks
+    already on its way are followed (a directory swapped for a link to /etc, say). Blocking:
+    it reads the file system.
+
+    :raises FailedPrecondition: it does not.
+    """
+    root = os.path.realpath(directory)
+    parent = os.path.realpath(os.path.dirname(path))
+    if os.path.commonpath([root, parent]) != root:
+        raise FailedPrecondition(
+            f"container log {path} leaves the pod's log directory {directory} through a "
+            f"symbolic link (it resolves into {parent})")
 
 
 def _write_all(fd: int, data: bytes) -> None:

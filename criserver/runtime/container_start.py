@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition
 from criserver.runtime import exit_codes
-from criserver.runtime.container_log import ContainerLog
+from criserver.runtime.container_log import ContainerLog, check_inside
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerState, PodState
 
@@ -31,7 +32,7 @@ async def start_container(
                 f"pod sandbox {pod.id} of container {container.id} is not ready"
             )
         if container.log_path:
-            await _create_log(container.log_path)
+            await _create_log(container.log_path, pod.config.log_directory)
         try:
             started_at = await rt.backend(pod).start_container(pod, container)
         except Exception as exc:
@@ -42,13 +43,15 @@ async def start_container(
     return cri.StartContainerResponse()
 
 
-async def _create_log(path: str) -> None:
+async def _create_log(path: str, directory: str) -> None:
     """The CRI log file exists from StartContainer on, empty until the container writes (as
     containerd makes it): kubelet, `crictl logs` and critest open it as soon as the container
     runs, and a container that never writes has an empty log, not none. The backend appends.
 
     :raises Internal: the file cannot be created.
+    :raises FailedPrecondition: a symbolic link leads it out of the pod's log `directory`.
     """
+    await asyncio.to_thread(check_inside, path, directory)
     log_file = ContainerLog(path)
     await log_file.open()
     await log_file.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import FailedPrecondition
+from criserver.runtime.container_log import check_inside
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerState
 
@@ -30,5 +33,8 @@ async def reopen_container_log(
     if container.state != ContainerState.RUNNING:
         raise FailedPrecondition(f"container {container.id} is not running")
     pod = rt.pods.get(container.pod_id)
+    if container.log_path:
+        # kubelet rotated the file: the path is checked again, as at StartContainer.
+        await asyncio.to_thread(check_inside, container.log_path, pod.config.log_directory)
     await rt.backend(pod).reopen_container_log(pod, container)
     return cri.ReopenContainerLogResponse()

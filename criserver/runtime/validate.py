@@ -67,6 +67,10 @@ def pod_config(config: cri.PodSandboxConfig) -> None:
     require(meta.uid, "pod sandbox metadata.uid", MAX_UID)
     check_length(config.hostname, "hostname", 64)
     check_length(config.log_directory, "log_directory", 4096)
+    if config.log_directory and (not posixpath.isabs(config.log_directory)
+                                 or "\0" in config.log_directory):
+        # Relative, it would be resolved against the daemon's working directory.
+        raise InvalidArgument(f"log_directory {config.log_directory!r} is not an absolute path")
     check_map(config.labels, "labels")
     check_map(config.annotations, "annotations")
     defined_enums(config, "pod sandbox config")
@@ -108,6 +112,8 @@ def container_config(config: cri.ContainerConfig) -> None:
     require(config.metadata.name, "container metadata.name")
     require(config.image.image, "container image", 4096)
     check_length(config.log_path, "log_path", 4096)
+    if "\0" in config.log_path:
+        raise InvalidArgument("log_path contains a NUL byte")
     check_map(config.labels, "labels")
     check_map(config.annotations, "annotations")
     defined_enums(config, "container config")

@@ -242,7 +242,8 @@ static int mkdir_parents(const char *path) {
 static int open_log(void) {
     if (mkdir_parents(opt.log_path) < 0)
         return -1;
-    return open(opt.log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    /* O_NOFOLLOW: a symlink put where the log goes is never written through. */
+    return open(opt.log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
 }
 
 static void flush_log(void) {

@@ -1,0 +1,102 @@
+"""The security review of issue 18, in code: log paths and directories that cannot escape,
+streaming URLs on loopback with unguessable single-use tokens, tight modes on the socket and
+the state, and registry credentials that never reach the log. Each against the real daemon
+(inert backend) unless it is a property of one function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.errors import InvalidArgument
+from criserver.runtime.container_create import _log_path
+from criserver.store.records import PodRecord
+from tests.cri_client import CRIClient, msg
+
+# Log paths and directories -----------------------------------------------------------------
+
+
+async def _pod(cri: CRIClient, logs: Path) -> str:
+    return await cri.run_pod("sec", log_directory=str(logs))
+
+
+async def _code(call: object) -> grpc.StatusCode:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("log_path", ["../escape.log", "a/../../escape.log", "/etc/escape.log",
+                                      "..", "", "x\0.log"])
+async def test_a_log_path_never_leaves_the_log_directory(cri: CRIClient, tmp_path: Path,
+                                                         log_path: str) -> None:
+    pod = await _pod(cri, tmp_path / "logs")
+    code = await _code(cri.create_container(pod, "c", pod_name="sec", log_path=log_path))
+    # "" is no log at all; every other one is refused before anything is made.
+    assert code == (grpc.StatusCode.OK if log_path == "" else grpc.StatusCode.INVALID_ARGUMENT)
+    assert not (tmp_path / "escape.log").exists()
+
+
+@pytest.mark.parametrize("directory", ["relative/logs", "logs\0x"])
+async def test_a_log_directory_is_absolute(cri: CRIClient, directory: str) -> None:
+    # Relative, the daemon would have resolved it against its own working directory.
+    code = await _code(cri.run_pod("rel", log_directory=directory))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not (await cri.runtime.ListPodSandbox()).items
+
+
+def test_the_root_as_log_directory_holds_its_files() -> None:
+    # The old prefix test ("//") refused every log path under a log directory of "/".
+    pod = PodRecord("p", cri.PodSandboxConfig(log_directory="/"), "inert", 0)
+    assert _log_path(pod, cri.ContainerConfig(log_path="c/0.log")) == "/c/0.log"
+    with pytest.raises(InvalidArgument):
+        _log_path(pod, cri.ContainerConfig(log_path="../.."))
+
+
+async def test_a_symlinked_directory_in_the_log_directory_is_not_followed(
+        cri: CRIClient, tmp_path: Path) -> None:
+    logs, outside = tmp_path / "logs", tmp_path / "outside"
+    logs.mkdir()
+    outside.mkdir()
+    (logs / "c").symlink_to(outside)  # what a pod with the log dir as a volume could do
+    pod = await _pod(cri, logs)
+    cid = await cri.create_container(pod, "c", pod_name="sec", log_path="c/0.log")
+    code = await _code(cri.runtime.StartContainer(msg("StartContainerRequest",
+                                                      container_id=cid)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert list(outside.iterdir()) == []
+
+
+async def test_a_symlink_as_the_log_file_is_not_followed(cri: CRIClient, tmp_path: Path) -> None:
+    logs, target = tmp_path / "logs", tmp_path / "precious"
+    (logs / "c").mkdir(parents=True)
+    target.write_text("keep\n")
+    (logs / "c" / "0.log").symlink_to(target)
+    pod = await _pod(cri, logs)
+    cid = await cri.create_container(pod, "c", pod_name="sec", log_path="c/0.log")
+    code = await _code(cri.runtime.StartContainer(msg("StartContainerRequest",
+                                                      container_id=cid)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert target.read_text() == "keep\n"
+
+
+async def test_reopen_checks_the_log_path_again(cri: CRIClient, tmp_path: Path) -> None:
+    logs, outside = tmp_path / "logs", tmp_path / "outside"
+    outside.mkdir()
+    pod = await _pod(cri, logs)
+    cid = await cri.create_container(pod, "c", pod_name="sec", log_path="c/0.log")
+    await cri.runtime.StartContainer(msg("StartContainerRequest", container_id=cid))
+    assert (logs / "c" / "0.log").exists()
+    # Between start and a rotation, the directory becomes a link out.
+    (logs / "c" / "0.log").unlink()
+    (logs / "c").rmdir()
+    (logs / "c").symlink_to(outside)
+    code = await _code(cri.runtime.ReopenContainerLog(msg("ReopenContainerLogRequest",
+                                                          container_id=cid)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert list(outside.iterdir()) == []
