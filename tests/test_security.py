@@ -5,6 +5,7 @@ the state, and registry credentials that never reach the log. Each against the r
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import grpc
@@ -13,8 +14,10 @@ import pytest
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import InvalidArgument
 from criserver.runtime.container_create import _log_path
+from criserver.store.db import Database
 from criserver.store.records import PodRecord
 from tests.cri_client import CRIClient, msg
+from tests.daemon import Daemon
 
 # Log paths and directories -----------------------------------------------------------------
 
@@ -100,3 +103,36 @@ async def test_reopen_checks_the_log_path_again(cri: CRIClient, tmp_path: Path) 
                                                           container_id=cid)))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert list(outside.iterdir()) == []
+
+
+# Modes of what the daemon makes -----------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+async def test_socket_state_and_database_modes(daemon: Daemon, cri: CRIClient,
+                                               tmp_path: Path) -> None:
+    await _pod(cri, tmp_path / "logs")  # the database has records
+    assert _mode(daemon.socket) == 0o660  # root and the socket group only
+    for directory in (daemon.root, daemon.state):
+        assert _mode(directory) & 0o022 == 0, directory  # nobody else writes
+    database = daemon.root / "criserver.db"
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        # Container configs, environment variables included: root only.
+        assert _mode(path) == 0o600, path
+    for path in [daemon.root, daemon.state, *daemon.root.rglob("*"), *daemon.state.rglob("*")]:
+        if not path.is_symlink():
+            assert _mode(path) & 0o002 == 0, f"{path} is world-writable"
+
+
+async def test_an_old_world_readable_database_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "criserver.db"
+    db = await Database.open(path)
+    await db.close()
+    path.chmod(0o644)  # as an older criserver left it, under umask 022
+    db = await Database.open(path)
+    try:
+        assert _mode(path) == 0o600
+    finally:
+        await db.close()

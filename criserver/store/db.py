@@ -8,7 +8,9 @@ records in memory and write through; the database is read in full only at start-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -77,8 +79,20 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection],
     return result
 
 
+# The records hold every container's config, environment variables (often secrets) included:
+# readable by root only, whatever the umask. sqlite gives the -wal and -shm files the mode of
+# the database file.
+FILE_MODE = 0o600
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     existed = path.exists() and path.stat().st_size > 0
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:  # made by an older criserver, or another umask
+                file.chmod(FILE_MODE)
     # isolation_level=None: transactions are explicit (see _in_transaction).
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
