@@ -5,19 +5,26 @@ the state, and registry credentials that never reach the log. Each against the r
 
 from __future__ import annotations
 
+import base64
 import stat
+import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.config import StreamingConfig
 from criserver.errors import InvalidArgument
 from criserver.runtime.container_create import _log_path
 from criserver.store.db import Database
 from criserver.store.records import PodRecord
 from tests.cri_client import CRIClient, msg
 from tests.daemon import Daemon
+from tests.image.oci import Pusher
+from tests.registry import PASSWORD, USER, Registry, small_image
 
 # Log paths and directories -----------------------------------------------------------------
 
@@ -136,3 +143,67 @@ async def test_an_old_world_readable_database_is_made_private(tmp_path: Path) ->
         assert _mode(path) == 0o600
     finally:
         await db.close()
+
+
+# Streaming ---------------------------------------------------------------------------------
+
+def test_the_streaming_server_listens_on_loopback_by_default() -> None:
+    assert StreamingConfig().address == "127.0.0.1"
+
+
+@pytest.fixture
+async def streamable(tmp_path: Path) -> AsyncIterator[CRIClient]:
+    """A daemon whose default handler hands out streaming URLs."""
+    daemon = Daemon(tmp_path, config='[runtime]\ndefault_handler = "s"\n[runtimes.s]\n'
+                    'backend = "tests.backends.featured:StreamableBackend"\n').start()
+    client = daemon.client()
+    try:
+        yield client
+    finally:
+        await client.close()
+        daemon.kill()
+
+
+async def test_streaming_urls_are_loopback_unguessable_and_single_use(
+        streamable: CRIClient) -> None:
+    pod = await streamable.run_pod("stream")
+    urls = [(await streamable.runtime.PortForward(msg("PortForwardRequest", pod_sandbox_id=pod,
+                                                      port=[80]))).url for _ in range(2)]
+    parsed = [urllib.parse.urlsplit(u) for u in urls]
+    assert {p.hostname for p in parsed} == {"127.0.0.1"}
+    tokens = [p.path.rsplit("/", 1)[1] for p in parsed]
+    assert tokens[0] != tokens[1]
+    for token in tokens:  # 24 random bytes, URL-safe base64: 192 bits
+        assert len(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))) >= 24
+    async with aiohttp.ClientSession() as session:
+        async with session.post(urls[0]) as first:
+            assert first.status != 404  # the token worked once (not a stream: refused later)
+        async with session.post(urls[0]) as second:
+            assert second.status == 404
+        async with session.post(urls[1].replace(tokens[1], tokens[1][:-1] + "A")) as guessed:
+            assert guessed.status == 404
+
+
+# Secrets -----------------------------------------------------------------------------------
+
+async def test_registry_credentials_never_reach_the_log(daemon: Daemon, cri: CRIClient,
+                                                        auth_registry: Registry) -> None:
+    async with aiohttp.ClientSession() as session:
+        await Pusher(session, auth_registry.base, auth_registry.authorization).image(
+            "private/sec", "1", small_image("secret image\n"))
+    ref = f"{auth_registry.host}/private/sec:1"
+    wrong, encoded = "not-the-pw-1", base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    for auth in (msg("AuthConfig", username=USER, password=wrong),
+                 msg("AuthConfig", auth=base64.b64encode(f"{USER}:{wrong}".encode()).decode()),
+                 msg("AuthConfig", username=USER, password=PASSWORD,
+                     identity_token="idtok-secret-2", registry_token="regtok-secret-3"),
+                 msg("AuthConfig", auth=encoded)):
+        await _code(cri.image.PullImage(msg("PullImageRequest", image=msg("ImageSpec", image=ref),
+                                            auth=auth)))
+    status = await cri.image.ImageStatus(msg("ImageStatusRequest",
+                                             image=msg("ImageSpec", image=ref)))
+    assert status.image.id  # the right password did pull it
+    text = daemon.log()  # at debug level: everything the daemon says
+    for secret in (PASSWORD, wrong, encoded, "idtok-secret-2", "regtok-secret-3",
+                   base64.b64encode(f"{USER}:{wrong}".encode()).decode()):
+        assert secret not in text, f"{secret!r} is in the daemon's log"

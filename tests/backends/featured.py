@@ -9,3 +9,11 @@ from tests.backends.inert import InertBackend
 class FeaturedBackend(InertBackend):
     name = "featured"
     features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=True)
+
+
+class StreamableBackend(InertBackend):
+    """Inert, but declaring streaming: Exec/Attach/PortForward hand out URLs (sessions on them
+    fail: nothing runs)."""
+
+    name = "streamable"
+    features = BackendFeatures(streaming=True)
