@@ -5,6 +5,7 @@ own. No VM is booted: these run beside the micro-VM tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -323,3 +324,57 @@ async def test_logs_and_exit_codes_across_a_daemon_sigkill(
     finally:
         await cri.close()
         tear_down(daemon, workdir)
+
+
+def _named_after(ids: set[str], top: Path, depth: int, skip: Path) -> list[Path]:
+    """Entries under `top` (down to `depth` levels, not into `skip`) named after an ID."""
+    found: list[Path] = []
+    try:
+        entries = list(top.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        if entry == skip:
+            continue
+        if any(i in entry.name for i in ids):
+            found.append(entry)
+        if depth > 1 and entry.is_dir() and not entry.is_symlink():
+            found += _named_after(ids, entry, depth - 1, skip)
+    return found
+
+
+async def test_a_pods_files_stay_under_root_and_state(runc_daemon: Daemon, busybox_ref: str,
+                                                      tmp_path: Path) -> None:
+    """Issue 18's security review: the daemon makes nothing for a pod outside its root and
+    state dirs (and the pod's log directory); the files that carry a container's environment
+    are readable by root only."""
+    async with running_pod(runc_daemon, busybox_ref, "files-pod", tmp_path / "logs",
+                           linux=pod_linux()) as p:
+        cid = await p.container("env", "sleep", "3600",
+                                envs=[msg("KeyValue", key="TOKEN", value=b"s3cr3t-env")])
+        ids = {p.id, cid, p.id[:12], cid[:12]}
+        outside = [path for top, depth in ((Path("/run"), 4), (Path("/tmp"), 2),
+                                           (Path("/var/lib"), 4), (Path("/dev/shm"), 2),
+                                           (Path("/etc"), 2), (Path("/var/run"), 1))
+                   for path in _named_after(ids, top, depth, runc_daemon.workdir)]
+        assert outside == []
+        holders = 0
+        for top in (runc_daemon.root, runc_daemon.state):
+            for path in top.rglob("*"):
+                if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
+                    with contextlib.suppress(OSError):
+                        if b"s3cr3t-env" in path.read_bytes():
+                            holders += 1
+                            assert not _others_read(path, top), \
+                                f"{path} holds the container's environment"
+        assert holders  # the check saw the files it is about (bundle, database)
+
+
+def _others_read(path: Path, top: Path) -> bool:
+    """Whether a user other than the owner reads `path`: the file readable by group or others
+    and every directory on the way from `top` (the daemon's root or state dir, wherever the
+    test put it) searchable by them."""
+    if not path.stat().st_mode & 0o044:
+        return False
+    return all(d.stat().st_mode & 0o011 for d in [path.parent, *path.parent.parents]
+               if d == top or top in d.parents)
