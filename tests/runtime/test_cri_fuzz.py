@@ -114,6 +114,8 @@ class World:
         self.image = image
         self.ids: list[str] = []  # every pod and container ID the daemon ever answered
         self.host_ids: set[str] = set()  # those on runc: never named in random configs
+        self.kept: set[str] = set()  # the mounts the daemon holds for good
+        self.daemon: Daemon | None = None
         self.image_ids: list[str] = []
 
 
@@ -335,6 +337,7 @@ def fuzz_daemon(registry: Registry, busybox_ref: str) -> Iterator[Daemon]:
         warm_up(client, busybox_ref)
     kept = {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
             if line.split()[1].startswith(f"{workdir}/")}
+    WORLD.kept, WORLD.daemon = kept, daemon
     try:
         yield daemon
         assert daemon.process is not None and daemon.process.poll() is None, daemon.log()[-5000:]
@@ -652,6 +655,9 @@ class Lifecycle(RuleBasedStateMachine):
         if hasattr(self, "client"):
             remove_everything(self.client)
             self.client.close()
+            world = _world()
+            assert world.daemon is not None
+            assert leftovers(world.daemon, self.pods + self.containers, world.kept) == []
 
 
 def test_calls_in_every_order(fuzz_daemon: Daemon) -> None:
