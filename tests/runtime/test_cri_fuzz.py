@@ -643,11 +643,28 @@ class Lifecycle(RuleBasedStateMachine):
         code, _, details = self._call("RemovePodSandbox", pod_sandbox_id=pod)
         assert code == grpc.StatusCode.OK, f"a second remove: {details}"
 
+    @rule(which=st.sampled_from(["PullImage", "RemoveImage", "ImageStatus"]),
+          form=st.sampled_from(["ref", "id", "prefix"]))
+    def image_call(self, which: str, form: str) -> None:
+        """The image the containers run, removed under them, pulled again, looked at."""
+        world = _world()
+        name = world.image
+        if form != "ref":
+            code, status, _ = self.client.call("ImageStatus", msg(
+                "ImageStatusRequest", image=msg("ImageSpec", image=world.image)))
+            image_id = status.image.id if code == grpc.StatusCode.OK and status.image.id else ""
+            name = image_id if form == "id" else image_id.removeprefix("sha256:")[:6]
+        code, _, details = self._call(f"{which}", image=msg("ImageSpec", image=name))
+        if which == "RemoveImage" and form == "ref":
+            assert code == grpc.StatusCode.OK, details
+        if which == "PullImage" and form == "ref":
+            assert code == grpc.StatusCode.OK, details
+
     @invariant()
     def lists_answer(self) -> None:
         if not hasattr(self, "client"):
             return
-        for method in ("ListPodSandbox", "ListContainers"):
+        for method in ("ListPodSandbox", "ListContainers", "ListImages"):
             code, _, details = self.client.call(method, msg(f"{method}Request"))
             assert code == grpc.StatusCode.OK, details
 
