@@ -417,8 +417,24 @@ def _remember(method: str, response: Any) -> None:
 METHOD_NAMES = [m.name for m in unary_methods()]
 # Bodies every method gets besides the random ones: bad wire types, truncated varints and
 # lengths, a field number 0, nesting deeper than any parser recursion limit.
+def _nested(depth: int) -> bytes:
+    body = b""
+    for _ in range(depth):
+        body = b"\x0a" + _varint(len(body)) + body
+    return body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
 FIXED_BODIES = [b"\xff", b"\x08", b"\x0a\x05ab", b"\x00\x00", b"\x0a" + b"\x80" * 10,
-                b"\x0a\x02\x0a\x00" * 50, b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x7e" * 200]
+                b"\x0a\x02\x0a\x00" * 50, b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x7e" * 200,
+                _nested(200)]
 
 
 @pytest.mark.parametrize("body", FIXED_BODIES, ids=range(len(FIXED_BODIES)))
