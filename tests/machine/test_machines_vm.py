@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -201,6 +202,17 @@ async def test_a_machine_from_create_to_delete(env: Env) -> None:
         ws = await open_console(env, m, http)
         assert await Console.websocket(ws).run("hostname") == "iri-e2e"
         await ws.close()
+
+    # QEMU dies under a machine that should run: noticed at once (its pidfd), started again.
+    starts = (await client.reasons(m)).count("MachineStarted")  # events do not outlive a daemon
+    os.kill(pid, signal.SIGKILL)
+    deadline = asyncio.get_running_loop().time() + 60
+    while (await client.reasons(m)).count("MachineStarted") == starts:
+        assert asyncio.get_running_loop().time() < deadline, "a dead QEMU was not restarted"
+        await asyncio.sleep(0.1)
+    await client.wait_settled(m, iri.MACHINE_RUNNING, timeout=180)
+    assert qemu_pid(env, m) != pid and running(qemu_pid(env, m))
+    pid = qemu_pid(env, m)
 
     # Power off (the guest obeys the button) and on again (a new boot of the same disk).
     await client.call("UpdateMachinePower", iri.UpdateMachinePowerRequest(
