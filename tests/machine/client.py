@@ -38,7 +38,8 @@ class MachineClient:
         return response.machines[0] if response.machines else None
 
     async def wait(self, machine_id: str, check: Callable[[iri.Machine | None], bool],
-                   what: str, timeout: float = 120) -> iri.Machine | None:
+                   what: str, timeout: float = 120, interval: float = 0.2
+                   ) -> iri.Machine | None:
         """The machine (None once gone) as soon as `check` holds for it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -48,15 +49,15 @@ class MachineClient:
             if time.monotonic() > deadline:
                 raise AssertionError(f"machine {machine_id}: not {what} after {timeout:.0f}s; "
                                      f"now {machine}")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(interval)
 
-    async def wait_settled(self, machine_id: str, state: int, timeout: float = 120
-                           ) -> iri.Machine:
+    async def wait_settled(self, machine_id: str, state: int, timeout: float = 120,
+                           interval: float = 0.2) -> iri.Machine:
         """Until the machine is in `state` with its current generation observed."""
         machine = await self.wait(
             machine_id, lambda m: m is not None and m.status.state == state
             and m.status.observed_generation == m.metadata.generation,
-            iri.MachineState.Name(state), timeout)
+            iri.MachineState.Name(state), timeout, interval)
         assert machine is not None
         return machine
 

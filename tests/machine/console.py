@@ -65,12 +65,13 @@ class Console:
                 if found:
                     return found.group(1).strip()
 
-    async def until(self, command: str, want: str, max_wait: float = 30.0) -> None:
+    async def until(self, command: str, want: str, max_wait: float = 30.0,
+                    interval: float = 0.5) -> None:
         deadline = asyncio.get_running_loop().time() + max_wait
         while (got := await self.run(command)) != want:
             assert asyncio.get_running_loop().time() < deadline, \
                 f"{command}: {got!r}, not {want!r}"
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(interval)
 
 
 async def wait_for_log(log: Path, text: str, max_wait: float = 90.0) -> str:

@@ -108,6 +108,10 @@ def volume_states(machine: iri.Machine) -> dict[str, tuple[str, int]]:
 @pytest.mark.vm
 async def test_a_machine_from_create_to_delete(env: Env) -> None:
     client = env.client
+    version = await client.call("Version", iri.VersionRequest(version="v1alpha1"))
+    assert version.runtime_name == "criserver" and version.runtime_version
+    (t1,) = (await client.call("Status", iri.StatusRequest())).machine_class_status
+    assert t1.machine_class.name == "t1" and t1.quantity >= 1
     created = await client.call("CreateMachine", iri.CreateMachineRequest(
         machine=new_machine(env.image)))
     m = created.machine.metadata.id
@@ -188,6 +192,13 @@ async def test_a_machine_from_create_to_delete(env: Env) -> None:
         await client.wait_settled(m, iri.MACHINE_RUNNING)
         assert link(network.tap_name(m, "eth1")) is None
         await ws.close()
+
+    # Annotations change nothing that runs (no generation, no restart).
+    await client.call("UpdateMachineAnnotations", iri.UpdateMachineAnnotationsRequest(
+        machine_id=m, annotations={"note": "kept"}))
+    annotated = await client.get(m)
+    assert annotated is not None and dict(annotated.metadata.annotations) == {"note": "kept"}
+    assert (await client.reasons(m)).count("MachineStarted") == 1
 
     # A daemon killed outright: the VM runs on and the next daemon adopts it.
     pid = qemu_pid(env, m)

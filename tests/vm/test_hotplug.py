@@ -5,6 +5,7 @@ its kernel sees each come and go."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from collections.abc import AsyncIterator
@@ -103,15 +104,7 @@ async def test_hot_add_and_remove_a_disk_and_a_nic(plain_vm: VM, vm_dir: Path) -
     assert await plain_vm.devices() == {"data": "hotplug0"}
     await count_becomes(log, booted + 1)
 
-    netns_path = vm_dir / "netns" / "nic1"
-    await netns.create(netns_path)
-    try:
-        await tap.create_tap(netns_path)
-        fd = await tap.open_tap_fd(netns_path)
-        try:
-            await plain_vm.add_nic(TapNic(fd, "02:00:00:00:00:42", id="nic1"))
-        finally:
-            os.close(fd)  # QEMU holds its own copy
+    async with hot_added_nic(plain_vm, vm_dir, "02:00:00:00:00:42"):
         assert await plain_vm.devices() == {"data": "hotplug0", "nic1": "hotplug1"}
         await count_becomes(log, booted + 2)
         # Two ports, both taken.
@@ -125,8 +118,23 @@ async def test_hot_add_and_remove_a_disk_and_a_nic(plain_vm: VM, vm_dir: Path) -
         # The freed port takes a new device, under a reused id.
         await plain_vm.add_disk(disk)
         assert await plain_vm.devices() == {"data": "hotplug0"}
+
+
+@contextlib.asynccontextmanager
+async def hot_added_nic(vm: VM, vm_dir: Path, mac: str) -> AsyncIterator[None]:
+    """NIC "nic1" on a tap in a scratch netns, hot-added to `vm`; the netns goes afterwards."""
+    netns_path = vm_dir / "netns" / "nic1"
+    await netns.create(netns_path)
+    try:
+        await tap.create_tap(netns_path)
+        fd = await tap.open_tap_fd(netns_path)
+        try:
+            await vm.add_nic(TapNic(fd, mac, id="nic1"))
+        finally:
+            os.close(fd)  # QEMU holds its own copy
+        yield
     finally:
-        await plain_vm.kill()
+        await vm.kill()
         await netns.remove(netns_path)
         await netns.release_dir(netns_path.parent)
 
@@ -139,19 +147,7 @@ def test_a_tap_fd_reaches_qemu_under_uvloop(guest_assets: assets_mod.GuestAssets
     async def run() -> None:
         vm = VM(plain_spec(guest_assets, vm_dir))
         await vm.start()
-        netns_path = vm_dir / "netns" / "nic1"
-        await netns.create(netns_path)
-        try:
-            await tap.create_tap(netns_path)
-            fd = await tap.open_tap_fd(netns_path)
-            try:
-                await vm.add_nic(TapNic(fd, "02:00:00:00:00:43", id="nic1"))
-            finally:
-                os.close(fd)
+        async with hot_added_nic(vm, vm_dir, "02:00:00:00:00:43"):
             assert await vm.devices() == {"nic1": "hotplug0"}
-        finally:
-            await vm.kill()
-            await netns.remove(netns_path)
-            await netns.release_dir(netns_path.parent)
 
     uvloop.run(run())
