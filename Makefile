@@ -22,7 +22,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-a
 	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat \
 	syslinux syslinux-common mtools dosfstools
 
-.PHONY: install install-service deps venv proto guest run test lint typecheck bench clean tools conformance-assets
+.PHONY: install install-service deps venv proto guest run test lint typecheck bench bench-machines clean tools conformance-assets
 
 # The real CRI clients, built from their Go modules through the Go module proxy into a
 # git-ignored directory named by version (a new version builds afresh; nothing is committed).
@@ -157,6 +157,10 @@ fuzz: venv
 bench: install
 	$(MAKE) deps APT_PACKAGES=containerd
 	$(PY) bench/cri_latency.py
+
+# IRI machines against the same VM started on the VM layer (docs/benchmarks.md, issue 17)
+bench-machines: install
+	$(PY) bench/machines.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
