@@ -122,6 +122,8 @@ class MachineService:
     async def update_machine_power(
         self, request: iri.UpdateMachinePowerRequest
     ) -> iri.UpdateMachinePowerResponse:
+        validation.check_power(request.power)
+
         def power(machine: iri.Machine) -> None:
             machine.spec.power = request.power
 

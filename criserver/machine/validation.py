@@ -134,8 +134,17 @@ def check_nic_fits(nic: iri.NetworkInterface, nics: list[iri.NetworkInterface]) 
         raise AlreadyExists(f"network interface {nic.name} is already attached")
 
 
+def check_power(power: int) -> None:
+    """:raises InvalidArgument: a power state the proto does not define (proto3 enums are open:
+    any number arrives, and the reconciler would read it as off)."""
+    if power not in iri.Power.values():
+        raise InvalidArgument(f"power {power} is not one of "
+                              f"{', '.join(f'{n} ({v})' for n, v in iri.Power.items())}")
+
+
 def check_spec(spec: iri.MachineSpec, settings: MachineConfig) -> None:
-    """A whole new machine's volumes and NICs, each alone and beside the others."""
+    """A whole new machine's power, volumes and NICs, each alone and beside the others."""
+    check_power(spec.power)
     volumes: list[iri.Volume] = []
     for volume in spec.volumes:
         check_volume(volume, settings)

@@ -299,6 +299,22 @@ async def test_power_is_stored_and_bumps_the_generation(env: Env) -> None:
         await env.service.update_machine_power(iri.UpdateMachinePowerRequest())
 
 
+async def test_an_undefined_power_is_invalid(env: Env) -> None:
+    """Proto3 enums are open: irictl-machine's `update power --power 7` arrived as 7, was
+    stored, and the reconciler read it as off."""
+    m = (await create(env)).metadata.id
+    with pytest.raises(InvalidArgument, match=r"power 7 is not one of POWER_ON \(0\), "
+                                              r"POWER_OFF \(1\)"):
+        await env.service.update_machine_power(iri.UpdateMachinePowerRequest(
+            machine_id=m, power=7))  # type: ignore[arg-type]
+    assert env.store.require(m).metadata.generation == 1
+    request = spec_request()
+    request.machine.spec.power = -1  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument, match="power -1 is not one of"):
+        await env.service.create_machine(request)
+    assert env.store.ids() == [m]
+
+
 # ---- Volumes ----------------------------------------------------------------------------------
 
 async def test_attach_detach_and_update_volumes(env: Env) -> None:
