@@ -665,7 +665,8 @@ class Lifecycle(RuleBasedStateMachine):
         """The image the containers run, removed under them, pulled again, looked at."""
         world = _world()
         name = world.image
-        if form != "ref":
+        # Pulled by an ID or a prefix, it is a Docker Hub reference: the network.
+        if form != "ref" and which != "PullImage":
             code, status, _ = self.client.call("ImageStatus", msg(
                 "ImageStatusRequest", image=msg("ImageSpec", image=world.image)))
             image_id = status.image.id if code == grpc.StatusCode.OK and status.image.id else ""
