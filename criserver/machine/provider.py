@@ -28,7 +28,7 @@ from criserver.runtime.backend import DaemonShared
 from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.store.db import Database
 from criserver.vm import assets
-from criserver.vm.host import VMHost
+from criserver.vm.host import shared_host
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,6 @@ def machine_dirs(config: Config) -> tuple[Path, Path]:
     return root, state
 
 
-def vm_host(config: Config, shared: DaemonShared) -> VMHost:
-    """The daemon's VM host for machines: the micro-VM backend's own when they agree (its key
-    is the same tuple with the pod handler's options)."""
-    machine = config.machine
-    assets_dir = str(assets.DEFAULT_ASSETS_DIR)
-    return shared.get(
-        (VMHost, machine.qemu_binary, machine.accelerator, assets_dir, False),
-        lambda: VMHost(Path(config.daemon.state), qemu_binary=machine.qemu_binary,
-                       accelerator=machine.accelerator, assets_dir=Path(assets_dir)))
-
-
 @asynccontextmanager
 async def machine_provider(config: Config, db: Database, images: ImageService,
                            shared: DaemonShared, streaming: LazyStreaming
@@ -74,7 +63,10 @@ async def machine_provider(config: Config, db: Database, images: ImageService,
     await store.load()
     events = EventStore()
     classes = MachineClasses(config.machine.classes)
-    host = vm_host(config, shared)
+    # The pods' VM host when the micro-VM handler is configured alike (no KSM switch here).
+    host = shared_host(shared, Path(config.daemon.state), qemu_binary=config.machine.qemu_binary,
+                       accelerator=config.machine.accelerator,
+                       assets_dir=assets.DEFAULT_ASSETS_DIR, enable_ksm=False)
     await host.start()
 
     def vm_exited(machine_id: str, guest_powered_off: bool) -> None:

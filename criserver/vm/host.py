@@ -14,12 +14,31 @@ import functools
 import logging
 import os
 import shutil
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from criserver.vm import accel, assets, ksm
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class SharedObjects(Protocol):
+    """What a daemon shares between the users of its VMs (runtime/backend.py's DaemonShared)."""
+
+    def get(self, key: Hashable, make: Callable[[], T]) -> T: ...
+
+
+def shared_host(shared: SharedObjects, state_dir: Path, *, qemu_binary: str, accelerator: str,
+                assets_dir: Path, enable_ksm: bool) -> VMHost:
+    """The daemon's one VMHost for this QEMU, accelerator, assets and KSM setting: pod handlers
+    and machines configured alike share its KVM probe and facts."""
+    return shared.get(
+        (VMHost, qemu_binary, accelerator, str(assets_dir), enable_ksm),
+        lambda: VMHost(state_dir, qemu_binary=qemu_binary, accelerator=accelerator,
+                       assets_dir=assets_dir, enable_ksm=enable_ksm))
 
 
 class VMHost:

@@ -62,7 +62,7 @@ from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSo
 from criserver.runtime.undo import UndoStack
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
 from criserver.vm import assets, tap
-from criserver.vm.host import VMHost
+from criserver.vm.host import shared_host
 from criserver.vm.qemu import (
     AgentTransport,
     Machine,
@@ -164,13 +164,9 @@ class MicroVMBackend(BaseBackend):
         self.network = context.shared.get(PodNetwork, lambda: daemon_network(context.config))
         settings = self.settings
         daemon_state = Path(context.config.daemon.state)
-        # One per daemon for the same QEMU and assets: two handlers share its probe and facts.
-        self.host = context.shared.get(
-            (VMHost, settings.qemu_binary, settings.accelerator, settings.assets_dir,
-             settings.ksm),
-            lambda: VMHost(daemon_state, qemu_binary=settings.qemu_binary,
-                           accelerator=settings.accelerator,
-                           assets_dir=Path(settings.assets_dir), enable_ksm=settings.ksm))
+        self.host = shared_host(context.shared, daemon_state, qemu_binary=settings.qemu_binary,
+                                accelerator=settings.accelerator,
+                                assets_dir=Path(settings.assets_dir), enable_ksm=settings.ksm)
         self._pods: dict[str, PodVM] = {}
         # Pods this daemon stopped completely (VM gone, network torn down), until removed.
         self._stopped: set[str] = set()
