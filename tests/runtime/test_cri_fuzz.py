@@ -169,9 +169,11 @@ def image_refs() -> st.SearchStrategy[str]:
             return text  # refused before any network
         return text if ref.domain == world.registry else f"{world.registry}/{ref.path}"
 
-    return st.one_of(texts().map(local), st.just(world.image), object_ids(),
-                     st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/:.-_@", max_size=40)
-                     .map(local))
+    # Every reference that parses is moved to the test registry, IDs and prefixes included
+    # (a bare "abc" is docker.io/library/abc).
+    return st.one_of(st.just(world.image), st.one_of(
+        texts(), object_ids(),
+        st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/:.-_@", max_size=40)).map(local))
 
 
 def host_paths() -> st.SearchStrategy[str]:
