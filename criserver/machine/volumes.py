@@ -27,7 +27,7 @@ from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
 from criserver.errors import InvalidArgument, NotFound
 from criserver.image.osboot import OsImage
 from criserver.image.service import ImageService
-from criserver.machine.driver import DiskBoot, KernelBoot, MachineDisk
+from criserver.machine.driver import Boot, DiskBoot, KernelBoot, MachineDisk
 from criserver.machine.reconciler import NORMAL, EventRecorder, PreparedVolume
 from criserver.machine.validation import check_connection
 from criserver.vm import disks
@@ -70,13 +70,18 @@ class MachineVolumes:
         machine_id = machine.metadata.id
         path = self.disk_path(machine_id, volume.name)
         if not volume.local_disk.image.image:
-            size = volume.local_disk.size_bytes
-            if size <= 0:
-                raise InvalidArgument(f"volume {volume.name}: a local_disk without an image "
-                                      f"needs size_bytes")
-            made = await disks.create(path, size)
+            # (validation.check_volume made sure such a disk has a size)
+            made = await disks.create(path, volume.local_disk.size_bytes)
             return PreparedVolume(MachineDisk(volume.device, path), size_bytes=made.virtual_size)
         image = await self._pull(machine, volume)
+        boot: Boot
+        if image.kernel is not None:
+            boot = KernelBoot(image.kernel, image.initramfs, image.command_line)
+        elif image.disk is not None:
+            boot = DiskBoot()
+        else:
+            raise InvalidArgument(f"volume {volume.name}: image {image.ref} has neither a "
+                                  f"kernel nor a disk.img to boot")
         base = None
         if image.disk is not None:
             base = await self._bases.ensure(image.id.partition(":")[2], image.disk)
@@ -85,11 +90,6 @@ class MachineVolumes:
             raise InvalidArgument(f"volume {volume.name}: image {image.ref} has no disk.img, "
                                   f"so the local_disk needs size_bytes")
         made = await disks.create(path, size, base)
-        boot = (KernelBoot(image.kernel, image.initramfs, image.command_line)
-                if image.kernel is not None else DiskBoot() if base is not None else None)
-        if boot is None:
-            raise InvalidArgument(f"volume {volume.name}: image {image.ref} has neither a "
-                                  f"kernel nor a disk.img to boot")
         return PreparedVolume(MachineDisk(volume.device, path), image.image_ref, boot,
                               size_bytes=made.virtual_size)
 
