@@ -24,6 +24,7 @@ from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri
 from criserver.api.iri.meta.v1alpha1 import api_pb2 as meta
 from criserver.errors import CriError, NotFound
 from criserver.machine import network
+from criserver.machine.conditions import FALSE, TRUE, set_condition
 from criserver.machine.driver import (
     Boot,
     DiskBoot,
@@ -37,6 +38,9 @@ from criserver.machine.driver import (
 log = logging.getLogger(__name__)
 
 NORMAL, WARNING = "Normal", "Warning"
+# The one condition a machine's status carries: True once it runs as its spec says, else
+# False with why (its state, or the last failure while retrying).
+READY = "Ready"
 
 
 class Driver(Protocol):
@@ -427,6 +431,13 @@ class Reconciler:
                     else iri.NETWORK_INTERFACE_PENDING)
             if settled and current.metadata.generation == machine.metadata.generation:
                 status.observed_generation = machine.metadata.generation
+            if failed:
+                set_condition(status, READY, FALSE, "ReconcileFailed", failed)
+            elif phase == iri.MACHINE_RUNNING and settled:
+                set_condition(status, READY, TRUE, "Running")
+            else:
+                reason = iri.MachineState.Name(phase).removeprefix("MACHINE_").capitalize()
+                set_condition(status, READY, FALSE, reason)
 
         await self._store.update_status(machine_id, update)
 

@@ -120,6 +120,7 @@ async def test_a_machine_from_create_to_delete(env: Env) -> None:
     # Pulled, made, booted: RUNNING with the current generation observed.
     booted = await client.wait_settled(m, iri.MACHINE_RUNNING, timeout=180)
     assert booted.status.image_ref == f"{env.registry.host}/iri/e2e-os@{env.digest}"
+    assert [(c.type, c.status) for c in booted.status.machine_conditions] == [("Ready", "True")]
     assert volume_states(booted) == {"root": ("oda", iri.VOLUME_ATTACHED)}
     tap0 = network.tap_name(m, "eth0")
     assert [(n.name, n.handle, n.state) for n in booted.status.network_interfaces] == [

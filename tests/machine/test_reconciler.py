@@ -246,6 +246,8 @@ async def test_a_new_machine_boots_its_image_with_every_device_and_reports_runni
     assert [(n.name, n.state) for n in status.network_interfaces] == [
         ("eth0", iri.NETWORK_INTERFACE_ATTACHED)]
     assert "MachineStarted" in world.events.reasons()
+    assert [(c.type, c.status, c.reason) for c in status.machine_conditions] == [
+        ("Ready", "True", "Running")]
 
 
 async def test_spec_changes_are_hot_plugged_into_the_running_vm(world: World) -> None:
@@ -283,6 +285,8 @@ async def test_power_off_presses_the_button_and_power_on_boots_again(world: Worl
     world.reconciler.changed("m1")
     await until(lambda: world.status("m1").state == iri.MACHINE_STOPPED)
     assert world.driver.buttons == 1 and world.driver.kills == 0
+    assert [(c.status, c.reason) for c in world.status("m1").machine_conditions] == [
+        ("False", "Stopped")]
     assert world.status("m1").observed_generation == 2
 
     # Grown while off: the file grows before the boot, QEMU is not asked.
@@ -338,3 +342,6 @@ async def test_failures_are_retried_and_reported(world: World) -> None:
     await until(lambda: "ReconcileFailed" in world.events.reasons()[2:])
     assert world.status("m2").state == iri.MACHINE_PENDING
     assert world.status("m2").observed_generation == 0
+    (ready,) = world.status("m2").machine_conditions
+    assert (ready.type, ready.status, ready.reason) == ("Ready", "False", "ReconcileFailed")
+    assert "machine class 'huge' is not offered" in ready.message
