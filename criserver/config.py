@@ -48,6 +48,8 @@ class DaemonConfig:
                             choices=("cgroupfs", "systemd"))
     socket_group: str = _f("", "Group owning the socket (mode 0660); empty: root")
     max_message_bytes: int = _f(16 * 1024 * 1024 + 4096, "Largest gRPC message", min=4096)
+    trace: bool = _f(False, "Log one `trace rpc=...` line per pod and container lifecycle call "
+                            "with the time of each step, the guest agent's included")
 
 
 @dataclass(frozen=True)

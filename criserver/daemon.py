@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from criserver import admin, instrument, sdnotify
+from criserver import admin, instrument, sdnotify, trace
 from criserver.api.admin.v1 import admin_pb2
 from criserver.api.iri.machine.v1alpha1 import api_pb2 as iri_machine
 from criserver.api.runtime.v1 import api_pb2 as cri
@@ -167,7 +167,8 @@ async def _start_server(config: Config, runtime: Runtime) -> grpc.aio.Server:
     return await _listen(config, socket_path(config.daemon.listen), [
         instrument.generic_handler(services["RuntimeService"],
                                    runtime_servicer.runtime_service(runtime),
-                                   runtime_servicer.MISSING),
+                                   runtime_servicer.MISSING,
+                                   trace.TRACED if config.daemon.trace else frozenset()),
         instrument.generic_handler(services["ImageService"],
                                    image_servicer.image_service(images, Path(config.daemon.root)),
                                    image_servicer.MISSING),

@@ -23,6 +23,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
+from criserver import trace
 from criserver.errors import CriError, DeadlineExceeded
 
 log = logging.getLogger("criserver.rpc")
@@ -95,7 +96,8 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, subject: str,
     await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc!r}")
 
 
-def _unary(method: str, fn: Unary) -> Callable[..., Awaitable[Message | bytes]]:
+def _unary(method: str, fn: Unary,
+           traced: bool = False) -> Callable[..., Awaitable[Message | bytes]]:
     level = logging.DEBUG if method.startswith(READ_ONLY_PREFIXES) else logging.INFO
 
     async def handle(
@@ -107,7 +109,10 @@ def _unary(method: str, fn: Unary) -> Callable[..., Awaitable[Message | bytes]]:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(context.time_remaining()):
-                response = await fn(request)
+                if traced:
+                    response = await trace.traced(method, _subject(request), fn(request))
+                else:
+                    response = await fn(request)
         except TimeoutError:
             await _fail(context, method, _subject(request), started, DeadlineExceeded(
                 f"{method} did not finish before the caller's deadline"))
@@ -165,14 +170,17 @@ def generic_handler(
     service: ServiceDescriptor,
     implemented: dict[str, Unary | Streaming],
     missing: dict[str, str],
+    traced: frozenset[str] = frozenset(),
 ) -> grpc.GenericRpcHandler:
-    """Register every method of `service`; `missing` says why the unimplemented ones are."""
+    """Register every method of `service`; `missing` says why the unimplemented ones are;
+    the methods named in `traced` log their step timings (criserver.trace)."""
     unknown = set(implemented) - set(service.methods_by_name)
     if unknown:
         raise ValueError(f"{service.full_name} has no methods {sorted(unknown)}")
     handlers = {}
     for method in service.methods:
-        handlers[method.name] = _method_handler(service, method, implemented, missing)
+        handlers[method.name] = _method_handler(service, method, implemented, missing,
+                                                method.name in traced)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -181,6 +189,7 @@ def _method_handler(
     method: MethodDescriptor,
     implemented: dict[str, Unary | Streaming],
     missing: dict[str, str],
+    traced: bool = False,
 ) -> grpc.RpcMethodHandler:
     request_type = message_factory.GetMessageClass(method.input_type)
     kwargs = {"request_deserializer": request_parser(request_type),
@@ -195,4 +204,4 @@ def _method_handler(
         return grpc.unary_unary_rpc_method_handler(handler, **kwargs)
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(_streaming(method.name, fn), **kwargs)  # type: ignore[arg-type]
-    return grpc.unary_unary_rpc_method_handler(_unary(method.name, fn), **kwargs)  # type: ignore[arg-type]
+    return grpc.unary_unary_rpc_method_handler(_unary(method.name, fn, traced), **kwargs)  # type: ignore[arg-type]

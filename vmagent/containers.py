@@ -34,6 +34,7 @@ from vmagent.podns import PodNamespaces
 from vmagent.rootfs import Mounts, Rootfs, dir_bytes, remove_tree
 from vmagent.runc import Runc, RuncError
 from vmagent.stdio import DEFAULT_LIMIT, STDERR, STDOUT, OutputLog, PipeReader
+from vmagent.steps import span
 from vmagent.users import resolve_in_rootfs
 
 if TYPE_CHECKING:
@@ -210,42 +211,49 @@ class Containers:
 
     async def _create(self, c: Container, req: pb.CreateContainerRequest,
                       spec: dict[str, Any]) -> None:
-        await asyncio.to_thread(os.makedirs, c.bundle, exist_ok=True)
-        shared_prefix = self.mounts.shared_dir + "/"
-        if any(str(m.get("source", "")).startswith(shared_prefix)
-               for m in spec.get("mounts") or []):
-            await self.mounts.ensure_share(SHARED_TAG, self.mounts.shared_dir, read_only=False)
-        for m in req.mounts:
-            if m.source.startswith("tag:") and m.target:
-                await self.mounts.ensure_share(m.source[4:], m.target,
-                                               read_only="ro" in m.options)
-            elif m.source.startswith("image:") and m.target:
-                c.image_volumes.append(await mount_volume(self.mounts, m, c.id))
+        with span("shares"):
+            await asyncio.to_thread(os.makedirs, c.bundle, exist_ok=True)
+            shared_prefix = self.mounts.shared_dir + "/"
+            if any(str(m.get("source", "")).startswith(shared_prefix)
+                   for m in spec.get("mounts") or []):
+                await self.mounts.ensure_share(SHARED_TAG, self.mounts.shared_dir,
+                                               read_only=False)
+            for m in req.mounts:
+                if m.source.startswith("tag:") and m.target:
+                    await self.mounts.ensure_share(m.source[4:], m.target,
+                                                   read_only="ro" in m.options)
+                elif m.source.startswith("image:") and m.target:
+                    c.image_volumes.append(await mount_volume(self.mounts, m, c.id))
         id_maps = spec_id_maps(spec)
         # The pod's namespaces first: an idmapped rootfs takes the pod's user namespace.
-        pod = await self._pod_context(req.pid_namespace, id_maps)
-        c.rootfs = await self.mounts.make_rootfs(
-            c.id, c.bundle, req.rootfs,
-            idmap=(id_maps, f"/proc/{pod.userns_pid}/ns/user") if id_maps else None)
-        user = None
-        if req.user:
-            extra = [int(g) for g in (spec["process"].get("user") or {}).get("additionalGids")
-                     or []]
-            user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path, extra,
-                                           not req.strict_supplemental_groups)
-        devices = await asyncio.to_thread(guest_devices) if wants_guest_devices(spec) else None
-        c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
-                               pid_mode=req.pid_namespace, user=user, terminal=c.tty,
-                               devices=devices, hugepage_sizes=guest_hugepage_sizes())
-        c.cgroup_dir = cgroups.cgroup_dir(c.spec["linux"]["cgroupsPath"])
-        config = json.dumps(c.spec).encode()
-        await asyncio.to_thread(_write, os.path.join(c.bundle, "config.json"), config)
+        with span("pod_ns"):
+            pod = await self._pod_context(req.pid_namespace, id_maps)
+        with span("rootfs"):
+            c.rootfs = await self.mounts.make_rootfs(
+                c.id, c.bundle, req.rootfs,
+                idmap=(id_maps, f"/proc/{pod.userns_pid}/ns/user") if id_maps else None)
+        with span("spec"):
+            user = None
+            if req.user:
+                extra = [int(g) for g in
+                         (spec["process"].get("user") or {}).get("additionalGids") or []]
+                user = await asyncio.to_thread(resolve_in_rootfs, req.user, c.rootfs.path,
+                                               extra, not req.strict_supplemental_groups)
+            devices = await asyncio.to_thread(guest_devices) if wants_guest_devices(spec) \
+                else None
+            c.spec = complete_spec(spec, container_id=c.id, rootfs=c.rootfs.path, pod=pod,
+                                   pid_mode=req.pid_namespace, user=user, terminal=c.tty,
+                                   devices=devices, hugepage_sizes=guest_hugepage_sizes())
+            c.cgroup_dir = cgroups.cgroup_dir(c.spec["linux"]["cgroupsPath"])
+            config = json.dumps(c.spec).encode()
+            await asyncio.to_thread(_write, os.path.join(c.bundle, "config.json"), config)
 
         pid_file = os.path.join(c.bundle, "init.pid")
-        if c.tty:
-            await self._runc_create_tty(c, pid_file, req.stdio.stdin)
-        else:
-            await self._runc_create_pipes(c, pid_file, req.stdio.stdin)
+        with span("runc_create"):
+            if c.tty:
+                await self._runc_create_tty(c, pid_file, req.stdio.stdin)
+            else:
+                await self._runc_create_pipes(c, pid_file, req.stdio.stdin)
         c.pid = _read_int(pid_file)
         c.created_ns = time.time_ns()
         c.exited = self.reaper.watch(c.pid)
@@ -309,14 +317,16 @@ class Containers:
         """Undo whatever create got to; safe to call on a half-created container."""
         if c.pid or _exists(os.path.join(c.bundle, "config.json")):
             try:
-                await self.runc.run(["delete", "--force", c.id],
-                                    what=f"container {c.id}: runc delete")
+                with span("runc_delete"):
+                    await self.runc.run(["delete", "--force", c.id],
+                                        what=f"container {c.id}: runc delete")
             except RuncError as exc:
                 if exc.status != Status.NOT_FOUND:
                     log.warning("runc delete failed id=%s error=%s", c.id, exc.message)
         if c.exited is not None and not c.exited.done():
             try:
-                await asyncio.wait_for(asyncio.shield(c.exited), 10)
+                with span("wait_exit"):
+                    await asyncio.wait_for(asyncio.shield(c.exited), 10)
             except TimeoutError:
                 log.warning("container init did not exit id=%s pid=%d", c.id, c.pid)
         for r in c.readers:
@@ -326,12 +336,13 @@ class Containers:
         _close(c.stdin_fd)
         _close(c.console_fd)
         c.stdin_fd = c.console_fd = -1
-        if c.rootfs is not None:
-            await self.mounts.remove_rootfs(c.rootfs)
-            c.rootfs = None
-        while c.image_volumes:
-            await unmount_volume(self.mounts, c.image_volumes.pop())
-        await remove_tree(c.bundle)
+        with span("unmount"):
+            if c.rootfs is not None:
+                await self.mounts.remove_rootfs(c.rootfs)
+                c.rootfs = None
+            while c.image_volumes:
+                await unmount_volume(self.mounts, c.image_volumes.pop())
+            await remove_tree(c.bundle)
 
     def _on_exit(self, c: Container, fut: asyncio.Future[ChildExit]) -> None:
         if fut.cancelled():
@@ -366,8 +377,9 @@ class Containers:
             if c.status != S.CREATED:
                 raise GRPCError(Status.FAILED_PRECONDITION,
                                 f"container {c.id} is {S.Status.Name(c.status)}, not CREATED")
-            await self.runc.run(["start", c.id], what=f"container {c.id}: runc start",
-                                log_path=os.path.join(c.bundle, "runc.log"))
+            with span("runc_start"):
+                await self.runc.run(["start", c.id], what=f"container {c.id}: runc start",
+                                    log_path=os.path.join(c.bundle, "runc.log"))
             c.started_ns = time.time_ns()
             if c.status == S.CREATED:  # it may have exited already
                 _set_status(c, S.RUNNING)
@@ -380,8 +392,9 @@ class Containers:
             raise GRPCError(Status.NOT_FOUND, f"container {c.id}: no exec {req.exec_id}")
         signum = req.signal or signal.SIGTERM
         if req.all:
-            await self.runc.run(["kill", "--all", c.id, str(signum)],
-                                what=f"container {c.id}: runc kill")
+            with span("runc_kill"):
+                await self.runc.run(["kill", "--all", c.id, str(signum)],
+                                    what=f"container {c.id}: runc kill")
         elif c.running_init():
             # What `runc kill` does, without a 0.1 s runc process: init is our child and not
             # yet reaped, so the pid is still its own.

@@ -20,6 +20,7 @@ from vmagent.api import agent_pb2 as pb
 from vmagent.idempotency import RecentRequests
 from vmagent.mapping import mapping_for
 from vmagent.pid1 import Reaper
+from vmagent.steps import span
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -98,11 +99,13 @@ class AgentService:
         assert req is not None
 
         async def work() -> pb.SetupSandboxResponse:
-            resp = setup_sandbox(req, self._s.run_dir)
+            with span("files"):
+                resp = setup_sandbox(req, self._s.run_dir)
             if req.interfaces:
                 from vmagent.network import configure
 
-                await asyncio.to_thread(configure, list(req.interfaces))
+                with span("network"):
+                    await asyncio.to_thread(configure, list(req.interfaces))
             self._s.sandbox_ready = True
             return resp
 

@@ -32,6 +32,7 @@ from criserver.store.records import (
     PodRecord,
     PodState,
 )
+from criserver.trace import timed_entry
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class Runtime:
         """Held by a container lifecycle call: the pod cannot stop or go meanwhile, and no
         other lifecycle call on this container runs; other containers' calls do. Pod first,
         container second, always."""
-        async with self.pod_locks.shared(pod_id), self.container_locks.hold(container_id):
+        async with timed_entry("lock", self.pod_locks.shared(pod_id)), \
+                timed_entry("lock", self.container_locks.hold(container_id)):
             yield
 
 

@@ -9,6 +9,7 @@ from criserver.errors import NotFound
 from criserver.runtime.container_remove import remove_container_record
 from criserver.runtime.runtime import Runtime
 from criserver.runtime.sandbox_stop import stop_pod
+from criserver.trace import timed_entry
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ async def remove_pod_sandbox(
     except NotFound:
         log.info("remove of unknown pod pod=%s: already gone", request.pod_sandbox_id)
         return cri.RemovePodSandboxResponse()
-    async with rt.pod_locks.exclusive(pod.id):
+    async with timed_entry("lock", rt.pod_locks.exclusive(pod.id)):
         if rt.pods.find(pod.id) is None:  # removed while we waited for the lock
             return cri.RemovePodSandboxResponse()
         pod = await stop_pod(rt, pod)

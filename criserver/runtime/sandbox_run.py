@@ -11,6 +11,7 @@ from criserver.runtime import validate
 from criserver.runtime.runtime import Runtime
 from criserver.runtime.undo import UndoStack
 from criserver.store.records import PodRecord
+from criserver.trace import timed_entry
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ async def run_pod_sandbox(
                     routed_by=chosen.reason, created_at=time.time_ns())
     rt.pods.names.reserve(pod.name_key, pod.id)
     try:
-        async with rt.pod_locks.exclusive(pod.id):
+        async with timed_entry("lock", rt.pod_locks.exclusive(pod.id)):
             # Persisted before anything starts, so a daemon that dies half-way finds the INIT
             # record at start-up and cleans up after it.
             await rt.transitions.add_pod(pod)

@@ -9,6 +9,7 @@ from criserver.errors import NotFound
 from criserver.runtime import exit_codes
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerState, PodRecord, PodState
+from criserver.trace import timed_entry
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ async def stop_pod_sandbox(
         # The CRI asks for no error once everything is reclaimed: an unknown pod has nothing.
         log.info("stop of unknown pod pod=%s: nothing to do", request.pod_sandbox_id)
         return cri.StopPodSandboxResponse()
-    async with rt.pod_locks.exclusive(pod.id):
+    async with timed_entry("lock", rt.pod_locks.exclusive(pod.id)):
         await stop_pod(rt, pod)
     return cri.StopPodSandboxResponse()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from criserver.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from criserver.trace import span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,7 +61,8 @@ class Database:
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in one transaction on the database thread: all of it lands or none."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _in_transaction, self._conn, fn)
+        with span("db_write"):
+            return await loop.run_in_executor(self._executor, _in_transaction, self._conn, fn)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

@@ -193,3 +193,24 @@ async def test_stats_has_the_interfaces_without_details(agent: RunningAgent,
     nsenter(agent.pid, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
     reply = await stub.Stats(pb.StatsRequest(), timeout=10)
     assert sorted(i.name for i in reply.interfaces) == ["eth0", "peer0"]  # loopback aside
+
+
+async def test_traced_calls_return_the_agents_step_timings(agent: RunningAgent) -> None:
+    from criserver.backends.microvm.channel import AgentAddress, AgentClient
+    from vmagent.steps import Steps, recording
+
+    client = AgentClient("test-pod", AgentAddress(unix_path=agent.sock_path))
+    try:
+        untraced = await client.call("SetupSandbox", pb.SetupSandboxRequest(
+            request_id="r0", sandbox_id="pod1", hostname="pod-zero"))
+        with recording(Steps()) as steps:
+            await client.check()  # a call without steps of its own
+            traced = await client.call("SetupSandbox", pb.SetupSandboxRequest(
+                request_id="r1", sandbox_id="pod1", hostname="pod-one"))
+            await client.call("Shutdown", pb.ShutdownRequest(action=pb.ShutdownRequest.REBOOT))
+    finally:
+        client.close()
+    assert untraced.hostname == "pod-zero" and traced.hostname == "pod-one"
+    assert list(steps.ms) == ["agent.Check", "agent.SetupSandbox", "guest.SetupSandbox.files",
+                              "agent.Shutdown"]  # Shutdown sends its own trailers: no steps
+    assert steps.ms["guest.SetupSandbox.files"] <= steps.ms["agent.SetupSandbox"]

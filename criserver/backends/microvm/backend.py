@@ -61,6 +61,7 @@ from criserver.runtime.metric_sample import PodSample
 from criserver.runtime.streaming.interface import ByteSink, ByteSource, ResizeSource
 from criserver.runtime.undo import UndoStack
 from criserver.store.records import ContainerRecord, ContainerState, PodRecord, PodState
+from criserver.trace import span
 from criserver.vm import assets, tap
 from criserver.vm.host import shared_host
 from criserver.vm.qemu import (
@@ -362,17 +363,19 @@ class MicroVMBackend(BaseBackend):
         started = time.monotonic()
         self._spec(pod)  # fails early without assets
         volumes = self._volumes(pod.id)
-        await asyncio.to_thread(volumes.create)
+        with span("volumes"):
+            await asyncio.to_thread(volumes.create)
         undo.push("remove volumes dir", volumes.remove_all)
         # The VM starts on an unconnected tap; CNI runs while the guest boots (it takes ~0.4 s
         # of the ~5 s). The guest device gets a MAC of ours now and the CNI one from the agent.
         nics: tuple[TapNic, ...] = ()
         if self.settings.network:
-            netns_path = await self.network.prepare(pod.id)
-            undo.push("tear down network", lambda: self.network.teardown(pod.id))
-            await tap.create_tap(netns_path)
-            crash_point("run_sandbox.netns")
-            tap_fd = await tap.open_tap_fd(netns_path)
+            with span("netns_tap"):
+                netns_path = await self.network.prepare(pod.id)
+                undo.push("tear down network", lambda: self.network.teardown(pod.id))
+                await tap.create_tap(netns_path)
+                crash_point("run_sandbox.netns")
+                tap_fd = await tap.open_tap_fd(netns_path)
             nics = (TapNic(tap_fd, _device_mac(pod.id)),)
         spec = self._spec(pod, nics)
         template = (await asyncio.to_thread(self.templates.ready, spec)
@@ -382,7 +385,8 @@ class MicroVMBackend(BaseBackend):
         undo.push("remove pod state dir", _sync(lambda: shutil.rmtree(spec.state_dir, True)))
         vm = VM(spec)
         try:
-            await vm.start()
+            with span("vm_start"):
+                await vm.start()
         finally:
             for nic in nics:
                 os.close(nic.fd)  # QEMU holds its own copy
@@ -390,7 +394,8 @@ class MicroVMBackend(BaseBackend):
         crash_point("run_sandbox.vm_started")
         if template is not None:
             try:
-                await vm.restore_state(template.state)
+                with span("vm_restore"):
+                    await vm.restore_state(template.state)
             except CriError as exc:
                 # Whatever broke the template, the pod's retry boots instead.
                 assert self.templates is not None
@@ -401,7 +406,9 @@ class MicroVMBackend(BaseBackend):
         undo.push("close agent", _sync(handle.agent.close))
         connecting = asyncio.create_task(self._connect_network(pod))
         try:
-            check = await handle.agent.wait_ready(time.monotonic() + self.settings.boot_timeout)
+            with span("wait_ready"):
+                check = await handle.agent.wait_ready(
+                    time.monotonic() + self.settings.boot_timeout)
         except BaseException as exc:
             # Stop CNI midway: the network undo above removes whatever it made.
             connecting.cancel()
@@ -411,11 +418,12 @@ class MicroVMBackend(BaseBackend):
                 raise type(exc)(f"pod {pod.id}: guest agent not ready: {exc.message}; "
                                 f"console log: {spec.log_file}") from exc
             raise
-        network = await connecting
+        with span("cni_rest"):  # CNI ran during wait_ready: what it took beyond it
+            network = await connecting
         crash_point("run_sandbox.network")
         # The host's resolv.conf may be read for it: off the event loop.
         setup = await asyncio.to_thread(_setup_request, pod, network, spec.nics)
-        await handle.agent.setup_sandbox(setup)
+        await handle.agent.setup_sandbox(setup)  # step agent.SetupSandbox
         crash_point("run_sandbox.guest_set_up")
         boot_ms = (time.monotonic() - started) * 1000
         self._pods[pod.id] = handle
@@ -500,15 +508,19 @@ class MicroVMBackend(BaseBackend):
         if pod.id in self._stopped:
             return  # RemovePodSandbox stops again what StopPodSandbox stopped: nothing is left
         handle = self._pods.pop(pod.id, None)
-        for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod.id]:
-            await self._io.pop(cid).close()
+        with span("io_close"):
+            for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod.id]:
+                await self._io.pop(cid).close()
         if handle is None:
-            await self._kill_leftover(pod)
+            with span("kill_leftover"):
+                await self._kill_leftover(pod)
         else:
             await self._power_off(handle)
+        crash_point("stop_sandbox.vm_stopped")  # QEMU gone, the pod's network not torn down
         if self.settings.network:
             # After QEMU is gone: its tap fd pins the netns.
-            await self.network.teardown(pod.id)
+            with span("cni_teardown"):
+                await self.network.teardown(pod.id)
         self._stopped.add(pod.id)
         log.info("pod vm stopped pod=%s", pod.id)
 
@@ -519,9 +531,10 @@ class MicroVMBackend(BaseBackend):
             # What still runs ends now, as the CRI asks of StopPodSandbox (kubelet stops the
             # containers with their grace periods first): the agent syncs and powers off.
             await handle.agent.shutdown()
-        if not await handle.vm.wait_exited(grace):
-            await handle.vm.shutdown(grace)
-        await handle.close()
+        with span("vm_exit"):
+            if not await handle.vm.wait_exited(grace):
+                await handle.vm.shutdown(grace)
+            await handle.close()
 
     async def _kill_leftover(self, pod: PodRecord) -> None:
         """A VM this daemon does not hold (adoption failed, a crash mid-start): make sure it is
@@ -530,9 +543,12 @@ class MicroVMBackend(BaseBackend):
 
     async def remove_sandbox(self, pod: PodRecord) -> None:
         await self.stop_sandbox(pod)  # returns at once when it ran already
-        await self._volumes(pod.id).remove_all()
-        await asyncio.to_thread(shutil.rmtree, self._pod_state_dir(pod.id), True)
-        await asyncio.to_thread(shutil.rmtree, self._pod_root_dir(pod.id), True)
+        crash_point("remove_sandbox.stopped")  # stopped, its containers' records removed
+        with span("remove_files"):
+            await self._volumes(pod.id).remove_all()
+            crash_point("remove_sandbox.volumes")  # volumes gone, state and root dirs left
+            await asyncio.to_thread(shutil.rmtree, self._pod_state_dir(pod.id), True)
+            await asyncio.to_thread(shutil.rmtree, self._pod_root_dir(pod.id), True)
         self._stopped.discard(pod.id)
 
     async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]:
@@ -561,7 +577,8 @@ class MicroVMBackend(BaseBackend):
         handle = self._live(pod)
         config = container.config
         images = self.context.images
-        image = images.get(config.image.image) if images is not None else None
+        with span("image_lookup"):
+            image = images.get(config.image.image) if images is not None else None
         if images is None or image is None:
             raise NotFound(f"image {config.image.image!r} is not present: pull it first")
         snapshot = images.snapshot_path(image.id)
@@ -582,29 +599,34 @@ class MicroVMBackend(BaseBackend):
                 target=guest_images[m.container_path], sub_path=m.image_sub_path))
         volumes = self._volumes(pod.id)
         undo.push("release volumes", lambda: volumes.release(container.id))
-        guest_volumes = {(m.host_path, _volume_mode(m)): await volumes.bind(
-            container.id, m.host_path, _volume_mode(m)) for m in config.mounts
-            if not m.image.image}
+        with span("volumes"):
+            guest_volumes = {(m.host_path, _volume_mode(m)): await volumes.bind(
+                container.id, m.host_path, _volume_mode(m)) for m in config.mounts
+                if not m.image.image}
+        crash_point("create_container.volumes")  # bind mounts in the pod's share, no guest call
         pid_mode = config.linux.security_context.namespace_options.pid
-        generated = await oci_spec.generate_async(
-            config, pod.config, oci_spec.ImageConfigView.from_dict(image.config),
-            # The agent replaces these with the guest's own namespace paths.
-            oci_spec.PodNamespaces(ipc="/proc/1/ns/ipc", uts="/proc/1/ns/uts",
-                                   pid="/proc/1/ns/pid" if pid_mode == cri.POD else None),
-            lambda m: guest_volumes[(m.host_path, _volume_mode(m))].guest_path,
-            policy=spec_policy.POLICY, container_id=container.id, sandbox_id=pod.id,
-            image_name=config.image.image, sandbox_dir=RUN_DIR, image_volumes=guest_images,
-        )
-        if pid_mode not in PID_MODES:  # NODE is the policy's to refuse, above; TARGET is not built
-            raise Unimplemented(f"container pid namespace mode {cri.NamespaceMode.Name(pid_mode)}"
-                                " is not supported in a micro-VM")
-        generated.spec["mounts"] = with_submounts(
-            generated.spec["mounts"], {v.guest_path: v for v in guest_volumes.values()})
-        annotations = generated.spec.setdefault("annotations", {})
-        annotations.pop(GUEST_DEVICES_ANNOTATION, None)  # never the user's to set
-        if generated.guest_devices:
-            annotations[GUEST_DEVICES_ANNOTATION] = "true"
-        spec_json = generated.to_json()
+        with span("spec"):
+            generated = await oci_spec.generate_async(
+                config, pod.config, oci_spec.ImageConfigView.from_dict(image.config),
+                # The agent replaces these with the guest's own namespace paths.
+                oci_spec.PodNamespaces(ipc="/proc/1/ns/ipc", uts="/proc/1/ns/uts",
+                                       pid="/proc/1/ns/pid" if pid_mode == cri.POD else None),
+                lambda m: guest_volumes[(m.host_path, _volume_mode(m))].guest_path,
+                policy=spec_policy.POLICY, container_id=container.id, sandbox_id=pod.id,
+                image_name=config.image.image, sandbox_dir=RUN_DIR, image_volumes=guest_images,
+            )
+            # NODE is the policy's to refuse, above; TARGET is not built
+            if pid_mode not in PID_MODES:
+                raise Unimplemented(f"container pid namespace mode "
+                                    f"{cri.NamespaceMode.Name(pid_mode)}"
+                                    " is not supported in a micro-VM")
+            generated.spec["mounts"] = with_submounts(
+                generated.spec["mounts"], {v.guest_path: v for v in guest_volumes.values()})
+            annotations = generated.spec.setdefault("annotations", {})
+            annotations.pop(GUEST_DEVICES_ANNOTATION, None)  # never the user's to set
+            if generated.guest_devices:
+                annotations[GUEST_DEVICES_ANNOTATION] = "true"
+            spec_json = generated.to_json()
         request = pb.CreateContainerRequest(
             request_id=f"create-{container.id}",
             container_id=container.id,
@@ -621,8 +643,11 @@ class MicroVMBackend(BaseBackend):
         state = await handle.agent.call("CreateContainer", request, timeout=CREATE_TIMEOUT)
         undo.push("delete container in guest", lambda: handle.agent.call(
             "DeleteContainer", pb.DeleteContainerRequest(container_id=container.id, force=True)))
+        crash_point("create_container.guest_created")  # made in the guest, the record INIT
         spec_file = self._pod_root_dir(pod.id) / f"{container.id}.json"
-        await asyncio.to_thread(_write_file, spec_file, spec_json)
+        with span("spec_file"):
+            await asyncio.to_thread(_write_file, spec_file, spec_json)
+        crash_point("create_container.spec_written")  # all made, the record not yet CREATED
         digests = [d for d in image.repo_digests if d]
         return ContainerCreated(
             image_id=image.id,
@@ -637,7 +662,9 @@ class MicroVMBackend(BaseBackend):
         handle = self._live(pod)
         state = await handle.agent.call("StartContainer", pb.StartContainerRequest(
             request_id=f"start-{container.id}", container_id=container.id))
-        self._follow(pod, container)
+        crash_point("start_container.guest_started")  # runs in the guest, the record CREATED
+        with span("follow"):
+            self._follow(pod, container)
         return int(state.started_at_unix_nanos) or time.time_ns()
 
     def _follow(self, pod: PodRecord, container: ContainerRecord) -> None:
@@ -658,13 +685,13 @@ class MicroVMBackend(BaseBackend):
         first = signal.SIGKILL if timeout <= 0 else self.stop_signal(container)
         await self._signal(handle, container.id, first)
         if first != signal.SIGKILL:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(TimeoutError), span("wait_exit"):
                 await asyncio.wait_for(io.exited.wait(), timeout)
             if io.exited.is_set():
                 return
             log.info("container ignored its stop signal, killing container=%s", container.id)
             await self._signal(handle, container.id, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError), span("wait_exit"):
             await asyncio.wait_for(io.exited.wait(), self.settings.stop_grace)
 
     async def _signal(self, handle: PodVM, container_id: str, signum: int) -> None:
@@ -675,16 +702,18 @@ class MicroVMBackend(BaseBackend):
     async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
         io = self._io.pop(container.id, None)
         if io is not None:
-            await io.close()
+            with span("io_close"):
+                await io.close()
         handle = self._pods.get(pod.id)
         if handle is not None:
             with contextlib.suppress(NotFound):
                 await handle.agent.call("DeleteContainer", pb.DeleteContainerRequest(
                     container_id=container.id, force=True))
-        await self._volumes(pod.id).release(container.id)
-        for leftover in (self._pod_root_dir(pod.id) / f"{container.id}.json",
-                         self._pod_state_dir(pod.id) / f"{container.id[:16]}.offset"):
-            await asyncio.to_thread(leftover.unlink, True)
+        with span("remove_files"):
+            await self._volumes(pod.id).release(container.id)
+            for leftover in (self._pod_root_dir(pod.id) / f"{container.id}.json",
+                             self._pod_state_dir(pod.id) / f"{container.id[:16]}.offset"):
+                await asyncio.to_thread(leftover.unlink, True)
 
     async def container_info(self, pod: PodRecord, container: ContainerRecord) -> dict[str, Any]:
         info: dict[str, Any] = dict(container.backend)

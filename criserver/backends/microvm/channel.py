@@ -33,6 +33,7 @@ from criserver.vm.qemu import AgentTransport, VsockTransport
 from vmagent.api import agent_pb2 as pb
 from vmagent.api.agent_grpc import AgentStub, HealthStub
 from vmagent.contract import AGENT_VSOCK_PORT
+from vmagent.steps import STEPS_HEADER, TRACE_HEADER, Steps, current, span
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +332,13 @@ class AgentClient:
         if channel is None:
             raise self._err(errors.Unavailable, name, "connection lost")
         stub: Any = HealthStub(channel) if name == "Check" else AgentStub(channel)
+        steps = current()
         try:
-            reply = await getattr(stub, name)(request, timeout=timeout)
+            if steps is None:
+                reply = await getattr(stub, name)(request, timeout=timeout)
+            else:
+                reply = await self._traced_call(getattr(stub, name), name, request, timeout,
+                                                steps)
         except _MALFORMED as exc:
             raise self._malformed(name, exc) from exc
         except GRPCError as exc:
@@ -355,6 +361,21 @@ class AgentClient:
                 self._drop()
             raise self._err(errors.Unavailable, name, f"connection lost: {exc}") from exc
         self._timeouts = 0
+        return reply
+
+    @staticmethod
+    async def _traced_call(method: Any, name: str, request: Any, timeout: float,
+                           steps: Steps) -> Any:
+        """What grpclib's unary call does, asking the agent for its step timings and adding
+        them to `steps` as guest.<name>.<step>, beside the round trip agent.<name>."""
+        with span(f"agent.{name}"):
+            async with method.open(timeout=timeout, metadata={TRACE_HEADER: "1"}) as s:
+                await s.send_message(request, end=True)
+                reply = await s.recv_message()
+                await s.recv_trailing_metadata()
+        trailers = s.trailing_metadata or {}
+        for step, ms in Steps.decode(str(trailers.get(STEPS_HEADER, ""))).items():
+            steps.add(f"guest.{name}.{step}", ms)
         return reply
 
     async def stream(self, name: str, request: Any) -> AsyncIterator[Any]:
