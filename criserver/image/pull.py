@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from criserver.errors import CriError, FailedPrecondition
+from criserver.failpoints import crash_point
 from criserver.image import manifest as mf
 from criserver.image import osboot
 from criserver.image.auth import Credentials
@@ -118,6 +119,7 @@ class Puller:
         await self.content.put(manifest.config.digest, config_bytes)
         for doc_digest, doc_body in reversed(docs):
             await self.content.put(doc_digest, doc_body)
+        crash_point("pull.content_stored")  # every blob in the store, no snapshot or record
         size = sum(len(b) for _, b in docs) + len(config_bytes) + \
             sum(layer.size for layer in manifest.layers)
         return Resolved(index_digest, digest, manifest, config, size)
@@ -151,6 +153,7 @@ class Puller:
         log.info("layer download started image=%s digest=%s size=%d", ref, desc.digest, desc.size)
         async with self.content.writer(desc.digest, desc.size) as writer:
             await self.client.fetch_blob(ref, desc, writer, creds, progress)
+        crash_point("pull.layer_stored")  # a layer committed, its image's manifest not yet
         log.info("layer downloaded image=%s digest=%s", ref, desc.digest)
 
 

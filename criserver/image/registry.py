@@ -23,6 +23,7 @@ from yarl import URL
 
 from criserver.config import ImageConfig
 from criserver.errors import CriError, FailedPrecondition, NotFound, Unavailable
+from criserver.failpoints import crash_point
 from criserver.image import manifest as mf
 from criserver.image.auth import Challenge, Credentials, parse_challenge
 from criserver.image.content import BlobMismatch, BlobWriter
@@ -228,6 +229,7 @@ class RegistryClient:
                         await writer.reset()  # the server ignored Range: start over
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         await writer.write(chunk)
+                        crash_point("pull.layer_partial")  # a temp blob half written
                         if progress is not None:
                             progress(desc.digest, writer.written, desc.size)
                 return

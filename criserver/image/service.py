@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from criserver.config import ImageConfig
 from criserver.errors import FailedPrecondition, InvalidArgument, NotFound
+from criserver.failpoints import crash_point
 from criserver.image import manifest as mf
 from criserver.image import osboot, reference
 from criserver.image.auth import Credentials
@@ -86,11 +87,14 @@ class ImageService:
         self._os_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Load records and clean temp files left by a crash."""
+        """Load records and clean what a crash left: temp files, and the blobs and snapshot
+        of a pull or import that died before its record was saved (nothing is in flight yet,
+        so whatever no record names is such a leftover)."""
         await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
         await self.content.start()
         await self.snapshots.start()
         await self.records.load()
+        await self._sweep()
 
     async def close(self) -> None:
         await self.client.close()
@@ -201,6 +205,7 @@ class ImageService:
                  layer.diff_id, f"{image_id}/{layer.digest}")
                 for layer in layers
             ])
+            crash_point("pull.snapshot_built")  # snapshot and blobs, no image record
             uid, username = mf.uid_or_username(resolved.config.user)
             old = self.records.by_id(image_id)
             if old is not None and not old.removed:
@@ -382,6 +387,10 @@ class ImageService:
         for record in self.records.all(include_removed=True):
             if record.removed and not self.in_use(record.id):
                 await self.records.delete(record.id)
+        await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Delete every blob and snapshot no record (nor an in-flight pull) references."""
         keep_blobs: set[str] = set(self._leases)
         keep_images: set[str] = set(self._leases)
         for record in self.records.all(include_removed=True):

@@ -192,3 +192,39 @@ async def test_mirror_falls_back_to_upstream(make_service: ServiceFactory,
     config = ImageConfig(mirrors={pushed.registry.host: [dead_mirror]})
     svc = await make_service(config=config)
     assert await svc.pull(pushed.ref("test/multi")) == pushed.multi[0].id
+
+
+async def test_blobs_and_snapshot_of_a_pull_the_daemon_died_in_are_removed_at_start(
+        make_service: ServiceFactory, registry: Registry) -> None:
+    """A daemon killed after a pull stored its blobs and built its snapshot but before the
+    record was saved (the crash test's pull.content_stored and pull.snapshot_built) left them
+    for good: nothing names them, and gc ran only after a RemoveImage."""
+    image = small_image("died mid-pull\n")
+    async with aiohttp.ClientSession() as session:
+        await Pusher(session, registry.base).image("test/died", "v1", image)
+    first: ImageService = await make_service()
+    image_id = await first.pull(f"{registry.host}/test/died:v1")
+    blobs = first.content.digests()
+    snapshot = first.snapshots.path(image_id)
+    assert snapshot.exists() and blobs
+    # What the dead daemon left: the content and the snapshot, no record.
+    await first.records.delete(image_id)
+
+    second: ImageService = await make_service()
+    assert second.content.digests() == set()
+    assert os.listdir(second.content.dir) == []
+    assert not snapshot.exists()
+    assert await second.pull(f"{registry.host}/test/died:v1") == image_id
+    assert second.content.digests() == blobs and snapshot.exists()
+
+
+async def test_start_keeps_what_records_name(make_service: ServiceFactory,
+                                             registry: Registry) -> None:
+    image = small_image("kept across restarts\n")
+    async with aiohttp.ClientSession() as session:
+        await Pusher(session, registry.base).image("test/kept", "v1", image)
+    first: ImageService = await make_service()
+    image_id = await first.pull(f"{registry.host}/test/kept:v1")
+    second: ImageService = await make_service()
+    assert second.content.digests() == first.content.digests()
+    assert second.snapshots.path(image_id).exists()
