@@ -66,11 +66,12 @@ class BenchDaemon:
     """A daemon in its own short work dir; `close` kills it and every QEMU it started."""
 
     def __init__(self, network: bool, boot_timeout: float = 60.0,
-                 options: dict[str, int | bool] | None = None) -> None:
+                 options: dict[str, int | bool] | None = None, daemon_keys: str = "") -> None:
+        """`daemon_keys`: more lines of the [daemon] table (e.g. "trace = true\n")."""
         self.workdir = Path(tempfile.mkdtemp(prefix="crb-", dir="/tmp"))
         self.tag = secrets.token_hex(3)
-        self.daemon = Daemon(self.workdir, config=daemon_config(self.workdir, self.tag, network,
-                                                                 boot_timeout, options))
+        self.daemon = Daemon(self.workdir, config=daemon_keys + daemon_config(
+            self.workdir, self.tag, network, boot_timeout, options))
 
     def __enter__(self) -> BenchDaemon:
         self.daemon.start()
