@@ -36,6 +36,10 @@ class BackendEvents(Protocol):
 
     async def sandbox_exited(self, pod_id: str, reason: str, message: str) -> None: ...
 
+    async def container_started(self, container_id: str, started_at: int) -> None:
+        """A CREATED container found running (a daemon that died inside StartContainer after
+        the backend started it): record what is true, RUNNING."""
+
     async def container_exited(
         self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
     ) -> None: ...

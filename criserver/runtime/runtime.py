@@ -140,6 +140,11 @@ class BackendEventSink:
         if pod.state == PodState.READY:
             await rt.transitions.pod_not_ready(pod_id, reason, message)
 
+    async def container_started(self, container_id: str, started_at: int) -> None:
+        container = self._runtime.containers.find(container_id)
+        if container is not None and container.state == ContainerState.CREATED:
+            await self._runtime.transitions.container_started(container_id, started_at)
+
     async def container_exited(
         self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
     ) -> None:

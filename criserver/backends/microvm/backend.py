@@ -215,8 +215,30 @@ class MicroVMBackend(BaseBackend):
         except CriError as exc:
             log.warning("agent not answering after adopt pod=%s error=%s", pod.id, exc.message)
         for container in containers:
-            if container.state == ContainerState.RUNNING:
+            if container.state == ContainerState.CREATED:
+                await self._settle_start(pod, handle, container)
+            elif container.state == ContainerState.RUNNING:
                 self._follow(pod, container)
+
+    async def _settle_start(self, pod: PodRecord, handle: PodVM,
+                            container: ContainerRecord) -> None:
+        """A CREATED container the guest has started: the daemon died in StartContainer after
+        the agent's answer. The guest is the truth: record it RUNNING and follow it (its exit,
+        if it has ended, is reported as any other), rather than list it CREATED while it runs."""
+        try:
+            state = await handle.agent.call("GetContainerState", pb.ContainerRequest(
+                container_id=container.id))
+        except CriError as exc:
+            log.warning("container state unknown after adopt container=%s error=%s",
+                        container.id, exc.message)
+            return
+        if state.status not in (pb.ContainerState.RUNNING, pb.ContainerState.STOPPED):
+            return
+        log.warning("container started by a daemon that died before recording it, running "
+                    "container=%s pod=%s", container.id, pod.id)
+        await self.context.events.container_started(
+            container.id, int(state.started_at_unix_nanos) or time.time_ns())
+        self._follow(pod, container)
 
     async def close(self) -> None:
         await self.host.close()
