@@ -168,3 +168,31 @@ def kill_vms_under(workdir: Path) -> None:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def qemus_of(workdir: Path) -> list[int]:
+    return [pid for pid, cmd in qemu_pids().items() if str(workdir) in cmd]
+
+
+def backend_leftovers(daemon: Daemon) -> list[str]:
+    """What pods left in the backend's directories (the daemon's own files excepted)."""
+    found: list[str] = []
+    for base in (daemon.state / "runtimes" / "microvm", daemon.root / "runtimes" / "microvm"):
+        for path in base.rglob("*"):
+            daemon_own = path.name in ("accel.json", "accel.lock") or (
+                path.is_dir() and path.name in ("volumes", "pods", "templates"))
+            if not daemon_own:
+                found.append(str(path.relative_to(base)))
+    return found
+
+
+def bridge_ports(daemon: Daemon) -> list[str]:
+    """The links plugged into the daemon's own CNI bridge (other tests may make other links)."""
+    ports = Path("/sys/class/net") / network_names(daemon)[1] / "brif"
+    return sorted(p.name for p in ports.iterdir()) if ports.exists() else []
+
+
+async def iptables_rules() -> list[str]:
+    proc = await asyncio.create_subprocess_exec("iptables-save", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return [line for line in out.decode().splitlines() if line.startswith("-A")]
