@@ -197,11 +197,13 @@ async def _listen(config: Config, path: Path,
         ("grpc.max_send_message_length", limit),
     ])
     server.add_generic_rpc_handlers(handlers)
-    server.add_insecure_port(f"unix:{path}")
-    await server.start()
+    server.add_insecure_port(f"unix:{path}")  # binds: the file exists, nobody is served yet
+    # Mode and group before the first connection: under a lax umask the socket would take
+    # calls from any local user (CRI is root's) until the chmod.
     os.chmod(path, 0o660)
     if config.daemon.socket_group:
         os.chown(path, 0, grp.getgrnam(config.daemon.socket_group).gr_gid)
+    await server.start()
     return server
 
 

@@ -6,6 +6,7 @@ the state, and registry credentials that never reach the log. Each against the r
 from __future__ import annotations
 
 import base64
+import os
 import stat
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -15,8 +16,9 @@ import aiohttp
 import grpc
 import pytest
 
+from criserver import daemon as daemon_module
 from criserver.api.runtime.v1 import api_pb2 as cri
-from criserver.config import StreamingConfig
+from criserver.config import Config, StreamingConfig
 from criserver.errors import InvalidArgument
 from criserver.runtime.container_create import _log_path
 from criserver.store.db import Database
@@ -207,3 +209,32 @@ async def test_registry_credentials_never_reach_the_log(daemon: Daemon, cri: CRI
     for secret in (PASSWORD, wrong, encoded, "idtok-secret-2", "regtok-secret-3",
                    base64.b64encode(f"{USER}:{wrong}".encode()).decode()):
         assert secret not in text, f"{secret!r} is in the daemon's log"
+
+
+async def test_the_socket_is_closed_to_others_before_it_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The mode was set after the server started: under umask 0 the socket took anyone's
+    # calls for that moment.
+    path = tmp_path / "cri.sock"
+    modes: list[int] = []
+    real_server = grpc.aio.server
+
+    def server(*args: object, **kwargs: object) -> grpc.aio.Server:
+        made = real_server(*args, **kwargs)  # type: ignore[arg-type]
+        start = made.start
+
+        async def recording_start() -> None:
+            modes.append(_mode(path))
+            await start()
+
+        made.start = recording_start  # type: ignore[method-assign]
+        return made
+
+    monkeypatch.setattr(daemon_module.grpc.aio, "server", server)
+    old_umask = os.umask(0)
+    try:
+        served = await daemon_module._listen(Config(), path, [])
+    finally:
+        os.umask(old_umask)
+    await served.stop(0)
+    assert modes == [0o660]
