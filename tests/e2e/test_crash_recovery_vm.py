@@ -22,6 +22,7 @@ from tests.cri_client import CRIClient, enum, msg
 from tests.daemon import Daemon
 from tests.e2e.conftest import (
     backend_leftovers,
+    iptables_rules,
     microvm_config,
     network_names,
     qemus_of,
@@ -171,7 +172,7 @@ async def _consistent(node: Node, cri: CRIClient) -> list[Any]:
     an IP per ready pod and none of an unlisted one (a pod not ready because its VM is gone
     keeps its network until StopPodSandbox, as when a VM dies under a running daemon), a spec
     file, offset file and volume mount only for listed containers, no directory of an unlisted
-    pod. Returns the containers listed."""
+    pod, no iptables rule of a pod without a netns. Returns the containers listed."""
     pods = (await cri.runtime.ListPodSandbox()).items
     ready = {p.id for p in pods if p.state == enum("SANDBOX_READY")}
     containers = (await cri.runtime.ListContainers()).containers
@@ -183,6 +184,8 @@ async def _consistent(node: Node, cri: CRIClient) -> list[Any]:
     allocations = [p for p in (Path("/var/lib/cni/networks") / network).glob("*")
                    if p.name[0].isdigit()]
     assert len(allocations) == len(netns)
+    for rule in await iptables_rules():  # CNI's masquerade chains name the pod's id
+        assert network not in rule or any(pod_id in rule for pod_id in netns), rule
     state = node.daemon.state / "runtimes" / "microvm"
     root = node.daemon.root / "runtimes" / "microvm"
     pod_ids = {p.id for p in pods}
