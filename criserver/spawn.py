@@ -55,6 +55,8 @@ class Child:
         loop = asyncio.get_event_loop()
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
+        if self.stdin is not None:
+            self.stdin.close()  # nobody reads it any more (and uvloop would keep its fd)
         code = self._popen.wait()  # readable pidfd: it has exited, this does not block
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(code)
@@ -105,13 +107,28 @@ async def spawn(argv: Sequence[str], *, stdin: int = DEVNULL, stdout: int = DEVN
                  await _reader(loop, popen.stderr))
 
 
+class _PipeReader(asyncio.StreamReaderProtocol):
+    """Closes its pipe at end of file. asyncio's pipe transport does that itself; uvloop's
+    keeps the fd open until the transport is garbage-collected, which under load is whenever
+    the cyclic collector next runs: a daemon spawning CNI plugins and runc grew by two fds per
+    child in between."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._pipe = transport
+        super().connection_made(transport)
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        self._pipe.close()
+        return False
+
+
 async def _reader(loop: asyncio.AbstractEventLoop, pipe: IO[bytes] | None
                   ) -> asyncio.StreamReader | None:
     if pipe is None:
         return None
     reader = asyncio.StreamReader(limit=2**20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 _owned_by_transport(loop, pipe))
+    await loop.connect_read_pipe(lambda: _PipeReader(reader), _owned_by_transport(loop, pipe))
     return reader
 
 

@@ -96,3 +96,30 @@ def test_a_file_opened_while_a_pipe_closes_stays_open(monkeypatch: pytest.Monkey
         for fd in opened:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def test_pipes_close_when_read_to_the_end_not_when_collected() -> None:
+    """uvloop's pipe transports keep their fd until collected; a churning daemon grew by two
+    fds per child until the cyclic collector ran. Read to the end (and the child gone, for a
+    stdin nobody closed), every pipe is closed at once."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def run() -> None:
+        await (await spawn.spawn(["true"], stdout=spawn.PIPE)).communicate()  # loop's own fds
+        gc.disable()
+        try:
+            before = open_fds()
+            kept = []  # referenced: only an explicit close can free their fds
+            for _ in range(5):
+                child = await spawn.spawn(["true"], stdin=spawn.PIPE, stdout=spawn.PIPE,
+                                          stderr=spawn.PIPE)
+                assert await child.communicate() == (b"", b"")  # stdin left open by us
+                kept.append(child)
+            await asyncio.sleep(0.05)
+            assert open_fds() == before
+        finally:
+            gc.enable()
+
+    uvloop.run(run())
