@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TypeVar
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.errors import CriError
 from criserver.runtime.filters import check_label_selector, labels_match
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerRecord, ContainerState, PodState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# In a list, each pod's stats may take this long: a pod whose guest does not answer is left
+# out (and logged) instead of holding up every other pod's (kubelet lists them all every
+# few seconds, and a wedged guest would otherwise fail its whole call).
+LIST_POD_TIMEOUT = 5.0
+
+
+async def _each_pod(calls: Mapping[str, Awaitable[T]]) -> dict[str, T]:
+    """Every pod's call at once; the answers of those that gave one in time."""
+
+    async def bounded(pod_id: str, call: Awaitable[T]) -> tuple[str, T] | None:
+        try:
+            async with asyncio.timeout(LIST_POD_TIMEOUT):
+                return pod_id, await call
+        except TimeoutError:
+            log.warning("pod left out of a stats list: no answer in %.0fs pod=%s",
+                        LIST_POD_TIMEOUT, pod_id)
+        except CriError:
+            pass  # the pod stopped meanwhile, or its backend has no stats: leave it out
+        return None
+
+    answers = await asyncio.gather(*(bounded(pod_id, call) for pod_id, call in calls.items()))
+    return dict(answer for answer in answers if answer is not None)
 
 
 async def container_stats(
@@ -35,16 +64,12 @@ async def list_container_stats(
         if not labels_match(container.config.labels, f.label_selector):
             continue
         by_pod.setdefault(container.pod_id, []).append(container)
+    # One backend call per pod: the micro-VM backend asks its agent once for them all.
+    calls = {pod.id: rt.backend(pod).containers_stats(pod, containers)
+             for pod_id, containers in by_pod.items() if (pod := rt.pods.find(pod_id))}
     response = cri.ListContainerStatsResponse()
-    for pod_id, containers in by_pod.items():
-        pod = rt.pods.find(pod_id)
-        if pod is None:
-            continue
-        try:
-            # One backend call per pod: the micro-VM backend asks its agent once for them all.
-            response.stats.extend(await rt.backend(pod).containers_stats(pod, containers))
-        except CriError:
-            continue  # the pod stopped meanwhile, or its backend has no stats: leave it out
+    for stats in (await _each_pod(calls)).values():
+        response.stats.extend(stats)
     return response
 
 
@@ -60,19 +85,10 @@ async def list_pod_sandbox_stats(
 ) -> cri.ListPodSandboxStatsResponse:
     f = request.filter
     check_label_selector(f.label_selector)
-    response = cri.ListPodSandboxStatsResponse()
-    for pod in list(rt.pods.all()):
-        if pod.state != PodState.READY:
-            continue
-        if f.id and not pod.id.startswith(f.id):
-            continue
-        if not labels_match(pod.config.labels, f.label_selector):
-            continue
-        try:
-            response.stats.append(await rt.backend(pod).sandbox_stats(pod))
-        except CriError:
-            continue
-    return response
+    calls = {pod.id: rt.backend(pod).sandbox_stats(pod) for pod in list(rt.pods.all())
+             if pod.state == PodState.READY and pod.id.startswith(f.id)
+             and labels_match(pod.config.labels, f.label_selector)}
+    return cri.ListPodSandboxStatsResponse(stats=list((await _each_pod(calls)).values()))
 
 
 async def stream_container_stats(

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.runtime import container_exec, container_stats, container_update
 from criserver.runtime.backend import (
@@ -54,6 +56,43 @@ async def test_list_container_stats_asks_once_per_pod(tmp_path: Path) -> None:
                                                for pod_id, ids in running.items())
         assert sorted(s.attributes.id for s in listed.stats) == sorted(
             i for ids in running.values() for i in ids)
+
+
+class WedgedBackend(MeasuringBackend):
+    """A pod named "wedged" never answers for its stats, as a guest that stopped running."""
+
+    async def containers_stats(
+        self, pod: PodRecord, containers: list[ContainerRecord]
+    ) -> list[cri.ContainerStats]:
+        if pod.config.metadata.name == "wedged":
+            await asyncio.Event().wait()
+        return await super().containers_stats(pod, containers)
+
+    async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
+        if pod.config.metadata.name == "wedged":
+            await asyncio.Event().wait()
+        return cri.PodSandboxStats(attributes=cri.PodSandboxAttributes(id=pod.id))
+
+
+async def test_a_wedged_pod_is_left_out_of_stats_lists_not_holding_them_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(container_stats, "LIST_POD_TIMEOUT", 0.2)
+    async with in_process(tmp_path / "db", WedgedBackend) as p:
+        ids = {}
+        for name in ("wedged", "fine", "also-fine"):
+            pod_id = await p.run_pod(name)
+            container_id = await p.create(pod_id, "app")
+            await p.start(container_id)
+            ids[name] = (pod_id, container_id)
+        async with asyncio.timeout(2):  # every pod asked at once: one timeout, not three
+            listed = await container_stats.list_container_stats(
+                p.rt, cri.ListContainerStatsRequest())
+            pods = await container_stats.list_pod_sandbox_stats(
+                p.rt, cri.ListPodSandboxStatsRequest())
+        assert sorted(s.attributes.id for s in listed.stats) == sorted(
+            ids[name][1] for name in ("fine", "also-fine"))
+        assert sorted(s.attributes.id for s in pods.stats) == sorted(
+            ids[name][0] for name in ("fine", "also-fine"))
 
 
 POD_CALLS = {"run_sandbox", "stop_sandbox", "remove_sandbox"}
