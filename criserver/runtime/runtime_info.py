@@ -62,9 +62,25 @@ async def status(rt: Runtime, request: cri.StatusRequest) -> cri.StatusResponse:
             "pod_cidr": rt.settings.get(POD_CIDR_SETTING, ""),
             "event_subscribers": rt.events.subscriber_count,
         })
+        facts = await asyncio.to_thread(_process_facts)
+        response.info["daemon"] = info_json({**facts, "asyncioTasks": len(asyncio.all_tasks())})
         for name, backend_status in sorted(statuses.items()):
             response.info[f"runtime.{name}"] = info_json(backend_status.info)
     return response
+
+
+def _process_facts() -> dict[str, int]:
+    """The daemon's own footprint, for operators and the churn tests: what must come back to
+    its baseline once pods are gone (blocking reads of /proc: call in a thread)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as statm:
+        rss_pages = int(statm.read().split()[1])
+    return {
+        "pid": os.getpid(),
+        "rssBytes": rss_pages * page,
+        "openFds": len(os.listdir("/proc/self/fd")),
+        "threads": len(os.listdir("/proc/self/task")),
+    }
 
 
 def _condition(kind: str, by_handler: dict[str, tuple[bool, str, str]]) -> cri.RuntimeCondition:

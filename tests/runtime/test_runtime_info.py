@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from criserver.api.runtime.v1 import api_pb2 as cri
@@ -77,3 +78,7 @@ async def test_status_counts_every_handler(tmp_path: Path) -> None:
             False, "NetworkPluginNotReady", "runtime handler 'slow': no CNI")
         assert json.loads(status.info["runtime.slow"]) == {"backend": "unready"}
         assert f"runtime.{default}" in status.info
+        daemon = json.loads(status.info["daemon"])
+        assert daemon["pid"] == os.getpid() and daemon["rssBytes"] > 0
+        assert daemon["openFds"] > 0 and daemon["threads"] >= 1
+        assert daemon["asyncioTasks"] >= 1  # this test's own task
