@@ -118,3 +118,24 @@ async def test_an_exit_for_a_removed_container_is_ignored(tmp_path: Path) -> Non
         await p.remove(cid)
         await BackendEventSink(p.rt).container_exited(cid, 0, "Completed", "", 1)
         assert p.rt.containers.find(cid) is None
+
+
+async def test_a_start_found_at_restart_is_recorded_once(tmp_path: Path) -> None:
+    """A backend that finds a CREATED container running (the daemon died inside StartContainer
+    after the guest started it) records it RUNNING with its start time, announced once; the
+    report changes nothing on a container past CREATED or removed."""
+    async with in_process(tmp_path / "db") as p:
+        cid = await p.create(await p.run_pod())
+        sink = BackendEventSink(p.rt)
+        await sink.container_started(cid, 42)
+        c = p.container(cid)
+        assert (c.state, c.started_at) == (ContainerState.RUNNING, 42)
+        await sink.container_started(cid, 43)
+        assert p.container(cid).started_at == 42
+        assert (await p.events.names()).count((cid, STARTED)) == 1
+        await p.stop(cid)
+        await sink.container_started(cid, 44)
+        assert p.container(cid).state == ContainerState.EXITED
+        await p.remove(cid)
+        await sink.container_started(cid, 45)
+        assert p.rt.containers.find(cid) is None
