@@ -96,8 +96,10 @@ CONTAINER_STEPS = [
 ]
 POD_STEPS = [
     "stop_sandbox.vm_stopped",  # QEMU gone, network and record still there
+    "stop_sandbox.network_down",  # all of it gone, the record still READY
     "remove_sandbox.stopped",  # stopped, containers removed, files and record there
     "remove_sandbox.volumes",  # volumes gone, state and root dirs and record there
+    "remove_sandbox.files",  # nothing left but the record
 ]
 PULL_STEPS = [
     "pull.layer_partial",  # a temp blob half written

@@ -543,6 +543,7 @@ class MicroVMBackend(BaseBackend):
             # After QEMU is gone: its tap fd pins the netns.
             with span("cni_teardown"):
                 await self.network.teardown(pod.id)
+        crash_point("stop_sandbox.network_down")  # all of it gone, the pod still READY
         self._stopped.add(pod.id)
         log.info("pod vm stopped pod=%s", pod.id)
 
@@ -571,6 +572,7 @@ class MicroVMBackend(BaseBackend):
             crash_point("remove_sandbox.volumes")  # volumes gone, state and root dirs left
             await asyncio.to_thread(shutil.rmtree, self._pod_state_dir(pod.id), True)
             await asyncio.to_thread(shutil.rmtree, self._pod_root_dir(pod.id), True)
+        crash_point("remove_sandbox.files")  # nothing of the pod left but its record
         self._stopped.discard(pod.id)
 
     async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]:
