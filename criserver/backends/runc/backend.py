@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from grpclib.exceptions import GRPCError
+
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.net_usage import interface_samples, network_usage
 from criserver.backends.runc import cgroups, infra, monitor, rootfs, streams
@@ -754,8 +756,13 @@ def _host_spec(generated: oci_spec.GeneratedSpec, rootfs_path: Path) -> dict[str
     spec["root"]["path"] = str(rootfs_path)
     process = spec["process"]
     extra = [int(g) for g in process.get("user", {}).get("additionalGids") or []]
-    user = resolve_in_rootfs(generated.user_text(), str(rootfs_path), extra,
-                             generated.merge_image_groups)
+    try:
+        user = resolve_in_rootfs(generated.user_text(), str(rootfs_path), extra,
+                                 generated.merge_image_groups)
+    except GRPCError as exc:
+        # The agent's resolver speaks gRPC (INVALID_ARGUMENT: a user or group the image does
+        # not have); unmapped here it reached the caller as INTERNAL.
+        raise InvalidArgument(str(exc.message)) from None
     set_process_user(process, user)
     # ctrmon runs at -999: the container must not inherit that.
     process.setdefault("oomScoreAdj", 0)
