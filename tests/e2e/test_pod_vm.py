@@ -16,6 +16,8 @@ from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from tests.cri_client import CRIClient, enum, msg
 from tests.daemon import Daemon
 from tests.e2e.conftest import (
+    bridge_ports,
+    iptables_rules,
     microvm_config,
     network_names,
     qemu_pids,
@@ -171,12 +173,6 @@ async def test_boot_timeout_undoes_everything() -> None:
         tear_down(daemon, workdir)
 
 
-def _bridge_ports(daemon: Daemon) -> list[str]:
-    """The links plugged into the daemon's own CNI bridge (other tests may make other links)."""
-    ports = Path("/sys/class/net") / network_names(daemon)[1] / "brif"
-    return sorted(p.name for p in ports.iterdir()) if ports.exists() else []
-
-
 async def test_create_remove_cycles_leave_nothing(vm_daemon: Daemon) -> None:
     """Pods come and go: no QEMU, link, netns, IP allocation or iptables rule stays behind."""
     cri = vm_daemon.client()
@@ -184,9 +180,9 @@ async def test_create_remove_cycles_leave_nothing(vm_daemon: Daemon) -> None:
         ids = await asyncio.gather(*(cri.run_pod(f"vm-cycle-{cycle}-{i}") for i in range(3)))
         await asyncio.gather(*(_remove(cri, i) for i in ids))
         assert all(vm_pids_of(i) == [] for i in ids)
-    assert _bridge_ports(vm_daemon) == []  # every pod's veth is gone
+    assert bridge_ports(vm_daemon) == []  # every pod's veth is gone
     network = network_names(vm_daemon)[0]
-    assert [rule for rule in await _iptables() if network in rule] == []
+    assert [rule for rule in await iptables_rules() if network in rule] == []
     state = vm_daemon.state / "runtimes" / "microvm"
     # A template build may be under way (a netns of its own, for its NIC): let it finish.
     deadline = time.monotonic() + 240
@@ -198,12 +194,6 @@ async def test_create_remove_cycles_leave_nothing(vm_daemon: Daemon) -> None:
                    if p.name[0].isdigit()]
     assert allocations == []
     await cri.close()
-
-
-async def _iptables() -> list[str]:
-    proc = await asyncio.create_subprocess_exec("iptables-save", stdout=asyncio.subprocess.PIPE)
-    out, _ = await proc.communicate()
-    return [line for line in out.decode().splitlines() if line.startswith("-A")]
 
 
 async def test_host_network_pod_is_refused(vm_daemon: Daemon) -> None:
