@@ -612,6 +612,50 @@ class Lifecycle(RuleBasedStateMachine):
                 _world().host_ids.add(response.container_id)
             self.containers.append(str(response.container_id))
 
+    @rule(index=st.integers(0, 1 << 16), data=st.data())
+    def create_odd_container(self, index: int, data: st.DataObject) -> None:
+        """A container whose process settings are random (never its command: it sleeps),
+        created and started: what the backend makes of odd users, directories, environments,
+        terminals and limits."""
+        pod = self._pick(self.pods, index)
+        self.serial += 1
+        name = f"o{self.serial}"
+        draw = data.draw
+        security = msg("LinuxContainerSecurityContext", readonly_rootfs=draw(st.booleans()))
+        user = draw(st.sampled_from(["none", "uid", "name"]))
+        if user == "uid":
+            security.run_as_user.value = draw(st.sampled_from([0, 65534, 1 << 31, (1 << 32) - 1]))
+            security.run_as_group.value = draw(st.integers(0, (1 << 32) - 1))
+        elif user == "name":
+            security.run_as_username = draw(st.sampled_from(["nobody", "root", "ghost", "1:2",
+                                                             "a:b", "\n"]))
+        envs = [msg("KeyValue", key=k, value=v.encode()) for k, v in draw(st.lists(
+            st.tuples(st.sampled_from(["A", "", "=", "B=C", "\x01", "PATH"]), texts()),
+            max_size=3))]
+        resources = msg("LinuxContainerResources", cpu_shares=draw(st.sampled_from([0, 2, 1024])),
+                        memory_limit_in_bytes=draw(st.sampled_from([0, 4096, 64 << 20])),
+                        oom_score_adj=draw(st.sampled_from([0, -1000, 1000])))
+        config = msg("ContainerConfig", metadata=msg("ContainerMetadata", name=name),
+                     image=msg("ImageSpec", image=_world().image), command=["sleep", "3600"],
+                     working_dir=draw(st.sampled_from(["", "/", "relative", "/no/such/dir",
+                                                       "/etc/passwd", "/tmp/../.."])),
+                     envs=envs, tty=draw(st.booleans()), stdin=draw(st.booleans()),
+                     stdin_once=draw(st.booleans()), log_path=f"{name}.log",
+                     linux=msg("LinuxContainerConfig", security_context=security,
+                               resources=resources))
+        code, response, _ = self._call("CreateContainer", pod_sandbox_id=pod,
+                                             config=config,
+                                             sandbox_config=msg("PodSandboxConfig"))
+        if code != grpc.StatusCode.OK:
+            return
+        cid = str(response.container_id)
+        if pod in _world().host_ids:
+            _world().host_ids.add(cid)
+        self.containers.append(cid)
+        code, _, _ = self._call("StartContainer", container_id=cid)
+        if code == grpc.StatusCode.OK:
+            self.started.add(cid)
+
     @rule(index=st.integers(0, 1 << 16), form=st.sampled_from(FORMS))
     def start(self, index: int, form: str) -> None:
         container = self._pick(self.containers, index)
