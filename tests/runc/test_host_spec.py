@@ -20,7 +20,8 @@ def _generated(**security: object) -> oci_spec.GeneratedSpec:
             security_context=cri.LinuxContainerSecurityContext(**security)))  # type: ignore[arg-type]
     pod = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name="p", namespace="n", uid="u"))
     return oci_spec.generate(
-        container, pod, oci_spec.ImageConfigView(), oci_spec.PodNamespaces(ipc="", uts="", pid="/proc/7/ns/pid"),
+        container, pod, oci_spec.ImageConfigView(),
+        oci_spec.PodNamespaces(ipc="", uts="", pid="/proc/7/ns/pid"),
         lambda m: m.host_path, policy=host_policy(apparmor=False, selinux=False),
         container_id="c1", sandbox_id="p1")
 
