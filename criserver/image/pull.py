@@ -20,7 +20,7 @@ from criserver.image import manifest as mf
 from criserver.image import osboot
 from criserver.image.auth import Credentials
 from criserver.image.content import ContentStore
-from criserver.image.flight import SingleFlight
+from criserver.flight import SingleFlight
 from criserver.image.reference import Reference
 from criserver.image.registry import Progress, RegistryClient
 

@@ -26,7 +26,7 @@ from criserver.image import manifest as mf
 from criserver.image import osboot, reference
 from criserver.image.auth import Credentials
 from criserver.image.content import ContentStore
-from criserver.image.flight import SingleFlight
+from criserver.flight import SingleFlight
 from criserver.image.osboot import OsImage
 from criserver.image.pull import Puller, Resolved
 from criserver.image.registry import Progress, RegistryClient

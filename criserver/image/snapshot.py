@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from criserver.errors import Internal
-from criserver.image.flight import SingleFlight
+from criserver.flight import SingleFlight
 from criserver.image.unpack import Limits, apply_layers
 
 log = logging.getLogger(__name__)

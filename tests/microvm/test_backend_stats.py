@@ -3,6 +3,7 @@ the default interface; and the backend asks the agent once for a pod's container
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,3 +77,21 @@ async def test_sandbox_stats_ask_the_agent_without_details(tmp_path: Path) -> No
     agent = FakeAgent(pb.StatsResponse(guest=pb.GuestStats(timestamp_unix_nanos=1)))
     await _backend(tmp_path, agent).sandbox_stats(POD)
     assert agent.requests and not any(r is not None and r.details for r in agent.requests)
+
+
+async def test_concurrent_stats_callers_share_one_agent_call(tmp_path: Path) -> None:
+    """kubelet, a metrics scraper and crictl asking at once: one Stats call in the guest."""
+
+    class SlowAgent(FakeAgent):
+        async def stats(self, request: pb.StatsRequest | None = None) -> pb.StatsResponse:
+            await asyncio.sleep(0.05)
+            return await super().stats(request)
+
+    a = ContainerRecord(id="a" * 64, pod_id=POD.id, config=cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="a")), created_at=1)
+    agent = SlowAgent(pb.StatsResponse(containers=[pb.ContainerStats(container_id=a.id)]))
+    backend = _backend(tmp_path, agent)
+    answers = await asyncio.gather(*(backend.containers_stats(POD, [a]) for _ in range(5)),
+                                   backend.sandbox_stats(POD))
+    assert all(len(stats) == 1 for stats in answers[:5])
+    assert len(agent.requests) == 2  # one for the containers, one for the pod

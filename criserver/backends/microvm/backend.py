@@ -44,6 +44,7 @@ from criserver.errors import (
     Unimplemented,
 )
 from criserver.failpoints import crash_point
+from criserver.flight import SingleFlight
 from criserver.network import netns
 from criserver.network.cni import PortMapping
 from criserver.network.pod import Attachment, PodNetwork, daemon_network
@@ -172,6 +173,7 @@ class MicroVMBackend(BaseBackend):
         # Pods this daemon stopped completely (VM gone, network torn down), until removed.
         self._stopped: set[str] = set()
         self._io: dict[str, ContainerIO] = {}
+        self._stats_flight: SingleFlight[pb.StatsResponse] = SingleFlight()
         self._reports: set[asyncio.Task[None]] = set()  # pods reported broken (_agent_broke)
         self.templates: TemplateStore | None = None
         if self.settings.templates:
@@ -587,11 +589,19 @@ class MicroVMBackend(BaseBackend):
         return info
 
     async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
-        return guest_metrics.pod_stats(pod, await self._live(pod).agent.stats())
+        return guest_metrics.pod_stats(pod, await self._guest_stats(pod, pb.StatsRequest()))
 
     async def sandbox_metrics(self, pod: PodRecord) -> PodSample:
-        reply = await self._live(pod).agent.stats(pb.StatsRequest(details=True))
+        reply = await self._guest_stats(pod, pb.StatsRequest(details=True))
         return guest_metrics.pod_sample(reply)
+
+    async def _guest_stats(self, pod: PodRecord, request: pb.StatsRequest) -> pb.StatsResponse:
+        """The guest's readings. Callers asking the same pod the same thing at once (kubelet,
+        a metrics scraper, crictl stats) share one agent call: each would otherwise queue its
+        own in the emulated agent, and 20 at once took ~1 s each."""
+        key = f"{pod.id}:{request.SerializeToString(deterministic=True).hex()}"
+        agent = self._live(pod).agent
+        return await self._stats_flight.run(key, lambda: agent.stats(request))
 
     # -- containers ------------------------------------------------------------------------
 
@@ -765,7 +775,7 @@ class MicroVMBackend(BaseBackend):
             return []
         # One agent call measures them all (ListContainerStats asks once per pod).
         asked = {c.id: c for c in containers}
-        reply = await self._live(pod).agent.stats(pb.StatsRequest(container_ids=list(asked)))
+        reply = await self._guest_stats(pod, pb.StatsRequest(container_ids=sorted(asked)))
         return [guest_metrics.container_stats(stats, asked[stats.container_id])
                 for stats in reply.containers if stats.container_id in asked]
 
