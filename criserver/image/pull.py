@@ -16,11 +16,11 @@ from typing import Any
 
 from criserver.errors import CriError, FailedPrecondition
 from criserver.failpoints import crash_point
+from criserver.flight import SingleFlight
 from criserver.image import manifest as mf
 from criserver.image import osboot
 from criserver.image.auth import Credentials
 from criserver.image.content import ContentStore
-from criserver.flight import SingleFlight
 from criserver.image.reference import Reference
 from criserver.image.registry import Progress, RegistryClient
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 from criserver.config import ImageConfig
 from criserver.errors import FailedPrecondition, InvalidArgument, NotFound
 from criserver.failpoints import crash_point
+from criserver.flight import SingleFlight
 from criserver.image import manifest as mf
 from criserver.image import osboot, reference
 from criserver.image.auth import Credentials
 from criserver.image.content import ContentStore
-from criserver.flight import SingleFlight
 from criserver.image.osboot import OsImage
 from criserver.image.pull import Puller, Resolved
 from criserver.image.registry import Progress, RegistryClient
