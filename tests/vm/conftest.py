@@ -57,7 +57,10 @@ def tsc_khz() -> int | None:
 
 
 def _kill_qemu_of(state_dir: Path) -> None:
-    process.kill_all(state_dir / "qemu.pid")
+    """Every QEMU whose pidfile is in `state_dir` or below (a machine daemon keeps one VM
+    directory per machine there)."""
+    for pidfile in state_dir.rglob("qemu.pid"):
+        process.kill_all(pidfile)
 
 
 def qemu_processes_of(state_dir: Path) -> list[int]:
