@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from criserver.backends.microvm import shares
-from criserver.backends.microvm.shares import PodVolumes, prepare_volumes_root
+from criserver.backends.microvm.shares import PodVolumes
 from criserver.errors import FailedPrecondition
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
@@ -35,17 +35,6 @@ def host_mount(tmp_path: Path) -> Iterator[Path]:
     (path / "data").write_text("host")
     yield path
     subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@pytest.fixture
-def volumes(tmp_path: Path) -> Iterator[PodVolumes]:
-    root = tmp_path / "volumes"
-    prepare_volumes_root(root)
-    pod = PodVolumes(root / "pod")
-    pod.create()
-    yield pod
-    asyncio.run(pod.remove_all())
-    subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 async def test_a_symlink_named_like_a_volume_is_not_unmounted_through(

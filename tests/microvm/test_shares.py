@@ -4,7 +4,6 @@ recursively read-only), and the guest is told where the host's mounts below a vo
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import subprocess
@@ -18,7 +17,6 @@ from criserver.backends.microvm.shares import (
     PodVolumes,
     Submount,
     Volume,
-    prepare_volumes_root,
     with_submounts,
 )
 from criserver.errors import InvalidArgument
@@ -38,17 +36,6 @@ def host_path(tmp_path: Path) -> Iterator[Path]:
     yield source
     for sub in ("tmpfs", "ro-tmpfs"):
         subprocess.run(["umount", "-l", str(source / sub)], check=False)
-
-
-@pytest.fixture
-def volumes(tmp_path: Path) -> Iterator[PodVolumes]:
-    root = tmp_path / "volumes"
-    prepare_volumes_root(root)
-    pod = PodVolumes(root / "pod")
-    pod.create()
-    yield pod
-    asyncio.run(pod.remove_all())
-    subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 def writable(path: Path) -> bool:
