@@ -6,6 +6,8 @@ code that detects a problem says what went wrong and never deals with gRPC itsel
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 
@@ -53,3 +55,12 @@ class ResourceExhausted(CriError):
 
 class Internal(CriError):
     code = grpc.StatusCode.INTERNAL
+
+
+# A full filesystem or an exhausted quota: the node's problem, not the caller's, and not a bug.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` is a write that failed for want of space (ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS

@@ -13,14 +13,20 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from criserver.config import ImageConfig
-from criserver.errors import FailedPrecondition, InvalidArgument, NotFound
+from criserver.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    out_of_space,
+)
 from criserver.failpoints import crash_point
 from criserver.flight import SingleFlight
 from criserver.image import manifest as mf
@@ -82,6 +88,7 @@ class ImageService:
                              config.max_concurrent_downloads, self._lease)
         self._pinned = [p for p in pinned_images if p]
         self._pulls: SingleFlight[str] = SingleFlight()
+        self._storing = 0  # pulls and imports in flight: their blobs are not leased yet
         self._os_pulls: SingleFlight[OsImage] = SingleFlight()
         # OS image records are read, changed and saved (users, tags): one change at a time.
         self._os_lock = asyncio.Lock()
@@ -183,11 +190,12 @@ class ImageService:
                     progress: Progress | None) -> str:
         started = time.monotonic()
         log.info("image pull started image=%s", ref)
-        resolved = await self.puller.fetch(ref, creds, progress)
-        image_id = resolved.manifest.config.digest
-        tags = [ref.tagged] if ref.tagged else []
-        digests = [ref.with_digest(resolved.index_digest or resolved.manifest_digest)]
-        await self._register(image_id, resolved, tags, digests)
+        async with self._storing_content(f"image {ref}"):
+            resolved = await self.puller.fetch(ref, creds, progress)
+            image_id = resolved.manifest.config.digest
+            tags = [ref.tagged] if ref.tagged else []
+            digests = [ref.with_digest(resolved.index_digest or resolved.manifest_digest)]
+            await self._register(image_id, resolved, tags, digests)
         log.info("image pulled image=%s image_id=%s bytes=%d seconds=%.2f", ref, image_id,
                  resolved.content_size, time.monotonic() - started)
         return image_id
@@ -405,6 +413,32 @@ class ImageService:
             log.info("image gc blobs=%d blob_bytes=%d snapshots=%d",
                      len(unused_blobs), freed, len(unused_snapshots))
 
+    @asynccontextmanager
+    async def _storing_content(self, what: str) -> AsyncIterator[None]:
+        """Around a pull or an import: a full store is RESOURCE_EXHAUSTED naming it (not an
+        internal error, nor a corrupt layer), and a failed one leaves none of its blobs or
+        snapshot behind. Those are leased only once complete, so the sweep waits for the
+        last pull or import in flight (what it leaves, the next one or the next start takes)."""
+        self._storing += 1
+        try:
+            yield
+        except BaseException as exc:
+            self._storing -= 1
+            if self._storing == 0:
+                try:
+                    await asyncio.shield(self._sweep())
+                except Exception:
+                    log.exception("removing what a failed pull stored failed (retried later)")
+            if out_of_space(exc):
+                assert isinstance(exc, OSError)
+                log.warning("image store full what=%s dir=%s error=%s", what, self.dir, exc)
+                raise ResourceExhausted(
+                    f"{what}: no space left on device in the image store {self.dir} "
+                    f"({exc.strerror}: {exc.filename or ''}); free space on it and pull again"
+                ) from exc
+            raise
+        self._storing -= 1
+
     @contextmanager
     def _lease(self, keys: set[str]) -> Iterator[None]:
         self._leases.update(keys)
@@ -424,7 +458,8 @@ class ImageService:
         from criserver.image.layout import read_layout
 
         ids = []
-        async with read_layout(path, self.puller.platform) as layout:
+        async with self._storing_content(f"import of {path}"), \
+                read_layout(path, self.puller.platform) as layout:
             for entry in layout.images:
                 tag_text = entry.name or name
                 digest_of = entry.top_digest

@@ -8,6 +8,7 @@ container and pod using the image; the guest mounts it read-only under an overla
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -132,5 +133,8 @@ async def _mkfs(image: Path, rootfs: Path, image_id: str) -> None:
         await proc.wait()
         raise
     if proc.returncode != 0:
+        text = output.decode(errors="replace")
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(image))
         raise Internal(f"image {image_id}: {MKFS} failed ({proc.returncode}): "
                        f"{output.decode(errors='replace').strip()[-500:]}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from criserver.errors import FailedPrecondition
+from criserver.errors import FailedPrecondition, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def apply_layer(
                     applier.apply(tar, member)
             reader.drain()
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            if isinstance(exc, LayerError):
-                raise
+            if isinstance(exc, LayerError) or out_of_space(exc):
+                raise  # a full disk is no fault of the layer's: the caller names the store
             raise LayerError(f"{what}: corrupt layer: {exc}") from exc
         except Exception as exc:  # zstd/gzip raise their own error types on corrupt input
             if isinstance(exc, LayerError):
