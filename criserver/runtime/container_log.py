@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from criserver.errors import FailedPrecondition, Internal, InvalidArgument
+from criserver.errors import FailedPrecondition, Internal, InvalidArgument, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class ContainerLog:
         self._partial = {stream: _Partial() for stream in STREAMS}
         self._pending = bytearray()  # formatted records not yet handed to the file
         self._lock = asyncio.Lock()  # one file operation at a time, in order
+        self.lost_bytes = 0  # records dropped because the log's filesystem was full
+        self._losing = False  # the last write found the filesystem full
 
     async def open(self) -> None:
         """Create the file (and its directory) if needed; `write` also does it on first use."""
@@ -163,7 +165,25 @@ class ContainerLog:
                 self._fd = await asyncio.to_thread(self._open_file)
             chunk = bytes(self._pending)
             self._pending.clear()
-            await asyncio.to_thread(_write_all, self._fd, chunk)
+            try:
+                await asyncio.to_thread(_write_records, self._fd, chunk)
+            except OSError as exc:
+                if not out_of_space(exc):
+                    raise
+                # The filesystem is full: these records are dropped (as ctrmon drops them for
+                # runc containers), the container is never held up, and logging resumes by
+                # itself once there is space again. One warning per episode, not per write.
+                self.lost_bytes += len(chunk)
+                if not self._losing:
+                    self._losing = True
+                    log.warning("container log full, output dropped until there is space "
+                                "container=%s path=%s error=%s", self.container_id, self.path,
+                                exc.strerror)
+                continue
+            if self._losing:
+                self._losing = False
+                log.warning("container log writable again container=%s path=%s "
+                            "lost_bytes=%d", self.container_id, self.path, self.lost_bytes)
 
     def _open_file(self) -> int:
         try:
@@ -194,8 +214,20 @@ def check_inside(path: str, directory: str) -> None:
             f"symbolic link (it resolves into {parent})")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_records(fd: int, data: bytes) -> None:
+    """Append whole records: a write that fails part-way (a full disk) is cut back to where it
+    started, so the file never holds half a line that the next record would run into."""
+    start = os.fstat(fd).st_size
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        if len(view) != len(data):
+            try:
+                os.ftruncate(fd, start)
+            except OSError as exc:  # the record stays cut: say so, the caller drops the rest
+                log.warning("container log: cannot remove a partly written record fd=%d "
+                            "error=%s", fd, exc.strerror)
+        raise
 
