@@ -246,13 +246,41 @@ static int open_log(void) {
     return open(opt.log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
 }
 
+/* Output dropped since the log last took a write (a full disk, a failed reopen). */
+static unsigned long long log_lost;
+static int log_failing;
+
 static void flush_log(void) {
     if (fmt_len == 0)
         return;
     if (log_fd < 0)
         log_fd = open_log();  /* a failed reopen is retried; meanwhile the output has no home */
-    if (log_fd < 0 || write_all(log_fd, fmt_buf, fmt_len) < 0)
-        warn("log %s: %s: %zu bytes lost", opt.log_path, strerror(errno), fmt_len);
+    if (log_fd >= 0) {
+        struct stat st;
+        off_t start = fstat(log_fd, &st) == 0 ? st.st_size : -1;
+        if (write_all(log_fd, fmt_buf, fmt_len) == 0) {
+            if (log_failing)
+                warn("log %s: written again, %llu bytes lost meanwhile", opt.log_path, log_lost);
+            log_failing = 0;
+            log_lost = 0;
+            fmt_len = 0;
+            return;
+        }
+        /* A write cut half-way (ENOSPC) would leave half a record for the next one to run
+         * into: the file is cut back to where this flush began. */
+        int saved = errno;
+        if (start >= 0 && fstat(log_fd, &st) == 0 && st.st_size > start &&
+            ftruncate(log_fd, start) < 0)
+            warn("log %s: cannot cut a partial record: %s", opt.log_path, strerror(errno));
+        errno = saved;
+    }
+    /* The container is never held up: its output is dropped until the log takes writes
+     * again. One line per episode: a full disk must not fill the bundle's ctrmon.log too. */
+    log_lost += fmt_len;
+    if (!log_failing)
+        warn("log %s: %s: output dropped until it can be written", opt.log_path,
+             strerror(errno));
+    log_failing = 1;
     fmt_len = 0;
 }
 
