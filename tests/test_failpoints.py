@@ -1,12 +1,13 @@
-"""The crash points in the code and the ones the crash test kills the daemon at are the same
-names: a point added without a case, or a case whose point was renamed away, fails here (the
-e2e test would only see a daemon that never dies)."""
+"""The crash points in the code and the ones the crash tests (micro-VM and runc) kill the daemon
+at are the same names: a point added without a case, or a case whose point was renamed away,
+fails here (the e2e test would only see a daemon that never dies)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from tests.e2e import test_crash_recovery_runc as runc_crash
 from tests.e2e import test_crash_recovery_vm as crash
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,7 +21,8 @@ def _points_in_code() -> set[str]:
 
 
 def test_every_crash_point_has_a_case_and_every_case_a_point() -> None:
-    tested = {*crash.STEPS, *crash.CONTAINER_STEPS, *crash.POD_STEPS, *crash.PULL_STEPS}
+    tested = {*crash.STEPS, *crash.CONTAINER_STEPS, *crash.POD_STEPS, *crash.PULL_STEPS,
+              *runc_crash.STEPS}
     assert _points_in_code() == tested
 
 

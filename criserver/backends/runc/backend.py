@@ -40,6 +40,7 @@ from criserver.errors import (
     InvalidArgument,
     NotFound,
 )
+from criserver.failpoints import crash_point
 from criserver.network import netns
 from criserver.network.cni import PortMapping
 from criserver.network.pod import PodNetwork, daemon_network
@@ -179,6 +180,8 @@ class RuncBackend(BaseBackend):
             await asyncio.to_thread(leftover.unlink, True)
         adopted = await asyncio.to_thread(monitor.Monitor.adopt, bundle)
         if adopted is not None:
+            if container.state == ContainerState.CREATED:
+                await self._started_while_down(container, adopted.container_pid)
             self._follow(container, adopted, str(container.backend.get("cgroup", "")))
             log.info("container adopted container=%s monitor_pid=%s", container.id, adopted.pid)
             return
@@ -193,6 +196,18 @@ class RuncBackend(BaseBackend):
         await self.context.events.container_exited(
             container.id, exit_codes.LOST, exit_codes.ERROR,
             "the container's monitor died or the host restarted", time.time_ns())
+
+    async def _started_while_down(self, container: ContainerRecord, pid: int) -> None:
+        """A container recorded CREATED whose runc container runs: a daemon died inside
+        StartContainer after `runc start`. runc is the truth: record it RUNNING (from when its
+        process began), rather than list it CREATED while it runs and refuse to start it."""
+        state = await self.runc.state(container.id)
+        if state is None or state.get("status") not in ("running", "paused", "stopped"):
+            return
+        log.warning("container started by a daemon that died before recording it, running "
+                    "container=%s", container.id)
+        started = await asyncio.to_thread(_process_start_ns, pid)
+        await self.context.events.container_started(container.id, started or time.time_ns())
 
     async def _check_monitor(self) -> None:
         try:
@@ -265,6 +280,7 @@ class RuncBackend(BaseBackend):
             shm = pod_dir / "shm"
             await rootfs.mount_tmpfs(shm, f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}")
             undo.push("unmount shm", lambda: rootfs.unmount(shm))
+        crash_point("runc_run_sandbox.namespaces")  # netns, pins, /dev/shm; no CNI, no infra
         # CNI ADD and the infra container are independent (the infra joins the netns whatever
         # is in it): both at once, which is most of a pod's start.
         ips, infra_monitor = await _together(
@@ -273,6 +289,7 @@ class RuncBackend(BaseBackend):
         if infra_monitor is not None:
             backend["infraPid"] = infra_monitor.container_pid
         await asyncio.to_thread(_write_pod_files, pod_dir, config, ips or (), host_network)
+        crash_point("runc_run_sandbox.set_up")  # all made, the pod still INIT
         log.info("pod ready on the host pod=%s handler=%s host_network=%s host_pid=%s "
                  "host_ipc=%s ips=%s", pod.id, self.context.handler, host_network,
                  ns.pid == cri.NODE, ns.ipc == cri.NODE, list(ips or ()))
@@ -310,6 +327,7 @@ class RuncBackend(BaseBackend):
             self.settings.monitor, runc=self.runc.binary, runc_root=self.runc.root,
             bundle=bundle, container_id=runc_id, log_path=str(bundle / "infra.log"))
         undo.push("delete infra container", lambda: self.runc.delete(runc_id))
+        crash_point("runc_run_sandbox.infra_created")  # its monitor up, runc created, not started
         await self.runc.start(runc_id)
         self._infra[pod.id] = started
         return started
@@ -326,16 +344,31 @@ class RuncBackend(BaseBackend):
             self._infra[pod.id] = infra_monitor
         return infra_monitor.container_pid
 
+    def _made_for(self, pod: PodRecord) -> dict[str, Any]:
+        """What run_sandbox made for the pod, as it recorded it. A pod still INIT (the daemon
+        died in its RunPodSandbox; start-up recovery removes it) has nothing recorded: then
+        everything its config could have made is looked for (each removal is idempotent)."""
+        if pod.backend or pod.state != PodState.INIT:
+            return pod.backend
+        ns = pod.config.linux.security_context.namespace_options
+        made: dict[str, Any] = {}
+        if ns.network != cri.NODE:
+            made["netns"] = str(self.network.netns_path(pod.id))
+        if ns.pid != cri.NODE:
+            made["infraPid"] = 0
+        return made
+
     async def stop_sandbox(self, pod: PodRecord) -> None:
         if pod.id in self._stopped:
             return  # RemovePodSandbox stops again what StopPodSandbox stopped: nothing is left
+        made = self._made_for(pod)
         # kubelet stops the containers first with their grace periods; what still runs dies.
         for cid, watched in list(self._watched.items()):
             if watched.pod_id == pod.id:
                 await self._kill(cid, signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(watched.exited.wait(), self.settings.stop_grace)
-        if "infraPid" in pod.backend:
+        if "infraPid" in made:
             # Killed and waited for through its monitor, then deleted: `runc delete --force`
             # of a running container sleeps a fixed 100 ms after its SIGKILL (runc 1.1).
             await self._kill(_infra_id(pod.id), signal.SIGKILL)
@@ -346,13 +379,14 @@ class RuncBackend(BaseBackend):
                     await asyncio.wait_for(infra_monitor.wait(), self.settings.stop_grace)
                 infra_monitor.close()
             await self.runc.delete(_infra_id(pod.id))
-        if "netns" in pod.backend:
+        if "netns" in made:
             await self.network.teardown(pod.id)  # after the containers: they pin the netns
         self._stopped.add(pod.id)
         log.info("pod stopped pod=%s", pod.id)
 
     async def remove_sandbox(self, pod: PodRecord) -> None:
         await self.stop_sandbox(pod)
+        crash_point("runc_remove_sandbox.stopped")  # all stopped, files and record there
         self._stopped.discard(pod.id)
         for kind in ("uts", "ipc"):
             await netns.remove(self._ns_pin(pod.id, kind))
@@ -365,6 +399,7 @@ class RuncBackend(BaseBackend):
             # The default parent is ours (a kubelet-given one is kubelet's).
             await asyncio.to_thread(cgroups.remove_pod_cgroup, f"/criserver/{pod.id}",
                                     self.cgroup_version)
+        crash_point("runc_remove_sandbox.files")  # nothing of the pod left but its record
 
     async def sandbox_info(self, pod: PodRecord) -> dict[str, Any]:
         return {"backend": self.name, **pod.backend}
@@ -409,6 +444,7 @@ class RuncBackend(BaseBackend):
         await rootfs.mount_container_rootfs(lower, layer / "upper", layer / "work", target)
         undo.push("unmount rootfs", lambda: rootfs.unmount(target))
         undo.push("remove writable layer", lambda: rootfs.remove_tree(layer))
+        crash_point("runc_create_container.rootfs")  # image and overlay mounted, no bundle
 
         ns = pod.backend
         pid_ns = None
@@ -441,6 +477,7 @@ class RuncBackend(BaseBackend):
             tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once,
             kill_all=not own_pid_ns)
         undo.push("delete container", lambda: self.runc.delete(container.id))
+        crash_point("runc_create_container.monitor_started")  # runc created, the record INIT
         self._specs[container.id] = spec
         self._follow(container, started, spec["linux"]["cgroupsPath"])
         user = spec["process"]["user"]
@@ -492,6 +529,7 @@ class RuncBackend(BaseBackend):
         # by the time runc start returns.
         started = time.time_ns()
         await self.runc.start(container.id)
+        crash_point("runc_start_container.started")  # it runs, the record CREATED
         return started
 
     async def _kill(self, container_id: str, signum: int) -> None:
@@ -723,6 +761,18 @@ async def _together(first: Coroutine[Any, Any, A] | None, second: Coroutine[Any,
             raise task.exception()  # type: ignore[misc]
     return (tasks[0].result() if tasks[0] else None,  # type: ignore[return-value]
             tasks[1].result() if tasks[1] else None)
+
+
+def _process_start_ns(pid: int) -> int:
+    """When process `pid` began, in ns since the epoch (0 if it is gone or unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # starttime, field 22 of stat(5): clock ticks after boot
+        boot = next(int(line.split()[1]) for line in
+                    Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return 0
+    return boot * 1_000_000_000 + ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def _infra_id(pod_id: str) -> str:
