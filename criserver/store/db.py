@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from criserver.errors import Unavailable
 from criserver.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from criserver.trace import span
 
@@ -26,6 +27,11 @@ T = TypeVar("T")
 
 class StoreError(Exception):
     """The database cannot be used as it is: corrupt, foreign, or from a newer criserver."""
+
+
+class StoreUnavailable(Unavailable):
+    """A change could not be written (the file read-only, its disk full or failing): nothing
+    of it was kept, and the same call works once the database takes writes again."""
 
 
 class Database:
@@ -62,7 +68,14 @@ class Database:
         """Run `fn(conn)` in one transaction on the database thread: all of it lands or none."""
         loop = asyncio.get_running_loop()
         with span("db_write"):
-            return await loop.run_in_executor(self._executor, _in_transaction, self._conn, fn)
+            try:
+                return await loop.run_in_executor(self._executor, _in_transaction, self._conn,
+                                                  fn)
+            except sqlite3.OperationalError as exc:  # SQLITE_IOERR, _READONLY, _FULL, _BUSY...
+                log.error("database write failed path=%s error=%s", self.path, exc)
+                raise StoreUnavailable(
+                    f"the daemon's store {self.path} cannot be written ({exc}): the change was "
+                    "not made; retry once the file is writable") from exc
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -74,10 +87,13 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection],
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # sqlite has rolled back already after some errors (an I/O error in COMMIT): a second
+        # ROLLBACK would fail and hide the error that matters.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result
 
 
