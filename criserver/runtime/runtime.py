@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock, KeyedSharedLock
 from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.runtime.transitions import Transitions
-from criserver.store.db import Database
+from criserver.store.db import Database, StoreUnavailable
 from criserver.store.objects import ContainerStore, PodStore
 from criserver.store.records import (
     ContainerExit,
@@ -122,12 +122,38 @@ class Runtime:
 
 
 class BackendEventSink:
-    """The `BackendEvents` a backend reports to: turns them into transitions."""
+    """The `BackendEvents` a backend reports to: turns them into transitions.
+
+    A report comes once (a process exited, a VM died): when the store cannot take it (the
+    database read-only, its disk full) it is retried until it can, not dropped, or the
+    container would be listed running for good."""
+
+    retry_delay = 1.0
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
+    async def _until_recorded(self, what: str, record: Callable[[], Awaitable[None]]) -> None:
+        warned = False
+        while True:
+            try:
+                await record()
+            except StoreUnavailable as exc:
+                if not warned:
+                    log.warning("cannot record %s, retrying until the store takes it: %s",
+                                what, exc.message)
+                    warned = True
+                await asyncio.sleep(self.retry_delay)
+                continue
+            if warned:
+                log.info("recorded %s once the store took it", what)
+            return
+
     async def sandbox_exited(self, pod_id: str, reason: str, message: str) -> None:
+        await self._until_recorded(f"the end of pod={pod_id}",
+                                   lambda: self._sandbox_exited(pod_id, reason, message))
+
+    async def _sandbox_exited(self, pod_id: str, reason: str, message: str) -> None:
         rt = self._runtime
         pod = rt.pods.find(pod_id)
         if pod is None:
@@ -141,15 +167,21 @@ class BackendEventSink:
             await rt.transitions.pod_not_ready(pod_id, reason, message)
 
     async def container_started(self, container_id: str, started_at: int) -> None:
-        container = self._runtime.containers.find(container_id)
-        if container is not None and container.state == ContainerState.CREATED:
-            await self._runtime.transitions.container_started(container_id, started_at)
+        async def record() -> None:
+            container = self._runtime.containers.find(container_id)
+            if container is not None and container.state == ContainerState.CREATED:
+                await self._runtime.transitions.container_started(container_id, started_at)
+
+        await self._until_recorded(f"the start of container={container_id}", record)
 
     async def container_exited(
         self, container_id: str, exit_code: int, reason: str, message: str, finished_at: int
     ) -> None:
-        await self._runtime.transitions.exit_reported(
-            container_id, ContainerExit(exit_code, reason, message, finished_at))
+        async def record() -> None:
+            await self._runtime.transitions.exit_reported(
+                container_id, ContainerExit(exit_code, reason, message, finished_at))
+
+        await self._until_recorded(f"the exit of container={container_id}", record)
 
 
 def info_json(value: Any) -> str:
