@@ -9,14 +9,14 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 # Debian packages: QEMU and the guest's kernel/userland (qemu-system-x86, linux-image-*,
-# busybox-static, runc, python3, erofs-utils, cpio, lz4; gcc, libc6-dev and libseccomp-dev
+# busybox-static, crun and runc (the guest's OCI runtimes), python3, erofs-utils, cpio, lz4; gcc, libc6-dev and libseccomp-dev
 # build the agent's static exec helper guest/vmexec.c), pod networking
 # (containernetworking-plugins, iproute2, iptables), and the tests' registry and tools
 # (docker-registry, skopeo, apache2-utils for htpasswd, socat; make, dpkg-dev, bzip2 and xz-utils
 # build busybox from its Debian source for the conformance images; syslinux, mtools and
 # dosfstools make the machine tests' bootable OS disk without mounting anything).
 APT_PACKAGES := qemu-system-x86 qemu-utils linux-image-amd64 linux-image-cloud-amd64 \
-	busybox-static runc python3 python3-venv erofs-utils squashfs-tools cpio lz4 zstd \
+	busybox-static crun runc python3 python3-venv erofs-utils squashfs-tools cpio lz4 zstd \
 	ca-certificates \
 	gcc libc6-dev libseccomp-dev make dpkg-dev bzip2 xz-utils \
 	containernetworking-plugins iproute2 iptables docker-registry skopeo apache2-utils socat \

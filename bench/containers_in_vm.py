@@ -1,7 +1,8 @@
-"""Container numbers in real micro-VMs (TCG): create/start latency, guest memory per idle
-container, and ExecSync `true` at the agent: in the guest itself (no container: the floor),
-through vmexec with and without the RuntimeDefault seccomp profile, and (a second VM whose agent
-runs with exec_mode=runc) through `runc exec`.
+"""Container numbers in real micro-VMs (TCG), one VM per guest OCI runtime set-up, in one run:
+create/start latency with crun (the default) and with runc, guest memory per idle container,
+and ExecSync `true` at the agent: in the guest itself (no container: the floor), through vmexec
+with and without the RuntimeDefault seccomp profile, and through `crun exec` and `runc exec`
+(agents with exec_mode=runtime).
 
 Usage: .venv/bin/python -m bench.containers_in_vm [--assets DIR] [--containers N] [--execs N]
 """
@@ -60,17 +61,26 @@ async def main(assets_dir: Path, n_containers: int, n_execs: int) -> None:
     try:
         (work / "images").mkdir()
         image = make_erofs(busybox_rootfs(work / "rootfs"), work / "images")
-        for exec_mode in ("auto", "runc"):
-            (work / exec_mode).mkdir()
-            (work / exec_mode / "images").symlink_to(work / "images")
-            spec = container_vm_spec(f"ctrbench-{os.getpid()}-{exec_mode}", work / exec_mode,
-                                     assets, settings={"exec_mode": exec_mode})
-            await one_vm(spec, image, exec_mode, n_containers, n_execs)
+        for name, settings in SETUPS.items():
+            (work / name).mkdir()
+            (work / name / "images").symlink_to(work / "images")
+            spec = container_vm_spec(f"ctrbench-{os.getpid()}-{name}", work / name,
+                                     assets, settings=settings)
+            print(f"--- {name}: agent settings {settings or 'defaults'}")
+            await one_vm(spec, image, name, n_containers, n_execs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def one_vm(spec: VMSpec, image: str, exec_mode: str, n_containers: int,
+# name -> agent settings. "crun": the default runtime, execs through vmexec (the default).
+SETUPS: dict[str, dict[str, str]] = {
+    "crun": {},
+    "crun-exec": {"exec_mode": "runtime"},
+    "runc": {"oci_runtime": "runc", "exec_mode": "runtime"},
+}
+
+
+async def one_vm(spec: VMSpec, image: str, name: str, n_containers: int,
                  n_execs: int) -> None:
     work = spec.state_dir
     machine = VM(spec)
@@ -91,12 +101,6 @@ async def one_vm(spec: VMSpec, image: str, exec_mode: str, n_containers: int,
             return t1 - t0, time.monotonic() - t1
 
         warm = await create("warmup", oci_spec(["sleep", "100000"]))  # first use: mounts
-        if exec_mode == "runc":
-            await create("seccomp", seccomp_spec())
-            report("runc exec, RuntimeDefault seccomp", await exec_times(
-                client, "seccomp", n_execs))
-            await client.shutdown()
-            return
         print(f"first container (mounts the share and image): create {warm[0]:.3f}s "
               f"start {warm[1]:.3f}s")
         await asyncio.sleep(2)
@@ -115,6 +119,12 @@ async def one_vm(spec: VMSpec, image: str, exec_mode: str, n_containers: int,
         print(f"guest memory per idle container: {(before - after) / n_containers / 2**20:.2f} "
               f"MiB (MemAvailable delta); cgroup memory.current median "
               f"{statistics.median(cg) / 2**20:.2f} MiB")
+        if name != "crun":
+            await create("seccomp", seccomp_spec())
+            report(f"{name.split('-')[0]} exec, RuntimeDefault seccomp", await exec_times(
+                client, "seccomp", n_execs))
+            await client.shutdown()
+            return
         await create("seccomp", seccomp_spec())
         for label, cid in (("guest (no container)", ""), ("vmexec", "idle0"),
                            ("vmexec, RuntimeDefault seccomp", "seccomp")):

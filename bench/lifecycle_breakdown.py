@@ -6,7 +6,7 @@ call a markdown table of the median total and the median of each step from the d
 
 - host steps (lock, db_write, image_lookup, spec, vm_restore, ...): the daemon's own work;
 - `agent.<Call>`: an agent call's round trip as the host sees it, and inside it
-  `guest.<Call>.<step>`: what the agent timed itself (runc_create, rootfs, ...); the agent
+  `guest.<Call>.<step>`: what the agent timed itself (oci_create, rootfs, ...); the agent
   call minus its guest steps is the channel, grpclib and the agent's dispatch;
 - `(other)`: the total minus the host steps and agent round trips (CRI decode, awaits between
   steps, whatever is not yet spanned).

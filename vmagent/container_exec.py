@@ -1,7 +1,8 @@
 """ExecSync inside a container: the container's namespaces, cgroup, capabilities, no_new_privs,
-rlimits, seccomp filter (and, through runc, its AppArmor profile), with the request's argv and
-(when given) env, cwd and user. The vmexec fast path (fastexec) runs when the spec allows it,
-`runc exec` otherwise. A timeout kills the exec'd process (not just its parent).
+rlimits, seccomp filter (and, through the OCI runtime, its AppArmor profile), with the
+request's argv and (when given) env, cwd and user. The vmexec fast path (fastexec) runs when
+the spec allows it, the OCI runtime's exec otherwise. A timeout kills the exec'd process (not
+just its parent).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from vmagent.api import agent_pb2 as pb
 from vmagent.containers import Containers
 from vmagent.execsync import DEFAULT_OUTPUT_LIMIT, Capture, kill_pid
 from vmagent.fdio import read_chunk
+from vmagent.ociruntime import log_errors
 from vmagent.ocispec import exec_process
 from vmagent.pid1 import ChildExit
-from vmagent.runc import log_errors
 
 log = logging.getLogger("vmagent")
 
@@ -56,7 +57,7 @@ def _remove(*paths: str) -> None:
 def plan_exec(containers: Containers, container_id: str, p: pb.Process
               ) -> tuple[Any, dict[str, Any] | None, Any | None]:
     """For an exec in a running container: the container, the exec's OCI process (the
-    container's own security settings with the exec's argv/env/cwd/user) for `runc exec`, and
+    container's own security settings with the exec's argv/env/cwd/user) for the runtime's exec, and
     the fast path's plan when the spec allows one (then the process may be None)."""
     c = containers.get(container_id)
     if c.status != _RUNNING:
@@ -72,7 +73,7 @@ def plan_exec(containers: Containers, container_id: str, p: pb.Process
         user = (p.user.uid, p.user.gid, list(p.user.additional_gids))
     process = exec_process(c.spec, list(p.argv), list(p.env), p.cwd, user)
     fast = None
-    if containers.exec_mode != "runc":
+    if containers.exec_mode != "runtime":
         from vmagent import fastexec
 
         fast = fastexec.plan(c.spec, process, c.pid, c.cgroup_dir,
@@ -142,10 +143,10 @@ async def exec_in_container(req: pb.ExecSyncRequest, containers: Containers
     stdout = Capture(loop, out_r, limit)
     stderr = Capture(loop, err_r, limit)
     t0 = time.monotonic()
-    run = asyncio.ensure_future(containers.runc.run_status(
+    run = asyncio.ensure_future(containers.runtime.run_status(
         ["exec", "--process", proc_file, "--pid-file", pid_file, c.id],
-        what=f"container {c.id}: runc exec", stdout=out_w, stderr=err_w, log_path=log_file,
-        close_after_spawn=(out_w, err_w)))
+        what=f"container {c.id}: exec", stdout=out_w, stderr=err_w, log_path=log_file,
+        close_after_spawn=(out_w, err_w), workload=True))
     timed_out = False
     try:
         try:
@@ -157,7 +158,7 @@ async def exec_in_container(req: pb.ExecSyncRequest, containers: Containers
             try:
                 status, _, _ = await run
             except asyncio.CancelledError:
-                status = ChildExit(signal.SIGKILL)  # runc itself was killed before the exec
+                status = ChildExit(signal.SIGKILL)  # the runtime was killed before the exec
         await asyncio.wait({stdout.eof, stderr.eof}, timeout=_DRAIN_AFTER_EXIT)
     except asyncio.CancelledError:
         _kill_exec(pid_file, run)
@@ -169,10 +170,10 @@ async def exec_in_container(req: pb.ExecSyncRequest, containers: Containers
         errors = "" if started else log_errors(log_file)
         await asyncio.to_thread(_remove, proc_file, pid_file, log_file)
     if not started and status.code != 0 and not timed_out:
-        # runc could not start the process at all (no such binary, bad cwd, ...).
+        # the runtime could not start the process at all (no such binary, bad cwd, ...).
         raise GRPCError(Status.FAILED_PRECONDITION,
                         f"container {c.id}: exec {p.argv[0]!r} failed: {errors or status.code}")
-    # runc exec exits with the process's code, or 128+signal when a signal killed it.
+    # `<runtime> exec` exits with the process's code, or 128+signal when a signal killed it.
     sig = status.code - 128 if status.code > 128 and timed_out else 0
     log.debug("exec done id=%s argv0=%s code=%d seconds=%.3f", c.id, p.argv[0], status.code,
               time.monotonic() - t0)
@@ -187,7 +188,7 @@ def _kill_exec(pid_file: str, run: asyncio.Future[Any]) -> None:
     if pid:
         kill_pid(pid, signal.SIGKILL)
     else:
-        run.cancel()  # not started yet: killing runc keeps it from starting
+        run.cancel()  # not started yet: killing the runtime keeps it from starting
 
 
 async def _exec_fast(req: pb.ExecSyncRequest, containers: Containers, plan: Any

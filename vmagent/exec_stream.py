@@ -149,7 +149,7 @@ async def _spawn_in_container(start: pb.ExecStart, containers: Containers) -> Sp
     if plan is not None:
         return await _spawn_fast(start, containers, plan)
     assert process is not None
-    return await _spawn_runc(start, containers, process)
+    return await _spawn_with_runtime(start, containers, process)
 
 
 async def _spawn_fast(start: pb.ExecStart, containers: Containers, plan: Any) -> Spawned:
@@ -169,12 +169,12 @@ async def _spawn_fast(start: pb.ExecStart, containers: Containers, plan: Any) ->
     return Spawned(exited, [pid], io)
 
 
-async def _spawn_runc(start: pb.ExecStart, containers: Containers,
-                      process: dict[str, Any]) -> Spawned:
-    """`runc exec --detach`: the process is re-parented to us (PID 1) when runc returns; with
-    a tty, runc hands us the pty master over a console socket."""
+async def _spawn_with_runtime(start: pb.ExecStart, containers: Containers,
+                              process: dict[str, Any]) -> Spawned:
+    """`<runtime> exec --detach`: the process is re-parented to us (PID 1) when the runtime
+    returns; with a tty, the runtime hands us the pty master over a console socket."""
     from vmagent.console import ConsoleSocket
-    from vmagent.runc import log_errors, spawn
+    from vmagent.ociruntime import log_errors, spawn
 
     c = containers.get(start.container_id)
     tty = start.process.tty
@@ -185,7 +185,7 @@ async def _spawn_runc(start: pb.ExecStart, containers: Containers,
     if tty and start.HasField("tty_size"):
         process["consoleSize"] = {"height": start.tty_size.rows, "width": start.tty_size.cols}
     await asyncio.to_thread(_write, proc_file, json.dumps(process))
-    r = containers.runc
+    r = containers.runtime
     argv = [r.binary, "--root", r.root, "--log", log_file, "--log-format", "json", "exec",
             "--detach", "--process", proc_file, "--pid-file", pid_file]
     console = ConsoleSocket(base + ".sock") if tty else None
@@ -199,10 +199,10 @@ async def _spawn_runc(start: pb.ExecStart, containers: Containers,
     try:
         receiving = asyncio.ensure_future(console.receive()) if console is not None else None
         try:
-            runc_pid = spawn(argv, child[0], child[1], child[2])
+            runtime_pid = spawn(argv, child[0], child[1], child[2])
         finally:
             close_quietly(*set(child))
-        status = await containers.reaper.watch(runc_pid)
+        status = await containers.reaper.watch(runtime_pid)
         if status.code != 0:
             raise GRPCError(Status.FAILED_PRECONDITION, f"container {c.id}: exec "
                             f"{start.process.argv[0]!r} failed: {log_errors(log_file)}")

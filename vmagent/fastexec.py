@@ -22,7 +22,7 @@ from typing import Any
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from vmagent import runc
+from vmagent import ociruntime
 from vmagent.execsync import Capture, kill_pid
 from vmagent.fdio import write_all
 from vmagent.pid1 import Reaper
@@ -194,7 +194,7 @@ async def compile_filter(p: Plan, reaper: Reaper) -> bytes:
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = runc.spawn([p.vmexec, "seccomp-compile"], in_r, out_w, err_w)
+        pid = ociruntime.spawn([p.vmexec, "seccomp-compile"], in_r, out_w, err_w)
     except BaseException:
         for fd in (in_w, out_r, err_r):
             os.close(fd)

@@ -16,8 +16,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from vmagent.idmap import IdMaps, write_maps
+from vmagent.ociruntime import spawn
 from vmagent.pid1 import Reaper
-from vmagent.runc import spawn
 
 log = logging.getLogger("vmagent")
 

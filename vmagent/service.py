@@ -50,6 +50,8 @@ class AgentState:
         self._containers: Containers | None = None
         self.exec_mode = "auto"
         self.vmexec = ""
+        self.oci_runtime = "auto"
+        self.runtime_fixed_addresses = False
 
     @property
     def containers(self) -> Containers:
@@ -57,7 +59,8 @@ class AgentState:
             from vmagent.containers import Containers
 
             self._containers = Containers(self.reaper, self.run_dir, self.exec_mode,
-                                          self.vmexec)
+                                          self.vmexec, self.oci_runtime,
+                                          self.runtime_fixed_addresses)
         return self._containers
 
 

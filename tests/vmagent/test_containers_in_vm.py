@@ -36,11 +36,14 @@ SHARED_GUEST = "/run/criserver/shared"
 
 
 class Pod:
-    def __init__(self, machine: VM, client: AgentClient, image: str, shared: Path) -> None:
+    def __init__(self, machine: VM, client: AgentClient, image: str, shared: Path,
+                 console: Path, runtime: str) -> None:
         self.machine = machine
         self.client = client
         self.image = image  # file name in the images share
         self.shared = shared  # host side of the pod's read-write share
+        self.console = console  # the guest's console log: the agent's log lines
+        self.runtime = runtime  # the OCI runtime the agent was told to use
         self.serial = 0
 
     async def call(self, name: str, req: object, timeout: float = 120) -> object:
@@ -115,7 +118,8 @@ async def _boot_pod(tmp_path_factory: pytest.TempPathFactory,
         await client.setup_sandbox(pb.SetupSandboxRequest(
             request_id="setup", sandbox_id="pod1", hostname="ctr-pod",
             resolv_conf="nameserver 10.96.0.10\n", hosts="127.0.0.1 localhost ctr-pod\n"))
-        yield Pod(machine, client, image, shared)
+        yield Pod(machine, client, image, shared, spec.log_file,
+                  settings.get("oci_runtime", "crun"))
     finally:
         client.close()
         if not machine.exited:
@@ -124,31 +128,56 @@ async def _boot_pod(tmp_path_factory: pytest.TempPathFactory,
         print(f"--- guest console ---\n{log[-3000:]}")
 
 
+# What the daemon tells the agent under TCG: crun runs with fixed addresses.
+FIXED = {"runtime_fixed_addresses": "1"}
+
+
 @pytest.fixture(scope="module")
 async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
-    async for p in _boot_pod(tmp_path_factory, {}):
+    async for p in _boot_pod(tmp_path_factory, FIXED):
         yield p
 
 
 @pytest.fixture(scope="module")
 async def runc_pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
-    """An agent that execs through `runc exec` only: the path specs vmexec cannot serve take."""
-    async for p in _boot_pod(tmp_path_factory, {"exec_mode": "runc"}):
+    """An agent told to run its containers with runc, and to exec through `runc exec` only
+    (the path specs vmexec cannot serve take)."""
+    async for p in _boot_pod(tmp_path_factory, {"oci_runtime": "runc", "exec_mode": "runtime"}):
         yield p
 
 
-@pytest.fixture(params=["vmexec", "runc"])
+@pytest.fixture(scope="module")
+async def crun_exec_pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
+    """The default runtime (crun) with every exec through `crun exec`."""
+    async for p in _boot_pod(tmp_path_factory, {**FIXED, "exec_mode": "runtime"}):
+        yield p
+
+
+_EXEC_PODS = {"vmexec": "pod", "crun": "crun_exec_pod", "runc": "runc_pod"}
+
+
+@pytest.fixture(params=list(_EXEC_PODS))
 def exec_pod(request: pytest.FixtureRequest) -> Pod:
-    return request.getfixturevalue("pod" if request.param == "vmexec" else "runc_pod")  # type: ignore[no-any-return]
+    return request.getfixturevalue(_EXEC_PODS[request.param])  # type: ignore[no-any-return]
 
 
-async def test_output_exit_code_and_delete(pod: Pod) -> None:
+@pytest.fixture(params=["pod", "runc_pod"])
+def any_runtime_pod(request: pytest.FixtureRequest) -> Pod:
+    """The default runtime's pod (crun), and runc's: both must give the same results."""
+    return request.getfixturevalue(request.param)  # type: ignore[no-any-return]
+
+
+async def test_output_exit_code_and_delete(any_runtime_pod: Pod) -> None:
+    pod = any_runtime_pod
     t0 = time.monotonic()
     cid = await pod.create(["sh", "-c", "echo out; echo err >&2; echo more; exit 3"])
     t1 = time.monotonic()
     await pod.call("StartContainer", pb.StartContainerRequest(container_id=cid))
     t2 = time.monotonic()
     print(f"create {t1 - t0:.3f}s start {t2 - t1:.3f}s (host-observed, incl. first-use setup)")
+    # The agent ran the runtime it was told to (crun by default).
+    assert f"container created id={cid} sandbox=pod1 runtime={pod.runtime} " in \
+        pod.console.read_text(errors="replace")
     status = await pod.call("WaitContainer", pb.WaitContainerRequest(container_id=cid))
     assert isinstance(status, pb.ExitStatus)
     assert (status.exit_code, status.reason, status.oom_killed) == (3, "Error", False)
@@ -324,7 +353,8 @@ async def test_oom_killed(pod: Pod) -> None:
     await pod.delete(cid)
 
 
-async def test_stats_update(pod: Pod) -> None:
+async def test_stats_update(any_runtime_pod: Pod) -> None:
+    pod = any_runtime_pod
     cid = await pod.create(["sh", "-c", "while :; do :; done"])
     idle = await pod.create(["sleep", "100000"])
     try:
@@ -365,3 +395,21 @@ async def test_pod_shared_pid_namespace(pod: Pod) -> None:
         await pod.delete(alone)
     finally:
         await pod.delete(first)
+
+
+async def test_workloads_keep_address_randomisation(exec_pod: Pod) -> None:
+    """crun runs with ADDR_NO_RANDOMIZE under TCG; the container's processes, started by it
+    or exec'd later (vmexec, crun exec, runc exec), have the default personality."""
+    cid, st = await exec_pod.run(["cat", "/proc/self/personality"])
+    out, err = _by_stream(await exec_pod.output(cid))
+    assert (st.exit_code, out, err) == (0, b"00000000\n", b"")
+    await exec_pod.delete(cid)
+    sleeper = await exec_pod.create(["sleep", "100000"])
+    try:
+        await exec_pod.call("StartContainer", pb.StartContainerRequest(container_id=sleeper))
+        reply = await exec_pod.exec(sleeper, "cat", "/proc/self/personality")
+        assert (reply.exit_code, reply.stdout) == (0, b"00000000\n"), reply
+        reply = await exec_pod.exec(sleeper, "cat", "/proc/1/personality")
+        assert (reply.exit_code, reply.stdout) == (0, b"00000000\n"), reply
+    finally:
+        await exec_pod.delete(sleeper)

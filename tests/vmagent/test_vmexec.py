@@ -2,7 +2,8 @@
 a process in its own PID, UTS, IPC and mount namespaces and a real cgroup v2 group. The exec'd
 process reports what it got from /proc, so each test checks what the kernel applied, not what we
 asked for. The same binary and the same fastexec planning run in the guest (tests/e2e cover
-that path inside micro-VMs)."""
+that path inside micro-VMs). Also its fixed-addresses launcher, through which the agent runs
+crun under TCG."""
 
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from grpclib.const import Status
 
 from guest import build as guestbuild
 from vmagent import fastexec
+from vmagent.ociruntime import OciRuntime, OciRuntimeError, runtime_binary
 from vmagent.pid1 import ChildExit
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
 CGROUP2 = Path("/sys/fs/cgroup/unified")
+ADDR_NO_RANDOMIZE = 0x0040000
 REPORT = "cat /proc/self/status; echo ulimit=$(ulimit -n); echo cwd=$(pwd); echo foo=$FOO; " \
          "echo host=$(hostname); echo pid=$$; cat /proc/self/cgroup"
 
@@ -223,3 +227,30 @@ def test_exit_codes_and_signals_pass_through(vmexec: str, container: FakeContain
     assert _run(vmexec, container, _process(["sh", "-c", "exit 7"]))[0].code == 7
     killed = _run(vmexec, container, _process(["sh", "-c", "kill -9 $$"]))[0]
     assert (killed.code, killed.signal) == (128 + 9, 9)
+
+
+def test_fixed_addresses_sets_no_randomize_for_the_program_only(vmexec: str) -> None:
+    done = subprocess.run([vmexec, "fixed-addresses", "--", "/bin/cat", "/proc/self/personality"],
+                          capture_output=True, text=True, check=True)
+    assert int(done.stdout, 16) & ADDR_NO_RANDOMIZE
+    with open("/proc/self/personality") as f:
+        assert not int(f.read(), 16) & ADDR_NO_RANDOMIZE
+    bad = subprocess.run([vmexec, "fixed-addresses", "--", "/nonexistent"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 127 and "/nonexistent" in bad.stderr
+    usage = subprocess.run([vmexec, "fixed-addresses", "/bin/true"], capture_output=True)
+    assert usage.returncode == 2
+
+
+async def test_the_oci_runtime_runs_through_the_launcher(vmexec: str, tmp_path: Path) -> None:
+    """A real runtime call through the launcher: `--version` answers, and starting an unknown
+    container is NOT_FOUND (crun's wording when crun is installed, else runc's)."""
+    binary = runtime_binary()
+    if not os.access(binary, os.X_OK):
+        pytest.skip("neither crun nor runc installed")
+    runtime = OciRuntime(_WaitpidReaper(), binary,  # type: ignore[arg-type]
+                         root=str(tmp_path / "state"), launcher=(vmexec, "fixed-addresses", "--"))
+    assert b"version" in await runtime.run(["--version"], what="version")
+    with pytest.raises(OciRuntimeError) as err:
+        await runtime.run(["start", "nosuch"], what="start")
+    assert err.value.status == Status.NOT_FOUND, err.value.message

@@ -141,6 +141,10 @@ class MicroVMOptions:
     templates_dir: str = option("", "Where templates (guest RAM) are kept; empty: "
                                     "<daemon state>/templates. Keep it on a tmpfs")
     max_templates: int = option(4, "Most templates kept (one per VM shape)", min=0)
+    guest_oci_runtime: str = option("auto", "The OCI runtime that runs containers in the guest: "
+                                            "auto (crun when the guest image has it, else "
+                                            "runc), crun or runc",
+                                    choices=("auto", "crun", "runc"))
 
 
 class MicroVMBackend(BaseBackend):
@@ -313,14 +317,16 @@ class MicroVMBackend(BaseBackend):
             raise FailedPrecondition(host.assets_error)
         memory, vcpus = self._size(pod.config)
         chosen = host.accelerator_now
+        accel = chosen.name if chosen else "tcg"
         return pod_guest_spec(
             pod.id,
             self._pod_state_dir(pod.id),
             host.assets,
             self.agent_transport(pod),
-            GuestBoot(tsc_khz=host.tsc_khz, module_groups=MODULE_GROUPS),
+            GuestBoot(tsc_khz=host.tsc_khz, module_groups=MODULE_GROUPS,
+                      settings=self._agent_settings(accel)),
             machine=Machine(self.settings.machine),
-            accel=chosen.name if chosen else "tcg",
+            accel=accel,
             memory_mib=memory,
             vcpus=vcpus,
             nics=nics,
@@ -329,6 +335,19 @@ class MicroVMBackend(BaseBackend):
             tcg_tb_size_mib=self.settings.tcg_tb_size_mib,
             free_page_reporting=self.settings.free_page_reporting,
         )
+
+    def _agent_settings(self, accel: str) -> dict[str, str]:
+        """The agent settings this handler's options and accelerator imply (only those not
+        the default)."""
+        settings = {}
+        runtime = self.settings.guest_oci_runtime
+        if runtime != "auto":
+            settings["oci_runtime"] = runtime
+        if accel == "tcg":
+            # Emulated code is translated per virtual address: fixed addresses let every crun
+            # call reuse what the first one translated (guest/vmexec.c fixed-addresses).
+            settings["runtime_fixed_addresses"] = "1"
+        return settings
 
     def _size(self, config: cri.PodSandboxConfig) -> tuple[int, int]:
         """Guest memory (MiB) and vCPUs: the pod's limits, or the defaults, plus overhead."""
