@@ -118,6 +118,8 @@ class AgentService:
         req = await stream.recv_message()
         assert req is not None
         log.info("shutdown requested action=%s", pb.ShutdownRequest.Action.Name(req.action))
+        # Synced before the answer: the host may end the VM as soon as it has it.
+        await asyncio.to_thread(os.sync)
         await stream.send_message(pb.Empty())
         await stream.send_trailing_metadata()
         if not self._s.shutdown_requested.done():

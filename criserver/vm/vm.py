@@ -412,8 +412,15 @@ class VM:
             await self._execute("shutdown: system_powerdown", "system_powerdown")
             if await self.wait_exited(grace):
                 return
+        await self.quit()
+
+    async def quit(self) -> None:
+        """End QEMU now, whatever the guest is doing (QMP `quit`: QEMU still flushes its disks
+        and removes its pidfile); SIGKILL if it does not go."""
+        if self.exited:
+            return
         with contextlib.suppress(Unavailable, Internal, DeadlineExceeded, FailedPrecondition):
-            await self._execute("shutdown: quit", "quit")
+            await self._execute("quit", "quit")
         if await self.wait_exited(EXIT_TIMEOUT):
             return
         log.warning("vm did not quit, killing vm=%s pid=%s", self.vm_id, self._pid)

@@ -571,12 +571,17 @@ class MicroVMBackend(BaseBackend):
     async def _power_off(self, handle: PodVM) -> None:
         handle.stopping = True
         grace = self.settings.stop_grace
+        acknowledged = False
         with contextlib.suppress(CriError):
             # What still runs ends now, as the CRI asks of StopPodSandbox (kubelet stops the
-            # containers with their grace periods first): the agent syncs and powers off.
+            # containers with their grace periods first). The agent syncs before it answers:
+            # nothing of the guest's is worth its emulated power-off (~0.15 s under TCG).
             await handle.agent.shutdown()
+            acknowledged = True
         with span("vm_exit"):
-            if not await handle.vm.wait_exited(grace):
+            if acknowledged:
+                await handle.vm.quit()
+            elif not await handle.vm.wait_exited(grace):
                 await handle.vm.shutdown(grace)
             await handle.close()
 
