@@ -70,8 +70,19 @@ async def test_image_volume_sub_path_bound_read_only(image: str, tmp_path: Path)
             await unmount_volume(mounts, volume)
     assert not mountutil.is_mountpoint(etc.target)
     assert not os.path.exists(f"{run_dir}/imagevolumes/c1")
-    assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                if run_dir in line]
+    # The image stays mounted with no user, for the next container of it; then it goes.
+    assert len(_mounts_under(run_dir)) == 1
+    again = await mount_volume(mounts, whole, "c2")
+    assert sorted(os.listdir(whole.target)) == ["bin", "etc", "usr"]
+    assert len(_mounts_under(f"{run_dir}/imagefs/")) == 1
+    await unmount_volume(mounts, again)
+    await mounts.unmount_unused()
+    assert not _mounts_under(run_dir)
+
+
+def _mounts_under(prefix: str) -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if prefix in line]
 
 
 @pytest.mark.parametrize("sub_path", ["missing", "bin/tool/below"])
@@ -83,9 +94,9 @@ async def test_image_volume_missing_sub_path(image: str, tmp_path: Path, sub_pat
     with pytest.raises(GRPCError) as err:
         await mount_volume(mounts, m, "c1")
     assert err.value.status is Status.NOT_FOUND and sub_path in str(err.value.message)
-    # The image mount made for it is released again.
-    assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                if run_dir in line]
+    # The image mount made for it is released again: unused, it goes with unmount_unused.
+    await mounts.unmount_unused()
+    assert not _mounts_under(run_dir)
 
 
 @pytest.mark.parametrize("target", ["/etc/x", "{run}/../etc", "relative"])
