@@ -1,0 +1,155 @@
+"""The issue 16 yardstick: each lifecycle operation as a new user runs it, one crictl process per
+call, against criserver (micro-VM backend with its defaults: pods cloned from a template,
+network on) and containerd + runc, in the same run, alternating round by round.
+
+    flock /tmp/criserver-vm.lock .venv/bin/python -m bench.crictl_ops [--rounds 10]
+
+A round is runp, create (`sleep 3600`, busybox from a local registry, pulled beforehand),
+start, exec -s `true` (the first exec in a new container), stop -t 2, rm, stopp, rmp. Each is
+the wall time of its crictl process (crictl's own start-up, ~20 ms, is in both sides alike).
+One untimed round per side first (criserver's builds its template). Prints the medians, the
+ratio criserver/containerd and the issue's target for each. Needs root, containerd (1.6.20),
+runc, containernetworking-plugins, docker-registry, and crictl (`make tools`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench.containerd_kit import Containerd
+from bench.exec_baseline import push_images
+from bench.pod_start import BenchDaemon, build_template
+from tests.conformance.tools import cri_tools_version
+from tests.registry import _start_registry, _stop
+
+REPO = Path(__file__).resolve().parents[1]
+
+OPS = ("runp", "create", "start", "exec -s", "stop -t 2", "rm", "stopp", "rmp")
+# (label, ops summed, target ratio)
+TARGETS = (
+    ("runp", ("runp",), 3.0),
+    ("create + start", ("create", "start"), 3.0),
+    ("exec -s (new container)", ("exec -s",), 1.5),
+    ("stop -t 2", ("stop -t 2",), 2.0),
+    ("rm", ("rm",), 2.0),
+    ("stopp", ("stopp",), 2.0),
+    ("rmp", ("rmp",), 2.0),
+)
+
+
+def crictl_binary() -> Path:
+    path = REPO / ".tools" / f"cri-tools-{cri_tools_version()}" / "crictl"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `make tools`")
+    return path
+
+
+class Side:
+    """One runtime, driven only through crictl."""
+
+    def __init__(self, name: str, socket: Path, work: Path) -> None:
+        self.name = name
+        self.endpoint = f"unix://{socket}"
+        self.work = work
+        self.samples: dict[str, list[float]] = {op: [] for op in OPS}
+
+    def crictl(self, *args: str) -> tuple[str, float]:
+        argv = [str(crictl_binary()), "--runtime-endpoint", self.endpoint, "--image-endpoint",
+                self.endpoint, "--timeout", "120s", *args]
+        t0 = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        seconds = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.name}: crictl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout.strip(), seconds
+
+    def round(self, i: int, image: str, timed: bool) -> None:
+        """One pod's lifecycle; every op's crictl time into `samples` when `timed`."""
+        d = self.work / f"r{i}"
+        (d / "logs").mkdir(parents=True)
+        pod = {"metadata": {"name": f"cb-{i}", "namespace": "bench", "uid": uuid.uuid4().hex,
+                            "attempt": 0},
+               "hostname": f"cb-{i}", "log_directory": str(d / "logs"), "linux": {}}
+        ctr = {"metadata": {"name": "c"}, "image": {"image": image},
+               "command": ["sleep", "3600"], "log_path": "c.log", "linux": {}}
+        (d / "pod.json").write_text(json.dumps(pod))
+        (d / "ctr.json").write_text(json.dumps(ctr))
+
+        def op(name: str, *args: str) -> str:
+            out, seconds = self.crictl(*args)
+            if timed:
+                self.samples[name].append(seconds)
+            return out
+
+        pod_id = op("runp", "runp", str(d / "pod.json"))
+        cid = op("create", "create", "--no-pull", pod_id, str(d / "ctr.json"),
+                 str(d / "pod.json"))
+        op("start", "start", cid)
+        op("exec -s", "exec", "-s", cid, "true")
+        op("stop -t 2", "stop", "-t", "2", cid)
+        op("rm", "rm", cid)
+        op("stopp", "stopp", pod_id)
+        op("rmp", "rmp", pod_id)
+
+    def median_ms(self, ops: tuple[str, ...]) -> float:
+        return sum(statistics.median(self.samples[o]) for o in ops) * 1000
+
+
+def report(cri: Side, ctrd: Side, rounds: int) -> str:
+    rows = [f"crictl, one process per call, medians of {rounds} rounds (same run, alternating)",
+            "", "| op | criserver | containerd | ratio | target | met |",
+            "|---|---:|---:|---:|---:|---|"]
+    for label, ops, target in TARGETS:
+        a, b = cri.median_ms(ops), ctrd.median_ms(ops)
+        ratio = a / b
+        rows.append(f"| {label} | {a:.0f} ms | {b:.0f} ms | {ratio:.1f}x | <= {target:g}x | "
+                    f"{'yes' if ratio <= target else 'no'} |")
+    return "\n".join(rows)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    crictl_binary()
+    reg_dir = Path(tempfile.mkdtemp(prefix="crictlb-reg-", dir="/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="crictlb-", dir="/tmp"))
+    registry = _start_registry(reg_dir / "open", htpasswd=False)
+    try:
+        await push_images(registry.base)
+        image = f"{registry.host}/e2e/busybox:latest"
+        with Containerd(registry.host, f"{registry.host}/bench/pause:latest") as ctrd, \
+                BenchDaemon(network=True) as crid:
+            client = crid.daemon.client()
+            try:
+                await build_template(client, crid.workdir)
+            finally:
+                await client.close()
+            sides = [Side("criserver", crid.daemon.socket, work / "criserver"),
+                     Side("containerd", ctrd.socket, work / "containerd")]
+            for s in sides:
+                s.crictl("pull", image)
+                s.round(0, image, timed=False)
+            for i in range(1, args.rounds + 1):
+                for s in (sides if i % 2 else sides[::-1]):
+                    s.round(i, image, timed=True)
+                print(f"  round {i}/{args.rounds}", flush=True)
+            print(report(sides[0], sides[1], args.rounds))
+    finally:
+        _stop(registry)
+        shutil.rmtree(reg_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
