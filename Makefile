@@ -153,10 +153,12 @@ fuzz: venv
 			2>&1 | grep -v '^INFO: Instrumenting' | tail -n 3 || exit 1; \
 	done
 
-# containerd is the same-run baseline of bench/exec_baseline.py (no daemon of it is started).
+# containerd is the same-run baseline of bench/exec_baseline.py and bench/density.py (no daemon
+# of it is started). density.py (110 idle pods, issue 16 step 5) boots VMs: under the VM lock.
 bench: install
 	$(MAKE) deps APT_PACKAGES=containerd
 	$(PY) bench/cri_latency.py
+	flock /tmp/criserver-vm.lock $(PY) bench/density.py
 
 # IRI machines against the same VM started on the VM layer (docs/benchmarks.md, issue 17)
 bench-machines: install

@@ -169,7 +169,7 @@ class Containerd:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _shim_pids(self) -> list[int]:
+    def shim_pids(self) -> list[int]:
         """containerd-shim-runc-v2 processes of this containerd (they carry its socket path)."""
         pids = []
         for proc in Path("/proc").iterdir():
@@ -194,7 +194,7 @@ class Containerd:
                 self.process.wait()
         # Shims outlive containerd by design; whatever pods were not removed through the CRI
         # die with their shim (runc's init is the shim's child, in its own cgroup).
-        for pid in self._shim_pids():
+        for pid in self.shim_pids():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

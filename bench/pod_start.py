@@ -123,7 +123,7 @@ async def sequential(
     """Floor, booted pod with network and without, cloned pod: round-robin so host load drifts
     hit all of them."""
     out: dict[str, list[float]] = {"floor": [], "net": [], "nonet": [], "clone": []}
-    booted = {"templates": False}
+    booted: dict[str, int | bool] = {"templates": False}
     with BenchDaemon(network=True, options=booted) as net_d, \
             BenchDaemon(network=False, options=booted) as nonet_d, \
             BenchDaemon(network=True) as clone_d:

@@ -54,6 +54,7 @@ from pathlib import Path
 from bench.containerd_kit import Containerd, cni_conflist
 from bench.exec_baseline import pod_netns, push_images, runc_exec, timed
 from bench.pod_start import pct
+from bench.procs import proc_table, pss_rss, rss_kib
 from criserver.backends.runc.build import build_ctrmon
 from tests.cri_client import CRIClient, enum, msg
 from tests.daemon import Daemon, unmount_under
@@ -233,51 +234,6 @@ class RuncDaemon:
 
 # -- memory -----------------------------------------------------------------------------------
 
-def proc_table() -> dict[int, tuple[int, list[bytes]]]:
-    """pid -> (parent pid, argv) of every process."""
-    out = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            argv = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        out[int(proc.name)] = (ppid, argv)
-    return out
-
-
-def pss_rss(pid: int) -> tuple[int, int]:
-    """KiB: (PSS, RSS) of one process."""
-    pss = rss = 0
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            pss = int(line.split()[1])
-        elif line.startswith("Rss:"):
-            rss = int(line.split()[1])
-    return pss, rss
-
-
-def rss_kib(pid: int) -> int:
-    """The RSS of a process and its descendants (a daemon's helpers count as the daemon)."""
-    table = proc_table()
-    pids, todo = {pid}, [pid]
-    while todo:
-        parent = todo.pop()
-        kids = [p for p, (pp, _) in table.items() if pp == parent and p not in pids]
-        pids.update(kids)
-        todo += kids
-    total = 0
-    for p in pids:
-        try:
-            total += pss_rss(p)[1]
-        except OSError:
-            pass
-    return total
-
-
 @dataclass
 class Memory:
     """KiB summed over all pods of one runtime, by kind of process."""
@@ -317,7 +273,7 @@ def containerd_memory(ctrd: Containerd) -> Memory:
     shim's children running the pause image's command); the containers' own processes not."""
     table = proc_table()
     mem = Memory()
-    shims = ctrd._shim_pids()
+    shims = ctrd.shim_pids()
     for pid in shims:
         mem.add("containerd-shim-runc-v2", pid)
     for pid, (ppid, argv) in table.items():
