@@ -46,9 +46,9 @@ def opt(argv: list[str], flag: str) -> list[str]:
 def test_microvm_serial_defaults() -> None:
     argv = build_command(spec())
     assert argv[0] == "qemu-system-x86_64"
-    assert opt(argv, "-machine") == ["microvm,acpi=on"]
+    assert opt(argv, "-machine") == ["microvm,acpi=on,pit=off,pic=off"]
     assert opt(argv, "-accel") == ["tcg"]
-    assert opt(argv, "-cpu") == ["qemu64,+rdrand"]
+    assert opt(argv, "-cpu") == ["qemu64,+rdrand,+arat"]
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-daemonize"):
         assert flag in argv
     assert opt(argv, "-pidfile") == ["/run/c/pod1/qemu.pid"]
@@ -184,7 +184,7 @@ def test_rejects_bad_specs(bad: dict[str, object]) -> None:
 def test_guest_memory_file_and_incoming() -> None:
     template = build_command(spec(memory_mib=320,
                                   memory_file=GuestMemory(Path("/t/memory"), shared=True)))
-    assert opt(template, "-machine") == ["microvm,acpi=on,memory-backend=ram"]
+    assert opt(template, "-machine") == ["microvm,acpi=on,pit=off,pic=off,memory-backend=ram"]
     assert opt(template, "-object") == [
         "memory-backend-file,id=ram,size=320M,mem-path=/t/memory,share=on"]
     assert "-incoming" not in template
@@ -194,7 +194,7 @@ def test_guest_memory_file_and_incoming() -> None:
         "memory-backend-file,id=ram,size=320M,mem-path=/t/memory,share=off"]
     assert opt(clone, "-incoming") == ["defer"]
     plain = build_command(spec())
-    assert "-object" not in plain and opt(plain, "-machine") == ["microvm,acpi=on"]
+    assert "-object" not in plain and opt(plain, "-machine") == ["microvm,acpi=on,pit=off,pic=off"]
 
 
 def test_fw_cfg_files_and_an_interactive_console() -> None:
