@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import aiohttp
 import grpc
@@ -55,15 +54,6 @@ async def _state(cri: CRIClient) -> tuple[object, ...]:
     containers = sorted((c.id, c.state) for c in (await cri.runtime.ListContainers()).containers)
     images = sorted(i.id for i in (await cri.image.ListImages(msg("ListImagesRequest"))).images)
     return pods, containers, images
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path).start()
-    try:
-        yield d
-    finally:
-        d.kill()
 
 
 async def test_a_read_only_store_refuses_changes_clearly_and_recovers(
