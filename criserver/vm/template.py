@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from criserver.errors import CriError
+from criserver.failpoints import crash_point
 from criserver.vm import process
 from criserver.vm.host import qemu_identity
 from criserver.vm.qemu import (
@@ -158,7 +159,10 @@ class TemplateStore:
         """Remove what a build cut short by a daemon crash left: its QEMU (daemonized, so it
         outlived the daemon) and its directory. Blocking: call from a thread at start."""
         for entry in self._entries():
-            if not (entry / "state").exists() and _kill_template_qemu(entry):
+            # A build's directory is <key>.tmp until published: it may hold a state file
+            # already (the crash came after the save), and its QEMU may still run.
+            unfinished = entry.name.endswith(".tmp") or not (entry / "state").exists()
+            if unfinished and _kill_template_qemu(entry):
                 shutil.rmtree(entry, ignore_errors=True)
 
     def ensure(self, spec: VMSpec) -> None:
@@ -240,8 +244,10 @@ class TemplateStore:
         vm = VM(spec)
         await vm.start()
         try:
+            crash_point("template.booting")  # its QEMU daemonized, the directory a .tmp
             await self._guest.wait_ready(spec, time.monotonic() + self._boot_timeout)
             await vm.save_state(state)
+            crash_point("template.saved")  # memory and state written, not yet published
         finally:
             with contextlib.suppress(CriError):
                 await vm.kill()

@@ -6,8 +6,10 @@ pods again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,3 +353,60 @@ async def test_qemu_killed_during_create_container_leaves_a_pod_to_remove(node: 
         await _remove_containers(cri)
     finally:
         await cri.close()
+
+
+# -- a template build cut short ----------------------------------------------------------------
+
+TEMPLATE_STEPS = [
+    "template.booting",  # the template's QEMU daemonized, its directory a .tmp
+    "template.saved",  # memory and state written into the .tmp, not yet published
+]
+
+
+@pytest.mark.parametrize("step", TEMPLATE_STEPS)
+async def test_a_crash_while_a_template_is_built_leaks_nothing(step: str) -> None:
+    require_assets()
+    workdir = short_workdir()
+    daemon = Daemon(workdir, config=microvm_config(workdir, templates=True, accelerator="tcg"))
+    templates = daemon.state / "runtimes" / "microvm" / "templates"
+    daemon.start(env={ENV: step})
+    cri = daemon.client()
+    try:
+        # The first pod boots; its shape's template is built behind it and the daemon dies
+        # there, before or after the pod's own answer.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await cri.run_pod("first")
+        assert daemon.process is not None
+        assert daemon.process.wait(120) == -signal.SIGKILL
+        assert f"failpoint {step} reached" in daemon.log()
+        assert [p.name for p in templates.iterdir() if p.name.endswith(".tmp")]
+
+        daemon.start()
+        await cri.close()
+        cri = daemon.client()
+        # The build's QEMU and directory are gone; the pod, if it was recorded, was adopted.
+        assert not [p.name for p in templates.iterdir() if p.name.endswith(".tmp")]
+        pods = (await cri.runtime.ListPodSandbox()).items
+        assert len(qemus_of(workdir)) == len(pods)
+        for p in pods:
+            await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest",
+                                                   pod_sandbox_id=p.id))
+        assert qemus_of(workdir) == []
+        assert list((daemon.state / "netns").iterdir()) == []  # the build's scratch netns too
+
+        # Recovered, not just cleaned: the template is built again and a pod is cloned from it.
+        second = await cri.run_pod("second")
+        deadline = time.monotonic() + 180
+        while not list(templates.glob("*/state")):
+            assert time.monotonic() < deadline, "no template built after the restart"
+            await asyncio.sleep(0.5)
+        third = await cri.run_pod("third")
+        ready = [line for line in daemon.log().splitlines() if f"pod vm ready pod={third} " in line]
+        assert ready and "template=-" not in ready[0], ready
+        for pod_id in (second, third):
+            await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest",
+                                                   pod_sandbox_id=pod_id))
+        assert qemus_of(workdir) == []
+    finally:
+        await cri.close()
+        tear_down(daemon, workdir)

@@ -99,6 +99,9 @@ def test_ready_and_prune(tmp_path: Path) -> None:
     template = built(tmp_path, spec)
     assert store.ready(spec) == template
     (tmp_path / "half.tmp").mkdir()  # a build a crash cut short
+    # ... after its save: the state file is there, but it was never published.
+    (tmp_path / "saved.tmp").mkdir()
+    (tmp_path / "saved.tmp" / "state").write_bytes(b"QEVM")
     store.prune()
     assert sorted(p.name for p in tmp_path.iterdir()) == [template.directory.name]
     store.discard(template)
