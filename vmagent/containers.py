@@ -7,6 +7,7 @@ container.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -56,6 +57,8 @@ _TRANSITIONS = {
 # wait this long for EOF, then take what the pipes hold and close them.
 _OUTPUT_DRAIN = 2.0
 _POD_SHM_SIZE = "64m"
+# crun loads this program instead of compiling the spec's profile.
+SECCOMP_BPF_ANNOTATION = "run.oci.seccomp_bpf_data"
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -252,6 +255,9 @@ class Containers:
             if self.runtime.launcher:
                 # The runtime runs without address randomisation: the container gets it back.
                 c.spec["linux"].setdefault("personality", {"domain": "LINUX"})
+        with span("seccomp"):
+            await self._precompile_seccomp(c)
+        with span("config"):
             c.cgroup_dir = cgroups.cgroup_dir(c.spec["linux"]["cgroupsPath"])
             config = json.dumps(c.spec).encode()
             await asyncio.to_thread(_write, os.path.join(c.bundle, "config.json"), config)
@@ -267,6 +273,25 @@ class Containers:
         c.exited = self.reaper.watch(c.pid)
         c.exited.add_done_callback(lambda fut: self._on_exit(c, fut))
         _set_status(c, S.CREATED)
+
+    async def _precompile_seccomp(self, c: Container) -> None:
+        """crun only: compile the spec's seccomp profile once with vmexec and hand crun the
+        program (its run.oci.seccomp_bpf_data annotation); the container's execs load the
+        same program. Otherwise crun compiles it at create and vmexec again at the first
+        exec, each with its own copy of libseccomp to translate under TCG."""
+        from vmagent import fastexec
+
+        profile = c.spec["linux"].get("seccomp")
+        vmexec = self.vmexec or fastexec.DEFAULT_VMEXEC
+        if not profile or self.runtime.name != "crun" or not os.access(vmexec, os.X_OK):
+            return
+        try:
+            rules, _ = fastexec.seccomp_rules(profile)
+        except (fastexec.Unsupported, KeyError, ValueError, TypeError):
+            return  # crun compiles what vmexec cannot (a notify listener, newer actions)
+        c.exec_filter = await fastexec.compile_rules(vmexec, rules, self.reaper)
+        c.spec.setdefault("annotations", {})[SECCOMP_BPF_ANNOTATION] = \
+            base64.b64encode(c.exec_filter).decode()
 
     async def _create_with_pipes(self, c: Container, pid_file: str, stdin: bool) -> None:
         """stdout/stderr into the output log; stdin, if asked, a pipe whose write end we keep

@@ -190,11 +190,16 @@ def plan(container_spec: dict[str, Any], process: dict[str, Any], init_pid: int,
 
 async def compile_filter(p: Plan, reaper: Reaper) -> bytes:
     """The plan's seccomp profile as a BPF program (callers cache it per container)."""
+    return await compile_rules(p.vmexec, p.seccomp_rules, reaper)
+
+
+async def compile_rules(vmexec: str, rules: str, reaper: Reaper) -> bytes:
+    """`vmexec seccomp-compile` of `rules` (from `seccomp_rules`): the raw BPF program."""
     in_r, in_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = ociruntime.spawn([p.vmexec, "seccomp-compile"], in_r, out_w, err_w)
+        pid = ociruntime.spawn([vmexec, "seccomp-compile"], in_r, out_w, err_w)
     except BaseException:
         for fd in (in_w, out_r, err_r):
             os.close(fd)
@@ -209,7 +214,7 @@ async def compile_filter(p: Plan, reaper: Reaper) -> bytes:
     try:
         try:
             os.set_blocking(in_w, False)
-            await write_all(in_w, p.seccomp_rules.encode())
+            await write_all(in_w, rules.encode())
         finally:
             os.close(in_w)  # end of the rules
         status = await exited

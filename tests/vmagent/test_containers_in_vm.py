@@ -413,3 +413,18 @@ async def test_workloads_keep_address_randomisation(exec_pod: Pod) -> None:
         assert (reply.exit_code, reply.stdout) == (0, b"00000000\n"), reply
     finally:
         await exec_pod.delete(sleeper)
+
+
+async def test_the_containers_own_process_gets_its_seccomp_filter(any_runtime_pod: Pod) -> None:
+    """crun loads the program the agent compiled once (run.oci.seccomp_bpf_data), runc
+    compiles its own: either way the init runs filtered."""
+    pod = any_runtime_pod
+    spec = json.loads(oci_spec(["sh", "-c", "grep Seccomp: /proc/self/status; mkdir /tmp/made"]))
+    spec["linux"]["seccomp"] = SECCOMP
+    cid = await pod.create([], spec=json.dumps(spec).encode())
+    await pod.call("StartContainer", pb.StartContainerRequest(container_id=cid))
+    status = await pod.call("WaitContainer", pb.WaitContainerRequest(container_id=cid))
+    out, err = _by_stream(await pod.output(cid))
+    assert (out, status.exit_code) == (b"Seccomp:\t2\n", 1), (out, err)  # type: ignore[attr-defined]
+    assert b"ermitted" in err, err
+    await pod.delete(cid)
