@@ -350,17 +350,7 @@ class Containers:
         """Undo whatever create got to; safe to call on a half-created container."""
         if c.pid or _exists(os.path.join(c.bundle, "config.json")):
             with span("oci_delete"):
-                released = c.exited is not None and c.exited.done() and await asyncio.to_thread(
-                    release_exited, c.cgroup_dir, os.path.join(self.runtime.root, c.id))
-            if not released:
-                try:
-                    with span("oci_delete"):
-                        await self.runtime.run(["delete", "--force", c.id],
-                                               what=f"container {c.id}: delete")
-                except OciRuntimeError as exc:
-                    if exc.status != Status.NOT_FOUND:
-                        log.warning("%s delete failed id=%s error=%s", self.runtime.name,
-                                    c.id, exc.message)
+                await self._delete_from_runtime(c)
         if c.exited is not None and not c.exited.done():
             try:
                 with span("wait_exit"):
@@ -381,6 +371,18 @@ class Containers:
             while c.image_volumes:
                 await unmount_volume(self.mounts, c.image_volumes.pop())
             await remove_tree(c.bundle)
+
+    async def _delete_from_runtime(self, c: Container) -> None:
+        """What `<runtime> delete --force` does; without a runtime process once init is gone."""
+        if c.exited is not None and c.exited.done() and await asyncio.to_thread(
+                release_exited, c.cgroup_dir, os.path.join(self.runtime.root, c.id)):
+            return
+        try:
+            await self.runtime.run(["delete", "--force", c.id], what=f"container {c.id}: delete")
+        except OciRuntimeError as exc:
+            if exc.status != Status.NOT_FOUND:
+                log.warning("%s delete failed id=%s error=%s", self.runtime.name, c.id,
+                            exc.message)
 
     def _on_exit(self, c: Container, fut: asyncio.Future[ChildExit]) -> None:
         if fut.cancelled():

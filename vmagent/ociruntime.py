@@ -5,8 +5,8 @@ stderr belongs to the container).
 
 crun is preferred: both implement the same OCI spec and command line, but runc is Go, and
 under TCG each runc process pays for starting the Go runtime (twice for `create`, whose
-`runc init` is Go too): measured in the guest, runc create took 1.4 s where crun's takes
-a fraction of it (docs/benchmarks.md "Where the time goes").
+`runc init` is Go too): measured in a pod's first container, runc create took 1.6 s and
+crun create 0.5 s (docs/benchmarks.md "Less work in the guest").
 """
 
 from __future__ import annotations
