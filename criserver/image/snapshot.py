@@ -137,4 +137,4 @@ async def _mkfs(image: Path, rootfs: Path, image_id: str) -> None:
         if "No space left on device" in text or "Disk quota exceeded" in text:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(image))
         raise Internal(f"image {image_id}: {MKFS} failed ({proc.returncode}): "
-                       f"{output.decode(errors='replace').strip()[-500:]}")
+                       f"{text.strip()[-500:]}")
