@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tests.e2e import test_crash_recovery_import as import_crash
 from tests.e2e import test_crash_recovery_runc as runc_crash
 from tests.e2e import test_crash_recovery_vm as crash
 
@@ -23,7 +24,7 @@ def _points_in_code() -> set[str]:
 def test_every_crash_point_has_a_case_and_every_case_a_point() -> None:
     tested = {*crash.STEPS, *crash.CONTAINER_STEPS, *crash.POD_STEPS, *crash.PULL_STEPS,
               *crash.TEMPLATE_STEPS,
-              *runc_crash.STEPS}
+              *runc_crash.STEPS, *import_crash.IMPORT_STEPS}
     assert _points_in_code() == tested
 
 

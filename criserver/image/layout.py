@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from criserver.errors import InvalidArgument, NotFound
+from criserver.failpoints import crash_point
 from criserver.image import manifest as mf
 from criserver.image.content import ContentStore
 from criserver.image.pull import Resolved
@@ -146,7 +147,9 @@ class Layout:
                 async with content.writer(layer.digest, layer.size) as writer:
                     while chunk := await asyncio.to_thread(handle.read, CHUNK):
                         await writer.write(chunk)
+                        crash_point("import.layer_partial")  # a temp blob written, not committed
                     await writer.commit()
+                crash_point("import.layer_stored")  # a layer committed, no manifest
             finally:
                 handle.close()
         for digest, body in reversed(image.docs):

@@ -213,7 +213,7 @@ class ImageService:
                  layer.diff_id, f"{image_id}/{layer.digest}")
                 for layer in layers
             ])
-            crash_point("pull.snapshot_built")  # snapshot and blobs, no image record
+            crash_point("image.snapshot_built")  # a pull's or import's snapshot, no record
             uid, username = mf.uid_or_username(resolved.config.user)
             old = self.records.by_id(image_id)
             if old is not None and not old.removed:
@@ -465,6 +465,7 @@ class ImageService:
                 digest_of = entry.top_digest
                 with self._lease(set(entry.blobs)):
                     resolved = await layout.copy_into(entry, self.content, self.puller.platform)
+                    crash_point("import.content_stored")  # every blob, no snapshot or record
                     tags: list[str] = []
                     digests: list[str] = []
                     if tag_text:

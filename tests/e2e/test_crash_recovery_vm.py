@@ -107,7 +107,7 @@ PULL_STEPS = [
     "pull.layer_partial",  # a temp blob half written
     "pull.layer_stored",  # a layer committed, no manifest
     "pull.content_stored",  # every blob, no snapshot or record
-    "pull.snapshot_built",  # snapshot and blobs, no record
+    "image.snapshot_built",  # snapshot and blobs, no record
 ]
 
 

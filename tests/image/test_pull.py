@@ -197,7 +197,7 @@ async def test_mirror_falls_back_to_upstream(make_service: ServiceFactory,
 async def test_blobs_and_snapshot_of_a_pull_the_daemon_died_in_are_removed_at_start(
         make_service: ServiceFactory, registry: Registry) -> None:
     """A daemon killed after a pull stored its blobs and built its snapshot but before the
-    record was saved (the crash test's pull.content_stored and pull.snapshot_built) left them
+    record was saved (the crash test's pull.content_stored and image.snapshot_built) left them
     for good: nothing names them, and gc ran only after a RemoveImage."""
     image = small_image("died mid-pull\n")
     async with aiohttp.ClientSession() as session:
