@@ -10,6 +10,7 @@ import pytest
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.config import Config
+from criserver.errors import CriError, DeadlineExceeded, FailedPrecondition, Unavailable
 from criserver.runtime.backend import BackendContext
 from criserver.store.records import PodRecord
 
@@ -60,3 +61,57 @@ async def test_remove_without_stop_tears_down(tmp_path: Path) -> None:
     assert network.teardowns == 1
     await backend.remove_sandbox(POD)  # removed already: repeated, harmless
     assert network.teardowns == 2
+
+
+class StoppingVM:
+    """Stands in for VM: records how the backend ends it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def quit(self) -> None:
+        self.calls.append("quit")
+
+    async def wait_exited(self, max_wait: float | None = None) -> bool:
+        self.calls.append("wait_exited")
+        return False
+
+    async def shutdown(self, grace: float) -> None:
+        self.calls.append("shutdown")
+
+
+class RefusingAgent:
+    def __init__(self, error: CriError | None, violation: str | None = None) -> None:
+        self.error = error
+        self.violation = violation
+
+    async def shutdown(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class Handle:
+    def __init__(self, agent: RefusingAgent) -> None:
+        self.agent = agent
+        self.vm = StoppingVM()
+        self.stopping = False
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("agent", "calls"), [
+    (RefusingAgent(None), ["quit"]),  # synced and acknowledged
+    # Hostile or wedged: no grace, the guest will not power off by itself.
+    (RefusingAgent(FailedPrecondition("broke"), violation="garbage"), ["quit"]),
+    (RefusingAgent(DeadlineExceeded("no answer within 10.0s")), ["quit"]),
+    # The agent gone (its connection lost): the guest may be powering off already.
+    (RefusingAgent(Unavailable("connection lost")), ["wait_exited", "shutdown"]),
+])
+async def test_a_pod_whose_guest_cannot_sync_is_ended_without_waiting_for_it(
+        tmp_path: Path, agent: RefusingAgent, calls: list[str]) -> None:
+    backend, _ = _backend(tmp_path)
+    handle = Handle(agent)
+    await backend._power_off(handle)  # type: ignore[arg-type]
+    assert handle.vm.calls == calls
+    assert handle.stopping
