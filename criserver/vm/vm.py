@@ -133,6 +133,11 @@ class VM:
     def exited(self) -> bool:
         return self._exited.is_set()
 
+    @property
+    def recent_events(self) -> tuple[VMEvent, ...]:
+        """The last events seen (up to 32), oldest first."""
+        return tuple(self._history)
+
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self, max_wait: float = START_TIMEOUT) -> None:

@@ -11,7 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from criserver.backends.microvm.channel import AgentClient
+from criserver.errors import Unavailable
 from criserver.vm.vm import VM, EventKind, VMEvent
+from vmagent.api import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,27 @@ class PodVM:
     # Set before a requested stop, so the watcher does not report the exit as a failure.
     stopping: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def wait_ready(self, deadline: float) -> pb.CheckResponse:
+        """The agent's first answer (see AgentClient.wait_ready), or Unavailable as soon as
+        the VM ends: a guest that panics at boot must not cost the whole boot timeout."""
+        ready = asyncio.ensure_future(self.agent.wait_ready(deadline))
+        gone = asyncio.ensure_future(self.vm.wait_exited())
+        try:
+            await asyncio.wait({ready, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (ready, gone):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if not ready.cancelled():
+            return ready.result()  # answered, or its own error (deadline, broken agent)
+        ended = [e for e in self.vm.recent_events if e.kind in EXIT_REASONS]
+        first = min(ended, key=lambda e: list(EXIT_REASONS).index(e.kind), default=None)
+        _, message = EXIT_REASONS[first.kind if first else EventKind.EXITED]
+        detail = first.data.get("reason") if first else None
+        raise Unavailable(f"the VM ended before its agent answered: {message}"
+                          + (f" ({detail})" if detail else ""))
 
     def watch(self, on_exit: OnExit) -> None:
         self._watcher = asyncio.create_task(self._watch(on_exit), name=f"watch-{self.pod_id}")
