@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import TypeVar
+from collections.abc import AsyncIterator
+from functools import partial
 
 from criserver.api.runtime.v1 import api_pb2 as cri
-from criserver.errors import CriError
 from criserver.runtime.filters import check_label_selector, labels_match
 from criserver.runtime.runtime import Runtime
 from criserver.store.records import ContainerRecord, ContainerState, PodState
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
 # In a list, each pod's stats may take this long: a pod whose guest does not answer is left
 # out (and logged) instead of holding up every other pod's (kubelet lists them all every
-# few seconds, and a wedged guest would otherwise fail its whole call).
+# few seconds, and a wedged guest would otherwise fail its whole call); later lists leave it
+# out at once until its late call ends (criserver/runtime/stragglers.py).
 LIST_POD_TIMEOUT = 5.0
-
-
-async def _each_pod(calls: Mapping[str, Awaitable[T]]) -> dict[str, T]:
-    """Every pod's call at once; the answers of those that gave one in time."""
-
-    async def bounded(pod_id: str, call: Awaitable[T]) -> tuple[str, T] | None:
-        try:
-            async with asyncio.timeout(LIST_POD_TIMEOUT):
-                return pod_id, await call
-        except TimeoutError:
-            log.warning("pod left out of a stats list: no answer in %.0fs pod=%s",
-                        LIST_POD_TIMEOUT, pod_id)
-        except CriError:
-            pass  # the pod stopped meanwhile, or its backend has no stats: leave it out
-        return None
-
-    answers = await asyncio.gather(*(bounded(pod_id, call) for pod_id, call in calls.items()))
-    return dict(answer for answer in answers if answer is not None)
 
 
 async def container_stats(
@@ -65,10 +42,10 @@ async def list_container_stats(
             continue
         by_pod.setdefault(container.pod_id, []).append(container)
     # One backend call per pod: the micro-VM backend asks its agent once for them all.
-    calls = {pod.id: rt.backend(pod).containers_stats(pod, containers)
+    calls = {pod.id: partial(rt.backend(pod).containers_stats, pod, containers)
              for pod_id, containers in by_pod.items() if (pod := rt.pods.find(pod_id))}
     response = cri.ListContainerStatsResponse()
-    for stats in (await _each_pod(calls)).values():
+    for stats in (await rt.stats_stragglers.each(calls, LIST_POD_TIMEOUT)).values():
         response.stats.extend(stats)
     return response
 
@@ -85,10 +62,11 @@ async def list_pod_sandbox_stats(
 ) -> cri.ListPodSandboxStatsResponse:
     f = request.filter
     check_label_selector(f.label_selector)
-    calls = {pod.id: rt.backend(pod).sandbox_stats(pod) for pod in list(rt.pods.all())
+    calls = {pod.id: partial(rt.backend(pod).sandbox_stats, pod) for pod in list(rt.pods.all())
              if pod.state == PodState.READY and pod.id.startswith(f.id)
              and labels_match(pod.config.labels, f.label_selector)}
-    return cri.ListPodSandboxStatsResponse(stats=list((await _each_pod(calls)).values()))
+    answers = await rt.stats_stragglers.each(calls, LIST_POD_TIMEOUT)
+    return cri.ListPodSandboxStatsResponse(stats=list(answers.values()))
 
 
 async def stream_container_stats(

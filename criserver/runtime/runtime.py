@@ -21,6 +21,7 @@ from criserver.runtime import exit_codes, routing
 from criserver.runtime.backend import DaemonShared, SandboxBackend
 from criserver.runtime.events import EventBroadcaster
 from criserver.runtime.locks import KeyedLock, KeyedSharedLock
+from criserver.runtime.stragglers import Stragglers
 from criserver.runtime.streaming.lazy import LazyStreaming
 from criserver.runtime.transitions import Transitions
 from criserver.store.db import Database, StoreUnavailable
@@ -62,6 +63,7 @@ class Runtime:
         self.shared = DaemonShared()
         self.transitions = Transitions(self.pods, self.containers, self.events)
         self._background: set[asyncio.Task[None]] = set()
+        self.stats_stragglers = Stragglers("stats")
 
     async def load(self) -> None:
         await self.pods.load()

@@ -59,18 +59,25 @@ async def test_list_container_stats_asks_once_per_pod(tmp_path: Path) -> None:
 
 
 class WedgedBackend(MeasuringBackend):
-    """A pod named "wedged" never answers for its stats, as a guest that stopped running."""
+    """A pod named "wedged" does not answer for its stats until `thawed` is set, as a guest
+    that stopped running; `asked` counts the calls that reached it."""
+
+    thawed = asyncio.Event()
+    asked = 0
+
+    async def _wedge(self, pod: PodRecord) -> None:
+        if pod.config.metadata.name == "wedged":
+            WedgedBackend.asked += 1
+            await self.thawed.wait()
 
     async def containers_stats(
         self, pod: PodRecord, containers: list[ContainerRecord]
     ) -> list[cri.ContainerStats]:
-        if pod.config.metadata.name == "wedged":
-            await asyncio.Event().wait()
+        await self._wedge(pod)
         return await super().containers_stats(pod, containers)
 
     async def sandbox_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
-        if pod.config.metadata.name == "wedged":
-            await asyncio.Event().wait()
+        await self._wedge(pod)
         return cri.PodSandboxStats(attributes=cri.PodSandboxAttributes(id=pod.id))
 
 
@@ -93,6 +100,21 @@ async def test_a_wedged_pod_is_left_out_of_stats_lists_not_holding_them_up(
             ids[name][1] for name in ("fine", "also-fine"))
         assert sorted(s.attributes.id for s in pods.stats) == sorted(
             ids[name][0] for name in ("fine", "also-fine"))
+        # Its late call still runs: later lists leave the pod out without waiting again.
+        assert WedgedBackend.asked == 1
+        async with asyncio.timeout(0.1):
+            for _ in range(5):
+                listed = await container_stats.list_container_stats(
+                    p.rt, cri.ListContainerStatsRequest())
+                assert len(listed.stats) == 2
+        assert WedgedBackend.asked == 1
+        # Once the guest answers, the pod is in the lists again.
+        WedgedBackend.thawed.set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        listed = await container_stats.list_container_stats(p.rt,
+                                                             cri.ListContainerStatsRequest())
+        assert ids["wedged"][1] in {s.attributes.id for s in listed.stats}
 
 
 POD_CALLS = {"run_sandbox", "stop_sandbox", "remove_sandbox"}
