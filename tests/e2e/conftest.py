@@ -107,14 +107,18 @@ def running_vm_daemon(extra_config: str = "") -> Iterator[Daemon]:
         yield daemon
     finally:
         tear_down(daemon, workdir, keep_workdir=True)
-        # Kept for a look after a failure: the daemon's log and the guests' consoles.
-        keep = Path(tempfile.gettempdir()) / "criserver-e2e-logs"
-        shutil.rmtree(keep, ignore_errors=True)
-        keep.mkdir()
-        shutil.copy(daemon.log_path, keep / "daemon.log")
-        for console in workdir.rglob("vm.log"):
-            shutil.copy(console, keep / f"{console.parent.name}-vm.log")
+        keep_logs(daemon, workdir)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def keep_logs(daemon: Daemon, workdir: Path) -> None:
+    """Kept for a look after a failure: the daemon's log and the guests' consoles."""
+    keep = Path(tempfile.gettempdir()) / "criserver-e2e-logs"
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir()
+    shutil.copy(daemon.log_path, keep / "daemon.log")
+    for console in workdir.rglob("vm.log"):
+        shutil.copy(console, keep / f"{console.parent.name}-vm.log")
 
 
 def tear_down(daemon: Daemon, workdir: Path, keep_workdir: bool = False) -> None:
