@@ -99,10 +99,15 @@ class PodNetwork:
         netns is already gone. Whatever holds the netns (a VM's tap) should be gone first.
         Returns whether there was anything to remove."""
         added = await self.delete(pod_id)
+        return await self.remove_netns(pod_id, added)
+
+    async def remove_netns(self, pod_id: str, deleted: bool = False) -> bool:
+        """The netns's removal, the last step of `teardown` (after a `delete` made while
+        something still held the netns: `deleted` says whether it had a cached ADD)."""
         existed = await netns.remove(self.netns_path(pod_id))
-        if added or existed:
+        if deleted or existed:
             log.info("pod network removed pod=%s", pod_id)
-        return added or existed
+        return deleted or existed
 
     async def delete(self, pod_id: str) -> bool:
         """CNI DEL with the cached ADD result, the netns left in place. Returns whether there

@@ -173,7 +173,7 @@ async def node(busybox_ref: str) -> AsyncIterator[Node]:
 
 async def _consistent(node: Node, cri: CRIClient) -> list[Any]:
     """What the daemon lists is what exists: one QEMU per ready pod and none else, a netns and
-    an IP per ready pod and none of an unlisted one (a pod not ready because its VM is gone
+    an IP per ready pod and none without a netns (a pod not ready because its VM is gone
     keeps its network until StopPodSandbox, as when a VM dies under a running daemon), a spec
     file, offset file and volume mount only for listed containers, no directory of an unlisted
     pod, no iptables rule of a pod without a netns. Returns the containers listed."""
@@ -185,9 +185,11 @@ async def _consistent(node: Node, cri: CRIClient) -> list[Any]:
     netns = {p.name for p in (node.daemon.state / "netns").iterdir()}
     assert ready <= netns <= {p.id for p in pods}
     network = network_names(node.daemon)[0]
-    allocations = [p for p in (Path("/var/lib/cni/networks") / network).glob("*")
-                   if p.name[0].isdigit()]
-    assert len(allocations) == len(netns)
+    owners = [p.read_text().split()[0] for p in (Path("/var/lib/cni/networks") / network).glob("*")
+              if p.name[0].isdigit()]
+    # One IP per ready pod; a stop cut short may have released a pod's IP (CNI DEL runs while
+    # its VM goes) before its netns: never an IP without a netns.
+    assert len(owners) == len(set(owners)) and ready <= set(owners) <= netns
     for rule in await iptables_rules():  # CNI's masquerade chains name the pod's id
         assert network not in rule or any(pod_id in rule for pod_id in netns), rule
     state = node.daemon.state / "runtimes" / "microvm"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -19,14 +20,20 @@ POD = PodRecord(id="cd" * 32, config=cri.PodSandboxConfig(), runtime_handler="mi
 
 
 class CountingNetwork:
-    """Stands in for PodNetwork: counts teardowns."""
+    """Stands in for PodNetwork: counts teardowns (a CNI DEL, then the netns removed)."""
 
     def __init__(self) -> None:
         self.teardowns = 0
+        self.steps: list[str] = []
 
-    async def teardown(self, pod_id: str) -> bool:
+    async def delete(self, pod_id: str) -> bool:
+        self.steps.append("delete")
+        return not self.teardowns
+
+    async def remove_netns(self, pod_id: str, deleted: bool = False) -> bool:
+        self.steps.append("remove_netns")
         self.teardowns += 1
-        return self.teardowns == 1
+        return deleted
 
 
 def _backend(tmp_path: Path) -> tuple[MicroVMBackend, CountingNetwork]:
@@ -115,3 +122,27 @@ async def test_a_pod_whose_guest_cannot_sync_is_ended_without_waiting_for_it(
     await backend._power_off(handle)  # type: ignore[arg-type]
     assert handle.vm.calls == calls
     assert handle.stopping
+
+
+async def test_cni_del_runs_while_the_guest_syncs_and_the_netns_goes_after_qemu(
+        tmp_path: Path) -> None:
+    backend, network = _backend(tmp_path)
+    order: list[str] = []
+
+    class SyncingAgent(RefusingAgent):
+        async def shutdown(self) -> None:
+            await asyncio.sleep(0.05)  # the guest syncing
+            order.append(f"shutdown answered after {network.steps}")
+
+    handle = Handle(SyncingAgent(None))
+    real_quit = handle.vm.quit
+
+    async def quit_() -> None:
+        await real_quit()
+        order.append(f"qemu gone after {network.steps}")
+
+    handle.vm.quit = quit_  # type: ignore[method-assign]
+    backend._pods[POD.id] = handle  # type: ignore[assignment]
+    await backend.stop_sandbox(POD)
+    assert order == ["shutdown answered after ['delete']", "qemu gone after ['delete']"]
+    assert network.steps == ["delete", "remove_netns"]

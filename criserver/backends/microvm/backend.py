@@ -553,19 +553,33 @@ class MicroVMBackend(BaseBackend):
         with span("io_close"):
             for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod.id]:
                 await self._io.pop(cid).close()
-        if handle is None:
-            with span("kill_leftover"):
-                await self._kill_leftover(pod)
-        else:
-            await self._power_off(handle)
-        crash_point("stop_sandbox.vm_stopped")  # QEMU gone, the pod's network not torn down
-        if self.settings.network:
-            # After QEMU is gone: its tap fd pins the netns.
+        # CNI DEL while the guest syncs and QEMU goes (the pod's traffic ends either way); the
+        # netns itself after QEMU is gone, as its tap fd pins it.
+        deleting = asyncio.create_task(self._delete_network(pod.id)) \
+            if self.settings.network else None
+        try:
+            if handle is None:
+                with span("kill_leftover"):
+                    await self._kill_leftover(pod)
+            else:
+                await self._power_off(handle)
+        except BaseException:
+            if deleting is not None:  # finished, not cut: DEL is repeated by the next stop
+                await asyncio.wait({deleting})
+                if not deleting.cancelled():
+                    deleting.exception()  # retrieved: this stop's error is the one raised
+            raise
+        crash_point("stop_sandbox.vm_stopped")  # QEMU gone, CNI DEL done or under way
+        if deleting is not None:
             with span("cni_teardown"):
-                await self.network.teardown(pod.id)
+                await self.network.remove_netns(pod.id, await deleting)
         crash_point("stop_sandbox.network_down")  # all of it gone, the pod still READY
         self._stopped.add(pod.id)
         log.info("pod vm stopped pod=%s", pod.id)
+
+    async def _delete_network(self, pod_id: str) -> bool:
+        with span("cni_del"):
+            return await self.network.delete(pod_id)
 
     async def _power_off(self, handle: PodVM) -> None:
         handle.stopping = True
