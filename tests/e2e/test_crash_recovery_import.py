@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,6 @@ IMPORT_STEPS = [
     "image.snapshot_built",  # snapshot and blobs, no record (shared with pulls)
 ]
 NAME = "example.com/crash/imported:v1"
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path).start()
-    try:
-        yield daemon
-    finally:
-        daemon.kill()
 
 
 def _import(daemon: Daemon, layout: Path) -> subprocess.CompletedProcess[str]:
