@@ -9,7 +9,7 @@ import pytest
 
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.microvm.backend import MicroVMBackend
-from criserver.config import Config
+from criserver.config import Config, ConfigError
 from criserver.errors import InvalidArgument
 from criserver.runtime.backend import BackendContext
 from criserver.store.records import PodRecord
@@ -59,3 +59,13 @@ def test_auto_follows_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_bad_transport_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="transport"):
         backend(tmp_path, "carrier-pigeon")
+
+
+def test_the_agent_call_timeout_is_the_handlers_option(tmp_path: Path) -> None:
+    context = BackendContext(handler="microvm", root=tmp_path / "root", state=tmp_path / "state",
+                             config=Config(), events=None)  # type: ignore[arg-type]
+    assert MicroVMBackend({}, context).agent_client(pod()).call_timeout == 10.0
+    slow_host = MicroVMBackend({"agent_call_timeout": 30}, context)
+    assert slow_host.agent_client(pod()).call_timeout == 30.0
+    with pytest.raises(ConfigError, match="agent_call_timeout"):
+        MicroVMBackend({"agent_call_timeout": 0}, context)

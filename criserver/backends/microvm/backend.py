@@ -119,6 +119,10 @@ class MicroVMOptions:
                                           "guest kernel and agent, MiB", min=0)
     default_vcpus: int = option(1, "vCPUs of a pod without a CPU limit", min=1)
     boot_timeout: float = option(60.0, "Seconds a pod's guest may take to answer", min=0)
+    agent_call_timeout: float = option(10.0, "Seconds an agent call without a deadline of its "
+                                             "own may wait for the guest's answer (raise it on "
+                                             "a host whose emulated guests run saturated)",
+                                       min=0.1)
     stop_grace: float = option(10.0, "Seconds a stopping pod's guest gets to power off, and a "
                                      "killed container to exit", min=0)
     network: bool = option(True, "Give pods networking (CNI); false: pods without network, "
@@ -375,6 +379,7 @@ class MicroVMBackend(BaseBackend):
 
     def agent_client(self, pod: PodRecord, transport: AgentTransport | None = None) -> AgentClient:
         return AgentClient(pod.id, AgentAddress.of(transport or self.agent_transport(pod)),
+                           call_timeout=self.settings.agent_call_timeout,
                            on_violation=lambda reason: self._agent_broke(pod.id, reason))
 
     def _agent_broke(self, pod_id: str, reason: str) -> None:
