@@ -13,7 +13,7 @@ from criserver.store.records import ContainerRecord, ContainerState, PodState
 # In a list, each pod's stats may take this long: a pod whose guest does not answer is left
 # out (and logged) instead of holding up every other pod's (kubelet lists them all every
 # few seconds, and a wedged guest would otherwise fail its whole call); later lists leave it
-# out at once until its late call ends (criserver/runtime/stragglers.py).
+# out at once and ask it in the background until it answers (criserver/runtime/stragglers.py).
 LIST_POD_TIMEOUT = 5.0
 
 
