@@ -96,6 +96,9 @@ CONTAINER_STEPS = [
     "create_container.spec_written",  # all made, the record not yet CREATED
     "start_container.guest_started",  # running in the guest, the record CREATED
 ]
+REMOVE_CONTAINER_STEPS = [
+    "remove_container.guest_delete_queued",  # the guest's delete marked, the record there
+]
 POD_STEPS = [
     "stop_sandbox.vm_stopped",  # QEMU gone, network and record still there
     "stop_sandbox.network_down",  # all of it gone, the record still READY
@@ -258,6 +261,47 @@ async def test_a_crash_in_create_or_start_container_leaks_nothing(node: Node, st
     finally:
         await _remove_containers(cri)  # a failed case must not fail the next ones
         await cri.close()
+
+
+async def test_a_crash_once_remove_container_queued_the_guest_delete_repeats_it(
+        node: Node) -> None:
+    """RemoveContainer answers before the guest deletes (its marker written first): a daemon
+    that dies there leaves the record, and the next one finishes the guest's delete when it
+    adopts the pod; removing the container again then completes."""
+    cri = node.daemon.client()
+    try:
+        container_id = await node.create(cri)
+        await cri.runtime.StartContainer(msg("StartContainerRequest", container_id=container_id))
+        await cri.runtime.StopContainer(msg("StopContainerRequest", container_id=container_id,
+                                            timeout=0))
+    finally:
+        await cri.close()
+    done = f"guest delete done container={container_id}"
+    await node.crash_in(REMOVE_CONTAINER_STEPS[0], lambda cri: cri.runtime.
+                        RemoveContainer(msg("RemoveContainerRequest",
+                                            container_id=container_id)))
+    markers = node.daemon.state / "runtimes" / "microvm" / node.pod_id[:16] / "deleting"
+    cri = node.daemon.client()
+    try:
+        await _wait_for_log(node, done, 1)
+        assert f"guest delete resumed container={container_id}" in node.daemon.log()
+        containers = await _consistent(node, cri)
+        assert [c.id for c in containers] == [container_id]  # the record outlived the crash
+        await cri.runtime.RemoveContainer(msg("RemoveContainerRequest",
+                                              container_id=container_id))
+        await _wait_for_log(node, done, 2)  # deleted already: the guest's NotFound is done too
+        assert await _consistent(node, cri) == []
+        assert list(markers.iterdir()) == []
+    finally:
+        await _remove_containers(cri)
+        await cri.close()
+
+
+async def _wait_for_log(node: Node, line: str, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while node.daemon.log().count(line) < count:
+        assert time.monotonic() < deadline, f"no {line!r} in the daemon log"
+        await asyncio.sleep(0.2)
 
 
 async def _remove_containers(cri: CRIClient) -> None:

@@ -27,6 +27,7 @@ from criserver.backends.microvm import guest_metrics, spec_policy, streams
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from criserver.backends.microvm.container_io import ContainerIO
 from criserver.backends.microvm.guest import GuestBoot, TemplateBoot, pod_guest_spec
+from criserver.backends.microvm.guest_deletes import GuestDeletes
 from criserver.backends.microvm.podvm import PodVM
 from criserver.backends.microvm.shares import (
     PodVolumes,
@@ -183,6 +184,8 @@ class MicroVMBackend(BaseBackend):
         self._io: dict[str, ContainerIO] = {}
         self._stats_flight: SingleFlight[pb.StatsResponse] = SingleFlight()
         self._reports: set[asyncio.Task[None]] = set()  # pods reported broken (_agent_broke)
+        self._guest_deletes = GuestDeletes(lambda pod_id: self._pod_state_dir(pod_id) / "deleting",
+                                           self._delete_in_guest)
         self.templates: TemplateStore | None = None
         if self.settings.templates:
             self.templates = TemplateStore(
@@ -224,6 +227,7 @@ class MicroVMBackend(BaseBackend):
             await handle.agent.check()
         except CriError as exc:
             log.warning("agent not answering after adopt pod=%s error=%s", pod.id, exc.message)
+        await self._guest_deletes.resume(pod.id)
         for container in containers:
             if container.state == ContainerState.CREATED:
                 await self._settle_start(pod, handle, container)
@@ -251,6 +255,7 @@ class MicroVMBackend(BaseBackend):
         self._follow(pod, container)
 
     async def close(self) -> None:
+        await self._guest_deletes.close()
         await self.host.close()
         if self.templates is not None:
             await self.templates.close()
@@ -546,6 +551,7 @@ class MicroVMBackend(BaseBackend):
 
     async def _vm_ended(self, pod_id: str, reason: str, message: str) -> None:
         self._pods.pop(pod_id, None)
+        await self._guest_deletes.drop(pod_id)
         # The state first: the pod and its containers carry the VM's reason.
         await self.context.events.sandbox_exited(pod_id, reason, message)
         for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod_id]:
@@ -555,6 +561,7 @@ class MicroVMBackend(BaseBackend):
         if pod.id in self._stopped:
             return  # RemovePodSandbox stops again what StopPodSandbox stopped: nothing is left
         handle = self._pods.pop(pod.id, None)
+        await self._guest_deletes.drop(pod.id)  # moot: the guest goes with them
         with span("io_close"):
             for cid in [c for c, io in self._io.items() if io.agent.pod_id == pod.id]:
                 await self._io.pop(cid).close()
@@ -785,16 +792,25 @@ class MicroVMBackend(BaseBackend):
         if io is not None:
             with span("io_close"):
                 await io.close()
-        handle = self._pods.get(pod.id)
-        if handle is not None:
-            with contextlib.suppress(NotFound):
-                await handle.agent.call("DeleteContainer", pb.DeleteContainerRequest(
-                    container_id=container.id, force=True))
+        if pod.id in self._pods:
+            # Out of reach once its record goes: the guest finishes its delete meanwhile.
+            with span("guest_delete_queued"):
+                await self._guest_deletes.schedule(pod.id, container.id)
+            crash_point("remove_container.guest_delete_queued")  # marked, the record still there
         with span("remove_files"):
             await self._volumes(pod.id).release(container.id)
             for leftover in (self._pod_root_dir(pod.id) / f"{container.id}.json",
                              self._pod_state_dir(pod.id) / f"{container.id[:16]}.offset"):
                 await asyncio.to_thread(leftover.unlink, True)
+
+    async def _delete_in_guest(self, pod_id: str, container_id: str) -> None:
+        handle = self._pods.get(pod_id)
+        if handle is None:
+            return  # the guest is gone, and the container with it
+        with contextlib.suppress(NotFound):  # deleted already (a repeat after a restart)
+            await handle.agent.call("DeleteContainer", pb.DeleteContainerRequest(
+                container_id=container_id, force=True))
+        log.info("guest delete done container=%s pod=%s", container_id, pod_id)
 
     async def container_info(self, pod: PodRecord, container: ContainerRecord) -> dict[str, Any]:
         info: dict[str, Any] = dict(container.backend)
