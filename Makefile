@@ -153,11 +153,14 @@ fuzz: venv
 			2>&1 | grep -v '^INFO: Instrumenting' | tail -n 3 || exit 1; \
 	done
 
-# containerd is the same-run baseline of bench/exec_baseline.py and bench/density.py (no daemon
-# of it is started). density.py (110 idle pods, issue 16 step 5) boots VMs: under the VM lock.
-bench: install
+# containerd is the same-run baseline of bench/exec_baseline.py, crictl_ops.py and density.py
+# (no daemon of it is started). The issue 16 benches boot VMs: under the VM lock. crictl_ops is
+# the per-call yardstick, lifecycle_breakdown where the time goes, density the 110-pod run.
+bench: install tools
 	$(MAKE) deps APT_PACKAGES=containerd
 	$(PY) bench/cri_latency.py
+	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops
+	flock /tmp/criserver-vm.lock $(PY) bench/lifecycle_breakdown.py
 	flock /tmp/criserver-vm.lock $(PY) bench/density.py
 
 # IRI machines against the same VM started on the VM layer (docs/benchmarks.md, issue 17)
