@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from criserver.api.runtime.v1 import api_pb2 as cri
+from criserver.backends.microvm.backend import MicroVMBackend
 from criserver.backends.microvm.guest_deletes import GuestDeletes
 from criserver.errors import NotFound, Unavailable
 from criserver.store.records import ContainerRecord
@@ -40,7 +41,7 @@ class GuestStub:
 
 
 def _deletes(tmp_path: Path, guest: GuestStub) -> GuestDeletes:
-    return GuestDeletes(lambda pod_id: tmp_path / pod_id / "deleting", guest.delete)
+    return GuestDeletes(lambda pod_id: tmp_path / pod_id / "deleting", guest.delete, delay=0)
 
 
 async def _settle() -> None:
@@ -87,6 +88,19 @@ async def test_a_failed_delete_keeps_its_marker_and_the_next_daemon_repeats_it(
     assert await restarted.resume("other-pod") == []  # nothing recorded: nothing to do
 
 
+async def test_a_pod_stopped_within_the_delay_never_asks_its_guest(tmp_path: Path) -> None:
+    (tmp_path / "pod").mkdir()
+    guest = GuestStub()
+    deletes = GuestDeletes(lambda pod_id: tmp_path / pod_id / "deleting", guest.delete,
+                           delay=60)
+    await deletes.schedule("pod", CID)
+    await _settle()
+    assert deletes.pending("pod") == [CID]
+    await deletes.drop("pod")
+    assert guest.started == []
+    assert (tmp_path / "pod" / "deleting" / CID).exists()  # goes with the pod's state
+
+
 async def test_dropping_a_pod_cancels_its_deletes_only(tmp_path: Path) -> None:
     for pod in ("pod", "neighbour"):
         (tmp_path / pod).mkdir()
@@ -131,16 +145,22 @@ class LiveHandle(Handle):
         super().__init__(BlockingAgent())  # type: ignore[arg-type]
 
 
+def _live_backend(tmp_path: Path) -> tuple[MicroVMBackend, LiveHandle]:
+    backend, _ = _backend(tmp_path)
+    backend._guest_deletes._delay = 0
+    handle = LiveHandle()
+    backend._pods[POD.id] = handle  # type: ignore[assignment]
+    backend._pod_state_dir(POD.id).mkdir(parents=True)
+    return backend, handle
+
+
 def _container() -> ContainerRecord:
     return ContainerRecord(id=CID, pod_id=POD.id, config=cri.ContainerConfig(),
                            image_ref="busybox", created_at=1)
 
 
 async def test_remove_container_answers_while_the_guest_deletes(tmp_path: Path) -> None:
-    backend, _ = _backend(tmp_path)
-    handle = LiveHandle()
-    backend._pods[POD.id] = handle  # type: ignore[assignment]
-    backend._pod_state_dir(POD.id).mkdir(parents=True)
+    backend, handle = _live_backend(tmp_path)
     await asyncio.wait_for(backend.remove_container(POD, _container()), 1.0)
     await _settle()
     assert handle.agent.calls == ["DeleteContainer"]  # under way, not waited for
@@ -154,10 +174,7 @@ async def test_remove_container_answers_while_the_guest_deletes(tmp_path: Path) 
 
 
 async def test_stopping_the_pod_drops_its_pending_deletes(tmp_path: Path) -> None:
-    backend, _ = _backend(tmp_path)
-    handle = LiveHandle()
-    backend._pods[POD.id] = handle  # type: ignore[assignment]
-    backend._pod_state_dir(POD.id).mkdir(parents=True)
+    backend, handle = _live_backend(tmp_path)
     await backend.remove_container(POD, _container())
     await _settle()
     await asyncio.wait_for(backend.stop_sandbox(POD), 1.0)

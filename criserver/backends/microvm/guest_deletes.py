@@ -10,6 +10,10 @@ meanwhile: every CRI call looks it up in the records first.
 A marker file per pending delete, written before RemoveContainer answers, makes the delete
 outlive the daemon: the next start repeats it when it adopts the pod. A pod whose guest goes
 (stopped, or its VM ended) drops its pending deletes: nothing of them outlives the guest.
+
+A delete starts `DELAY` after its removal: a pod stopped right after (crictl rm, then stopp)
+drops it before the guest has spent anything on it. Started at once, it made the stop wait
+for the single vCPU it occupied (measured: stopp 124 -> 202 ms after a new pod's rm).
 """
 
 from __future__ import annotations
@@ -26,14 +30,17 @@ log = logging.getLogger(__name__)
 
 # Deletes one container in a pod's guest: (pod_id, container_id).
 GuestDelete = Callable[[str, str], Awaitable[None]]
+DELAY = 1.0  # seconds
 
 
 class GuestDeletes:
-    def __init__(self, marker_dir: Callable[[str], Path], delete: GuestDelete) -> None:
+    def __init__(self, marker_dir: Callable[[str], Path], delete: GuestDelete,
+                 delay: float = DELAY) -> None:
         """`marker_dir(pod_id)`: where the pod's pending deletes are recorded (inside the pod's
         state, so that removing the pod removes them)."""
         self._marker_dir = marker_dir
         self._delete = delete
+        self._delay = delay
         self._tasks: dict[str, dict[str, asyncio.Task[None]]] = {}
 
     async def schedule(self, pod_id: str, container_id: str) -> None:
@@ -73,6 +80,7 @@ class GuestDeletes:
 
     async def _run(self, pod_id: str, container_id: str) -> None:
         try:
+            await asyncio.sleep(self._delay)
             await self._delete(pod_id, container_id)
         except CriError as exc:
             log.warning("guest delete failed, repeated at the next daemon start container=%s "
