@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -274,6 +275,7 @@ async def test_a_crash_once_remove_container_queued_the_guest_delete_repeats_it(
         await cri.runtime.StartContainer(msg("StartContainerRequest", container_id=container_id))
         await cri.runtime.StopContainer(msg("StopContainerRequest", container_id=container_id,
                                             timeout=0))
+        assert "guestStatus" in await _verbose_info(cri, container_id)  # the guest has it
     finally:
         await cri.close()
     done = f"guest delete done container={container_id}"
@@ -287,14 +289,22 @@ async def test_a_crash_once_remove_container_queued_the_guest_delete_repeats_it(
         assert f"guest delete resumed container={container_id}" in node.daemon.log()
         containers = await _consistent(node, cri)
         assert [c.id for c in containers] == [container_id]  # the record outlived the crash
+        assert "guestStatus" not in await _verbose_info(cri, container_id)  # the guest's is gone
         await cri.runtime.RemoveContainer(msg("RemoveContainerRequest",
                                               container_id=container_id))
-        await _wait_for_log(node, done, 2)  # deleted already: the guest's NotFound is done too
+        await _wait_for_log(node, done, 2)  # the agent's delete of nothing is a delete too
         assert await _consistent(node, cri) == []
         assert list(markers.iterdir()) == []
     finally:
         await _remove_containers(cri)
         await cri.close()
+
+
+async def _verbose_info(cri: CRIClient, container_id: str) -> dict[str, Any]:
+    status = await cri.runtime.ContainerStatus(msg("ContainerStatusRequest",
+                                                   container_id=container_id, verbose=True))
+    info: dict[str, Any] = json.loads(status.info["info"])
+    return info
 
 
 async def _wait_for_log(node: Node, line: str, count: int) -> None:
