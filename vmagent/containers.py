@@ -235,7 +235,9 @@ class Containers:
         id_maps = spec_id_maps(spec)
         # The pod's namespaces first: an idmapped rootfs takes the pod's user namespace.
         with span("pod_ns"):
-            pod = await self._pod_context(req.pid_namespace, id_maps)
+            # Made once per guest and kept: a container of no pod must not make them.
+            pod = (PodContext(outside_pod=True) if req.outside_pod
+                   else await self._pod_context(req.pid_namespace, id_maps))
         with span("rootfs"):
             c.rootfs = await self.mounts.make_rootfs(
                 c.id, c.bundle, req.rootfs,

@@ -30,7 +30,7 @@ class PodContext:
 
     def __init__(self, *, hosts: str = "", resolv_conf: str = "", hostname: str = "",
                  shm: str = "", ipc_uts_pid: int = 0, pid_ns_pid: int = 0,
-                 userns_pid: int = 0) -> None:
+                 userns_pid: int = 0, outside_pod: bool = False) -> None:
         self.hosts = hosts  # guest paths of the pod's files ("" when the pod has none)
         self.resolv_conf = resolv_conf
         self.hostname = hostname
@@ -38,6 +38,7 @@ class PodContext:
         self.ipc_uts_pid = ipc_uts_pid  # holder of the pod's IPC and UTS namespaces
         self.pid_ns_pid = pid_ns_pid  # PID 1 of the pod's PID namespace (PID_POD only)
         self.userns_pid = userns_pid  # holder of the pod's user namespace (0: none)
+        self.outside_pod = outside_pod  # a container of no pod: IPC and UTS of its own
 
 
 def load_spec(raw: bytes, container_id: str) -> dict[str, Any]:
@@ -116,6 +117,8 @@ def _namespaces(spec_ns: list[dict[str, Any]], pod: PodContext,
     if pod.ipc_uts_pid:
         out.append({"type": "ipc", "path": f"/proc/{pod.ipc_uts_pid}/ns/ipc"})
         out.append({"type": "uts", "path": f"/proc/{pod.ipc_uts_pid}/ns/uts"})
+    elif pod.outside_pod:
+        out += [{"type": "ipc"}, {"type": "uts"}]
     if pid_mode == 0:
         out.append({"type": "pid"})
     elif pid_mode == 1:
@@ -203,8 +206,10 @@ def complete_spec(spec: dict[str, Any], *, container_id: str, rootfs: str, pod: 
     replaced = {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/dev/shm"}
     pod_mounts = _pod_mounts(pod, read_only)
     ours = {m["destination"] for m in pod_mounts}
+    # A container of no pod has no pod files to take their place: the host's go all the same.
     spec["mounts"] = [m for m in spec.get("mounts") or []
-                      if not (m.get("destination") in replaced and m.get("destination") in ours)
+                      if not (m.get("destination") in replaced
+                              and (m.get("destination") in ours or pod.outside_pod))
                       ] + pod_mounts
     if pod.ipc_uts_pid:
         # The pod's UTS namespace already carries the pod hostname (SetupSandbox); runc would

@@ -157,6 +157,17 @@ def test_complete_spec_user_and_pid_modes() -> None:
     assert "pid" not in {n["type"] for n in out["linux"]["namespaces"]}
 
 
+def test_complete_spec_of_a_container_outside_any_pod() -> None:
+    out = complete_spec(SPEC, container_id="w1", rootfs="/r",
+                        pod=PodContext(outside_pod=True))
+    ns = {n["type"]: n.get("path") for n in out["linux"]["namespaces"]}
+    assert ns == {"ipc": None, "uts": None, "pid": None, "mount": None}  # all its own
+    assert out["hostname"] == "from-host"  # set in its own UTS namespace
+    destinations = {m["destination"] for m in out["mounts"]}
+    assert "/etc/hosts" not in destinations and "/dev/shm" not in destinations
+    assert {"/proc", "/data"} <= destinations
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
 def test_guest_devices_lists_device_nodes_as_runc_does(tmp_path: Path) -> None:
     dev = tmp_path / "dev"

@@ -317,7 +317,7 @@ class StdioOptions(_message.Message):
     def __init__(self, tty: _Optional[bool] = ..., stdin: _Optional[bool] = ..., stdin_once: _Optional[bool] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("request_id", "container_id", "sandbox_id", "oci_spec_json", "rootfs", "stdio", "mounts", "user", "pid_namespace", "strict_supplemental_groups")
+    __slots__ = ("request_id", "container_id", "sandbox_id", "oci_spec_json", "rootfs", "stdio", "mounts", "user", "pid_namespace", "strict_supplemental_groups", "outside_pod")
     class PidNamespace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PID_CONTAINER: _ClassVar[CreateContainerRequest.PidNamespace]
@@ -336,6 +336,7 @@ class CreateContainerRequest(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     STRICT_SUPPLEMENTAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_POD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     container_id: str
     sandbox_id: str
@@ -346,7 +347,8 @@ class CreateContainerRequest(_message.Message):
     user: str
     pid_namespace: CreateContainerRequest.PidNamespace
     strict_supplemental_groups: bool
-    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., stdio: _Optional[_Union[StdioOptions, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., user: _Optional[str] = ..., pid_namespace: _Optional[_Union[CreateContainerRequest.PidNamespace, str]] = ..., strict_supplemental_groups: _Optional[bool] = ...) -> None: ...
+    outside_pod: bool
+    def __init__(self, request_id: _Optional[str] = ..., container_id: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., stdio: _Optional[_Union[StdioOptions, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., user: _Optional[str] = ..., pid_namespace: _Optional[_Union[CreateContainerRequest.PidNamespace, str]] = ..., strict_supplemental_groups: _Optional[bool] = ..., outside_pod: _Optional[bool] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
     __slots__ = ("request_id", "container_id")
