@@ -23,27 +23,36 @@ def read_pid(pidfile: Path) -> int | None:
         return None
 
 
+def _names(pidfile: Path) -> set[bytes]:
+    """`pidfile` as a command line may name it: as given, and with symlinks resolved (a pod
+    given a pooled VM reaches that VM's state dir through a link named after the pod)."""
+    return {os.fsencode(str(pidfile)), os.fsencode(os.path.realpath(pidfile))}
+
+
 def is_qemu_of(pid: int, pidfile: Path) -> bool:
     """Whether `pid` is a live process whose command line names `pidfile`."""
+    return _names_pidfile(pid, _names(pidfile))
+
+
+def _names_pidfile(pid: int, names: set[bytes]) -> bool:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return os.fsencode(str(pidfile)) in argv
+    return not names.isdisjoint(argv)
 
 
 def qemu_pids(pidfile: Path) -> list[int]:
     """Every live QEMU started with `pidfile`, whether or not it has written it yet."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and is_qemu_of(int(entry), pidfile):
-            pids.append(int(entry))
-    return pids
+    names = _names(pidfile)
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and _names_pidfile(int(entry), names)]
 
 
 def kill_all(pidfile: Path, timeout: float = KILL_TIMEOUT) -> list[int]:
     """SIGKILL every QEMU of `pidfile` and wait until they are gone. Returns the pids that
     survived (empty on success)."""
+    names = _names(pidfile)
     pids = qemu_pids(pidfile)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -51,5 +60,5 @@ def kill_all(pidfile: Path, timeout: float = KILL_TIMEOUT) -> list[int]:
     deadline = time.monotonic() + timeout
     while pids and time.monotonic() < deadline:
         time.sleep(0.02)
-        pids = [pid for pid in pids if is_qemu_of(pid, pidfile)]
+        pids = [pid for pid in pids if _names_pidfile(pid, names)]
     return pids
