@@ -223,6 +223,37 @@ async def remove(path: Path) -> bool:
     return existed
 
 
+def _move(source: Path, target: Path) -> None:
+    # A second pin of the same namespace, then the first one undone: the namespace (and what
+    # lives in it) never goes unpinned on the way.
+    try:
+        os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+    except FileExistsError:
+        raise AlreadyExists(f"namespace {target} already exists") from None
+    try:
+        if not is_netns(source):
+            raise NotFound(f"no network namespace at {source}")
+        _check(_libc.mount(os.fsencode(source), os.fsencode(target), b"none", MS_BIND, None),
+               f"bind-mount {source} on {target}")
+    except BaseException:
+        os.unlink(target)
+        raise
+    _remove(source)
+
+
+async def move(source: Path, target: Path) -> None:
+    """Pin the namespace pinned at `source` at `target` instead (in the same directory).
+
+    :raises AlreadyExists: target exists.
+    :raises NotFound: no namespace is pinned at source.
+    """
+    try:
+        await asyncio.to_thread(_move, source, target)
+    except OSError as exc:
+        raise Internal(f"move network namespace {source} to {target}: {exc}") from exc
+    log.debug("netns moved from=%s to=%s", source, target)
+
+
 def _release_dir(directory: Path) -> None:
     if any(directory.iterdir()):
         return

@@ -70,6 +70,13 @@ class PodNetwork:
         await netns.create(path)
         return path
 
+    async def hand_over(self, from_id: str, to_id: str) -> Path:
+        """The netns `prepare` made for `from_id` (a pooled VM's, with its tap), as pod
+        `to_id`'s prepared netns; before CNI: nothing is cached under `from_id`."""
+        path = self.netns_path(to_id)
+        await netns.move(self.netns_path(from_id), path)
+        return path
+
     async def connect(
         self,
         pod_id: str,

@@ -69,6 +69,32 @@ async def test_netns_create_enter_remove(tmp_path: Path) -> None:
 
 
 @needs_root
+async def test_netns_moves_with_what_lives_in_it(tmp_path: Path) -> None:
+    directory = tmp_path / "netns"
+    source, target = directory / "pool-1", directory / "pod-1"
+    try:
+        await netns.create(source)
+        inode = os.stat(source).st_ino
+        await tap.create_tap(source)  # what a pooled VM's netns holds
+        await netns.move(source, target)
+        assert not source.exists() and os.stat(target).st_ino == inode
+        async with netns.rtnl(target) as ipr:
+            names = {link.get("ifname") for link in await collect(await ipr.link("dump"))}
+        assert tap.TAP_NAME in names
+        with pytest.raises(NotFound):
+            await netns.move(source, directory / "other")
+        assert not (directory / "other").exists()
+        await netns.create(source)
+        with pytest.raises(AlreadyExists):
+            await netns.move(source, target)
+        assert netns.is_netns(source)  # left as it was
+    finally:
+        for path in (source, target):
+            await netns.remove(path)
+        await netns.release_dir(directory)
+
+
+@needs_root
 async def test_pin_ipc_and_uts_namespaces(tmp_path: Path) -> None:
     directory = tmp_path / "ns"
     ipc, uts = directory / "ipc", directory / "uts"
