@@ -29,6 +29,7 @@ from criserver.backends.microvm.container_io import ContainerIO
 from criserver.backends.microvm.guest import GuestBoot, TemplateBoot, pod_guest_spec
 from criserver.backends.microvm.guest_deletes import GuestDeletes
 from criserver.backends.microvm.podvm import PodVM
+from criserver.backends.microvm.pool import PooledVM, WarmPool, remove_pod_state_dir
 from criserver.backends.microvm.shares import (
     PodVolumes,
     pod_shares,
@@ -75,7 +76,7 @@ from criserver.vm.qemu import (
     VMSpec,
     VsockTransport,
 )
-from criserver.vm.template import TEMPLATE_MAC, TemplateStore
+from criserver.vm.template import TEMPLATE_MAC, Template, TemplateStore
 from criserver.vm.vm import VM
 from vmagent.api import agent_pb2 as pb
 from vmagent.contract import AGENT_PORT_NAME, IMAGE_VOLUMES_DIR, RUN_DIR
@@ -146,6 +147,10 @@ class MicroVMOptions:
     templates_dir: str = option("", "Where templates (guest RAM) are kept; empty: "
                                     "<daemon state>/templates. Keep it on a tmpfs")
     max_templates: int = option(4, "Most templates kept (one per VM shape)", min=0)
+    warm_pool: int = option(0, "Pod VMs kept restored from a template and warmed (a container "
+                               "run in each once) ahead of demand, for pods of the last shape "
+                               "started: such a pod skips the guest's first-run cost. Each "
+                               "costs an idle pod's memory and CPU; needs templates", min=0)
     guest_oci_runtime: str = option("auto", "The OCI runtime that runs containers in the guest: "
                                             "auto (crun when the guest image has it, else "
                                             "runc), crun or runc",
@@ -192,6 +197,12 @@ class MicroVMBackend(BaseBackend):
                 Path(self.settings.templates_dir or context.state / "templates"),
                 TemplateBoot(), self._scratch_nics, boot_timeout=self.settings.boot_timeout,
                 max_templates=self.settings.max_templates)
+        self.pool: WarmPool | None = None
+        if self.templates is not None and self.settings.warm_pool > 0:
+            self.pool = WarmPool(
+                self.settings.warm_pool, context.state, self._volumes_root(),
+                self.network if self.settings.network else None, self.templates,
+                self._pool_spec, self._pool_agent, self.settings.boot_timeout)
 
     # -- daemon life -----------------------------------------------------------------------
 
@@ -204,6 +215,9 @@ class MicroVMBackend(BaseBackend):
             for path in await asyncio.to_thread(
                     lambda: list(self.network.netns_dir.glob(f"{_TEMPLATE_NETNS}*"))):
                 await netns.remove(path)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.prune)
+            await self.pool.prune_netns()
         for pod in pods:
             if pod.state == PodState.READY:
                 await self._adopt(pod, [c for c in containers if c.pod_id == pod.id])
@@ -256,6 +270,8 @@ class MicroVMBackend(BaseBackend):
 
     async def close(self) -> None:
         await self._guest_deletes.close()
+        if self.pool is not None:
+            await self.pool.close()
         await self.host.close()
         if self.templates is not None:
             await self.templates.close()
@@ -275,6 +291,8 @@ class MicroVMBackend(BaseBackend):
             "templates": self.settings.templates,
             "pods": len(self._pods),
         }
+        if self.pool is not None:
+            info["warmPool"] = {"size": self.pool.size, "ready": self.pool.ready}
         ready = self.host.ready
         if self.settings.network:
             network = await self.network.status()
@@ -321,17 +339,33 @@ class MicroVMBackend(BaseBackend):
         return empty
 
     def _spec(self, pod: PodRecord, nics: tuple[TapNic, ...] = ()) -> VMSpec:
+        memory, vcpus = self._size(pod.config)
+        return self._vm_spec(pod.id, memory, vcpus, self.agent_transport(pod), nics)
+
+    def _pool_spec(self, name: str, like: VMSpec, nics: tuple[TapNic, ...]) -> VMSpec:
+        """A pooled VM's spec: `like`'s shape, with its own state dir, channel and NICs."""
+        transport: AgentTransport = VsockTransport(_guest_cid(name)) \
+            if isinstance(like.transport, VsockTransport) \
+            else SerialTransport(self._pod_state_dir(name) / "agent.sock", AGENT_PORT_NAME)
+        return self._vm_spec(name, like.memory_mib, like.vcpus, transport, nics)
+
+    def _pool_agent(self, name: str, transport: AgentTransport) -> AgentClient:
+        return AgentClient(name, AgentAddress.of(transport),
+                           call_timeout=self.settings.agent_call_timeout)
+
+    def _vm_spec(self, name: str, memory: int, vcpus: int, transport: AgentTransport,
+                 nics: tuple[TapNic, ...]) -> VMSpec:
+        """The spec of VM `name` (a pod's id, or a pooled VM's name)."""
         host = self.host
         if host.assets is None:
             raise FailedPrecondition(host.assets_error)
-        memory, vcpus = self._size(pod.config)
         chosen = host.accelerator_now
         accel = chosen.name if chosen else "tcg"
         return pod_guest_spec(
-            pod.id,
-            self._pod_state_dir(pod.id),
+            name,
+            self._pod_state_dir(name),
             host.assets,
-            self.agent_transport(pod),
+            transport,
             GuestBoot(tsc_khz=host.tsc_khz, module_groups=MODULE_GROUPS,
                       settings=self._agent_settings(accel)),
             machine=Machine(self.settings.machine),
@@ -339,7 +373,7 @@ class MicroVMBackend(BaseBackend):
             memory_mib=memory,
             vcpus=vcpus,
             nics=nics,
-            shares=pod_shares(self._images_dir(), self._volumes(pod.id).directory),
+            shares=pod_shares(self._images_dir(), self._volumes(name).directory),
             qemu_binary=self.settings.qemu_binary,
             tcg_tb_size_mib=self.settings.tcg_tb_size_mib,
             free_page_reporting=self.settings.free_page_reporting,
@@ -414,47 +448,15 @@ class MicroVMBackend(BaseBackend):
             pod.config.linux.security_context.namespace_options, kinds=("network",))
         await self.host.accelerator()
         started = time.monotonic()
-        self._spec(pod)  # fails early without assets
-        volumes = self._volumes(pod.id)
-        with span("volumes"):
-            await asyncio.to_thread(volumes.create)
-        undo.push("remove volumes dir", volumes.remove_all)
-        # The VM starts on an unconnected tap; CNI runs while the guest boots (it takes ~0.4 s
-        # of the ~5 s). The guest device gets a MAC of ours now and the CNI one from the agent.
-        nics: tuple[TapNic, ...] = ()
-        if self.settings.network:
-            with span("netns_tap"):
-                netns_path = await self.network.prepare(pod.id)
-                undo.push("tear down network", lambda: self.network.teardown(pod.id))
-                await tap.create_tap(netns_path)
-                crash_point("run_sandbox.netns")
-                tap_fd = await tap.open_tap_fd(netns_path)
-            nics = (TapNic(tap_fd, _device_mac(pod.id)),)
-        spec = self._spec(pod, nics)
-        template = (await asyncio.to_thread(self.templates.ready, spec)
-                    if self.templates is not None else None)
-        if template is not None:
-            spec = template.clone_spec(spec)
-        undo.push("remove pod state dir", _sync(lambda: shutil.rmtree(spec.state_dir, True)))
-        vm = VM(spec)
-        try:
-            with span("vm_start"):
-                await vm.start()
-        finally:
-            for nic in nics:
-                os.close(nic.fd)  # QEMU holds its own copy
-        undo.push("kill vm", vm.kill)
+        # Fails early without assets; the NIC stands for the pod's (a template key counts NICs).
+        shape = self._spec(pod, (TapNic(-1, TEMPLATE_MAC),) if self.settings.network else ())
+        pooled = self.pool.take(shape) if self.pool is not None else None
+        if pooled is not None:
+            spec, vm = await self._take_pooled(pod, pooled, undo)
+            template = None
+        else:
+            spec, vm, template = await self._start_vm(pod, undo)
         crash_point("run_sandbox.vm_started")
-        if template is not None:
-            try:
-                with span("vm_restore"):
-                    await vm.restore_state(template.state)
-            except CriError as exc:
-                # Whatever broke the template, the pod's retry boots instead.
-                assert self.templates is not None
-                await asyncio.to_thread(self.templates.discard, template)
-                raise type(exc)(f"pod {pod.id}: restore from template "
-                                f"{template.directory.name}: {exc.message}") from exc
         handle = PodVM(pod.id, vm, self.agent_client(pod, spec.transport))
         undo.push("close agent", _sync(handle.agent.close))
         connecting = asyncio.create_task(self._connect_network(pod))
@@ -481,11 +483,14 @@ class MicroVMBackend(BaseBackend):
         self._pods[pod.id] = handle
         undo.push("forget vm", _sync(lambda: self._pods.pop(pod.id, None)))
         handle.watch(self._vm_ended)
-        log.info("pod vm ready pod=%s pid=%s boot_ms=%.0f accel=%s template=%s ips=%s", pod.id,
-                 vm.pid, boot_ms, spec.accel, template.directory.name if template else "-",
+        log.info("pod vm ready pod=%s pid=%s boot_ms=%.0f accel=%s template=%s pooled=%s "
+                 "ips=%s", pod.id, vm.pid, boot_ms, spec.accel,
+                 template.directory.name if template else "-", pooled.name if pooled else "-",
                  network.attachment.ips if network else [])
-        if template is None and self.templates is not None:
+        if template is None and pooled is None and self.templates is not None:
             self.templates.ensure(spec)
+        if self.pool is not None:
+            self.pool.want(spec)
         return SandboxStarted(ips=tuple(network.attachment.ips) if network else (), backend={
             "qemuPid": vm.pid,
             "stateDir": str(spec.state_dir),
@@ -495,6 +500,7 @@ class MicroVMBackend(BaseBackend):
             "vcpus": spec.vcpus,
             "bootTimeMs": round(boot_ms),
             "template": template.directory.name if template else "",
+            "warmPoolVM": pooled.name if pooled else "",
             "guestKernel": check.kernel_release,
             "guestAssets": self.host.assets.version if self.host.assets else "",
             "consoleLog": str(spec.log_file),
@@ -504,6 +510,72 @@ class MicroVMBackend(BaseBackend):
             **({"vsockCid": spec.transport.guest_cid}
                if isinstance(spec.transport, VsockTransport) else {}),
         })
+
+
+    async def _start_vm(self, pod: PodRecord,
+                        undo: UndoStack) -> tuple[VMSpec, VM, Template | None]:
+        """The pod's own VM, restored from its shape's template or (none yet) booted."""
+        volumes = self._volumes(pod.id)
+        with span("volumes"):
+            await asyncio.to_thread(volumes.create)
+        undo.push("remove volumes dir", volumes.remove_all)
+        # The VM starts on an unconnected tap; CNI runs while the guest boots (it takes ~0.4 s
+        # of the ~5 s). The guest device gets a MAC of ours now and the CNI one from the agent.
+        nics: tuple[TapNic, ...] = ()
+        if self.settings.network:
+            with span("netns_tap"):
+                netns_path = await self.network.prepare(pod.id)
+                undo.push("tear down network", lambda: self.network.teardown(pod.id))
+                await tap.create_tap(netns_path)
+                crash_point("run_sandbox.netns")
+                tap_fd = await tap.open_tap_fd(netns_path)
+            nics = (TapNic(tap_fd, _device_mac(pod.id)),)
+        spec = self._spec(pod, nics)
+        return await self._boot_or_restore(pod, spec, undo)
+
+    async def _boot_or_restore(self, pod: PodRecord, spec: VMSpec,
+                               undo: UndoStack) -> tuple[VMSpec, VM, Template | None]:
+        """`spec` booted, or restored from its shape's template: as started."""
+        nics = spec.nics
+        template = (await asyncio.to_thread(self.templates.ready, spec)
+                    if self.templates is not None else None)
+        if template is not None:
+            spec = template.clone_spec(spec)
+        undo.push("remove pod state dir", _sync(lambda: remove_pod_state_dir(spec.state_dir)))
+        vm = VM(spec)
+        try:
+            with span("vm_start"):
+                await vm.start()
+        finally:
+            for nic in nics:
+                os.close(nic.fd)  # QEMU holds its own copy
+        undo.push("kill vm", vm.kill)
+        if template is not None:
+            try:
+                with span("vm_restore"):
+                    await vm.restore_state(template.state)
+            except CriError as exc:
+                # Whatever broke the template, the pod's retry boots instead.
+                assert self.templates is not None
+                await asyncio.to_thread(self.templates.discard, template)
+                raise type(exc)(f"pod {pod.id}: restore from template "
+                                f"{template.directory.name}: {exc.message}") from exc
+        return spec, vm, template
+
+    async def _take_pooled(self, pod: PodRecord, pooled: PooledVM,
+                           undo: UndoStack) -> tuple[VMSpec, VM]:
+        """A warmed VM from the pool, made the pod's (pool.py)."""
+        assert self.pool is not None
+        volumes = self._volumes(pod.id)
+        state_link = self._pod_state_dir(pod.id)
+        undo.push("remove volumes dir", volumes.remove_all)
+        if self.settings.network:
+            undo.push("tear down network", lambda: self.network.teardown(pod.id))
+        undo.push("remove pod state dir", _sync(lambda: remove_pod_state_dir(state_link)))
+        undo.push("kill vm", pooled.vm.kill)
+        with span("pool_hand_over"):
+            await self.pool.hand_over(pooled, pod.id, state_link, volumes.directory)
+        return pooled.spec, pooled.vm
 
     @contextlib.asynccontextmanager
     async def _scratch_nics(self, name: str, count: int) -> AsyncIterator[tuple[TapNic, ...]]:
@@ -626,7 +698,7 @@ class MicroVMBackend(BaseBackend):
         with span("remove_files"):
             await self._volumes(pod.id).remove_all()
             crash_point("remove_sandbox.volumes")  # volumes gone, state and root dirs left
-            await asyncio.to_thread(shutil.rmtree, self._pod_state_dir(pod.id), True)
+            await asyncio.to_thread(remove_pod_state_dir, self._pod_state_dir(pod.id))
             await asyncio.to_thread(shutil.rmtree, self._pod_root_dir(pod.id), True)
         crash_point("remove_sandbox.files")  # nothing of the pod left but its record
         self._stopped.discard(pod.id)
@@ -670,6 +742,8 @@ class MicroVMBackend(BaseBackend):
         if images is None or image is None:
             raise NotFound(f"image {config.image.image!r} is not present: pull it first")
         snapshot = images.snapshot_path(image.id)
+        if self.pool is not None:
+            self.pool.use_image(snapshot.name)
         volume_images: dict[str, str] = {}  # container_path -> image id
         guest_images: dict[str, str] = {}  # container_path -> where the agent binds the image
         agent_mounts: list[pb.Mount] = []
