@@ -15,7 +15,11 @@ first runs one container through create, start, exec, stop and rm untimed, and t
 are timed on its second container. Under TCG a fresh clone translates every code path its
 first container takes (the template's saved state has no translation cache); the second
 container shows what the design costs once that is paid (a pod's next containers, restarts,
-init containers before the app). Needs root, containerd (1.6.20),
+init containers before the app).
+
+`--warm-pool N` runs criserver with a pool of N warmed VMs (the microvm option `warm_pool`):
+every round then waits untimed until the pool is full again (crictl info), so it measures a
+node whose pods arrive no faster than the pool refills. Needs root, containerd (1.6.20),
 runc, containernetworking-plugins, docker-registry, and crictl (`make tools`).
 """
 
@@ -64,8 +68,9 @@ def crictl_binary() -> Path:
 class Side:
     """One runtime, driven only through crictl."""
 
-    def __init__(self, name: str, socket: Path, work: Path) -> None:
+    def __init__(self, name: str, socket: Path, work: Path, pool: int = 0) -> None:
         self.name = name
+        self.pool = pool  # warmed VMs to wait for before each round
         self.endpoint = f"unix://{socket}"
         self.work = work
         self.samples: dict[str, list[float]] = {op: [] for op in OPS}
@@ -94,6 +99,8 @@ class Side:
         (d / "ctr.json").write_text(json.dumps(ctr))
 
         (d / "first.json").write_text(json.dumps({**ctr, "metadata": {"name": "first"}}))
+        if timed:
+            self.wait_pool()
 
         def op(name: str, *args: str, timing: bool = True) -> str:
             out, seconds = self.crictl(*args)
@@ -115,6 +122,18 @@ class Side:
         container(pod_id, "ctr.json", timing=True)
         op("stopp", "stopp", pod_id)
         op("rmp", "rmp", pod_id)
+
+    def wait_pool(self, max_wait: float = 180.0) -> None:
+        deadline = time.monotonic() + max_wait
+        while self.pool and self.pooled() < self.pool:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: the warm pool did not refill in {max_wait} s")
+            time.sleep(0.2)
+
+    def pooled(self) -> int:
+        info = json.loads(self.crictl("info")[0])
+        return sum(v.get("warmPool", {}).get("ready", 0) for k, v in info.items()
+                   if k.startswith("runtime.") and isinstance(v, dict))
 
     def median_ms(self, ops: tuple[str, ...]) -> float:
         return sum(statistics.median(self.samples[o]) for o in ops) * 1000
@@ -141,6 +160,8 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warm-rounds", type=int, default=None,
                     help="rounds timing a pod's second container (default: --rounds; 0: none)")
+    ap.add_argument("--warm-pool", type=int, default=0,
+                    help="criserver's warm_pool option (default 0: no pool)")
     args = ap.parse_args()
     warm_rounds = args.rounds if args.warm_rounds is None else args.warm_rounds
     crictl_binary()
@@ -151,13 +172,13 @@ async def main() -> None:
         await push_images(registry.base)
         image = f"{registry.host}/e2e/busybox:latest"
         with Containerd(registry.host, f"{registry.host}/bench/pause:latest") as ctrd, \
-                BenchDaemon(network=True) as crid:
+                BenchDaemon(network=True, options={"warm_pool": args.warm_pool}) as crid:
             client = crid.daemon.client()
             try:
                 await build_template(client, crid.workdir)
             finally:
                 await client.close()
-            sides = [Side("criserver", crid.daemon.socket, work / "criserver"),
+            sides = [Side("criserver", crid.daemon.socket, work / "criserver", args.warm_pool),
                      Side("containerd", ctrd.socket, work / "containerd")]
             for s in sides:
                 s.crictl("pull", image)
@@ -167,8 +188,8 @@ async def main() -> None:
                     s.round(i, image, timed=True)
                 print(f"  round {i}/{args.rounds}", flush=True)
             print(report(sides[0], sides[1], args.rounds))
-            warm = [Side(s.name, Path(s.endpoint.removeprefix("unix://")), s.work / "warm")
-                    for s in sides]
+            warm = [Side(s.name, Path(s.endpoint.removeprefix("unix://")), s.work / "warm",
+                         s.pool) for s in sides]
             for i in range(1, warm_rounds + 1):
                 for s in (warm if i % 2 else warm[::-1]):
                     s.round(i, image, timed=True, warm=True)

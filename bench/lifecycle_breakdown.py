@@ -15,12 +15,16 @@ In RunPodSandbox `agent.Check` runs inside `wait_ready` and is left out of `(oth
 ExecSync is not traced: its client-observed time is shown for scale.
 
     flock /tmp/criserver-vm.lock .venv/bin/python bench/lifecycle_breakdown.py [--pods 10]
+
+`--warm-pool N`: with the microvm option `warm_pool` (each pod waits, untimed, for the pool to
+be full again first), to see what a pod given a warmed VM still pays.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import statistics
 import sys
@@ -130,9 +134,21 @@ async def lifecycle(cri: CRIClient, image: str, i: int, client: dict[str, list[f
                                                             pod_sandbox_id=pod)))
 
 
+async def wait_pool(cri: CRIClient, size: int, max_wait: float = 180.0) -> None:
+    deadline = time.monotonic() + max_wait
+    while size:
+        status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
+        if json.loads(status.info["runtime.microvm"])["warmPool"]["ready"] >= size:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm pool did not refill in {max_wait} s")
+        await asyncio.sleep(0.2)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--pods", type=int, default=10)
+    ap.add_argument("--warm-pool", type=int, default=0)
     args = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="crbd-", dir="/tmp"))
     registry = _start_registry(scratch / "registry", htpasswd=False)
@@ -141,7 +157,8 @@ async def main() -> None:
             await Pusher(session, registry.base).image("bench/busybox", "latest",
                                                        busybox_full_image())
         image = f"{registry.host}/bench/busybox:latest"
-        with BenchDaemon(network=True, daemon_keys="trace = true\n") as bd:
+        with BenchDaemon(network=True, daemon_keys="trace = true\n",
+                         options={"warm_pool": args.warm_pool}) as bd:
             cri = bd.daemon.client()
             try:
                 await cri.image.PullImage(msg("PullImageRequest",
@@ -150,6 +167,7 @@ async def main() -> None:
                 mark = len(bd.daemon.log())
                 client: dict[str, list[float]] = defaultdict(list)
                 for i in range(args.pods):
+                    await wait_pool(cri, args.warm_pool)
                     await lifecycle(cri, image, i, client)
                     print(f"  pod {i + 1}/{args.pods} done", flush=True)
             finally:
