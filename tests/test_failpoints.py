@@ -24,7 +24,7 @@ def _points_in_code() -> set[str]:
 def test_every_crash_point_has_a_case_and_every_case_a_point() -> None:
     tested = {*crash.STEPS, *crash.CONTAINER_STEPS, *crash.POD_STEPS, *crash.PULL_STEPS,
               *crash.REMOVE_CONTAINER_STEPS,
-              *crash.TEMPLATE_STEPS,
+              *crash.TEMPLATE_STEPS, *crash.POOL_STEPS,
               *runc_crash.STEPS, *import_crash.IMPORT_STEPS}
     assert _points_in_code() == tested
 

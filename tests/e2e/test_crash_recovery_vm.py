@@ -466,3 +466,75 @@ async def test_a_crash_while_a_template_is_built_leaks_nothing(step: str) -> Non
     finally:
         await cri.close()
         tear_down(daemon, workdir)
+
+
+# -- the warm pool -----------------------------------------------------------------------------
+
+POOL_STEPS = [
+    "pool.warming",  # a pooled VM's QEMU restored, its warm-up not begun
+    "pool.netns_handed_over",  # RunPodSandbox took it: the netns the pod's, the dirs not yet
+]
+
+
+async def _wait_pool_filled(cri: CRIClient, max_wait: float = 240) -> None:
+    deadline = time.monotonic() + max_wait
+    while True:
+        status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
+        pool = json.loads(status.info["runtime.microvm"])["warmPool"]
+        if pool["ready"] >= pool["size"]:
+            return
+        assert time.monotonic() < deadline, f"the pool did not fill: {pool}"
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize("step", POOL_STEPS)
+async def test_a_crash_while_a_pooled_vm_is_warmed_or_taken_leaks_nothing(step: str) -> None:
+    require_assets()
+    workdir = short_workdir()
+    daemon = Daemon(workdir, config=microvm_config(workdir, warm_pool=1, accelerator="tcg"))
+    state = daemon.state / "runtimes" / "microvm"
+    daemon.start(env={ENV: step})
+    cri = daemon.client()
+    try:
+        # The first pod boots; the pool fills behind it once its template is built. The daemon
+        # dies warming that VM, or in the next RunPodSandbox, which takes it.
+        await cri.run_pod("first")
+        if step == "pool.netns_handed_over":
+            await _wait_pool_filled(cri)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await cri.run_pod("second")
+        assert daemon.process is not None
+        assert daemon.process.wait(240) == -signal.SIGKILL
+        assert f"failpoint {step} reached" in daemon.log()
+
+        daemon.start()
+        await cri.close()
+        cri = daemon.client()
+        # No pooled VM of the dead daemon's is left, nor its netns or dirs; the pods listed
+        # are the VMs running.
+        assert not [p.name for p in state.iterdir() if p.name.startswith("pool-")]
+        assert not [p.name for p in (state / "volumes").iterdir() if p.name.startswith("pool-")]
+        assert not [p.name for p in (daemon.state / "netns").iterdir()
+                    if p.name.startswith("pool-")]
+        pods = (await cri.runtime.ListPodSandbox()).items
+        assert len(qemus_of(workdir)) == len(pods)
+        for p in pods:
+            await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest",
+                                                   pod_sandbox_id=p.id))
+        assert qemus_of(workdir) == []
+        assert list((daemon.state / "netns").iterdir()) == []
+        assert [p for p in backend_leftovers(daemon) if not p.startswith("templates/")] == []
+
+        # Recovered: the pool fills again and a pod takes a warmed VM.
+        await cri.run_pod("third")
+        await _wait_pool_filled(cri)
+        fourth = await cri.run_pod("fourth")
+        ready = [line for line in daemon.log().splitlines()
+                 if f"pod vm ready pod={fourth} " in line]
+        assert ready and "pooled=pool-" in ready[0], ready
+        for p in (await cri.runtime.ListPodSandbox()).items:
+            await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest",
+                                                   pod_sandbox_id=p.id))
+    finally:
+        await cri.close()
+        tear_down(daemon, workdir)

@@ -37,6 +37,7 @@ from criserver.backends.microvm.channel import AgentClient
 from criserver.backends.microvm.podvm import PodVM
 from criserver.backends.microvm.shares import PodVolumes
 from criserver.errors import CriError, Unavailable
+from criserver.failpoints import crash_point
 from criserver.network import netns
 from criserver.network.pod import PodNetwork
 from criserver.runtime import oci_spec
@@ -123,6 +124,7 @@ class WarmPool:
         try:
             if self._network is not None:
                 await self._network.hand_over(entry.name, pod_id)
+            crash_point("pool.netns_handed_over")  # the netns the pod's, the rest the VM's
             await asyncio.to_thread(os.rename, self._volumes_root / entry.name, volumes_dir)
             await asyncio.to_thread(state_link.symlink_to, entry.name)
         except BaseException:
@@ -222,6 +224,7 @@ class WarmPool:
             image = self._image
             entry = PooledVM(name, template_key(spec), spec, vm, image)
             await vm.restore_state(template.state)
+            crash_point("pool.warming")  # its QEMU runs, its netns and dirs named after it
             if spec.transport is None:
                 raise Unavailable(f"pooled vm {name}: its spec has no agent channel")
             agent = self._agent_for(name, spec.transport)
