@@ -162,6 +162,8 @@ async def main() -> None:
                     help="rounds timing a pod's second container (default: --rounds; 0: none)")
     ap.add_argument("--warm-pool", type=int, default=0,
                     help="criserver's warm_pool option (default 0: no pool)")
+    ap.add_argument("--tb-size", type=int, default=None,
+                    help="criserver's tcg_tb_size_mib option (default: the handler's)")
     args = ap.parse_args()
     warm_rounds = args.rounds if args.warm_rounds is None else args.warm_rounds
     crictl_binary()
@@ -172,7 +174,9 @@ async def main() -> None:
         await push_images(registry.base)
         image = f"{registry.host}/e2e/busybox:latest"
         with Containerd(registry.host, f"{registry.host}/bench/pause:latest") as ctrd, \
-                BenchDaemon(network=True, options={"warm_pool": args.warm_pool}) as crid:
+                BenchDaemon(network=True, options={
+                    "warm_pool": args.warm_pool,
+                    **({"tcg_tb_size_mib": args.tb_size} if args.tb_size else {})}) as crid:
             client = crid.daemon.client()
             try:
                 await build_template(client, crid.workdir)

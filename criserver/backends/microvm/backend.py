@@ -149,8 +149,11 @@ class MicroVMOptions:
     max_templates: int = option(4, "Most templates kept (one per VM shape)", min=0)
     warm_pool: int = option(0, "Pod VMs kept restored from a template and warmed (a container "
                                "run in each once) ahead of demand, for pods of the last shape "
-                               "started: such a pod skips the guest's first-run cost. Each "
-                               "costs an idle pod's memory and CPU; needs templates", min=0)
+                               "started: such a pod skips most of the guest's first-run "
+                               "cost. Each costs an idle pod's memory and CPU; needs "
+                               "templates. Its VMs' translation caches also hold the "
+                               "warm-up's code: raise tcg_tb_size_mib with it (96 measured)",
+                       min=0)
     guest_oci_runtime: str = option("auto", "The OCI runtime that runs containers in the guest: "
                                             "auto (crun when the guest image has it, else "
                                             "runc), crun or runc",
