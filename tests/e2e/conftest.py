@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -11,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from criserver.vm import assets
-from tests.cri_client import msg
+from tests.cri_client import CRIClient, msg
 from tests.daemon import Daemon, process_cmdlines, unmount_under
 
 pytestmark = pytest.mark.vm
@@ -97,12 +99,13 @@ def vm_daemon() -> Iterator[Daemon]:
 
 
 @contextmanager
-def running_vm_daemon(extra_config: str = "") -> Iterator[Daemon]:
-    """A micro-VM daemon on a network of its own; afterwards its pods, VMs, network and
-    mounts are gone, and its log and the guests' consoles are kept for a look."""
+def running_vm_daemon(extra_config: str = "", **options: object) -> Iterator[Daemon]:
+    """A micro-VM daemon on a network of its own (`options`: the microvm handler's); afterwards
+    its pods, VMs, network and mounts are gone, and its log and the guests' consoles are kept
+    for a look."""
     require_assets()
     workdir = short_workdir()
-    daemon = Daemon(workdir, config=microvm_config(workdir) + extra_config).start()
+    daemon = Daemon(workdir, config=microvm_config(workdir, **options) + extra_config).start()
     try:
         yield daemon
     finally:
@@ -200,3 +203,16 @@ async def iptables_rules() -> list[str]:
     proc = await asyncio.create_subprocess_exec("iptables-save", stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     return [line for line in out.decode().splitlines() if line.startswith("-A")]
+
+
+async def wait_pool_filled(cri: CRIClient, max_wait: float = 300.0) -> None:
+    """Until the microvm handler's warm pool is full (its first pod boots, its template is
+    built, then the pool fills)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
+        pool = json.loads(status.info["runtime.microvm"])["warmPool"]
+        if pool["ready"] >= pool["size"]:
+            return
+        assert time.monotonic() < deadline, f"the warm pool did not fill: {pool}"
+        await asyncio.sleep(0.5)

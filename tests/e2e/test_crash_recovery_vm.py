@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     require_assets,
     short_workdir,
     tear_down,
+    wait_pool_filled,
 )
 from tests.image.oci import Pusher
 from tests.registry import Registry, small_image
@@ -476,17 +477,6 @@ POOL_STEPS = [
 ]
 
 
-async def _wait_pool_filled(cri: CRIClient, max_wait: float = 240) -> None:
-    deadline = time.monotonic() + max_wait
-    while True:
-        status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
-        pool = json.loads(status.info["runtime.microvm"])["warmPool"]
-        if pool["ready"] >= pool["size"]:
-            return
-        assert time.monotonic() < deadline, f"the pool did not fill: {pool}"
-        await asyncio.sleep(0.5)
-
-
 @pytest.mark.parametrize("step", POOL_STEPS)
 async def test_a_crash_while_a_pooled_vm_is_warmed_or_taken_leaks_nothing(step: str) -> None:
     require_assets()
@@ -500,7 +490,7 @@ async def test_a_crash_while_a_pooled_vm_is_warmed_or_taken_leaks_nothing(step: 
         # dies warming that VM, or in the next RunPodSandbox, which takes it.
         await cri.run_pod("first")
         if step == "pool.netns_handed_over":
-            await _wait_pool_filled(cri)
+            await wait_pool_filled(cri)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await cri.run_pod("second")
         assert daemon.process is not None
@@ -527,7 +517,7 @@ async def test_a_crash_while_a_pooled_vm_is_warmed_or_taken_leaks_nothing(step: 
 
         # Recovered: the pool fills again and a pod takes a warmed VM.
         await cri.run_pod("third")
-        await _wait_pool_filled(cri)
+        await wait_pool_filled(cri)
         fourth = await cri.run_pod("fourth")
         ready = [line for line in daemon.log().splitlines()
                  if f"pod vm ready pod={fourth} " in line]

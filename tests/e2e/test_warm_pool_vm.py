@@ -5,11 +5,8 @@ killed at the next start."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import shutil
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,30 +16,17 @@ from tests.cri_client import CRIClient, enum, msg
 from tests.daemon import Daemon
 from tests.e2e.conftest import (
     backend_leftovers,
-    keep_logs,
-    microvm_config,
     qemus_of,
-    require_assets,
-    short_workdir,
-    tear_down,
+    running_vm_daemon,
+    wait_pool_filled,
 )
 
 pytestmark = pytest.mark.vm
 
-FILL_TIMEOUT = 300.0  # the first pod boots, its template is built, then the pool fills
-
-
 @pytest.fixture(scope="module")
 def pool_daemon() -> Iterator[Daemon]:
-    require_assets()
-    workdir = short_workdir()
-    daemon = Daemon(workdir, config=microvm_config(workdir, warm_pool=1)).start()
-    try:
+    with running_vm_daemon(warm_pool=1) as daemon:
         yield daemon
-    finally:
-        tear_down(daemon, workdir, keep_workdir=True)
-        keep_logs(daemon, workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +38,6 @@ async def pulled(pool_daemon: Daemon, busybox_ref: str) -> AsyncIterator[str]:
     await _remove_pod(cri, first)
     await cri.close()
     yield busybox_ref
-
-
-async def _pool(cri: CRIClient) -> dict[str, int]:
-    status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
-    return dict(json.loads(status.info["runtime.microvm"])["warmPool"])
-
-
-async def _wait_filled(cri: CRIClient) -> None:
-    deadline = time.monotonic() + FILL_TIMEOUT
-    while (pool := await _pool(cri))["ready"] < pool["size"]:
-        assert time.monotonic() < deadline, f"the pool did not fill: {pool}"
-        await asyncio.sleep(0.5)
 
 
 def _pool_dirs(daemon: Daemon) -> set[str]:
@@ -92,7 +64,7 @@ async def _exec(cri: CRIClient, cid: str, *cmd: str) -> str:
 async def test_a_pod_takes_a_warmed_vm_and_is_a_pod_like_any_other(
         pool_daemon: Daemon, pulled: str, tmp_path: Path) -> None:
     cri = pool_daemon.client()
-    await _wait_filled(cri)
+    await wait_pool_filled(cri)
     [pooled] = _pool_dirs(pool_daemon)
     pod_id = await cri.run_pod(
         "pooled", hostname="pooled-host", log_directory=str(tmp_path),
@@ -119,7 +91,7 @@ async def test_a_pod_takes_a_warmed_vm_and_is_a_pod_like_any_other(
     assert "warm-up" not in await _exec(cri, cid, "cat", "/proc/mounts")
     # The refill warms its VM on the image the last container used (its first container's
     # rootfs then finds that image mounted).
-    await _wait_filled(cri)
+    await wait_pool_filled(cri)
     snapshot = Path(json.loads((await cri.runtime.ContainerStatus(msg(
         "ContainerStatusRequest", container_id=cid, verbose=True))).info["info"])[
         "snapshot"]).name
@@ -146,7 +118,7 @@ async def test_a_crashed_daemons_pooled_vms_go_at_the_next_start(
         pool_daemon: Daemon, pulled: str) -> None:
     cri = pool_daemon.client()
     pod_id = await cri.run_pod("refill")  # the pool fills for its shape
-    await _wait_filled(cri)
+    await wait_pool_filled(cri)
     await cri.close()
     [pooled] = _pool_dirs(pool_daemon) - {p.resolve().name for p in
                                          (pool_daemon.state / "runtimes" / "microvm").iterdir()
