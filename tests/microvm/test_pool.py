@@ -3,14 +3,18 @@ and a pod's state dir that links to a pooled VM's goes with it."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from criserver.backends.microvm.pool import WarmPool, remove_pod_state_dir
+from criserver.backends.microvm.pool import PooledVM, WarmPool, remove_pod_state_dir
+from criserver.vm.template import template_key
+from tests.vm.test_template import pod_spec
 
 
 def _qemu_like(pidfile: Path) -> subprocess.Popen[bytes]:
@@ -67,3 +71,24 @@ def test_a_pods_state_dir_goes_with_the_pool_dir_it_links_to(tmp_path: Path) -> 
     remove_pod_state_dir(plain)
     remove_pod_state_dir(plain)  # gone already: fine
     assert list(tmp_path.iterdir()) == []
+
+
+@dataclass
+class _FakeVM:
+    exited: bool = False
+
+    async def kill(self) -> None:
+        self.exited = True
+
+
+async def test_take_gives_a_live_vm_of_the_shape_asked(tmp_path: Path) -> None:
+    pool = _pool(tmp_path / "state", tmp_path / "volumes")
+    small, big = pod_spec("a"), pod_spec("b", memory_mib=1024)
+    dead = PooledVM("pool-dead", template_key(small), small, _FakeVM(exited=True))  # type: ignore[arg-type]
+    live = PooledVM("pool-live", template_key(small), small, _FakeVM())  # type: ignore[arg-type]
+    pool._ready = [dead, live]
+    pool._refill = lambda delay: None  # type: ignore[method-assign]
+    assert pool.take(big) is None  # another shape
+    assert pool.take(pod_spec("c")) is live  # of the shape, the dead one passed over
+    assert pool.ready == 0 and pool.take(small) is None
+    await asyncio.sleep(0)  # the dead one's discard ran

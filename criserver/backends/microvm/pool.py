@@ -108,12 +108,15 @@ class WarmPool:
     def take(self, spec: VMSpec) -> PooledVM | None:
         """A warmed VM of `spec`'s shape, now the caller's (see `hand_over`), if one is ready."""
         key = template_key(spec)
-        for entry in self._ready:
-            if entry.key == key:
-                self._ready.remove(entry)
-                log.info("pooled vm taken name=%s left=%d", entry.name, len(self._ready))
-                self._refill(delay=REFILL_DELAY)
-                return entry
+        for entry in [e for e in self._ready if e.key == key]:
+            self._ready.remove(entry)
+            if entry.vm.exited:  # its QEMU died while it waited: never a pod's
+                log.warning("pooled vm gone before it was taken name=%s", entry.name)
+                self._spawn_discard(entry)
+                continue
+            log.info("pooled vm taken name=%s left=%d", entry.name, len(self._ready))
+            self._refill(delay=REFILL_DELAY)
+            return entry
         return None
 
     async def hand_over(self, entry: PooledVM, pod_id: str, state_link: Path,
@@ -130,11 +133,6 @@ class WarmPool:
         except BaseException:
             await self._discard(entry)
             raise
-
-    async def wait_filled(self) -> None:
-        """Wait for the refill under way (tests and benchmarks)."""
-        while self._filler is not None and not self._filler.done():
-            await asyncio.wait({self._filler})
 
     async def close(self) -> None:
         """Stop refilling and kill the pooled VMs (a later daemon warms its own)."""
