@@ -14,6 +14,7 @@ from criserver.errors import InvalidArgument
 from criserver.runtime.backend import BackendContext
 from criserver.store.records import PodRecord
 from criserver.vm.qemu import SerialTransport, VsockTransport
+from tests.vm.test_template import pod_spec
 from vmagent.contract import AGENT_PORT_NAME
 
 POD_ID = "ab" * 32
@@ -46,6 +47,15 @@ def test_vsock_by_choice_and_kept_across_restarts(tmp_path: Path) -> None:
     # A pod started over virtio-serial stays on it, whatever the host has now.
     assert isinstance(b.agent_transport(pod(qemuPid=1)), SerialTransport)
     assert b.agent_transport(pod(vsockCid=77)) == VsockTransport(77)
+
+
+def test_a_pooled_vm_gets_a_channel_of_its_own_of_the_pods_kind(tmp_path: Path) -> None:
+    b = backend(tmp_path, "auto")
+    like = pod_spec("a", transport=VsockTransport(77))
+    transport = b._pool_transport("pool-0a1b2c3d", like)
+    assert isinstance(transport, VsockTransport) and transport.guest_cid == 3 + 0x0A1B2C3D
+    assert b._pool_transport("pool-0a1b2c3d", pod_spec("a")) == SerialTransport(
+        tmp_path / "state" / "pool-0a1b2c3d" / "agent.sock", AGENT_PORT_NAME)
 
 
 def test_auto_follows_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

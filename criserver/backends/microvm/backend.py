@@ -29,6 +29,7 @@ from criserver.backends.microvm.container_io import ContainerIO
 from criserver.backends.microvm.guest import GuestBoot, TemplateBoot, pod_guest_spec
 from criserver.backends.microvm.guest_deletes import GuestDeletes
 from criserver.backends.microvm.podvm import PodVM
+from criserver.backends.microvm.pool import PREFIX as POOL_PREFIX
 from criserver.backends.microvm.pool import PooledVM, WarmPool, remove_pod_state_dir
 from criserver.backends.microvm.shares import (
     PodVolumes,
@@ -347,10 +348,14 @@ class MicroVMBackend(BaseBackend):
 
     def _pool_spec(self, name: str, like: VMSpec, nics: tuple[TapNic, ...]) -> VMSpec:
         """A pooled VM's spec: `like`'s shape, with its own state dir, channel and NICs."""
-        transport: AgentTransport = VsockTransport(_guest_cid(name)) \
-            if isinstance(like.transport, VsockTransport) \
-            else SerialTransport(self._pod_state_dir(name) / "agent.sock", AGENT_PORT_NAME)
-        return self._vm_spec(name, like.memory_mib, like.vcpus, transport, nics)
+        return self._vm_spec(name, like.memory_mib, like.vcpus,
+                             self._pool_transport(name, like), nics)
+
+    def _pool_transport(self, name: str, like: VMSpec) -> AgentTransport:
+        """A pooled VM's agent channel: of `like`'s kind, its own (a CID from its name's hex)."""
+        if isinstance(like.transport, VsockTransport):
+            return VsockTransport(_guest_cid(name.removeprefix(POOL_PREFIX)))
+        return SerialTransport(self._pod_state_dir(name) / "agent.sock", AGENT_PORT_NAME)
 
     def _pool_agent(self, name: str, transport: AgentTransport) -> AgentClient:
         return AgentClient(name, AgentAddress.of(transport),
