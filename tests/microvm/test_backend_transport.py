@@ -66,6 +66,13 @@ def test_auto_follows_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert isinstance(b.agent_transport(pod()), SerialTransport)
 
 
+def test_a_warm_pool_without_templates_is_refused(tmp_path: Path) -> None:
+    context = BackendContext(handler="microvm", root=tmp_path / "root", state=tmp_path / "state",
+                             config=Config(), events=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="warm_pool"):
+        MicroVMBackend({"warm_pool": 1, "templates": False}, context)
+
+
 def test_bad_transport_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="transport"):
         backend(tmp_path, "carrier-pigeon")

@@ -178,6 +178,9 @@ class MicroVMBackend(BaseBackend):
         if self.settings.transport not in ("auto", "vsock", "serial"):
             raise InvalidArgument(f"runtimes.{context.handler}.options.transport: "
                                   f"{self.settings.transport!r} is not auto, vsock or serial")
+        if self.settings.warm_pool > 0 and not self.settings.templates:
+            raise InvalidArgument(f"runtimes.{context.handler}.options.warm_pool: the pool's "
+                                  "VMs are clones of templates; it needs templates = true")
         if self.settings.machine not in {m.value for m in Machine}:
             raise InvalidArgument(f"runtimes.{context.handler}.options.machine: "
                                   f"{self.settings.machine!r} is not microvm or q35")
