@@ -522,7 +522,6 @@ class MicroVMBackend(BaseBackend):
                if isinstance(spec.transport, VsockTransport) else {}),
         })
 
-
     async def _start_vm(self, pod: PodRecord,
                         undo: UndoStack) -> tuple[VMSpec, VM, Template | None]:
         """The pod's own VM, restored from its shape's template or (none yet) booted."""
