@@ -38,7 +38,7 @@ from bench.containerd_kit import Containerd
 from tests.conformance.conftest import UPSTREAM_REGISTRIES, mirror_config
 from tests.conformance.images import push_all
 from tests.cri_client import msg
-from tests.daemon import Daemon
+from tests.daemon import Daemon, built_templates
 from tests.e2e.conftest import microvm_config, require_assets, short_workdir, tear_down
 from tests.kubelet.node import (
     BUSYBOX,
@@ -125,7 +125,7 @@ def node_on(runtime: Any) -> AbstractContextManager[KubeletNode]:
 
 def wait_template(daemon: Daemon) -> None:
     t0 = time.monotonic()
-    wait_for(lambda: list(daemon.state.glob("runtimes/*/templates/*/state")), 300,
+    wait_for(lambda: built_templates(daemon.state), 300,
              "the template criserver builds after the first pod")
     print(f"  template ready {time.monotonic() - t0:.0f} s after the warm-up pod ran", flush=True)
 

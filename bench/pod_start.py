@@ -35,7 +35,7 @@ from criserver.vm import assets as assets_mod  # noqa: E402
 from criserver.vm.accel import read_tsc_khz  # noqa: E402
 from criserver.vm.qemu import Machine  # noqa: E402
 from tests.cri_client import CRIClient, msg  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
+from tests.daemon import Daemon, built_templates  # noqa: E402
 from tests.e2e.conftest import kill_vms_under, vm_pids_of  # noqa: E402
 
 DEFAULTS = MicroVMOptions()
@@ -108,7 +108,7 @@ async def build_template(cri: CRIClient, workdir: Path) -> None:
     The pod is removed again."""
     t0 = time.monotonic()
     pod_id, _ = await run_pod(cri, "bench-template")
-    while not list(workdir.glob("state/runtimes/*/templates/*/state")):
+    while not built_templates(workdir / "state"):
         if time.monotonic() - t0 > 300:
             raise RuntimeError("no template built within 300 s")
         await asyncio.sleep(0.5)

@@ -93,6 +93,14 @@ class Daemon:
         return self.process.pid
 
 
+def built_templates(state: Path) -> list[Path]:
+    """The state files of the templates a daemon with state dir `state` has published. A
+    build writes its state file into <key>.tmp before the rename that publishes it: that one
+    is not built yet."""
+    return [f for f in state.glob("runtimes/*/templates/*/state")
+            if not f.parent.name.endswith(".tmp")]
+
+
 def unmount_under(workdir: Path) -> None:
     """Lazily unmount everything mounted below `workdir`, deepest first."""
     mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]

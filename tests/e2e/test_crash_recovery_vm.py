@@ -22,7 +22,7 @@ import pytest
 
 from criserver.failpoints import ENV
 from tests.cri_client import CRIClient, enum, msg
-from tests.daemon import Daemon
+from tests.daemon import Daemon, built_templates
 from tests.e2e.conftest import (
     backend_leftovers,
     iptables_rules,
@@ -454,7 +454,7 @@ async def test_a_crash_while_a_template_is_built_leaks_nothing(step: str) -> Non
         # Recovered, not just cleaned: the template is built again and a pod is cloned from it.
         second = await cri.run_pod("second")
         deadline = time.monotonic() + 180
-        while not list(templates.glob("*/state")):
+        while not built_templates(daemon.state):
             assert time.monotonic() < deadline, "no template built after the restart"
             await asyncio.sleep(0.5)
         third = await cri.run_pod("third")

@@ -14,7 +14,7 @@ import pytest
 
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
 from tests.cri_client import CRIClient, enum, msg
-from tests.daemon import Daemon
+from tests.daemon import Daemon, built_templates
 from tests.e2e.conftest import (
     bridge_ports,
     iptables_rules,
@@ -230,10 +230,10 @@ async def test_pods_start_from_a_template(vm_daemon: Daemon) -> None:
     first = await cri.run_pod("vm-tmpl-first")
     _, info = await _status(cri, first)
     deadline = time.monotonic() + 240
-    while not list(vm_daemon.state.glob("runtimes/*/templates/*/state")):
+    while not built_templates(vm_daemon.state):
         assert time.monotonic() < deadline, "no template built"
         await asyncio.sleep(0.5)
-    (state_file,) = vm_daemon.state.glob("runtimes/*/templates/*/state")
+    (state_file,) = built_templates(vm_daemon.state)
     # A clone wakes up with the template's clock: give it something to catch up.
     await asyncio.sleep(max(0.0, state_file.stat().st_mtime + 10 - time.time()))
     clones = await asyncio.gather(*(
