@@ -186,11 +186,11 @@ class Containers:
             path = os.path.join(self.run_dir, name)
             return path if os.path.exists(path) else ""  # tmpfs stat
 
-        holder = await self.podns.ipc_uts(id_maps)
+        ipc_uts = await self.podns.ipc_uts(id_maps)
         return PodContext(
             hosts=existing("hosts"), resolv_conf=existing("resolv.conf"),
             hostname=existing("hostname"), shm=await self._pod_shm(),
-            ipc_uts_pid=holder, userns_pid=holder if id_maps is not None else 0,
+            ipc_uts_pid=ipc_uts, userns_pid=ipc_uts if id_maps is not None else 0,
             pid_ns_pid=await self.podns.pid() if pid_mode == 1 else 0)
 
     async def create(self, req: pb.CreateContainerRequest) -> pb.ContainerState:

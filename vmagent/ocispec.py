@@ -35,7 +35,7 @@ class PodContext:
         self.resolv_conf = resolv_conf
         self.hostname = hostname
         self.shm = shm
-        self.ipc_uts_pid = ipc_uts_pid  # holder of the pod's IPC and UTS namespaces
+        self.ipc_uts_pid = ipc_uts_pid  # whose IPC and UTS namespaces the pod's containers join
         self.pid_ns_pid = pid_ns_pid  # PID 1 of the pod's PID namespace (PID_POD only)
         self.userns_pid = userns_pid  # holder of the pod's user namespace (0: none)
         self.outside_pod = outside_pod  # a container of no pod: IPC and UTS of its own

@@ -1,9 +1,11 @@
-"""The pod's shared namespaces: a tiny holder process per pod that owns an IPC and a UTS namespace
-(and, when a container asks for a pod-wide PID namespace, a second holder that is PID 1 there
-and reaps orphans). Container specs join them by /proc/<pid>/ns/<kind> path.
-The network namespace needs no holder: every container uses the VM's own.
-A pod with a user namespace has the holder own it too, created first: namespaces a container
-joins from inside a user namespace must belong to it (setns, and mounting mqueue and procfs).
+"""The pod's shared namespaces. A VM is one pod, so its IPC and UTS namespaces are the VM's own,
+which the agent is in: SetupSandbox sets the pod's hostname and sysctls there, and containers
+join them through the agent's /proc/<pid>/ns/<kind>, with nothing to start. Containers keep the
+VM's network namespace too.
+A pod with a user namespace needs a holder process instead, which owns that user namespace and
+an IPC and a UTS namespace created in it: namespaces a container joins from inside a user
+namespace must belong to it (setns, and mounting mqueue and procfs). A container asking for a
+pod-wide PID namespace gets a second holder that is PID 1 there and reaps orphans.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class PodNamespaces:
         self.holder_pid = 0
         self.pid_holder_pid = 0
         self.id_maps: IdMaps | None = None  # the pod's user namespace, owned by the holder
+        self._chosen = False  # a container has joined: with id_maps, or in the VM's namespaces
         # /proc/<pid>/comm of the reaper: the name it was exec'd by, cut to 15 chars.
         self._python_comm = os.path.basename(python)[:15]
 
@@ -82,29 +85,29 @@ class PodNamespaces:
             await asyncio.sleep(0.005)
 
     async def ipc_uts(self, id_maps: IdMaps | None = None) -> int:
-        """Pid of the IPC+UTS holder, started on first use (it copies the guest's hostname,
-        which SetupSandbox has set by then); with `id_maps`, in the pod's user namespace.
-        All containers of a pod have the same mappings (or none)."""
+        """Pid of the process whose IPC and UTS namespaces the pod's containers join: the
+        agent, or with `id_maps` the holder of the pod's user namespace, started on first use
+        (it copies the guest's hostname, which SetupSandbox has set by then). All containers
+        of a pod have the same mappings (or none)."""
         async with self._lock:
-            alive = bool(self.holder_pid) and _comm(self.holder_pid) == "sleep"
-            if alive and id_maps != self.id_maps:
+            if self._chosen and id_maps != self.id_maps:
                 raise GRPCError(Status.FAILED_PRECONDITION,
                                 "the pod's containers must all share its user namespace")
-            if alive:
+            if id_maps is None:
+                self._chosen = True
+                return os.getpid()
+            if self.holder_pid and _comm(self.holder_pid) == "sleep":
                 return self.holder_pid
-            argv = ["unshare", "--ipc", "--uts", "--", "sleep", _FOREVER]
-            if id_maps is not None:
-                argv[1:1] = ["--user"]
+            argv = ["unshare", "--user", "--ipc", "--uts", "--", "sleep", _FOREVER]
             pid = await self._start(argv, "sleep", nested=False)
-            if id_maps is not None:
-                try:
-                    await asyncio.to_thread(write_maps, pid, id_maps)
-                except OSError as exc:
-                    os.kill(pid, 9)
-                    raise GRPCError(Status.INVALID_ARGUMENT,
-                                    f"user namespace mappings: {exc.strerror}") from exc
-            self.holder_pid, self.id_maps = pid, id_maps
-            log.info("pod namespace holder started pid=%d userns=%s", pid, id_maps is not None)
+            try:
+                await asyncio.to_thread(write_maps, pid, id_maps)
+            except OSError as exc:
+                os.kill(pid, 9)
+                raise GRPCError(Status.INVALID_ARGUMENT,
+                                f"user namespace mappings: {exc.strerror}") from exc
+            self.holder_pid, self.id_maps, self._chosen = pid, id_maps, True
+            log.info("pod user namespace holder started pid=%d", pid)
             return pid
 
     async def pid(self) -> int:

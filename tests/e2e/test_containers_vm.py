@@ -227,6 +227,28 @@ async def test_security_context(pod: Pod) -> None:
     await pod.cri.runtime.RemoveContainer(msg("RemoveContainerRequest", container_id=cid))
 
 
+async def test_containers_share_the_pods_ipc_and_uts_namespaces(
+        vm_daemon: Daemon, busybox_ref: str, tmp_path: Path) -> None:
+    """A pod's containers share one IPC and one UTS namespace, carrying the pod's hostname and
+    its IPC sysctls, and none of them is a container's own."""
+    sysctls = {"kernel.shm_rmid_forced": "1", "kernel.msgmax": "4096"}
+    async with running_pod(vm_daemon, busybox_ref, "ns-pod", tmp_path, hostname="ns-pod",
+                           linux=msg("LinuxPodSandboxConfig", sysctls=sysctls)) as pod:
+        first = await pod.container("first", "sleep", "3600")
+        second = await pod.container("second", "sleep", "3600")
+        seen = []
+        for cid in (first, second):
+            out = await pod.exec(cid, "sh", "-c",
+                                 "for ns in ipc uts mnt; do readlink /proc/self/ns/$ns; done; "
+                                 "hostname; "
+                                 "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/kernel/msgmax")
+            assert out.exit_code == 0, out  # type: ignore[attr-defined]
+            seen.append(out.stdout.decode().split())  # type: ignore[attr-defined]
+        assert seen[0][:2] == seen[1][:2]  # the pod's IPC and UTS namespaces
+        assert seen[0][2] != seen[1][2]  # each container's own mount namespace
+        assert seen[0][3:] == seen[1][3:] == ["ns-pod", "1", "4096"]
+
+
 async def test_pod_network_reaches_container(pod: Pod, tmp_path: Path) -> None:
     status = await pod.cri.runtime.PodSandboxStatus(msg("PodSandboxStatusRequest",
                                                         pod_sandbox_id=pod.id))

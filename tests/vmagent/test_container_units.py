@@ -4,6 +4,7 @@ output log, cgroup file parsing and exit reasons, and the fast exec path's plan 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -26,6 +27,8 @@ from vmagent.ocispec import (
     load_spec,
     wants_guest_devices,
 )
+from vmagent.pid1 import Reaper
+from vmagent.podns import PodNamespaces
 from vmagent.stdio import STDERR, STDOUT, OutputLog
 from vmagent.users import (
     ResolvedUser,
@@ -423,6 +426,19 @@ def test_complete_spec_joins_the_pods_user_namespace() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="idmapped mounts need root")
+async def test_a_pods_containers_join_the_vms_ipc_and_uts_namespaces() -> None:
+    """Without a user namespace, nothing is started: the agent's namespaces are the VM's,
+    which SetupSandbox made the pod's. A pod's containers cannot then ask for one."""
+    podns = PodNamespaces(Reaper(asyncio.get_running_loop()))
+    assert await podns.ipc_uts() == os.getpid()
+    assert await podns.ipc_uts() == os.getpid()
+    assert podns.holder_pid == 0
+    with pytest.raises(GRPCError) as refused:
+        await podns.ipc_uts(IdMaps(uids=((0, 1000, 65536),), gids=((0, 1000, 65536),)))
+    assert refused.value.status == Status.FAILED_PRECONDITION
+    assert podns.holder_pid == 0
+
+
 def test_idmapped_clone_shifts_owners(tmp_path: Path) -> None:
     source, target = tmp_path / "source", tmp_path / "target"
     source.mkdir()
