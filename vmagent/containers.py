@@ -235,8 +235,10 @@ class Containers:
         id_maps = spec_id_maps(spec)
         # The pod's namespaces first: an idmapped rootfs takes the pod's user namespace.
         with span("pod_ns"):
-            # Made once per guest and kept: a container of no pod must not make them.
-            pod = (PodContext(outside_pod=True) if req.outside_pod
+            # A container of no pod yet runs where the pod's will: the VM's IPC and UTS
+            # namespaces and the pod's /dev/shm (made here, empty, and kept for the pod).
+            pod = (PodContext(outside_pod=True, ipc_uts_pid=os.getpid(),
+                              shm=await self._pod_shm()) if req.outside_pod
                    else await self._pod_context(req.pid_namespace, id_maps))
         with span("rootfs"):
             c.rootfs = await self.mounts.make_rootfs(

@@ -38,7 +38,7 @@ class PodContext:
         self.ipc_uts_pid = ipc_uts_pid  # whose IPC and UTS namespaces the pod's containers join
         self.pid_ns_pid = pid_ns_pid  # PID 1 of the pod's PID namespace (PID_POD only)
         self.userns_pid = userns_pid  # holder of the pod's user namespace (0: none)
-        self.outside_pod = outside_pod  # a container of no pod: IPC and UTS of its own
+        self.outside_pod = outside_pod  # a container of no pod yet: none of the pod's files
 
 
 def load_spec(raw: bytes, container_id: str) -> dict[str, Any]:
@@ -117,8 +117,6 @@ def _namespaces(spec_ns: list[dict[str, Any]], pod: PodContext,
     if pod.ipc_uts_pid:
         out.append({"type": "ipc", "path": f"/proc/{pod.ipc_uts_pid}/ns/ipc"})
         out.append({"type": "uts", "path": f"/proc/{pod.ipc_uts_pid}/ns/uts"})
-    elif pod.outside_pod:
-        out += [{"type": "ipc"}, {"type": "uts"}]
     if pid_mode == 0:
         out.append({"type": "pid"})
     elif pid_mode == 1:

@@ -162,13 +162,14 @@ def test_complete_spec_user_and_pid_modes() -> None:
 
 def test_complete_spec_of_a_container_outside_any_pod() -> None:
     out = complete_spec(SPEC, container_id="w1", rootfs="/r",
-                        pod=PodContext(outside_pod=True))
+                        pod=PodContext(outside_pod=True, ipc_uts_pid=7, shm="/run/shm"))
     ns = {n["type"]: n.get("path") for n in out["linux"]["namespaces"]}
-    assert ns == {"ipc": None, "uts": None, "pid": None, "mount": None}  # all its own
-    assert out["hostname"] == "from-host"  # set in its own UTS namespace
-    destinations = {m["destination"] for m in out["mounts"]}
-    assert "/etc/hosts" not in destinations and "/dev/shm" not in destinations
-    assert {"/proc", "/data"} <= destinations
+    assert ns == {"ipc": "/proc/7/ns/ipc", "uts": "/proc/7/ns/uts", "pid": None, "mount": None}
+    assert "hostname" not in out  # the VM's, which SetupSandbox sets once it is a pod's
+    mounts = {m["destination"]: m for m in out["mounts"]}
+    assert "/etc/hosts" not in mounts and "/etc/resolv.conf" not in mounts
+    assert mounts["/dev/shm"]["source"] == "/run/shm"
+    assert {"/proc", "/data"} <= set(mounts)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")

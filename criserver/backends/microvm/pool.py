@@ -4,8 +4,9 @@ Under TCG a clone starts with an empty translation cache: its first agent call, 
 container's create and start and its first exec translate the guest code they run, ~1 s of CPU
 on this host that a pod which has run a container once does not pay again. The pool pays it
 before a pod asks, as Kata's VM cache does: each pooled VM is a clone whose agent has answered
-and which has created, started and removed a throwaway container outside any pod (the agent
-then makes none of the pod's namespaces or files, see agent.proto `outside_pod`).
+and which has created, started and removed a throwaway container of no pod yet: in the VM's
+IPC and UTS namespaces and with /dev/shm, as the pod's containers will be, but with none of the
+pod's files (agent.proto `outside_pod`).
 
 RunPodSandbox takes a pooled VM of its shape (`take`): the VM's netns, tap inside, becomes the
 pod's, its volumes dir is renamed to the pod's, and the pod's state dir becomes a link to the
