@@ -22,6 +22,7 @@ from grpclib.exceptions import GRPCError
 from vmagent import cgroups, metrics, mountutil
 from vmagent.api import agent_pb2 as pb
 from vmagent.contract import SHARED_TAG
+from vmagent.fastexec import DEFAULT_VMEXEC
 from vmagent.idmap import IdMaps, spec_id_maps
 from vmagent.imagevolumes import ImageVolume, mount_volume, unmount_volume
 from vmagent.ociruntime import OciRuntime, OciRuntimeError, runtime_binary
@@ -147,7 +148,7 @@ class Containers:
         if runtime_fixed_addresses:
             self.runtime.launcher = fixed_addresses_launcher(self.runtime.name, vmexec)
         self.mounts = Mounts(run_dir)
-        self.podns = PodNamespaces(reaper)
+        self.podns = PodNamespaces(reaper, vmexec or DEFAULT_VMEXEC)
         self._by_id: dict[str, Container] = {}
         self._shm = ""
         self._shm_lock = asyncio.Lock()
@@ -529,8 +530,6 @@ def fixed_addresses_launcher(runtime_name: str, vmexec: str) -> tuple[str, ...]:
     """How to run the runtime with fixed addresses, or () where that is unsafe or impossible:
     only crun is known to reset the container's personality from the spec (runc 1.1 ignores
     linux.personality), and the launcher is vmexec."""
-    from vmagent.fastexec import DEFAULT_VMEXEC
-
     helper = vmexec or DEFAULT_VMEXEC
     if runtime_name != "crun" or not os.access(helper, os.X_OK):  # the guest's root: erofs
         return ()

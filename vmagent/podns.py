@@ -5,7 +5,7 @@ VM's network namespace too.
 A pod with a user namespace needs a holder process instead, which owns that user namespace and
 an IPC and a UTS namespace created in it: namespaces a container joins from inside a user
 namespace must belong to it (setns, and mounting mqueue and procfs). A container asking for a
-pod-wide PID namespace gets a second holder that is PID 1 there and reaps orphans.
+pod-wide PID namespace gets a holder that is PID 1 there and reaps orphans (`vmexec pid1`).
 """
 
 from __future__ import annotations
@@ -24,16 +24,6 @@ from vmagent.pid1 import Reaper
 log = logging.getLogger("vmagent")
 
 _FOREVER = "2147483647"
-# PID 1 of a shared PID namespace must reap the orphans of every container in it.
-_REAPER = (
-    "import os, signal\n"
-    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})\n"
-    "while True:\n"
-    "    try:\n"
-    "        while os.waitpid(-1, os.WNOHANG)[0] > 0: pass\n"
-    "    except ChildProcessError: pass\n"
-    "    signal.sigwaitinfo({signal.SIGCHLD})\n"
-)
 _START_TIMEOUT = 10.0
 
 
@@ -54,16 +44,16 @@ def _children(pid: int) -> list[int]:
 
 
 class PodNamespaces:
-    def __init__(self, reaper: Reaper, python: str = "/usr/bin/python3") -> None:
+    def __init__(self, reaper: Reaper, vmexec: str) -> None:
         self._reaper = reaper
-        self._python = python
+        self._vmexec = vmexec  # its `pid1` is the PID namespace's init
         self._lock = asyncio.Lock()
         self.holder_pid = 0
         self.pid_holder_pid = 0
         self.id_maps: IdMaps | None = None  # the pod's user namespace, owned by the holder
         self._chosen = False  # a container has joined: with id_maps, or in the VM's namespaces
-        # /proc/<pid>/comm of the reaper: the name it was exec'd by, cut to 15 chars.
-        self._python_comm = os.path.basename(python)[:15]
+        # /proc/<pid>/comm of that init: the name it was exec'd by, cut to 15 chars.
+        self._pid1_comm = os.path.basename(vmexec)[:15]
 
     async def _start(self, argv: list[str], ready_comm: str, nested: bool) -> int:
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -113,12 +103,12 @@ class PodNamespaces:
     async def pid(self) -> int:
         """Pid (in the guest) of PID 1 of the pod's shared PID namespace."""
         async with self._lock:
-            if self.pid_holder_pid and _comm(self.pid_holder_pid) == self._python_comm:
+            if self.pid_holder_pid and _comm(self.pid_holder_pid) == self._pid1_comm:
                 return self.pid_holder_pid
-            argv = ["unshare", "--pid", "-f", "--", self._python, "-S", "-c", _REAPER]
+            argv = [self._vmexec, "pid1"]
             if self.id_maps is not None and self.holder_pid:
                 # Owned by the pod's user namespace, or its containers could not join it.
                 argv[:0] = ["nsenter", f"--user=/proc/{self.holder_pid}/ns/user", "--"]
-            self.pid_holder_pid = await self._start(argv, self._python_comm, nested=True)
+            self.pid_holder_pid = await self._start(argv, self._pid1_comm, nested=True)
             log.info("pod pid namespace holder started pid=%d", self.pid_holder_pid)
             return self.pid_holder_pid

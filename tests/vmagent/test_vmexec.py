@@ -3,13 +3,14 @@ a process in its own PID, UTS, IPC and mount namespaces and a real cgroup v2 gro
 process reports what it got from /proc, so each test checks what the kernel applied, not what we
 asked for. The same binary and the same fastexec planning run in the guest (tests/e2e cover
 that path inside micro-VMs). Also its fixed-addresses launcher, through which the agent runs
-crun under TCG."""
+crun under TCG, and its pid1, the init of a pod's shared PID namespace."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import select
+import signal
 import subprocess
 import time
 import uuid
@@ -24,6 +25,7 @@ from guest import build as guestbuild
 from vmagent import fastexec
 from vmagent.ociruntime import OciRuntime, OciRuntimeError, runtime_binary
 from vmagent.pid1 import ChildExit
+from vmagent.podns import PodNamespaces
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -254,3 +256,25 @@ async def test_the_oci_runtime_runs_through_the_launcher(vmexec: str, tmp_path: 
     with pytest.raises(OciRuntimeError) as err:
         await runtime.run(["start", "nosuch"], what="start")
     assert err.value.status == Status.NOT_FOUND, err.value.message
+
+
+async def test_pid1_is_the_init_of_a_pid_namespace_and_reaps_its_orphans(vmexec: str) -> None:
+    """The pod's shared PID namespace: `vmexec pid1`, started once through PodNamespaces, is
+    PID 1 there, outlives a SIGTERM, and reaps what is orphaned in its namespace."""
+    podns = PodNamespaces(_WaitpidReaper(), vmexec)  # type: ignore[arg-type]
+    pid1 = await podns.pid()
+    try:
+        assert await podns.pid() == pid1
+        assert _status(Path(f"/proc/{pid1}/status").read_text())["NSpid"].split()[-1] == "1"
+        children = Path(f"/proc/{pid1}/task/{pid1}/children")
+        subprocess.run(["nsenter", f"--target={pid1}", "--pid", "--", "sh", "-c",
+                        "sleep 1 & exit 0"], check=True)
+        assert children.read_text().split(), "the orphaned sleep is pid 1's child"
+        os.kill(pid1, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while children.read_text().split() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert children.read_text().split() == []  # exited and reaped, no zombie left
+        assert Path(f"/proc/{pid1}/comm").read_text() == "vmexec\n"  # SIGTERM changed nothing
+    finally:
+        os.kill(pid1, signal.SIGKILL)
