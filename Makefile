@@ -161,7 +161,7 @@ bench: install tools
 	$(MAKE) deps APT_PACKAGES=containerd
 	$(PY) bench/cri_latency.py
 	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops
-	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops --warm-pool 1 --tb-size 96
+	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops --warm-pool 1
 	flock /tmp/criserver-vm.lock $(PY) bench/lifecycle_breakdown.py
 	flock /tmp/criserver-vm.lock $(PY) bench/density.py
 

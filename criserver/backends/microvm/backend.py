@@ -152,8 +152,7 @@ class MicroVMOptions:
                                "run in each once) ahead of demand, for pods of the last shape "
                                "started: such a pod skips most of the guest's first-run "
                                "cost. Each costs an idle pod's memory and CPU; needs "
-                               "templates. Its VMs' translation caches also hold the "
-                               "warm-up's code: raise tcg_tb_size_mib with it (96 measured)",
+                               "templates",
                        min=0)
     guest_oci_runtime: str = option("auto", "The OCI runtime that runs containers in the guest: "
                                             "auto (crun when the guest image has it, else "
