@@ -430,7 +430,7 @@ def test_complete_spec_joins_the_pods_user_namespace() -> None:
 async def test_a_pods_containers_join_the_vms_ipc_and_uts_namespaces() -> None:
     """Without a user namespace, nothing is started: the agent's namespaces are the VM's,
     which SetupSandbox made the pod's. A pod's containers cannot then ask for one."""
-    podns = PodNamespaces(Reaper(asyncio.get_running_loop()))
+    podns = PodNamespaces(Reaper(asyncio.get_running_loop()), vmexec="/nonexistent/vmexec")
     assert await podns.ipc_uts() == os.getpid()
     assert await podns.ipc_uts() == os.getpid()
     assert podns.holder_pid == 0
