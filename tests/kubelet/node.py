@@ -365,6 +365,20 @@ class KubeletNode:
         """A static pod's name as kubelet reports it: `<name>-<node name>`."""
         return f"{name}-{self.name}"
 
+    def container_log(self, pod: str, container: str, containing: str,
+                      timeout: float = 30) -> str:
+        """The first run's log of a static pod's container, in kubelet's pod logs dir, once it
+        holds `containing`: a running container's lines reach the file a moment after it
+        prints them."""
+        pattern = f"default_{self.full_name(pod)}_*/{container}/0.log"
+
+        def text() -> str:
+            return "".join(p.read_text() for p in self.pod_logs.glob(pattern))
+
+        return wait_for(lambda: text() if containing in text() else None, timeout,
+                        f"{containing!r} in the container's log {pattern}",
+                        lambda: f"the log so far: {text()!r}")
+
     def write_manifest(self, pod: dict[str, Any]) -> Path:
         """Add a static pod (a v1 Pod as a dict). Written aside then renamed: kubelet never
         reads half a file (it skips names starting with a dot)."""

@@ -47,9 +47,7 @@ def test_memory_limit_reaches_the_vm_and_oom_kills_the_container(
     ], restartPolicy="Never"))
     pod = node.wait_pod("hog", lambda p: p.get("status", {}).get("phase") == "Failed",
                         START_TIMEOUT, "phase Failed")
-    pattern = f"default_{node.full_name('hog')}_*/hog/0.log"
-    text = wait_for(lambda: "".join(p.read_text() for p in node.pod_logs.glob(pattern)), 30,
-                    f"the container's log {pattern}")
+    text = node.container_log("hog", "hog", f" {MEMORY_LIMIT}\n")
     hog = statuses(pod)["hog"]
     ended = hog["state"].get("terminated")
     assert ended is not None and ended["reason"] == "OOMKilled", (hog, text)

@@ -94,10 +94,7 @@ def test_init_container_completes_before_the_app_starts(node: KubeletNode,
     assert app["restartCount"] == 0, app
     # RFC 3339 seconds: the app may start within the second the init container ended
     assert started_at(done, "finishedAt") <= started_at(app["state"]["running"], "startedAt")
-    pattern = f"default_{node.full_name('init')}_*/app/0.log"
-    text = wait_for(lambda: "".join(p.read_text() for p in node.pod_logs.glob(pattern)), 30,
-                    f"the app container's log {pattern} in kubelet's pod logs dir")
-    assert "prepared-by-init" in text
+    assert "prepared-by-init" in node.container_log("init", "app", "prepared-by-init")
 
     remove_and_check_gone(node, "init", sandbox_of(node, "init").id)
     assert_no_runtime_errors(node, log_mark)
