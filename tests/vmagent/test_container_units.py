@@ -426,7 +426,6 @@ def test_complete_spec_joins_the_pods_user_namespace() -> None:
     assert next(m for m in plain["mounts"] if m["destination"] == "/sys")["type"] == "sysfs"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="idmapped mounts need root")
 async def test_a_pods_containers_join_the_vms_ipc_and_uts_namespaces() -> None:
     """Without a user namespace, nothing is started: the agent's namespaces are the VM's,
     which SetupSandbox made the pod's. A pod's containers cannot then ask for one."""
@@ -440,6 +439,7 @@ async def test_a_pods_containers_join_the_vms_ipc_and_uts_namespaces() -> None:
     assert podns.holder_pid == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="idmapped mounts need root")
 def test_idmapped_clone_shifts_owners(tmp_path: Path) -> None:
     source, target = tmp_path / "source", tmp_path / "target"
     source.mkdir()
