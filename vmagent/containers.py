@@ -36,7 +36,14 @@ from vmagent.ocispec import (
 )
 from vmagent.pid1 import ChildExit, Reaper
 from vmagent.podns import PodNamespaces
-from vmagent.rootfs import Mounts, Rootfs, dir_bytes, remove_tree
+from vmagent.rootfs import (
+    Mounts,
+    Rootfs,
+    dir_bytes,
+    executable_in_rootfs,
+    read_ahead,
+    remove_tree,
+)
 from vmagent.stdio import DEFAULT_LIMIT, STDERR, STDOUT, OutputLog, PipeReader
 from vmagent.steps import span
 from vmagent.users import resolve_in_rootfs
@@ -216,6 +223,11 @@ class Containers:
             raise
         log.info("container created id=%s sandbox=%s runtime=%s pid=%d seconds=%.3f", cid,
                  req.sandbox_id, self.runtime.name, c.pid, time.monotonic() - t0)
+        if c.rootfs is not None:
+            # The guest is idle until StartContainer arrives: have the executable's pages
+            # read by then, not page fault by page fault as it starts.
+            asyncio.get_running_loop().run_in_executor(
+                None, _read_ahead_executable, c.rootfs.path, c.spec["process"])
         return c.state()
 
     async def _create(self, c: Container, req: pb.CreateContainerRequest,
@@ -534,6 +546,12 @@ def fixed_addresses_launcher(runtime_name: str, vmexec: str) -> tuple[str, ...]:
     if runtime_name != "crun" or not os.access(helper, os.X_OK):  # the guest's root: erofs
         return ()
     return (helper, "fixed-addresses", "--")
+
+
+def _read_ahead_executable(rootfs: str, process: dict[str, Any]) -> None:
+    path = executable_in_rootfs(rootfs, process)
+    if path is not None:
+        read_ahead(path)
 
 
 def _read_int(path: str) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import shutil
+from typing import Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -212,3 +213,43 @@ def dir_bytes(path: str) -> int:
             except OSError:
                 continue
     return total
+
+
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def executable_in_rootfs(rootfs: str, process: dict[str, Any]) -> str | None:
+    """The guest path of the file a container's process will exec (args[0], looked up in its
+    PATH as the runtime does), or None. A link that leads out of the rootfs gives None."""
+    args = process.get("args") or []
+    if not args or not args[0]:
+        return None
+    name = str(args[0])
+    if "/" in name:
+        candidates = [os.path.join(str(process.get("cwd") or "/"), name)]
+    else:
+        env = dict(str(e).split("=", 1) for e in process.get("env") or [] if "=" in str(e))
+        candidates = [os.path.join(d, name) for d in env.get("PATH", _DEFAULT_PATH).split(":")
+                      if d.startswith("/")]
+    root = os.path.realpath(rootfs)
+    for candidate in candidates:
+        path = os.path.realpath(root + os.path.normpath(candidate))
+        if os.path.commonpath([root, path]) == root and os.path.isfile(path):
+            return path
+    return None
+
+
+def read_ahead(path: str) -> None:
+    """Have the kernel start reading `path` into the page cache and return at once. Only a
+    hint: errors are ignored. An image's files come through its loop device and 9p share,
+    page fault by page fault when a process maps them, each dear under TCG."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -29,6 +29,7 @@ from vmagent.ocispec import (
 )
 from vmagent.pid1 import Reaper
 from vmagent.podns import PodNamespaces
+from vmagent.rootfs import executable_in_rootfs, read_ahead
 from vmagent.stdio import STDERR, STDOUT, OutputLog
 from vmagent.users import (
     ResolvedUser,
@@ -463,3 +464,41 @@ def test_idmapped_clone_shifts_owners(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def _image_tree(root: Path) -> None:
+    (root / "bin").mkdir(parents=True)
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "bin/busybox").write_bytes(b"\x7fELF")
+    (root / "bin/sleep").symlink_to("busybox")  # a relative link, as in images
+    (root / "bin/escape").symlink_to("/etc/passwd")  # absolute: the guest's, not the image's
+    (root / "usr/local/bin/app").write_bytes(b"#!/bin/sh\n")
+    (root / "work").mkdir()
+    (root / "work/run.sh").write_bytes(b"#!/bin/sh\n")
+
+
+def test_the_executable_to_read_ahead_is_found_as_the_runtime_would(tmp_path: Path) -> None:
+    _image_tree(tmp_path)
+    busybox = str(tmp_path / "bin/busybox")
+    assert executable_in_rootfs(str(tmp_path), {"args": ["sleep", "1"]}) == busybox
+    assert executable_in_rootfs(str(tmp_path), {"args": ["/bin/sleep"]}) == busybox
+    assert executable_in_rootfs(str(tmp_path), {"args": ["app"], "env": ["PATH=/usr/local/bin"]}) \
+        == str(tmp_path / "usr/local/bin/app")
+    assert executable_in_rootfs(str(tmp_path), {"args": ["app"], "env": ["PATH=/bin"]}) is None
+    assert executable_in_rootfs(str(tmp_path), {"args": ["./run.sh"], "cwd": "/work"}) \
+        == str(tmp_path / "work/run.sh")
+
+
+def test_an_executable_that_leads_out_of_the_rootfs_is_not_read(tmp_path: Path) -> None:
+    _image_tree(tmp_path)
+    assert executable_in_rootfs(str(tmp_path), {"args": ["/bin/escape"]}) is None
+    assert executable_in_rootfs(str(tmp_path), {"args": ["../../../etc/passwd"]}) is None
+    assert executable_in_rootfs(str(tmp_path), {"args": ["missing"]}) is None
+    assert executable_in_rootfs(str(tmp_path), {"args": ["/bin"]}) is None  # a directory
+    assert executable_in_rootfs(str(tmp_path), {"args": []}) is None
+
+
+def test_read_ahead_is_only_a_hint(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x" * 8192)
+    read_ahead(str(tmp_path / "f"))
+    read_ahead(str(tmp_path / "missing"))  # no error
