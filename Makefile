@@ -163,6 +163,7 @@ bench: install tools
 	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops
 	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops --warm-pool 1
 	flock /tmp/criserver-vm.lock $(PY) bench/lifecycle_breakdown.py
+	flock /tmp/criserver-vm.lock $(PY) -m bench.translation
 	flock /tmp/criserver-vm.lock $(PY) bench/density.py
 
 # IRI machines against the same VM started on the VM layer (docs/benchmarks.md, issue 17)

@@ -164,6 +164,8 @@ async def main() -> None:
                     help="criserver's warm_pool option (default 0: no pool)")
     ap.add_argument("--tb-size", type=int, default=None,
                     help="criserver's tcg_tb_size_mib option (default: the handler's)")
+    ap.add_argument("--vcpus", type=int, default=None,
+                    help="criserver's default_vcpus option (default: the handler's)")
     args = ap.parse_args()
     warm_rounds = args.rounds if args.warm_rounds is None else args.warm_rounds
     crictl_binary()
@@ -176,7 +178,8 @@ async def main() -> None:
         with Containerd(registry.host, f"{registry.host}/bench/pause:latest") as ctrd, \
                 BenchDaemon(network=True, options={
                     "warm_pool": args.warm_pool,
-                    **({"tcg_tb_size_mib": args.tb_size} if args.tb_size else {})}) as crid:
+                    **({"tcg_tb_size_mib": args.tb_size} if args.tb_size else {}),
+                    **({"default_vcpus": args.vcpus} if args.vcpus else {})}) as crid:
             client = crid.daemon.client()
             try:
                 await build_template(client, crid.workdir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import secrets
 import shutil
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,13 +43,18 @@ from tests.e2e.conftest import kill_vms_under, vm_pids_of  # noqa: E402
 DEFAULTS = MicroVMOptions()
 
 
+def _toml(value: int | bool | str) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
 def daemon_config(workdir: Path, tag: str, network: bool, boot_timeout: float,
-                  options: dict[str, int | bool] | None = None) -> str:
+                  options: Mapping[str, int | bool | str] | None = None) -> str:
     """The micro-VM handler on a private CNI network (as tests/e2e does): never the host's.
-    `options`: more microvm backend options (numbers and booleans)."""
+    `options`: more microvm backend options (numbers, booleans, strings)."""
     subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
-    extra = "".join(f", {k} = {str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in (options or {}).items())
+    extra = "".join(f", {k} = {_toml(v)}" for k, v in (options or {}).items())
     return (
         "[runtime]\ndefault_handler = \"microvm\"\n"
         "[network]\n"
@@ -66,7 +73,8 @@ class BenchDaemon:
     """A daemon in its own short work dir; `close` kills it and every QEMU it started."""
 
     def __init__(self, network: bool, boot_timeout: float = 60.0,
-                 options: dict[str, int | bool] | None = None, daemon_keys: str = "") -> None:
+                 options: Mapping[str, int | bool | str] | None = None,
+                 daemon_keys: str = "") -> None:
         """`daemon_keys`: more lines of the [daemon] table (e.g. "trace = true\n")."""
         self.workdir = Path(tempfile.mkdtemp(prefix="crb-", dir="/tmp"))
         self.tag = secrets.token_hex(3)
