@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,7 @@ class Container:
         self.exec_serial = 0
         self.exec_plan: Plan | None = None  # vmexec's plan for execs with only an argv
         self.exec_filter = b""  # the spec's seccomp profile compiled for vmexec, once
+        self.started = threading.Event()  # StartContainer came: stops reading ahead
         self.drainer: asyncio.Future[None] | None = None
         self.tty = False
         self.stdin_once = False
@@ -224,10 +226,11 @@ class Containers:
         log.info("container created id=%s sandbox=%s runtime=%s pid=%d seconds=%.3f", cid,
                  req.sandbox_id, self.runtime.name, c.pid, time.monotonic() - t0)
         if c.rootfs is not None:
-            # The guest is idle until StartContainer arrives: have the executable's pages
-            # read by then, not page fault by page fault as it starts.
+            # The guest is idle until StartContainer arrives: read the executable meanwhile,
+            # not page fault by page fault as it starts. Start stops it: if the call comes
+            # at once (kubelet's), reading more than the process touches would only delay it.
             asyncio.get_running_loop().run_in_executor(
-                None, _read_ahead_executable, c.rootfs.path, c.spec["process"])
+                None, _read_ahead_executable, c.rootfs.path, c.spec["process"], c.started)
         return c.state()
 
     async def _create(self, c: Container, req: pb.CreateContainerRequest,
@@ -434,6 +437,7 @@ class Containers:
             if c.status != S.CREATED:
                 raise GRPCError(Status.FAILED_PRECONDITION,
                                 f"container {c.id} is {S.Status.Name(c.status)}, not CREATED")
+            c.started.set()
             with span("oci_start"):
                 await self.runtime.run(["start", c.id], what=f"container {c.id}: start",
                                        log_path=os.path.join(c.bundle, "runtime.log"))
@@ -548,10 +552,11 @@ def fixed_addresses_launcher(runtime_name: str, vmexec: str) -> tuple[str, ...]:
     return (helper, "fixed-addresses", "--")
 
 
-def _read_ahead_executable(rootfs: str, process: dict[str, Any]) -> None:
+def _read_ahead_executable(rootfs: str, process: dict[str, Any],
+                           stop: threading.Event) -> None:
     path = executable_in_rootfs(rootfs, process)
     if path is not None:
-        read_ahead(path)
+        read_ahead(path, stop)
 
 
 def _read_int(path: str) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import shutil
+import threading
 from typing import Any
 
 from grpclib.const import Status
@@ -239,16 +240,26 @@ def executable_in_rootfs(rootfs: str, process: dict[str, Any]) -> str | None:
     return None
 
 
-def read_ahead(path: str) -> None:
-    """Have the kernel start reading `path` into the page cache and return at once. Only a
-    hint: errors are ignored. An image's files come through its loop device and 9p share,
-    page fault by page fault when a process maps them, each dear under TCG."""
+READ_AHEAD_CHUNK = 256 * 1024
+
+
+def read_ahead(path: str, stop: threading.Event) -> None:
+    """Read `path` into the page cache chunk by chunk until done or `stop` is set. Only a
+    hint: errors end it. An image's files come through its loop device and 9p share, page
+    fault by page fault when a process maps them, each dear under TCG; read ahead while the
+    guest is otherwise idle, they are there when the process starts. Blocking."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        size = os.fstat(fd).st_size
+        for offset in range(0, size, READ_AHEAD_CHUNK):
+            if stop.is_set():
+                return
+            end = min(offset + READ_AHEAD_CHUNK, size)
+            os.posix_fadvise(fd, offset, end - offset, os.POSIX_FADV_WILLNEED)
+            os.pread(fd, 1, end - 1)  # waits for the chunk's last page: then check `stop`
     except OSError:
         pass
     finally:

@@ -498,7 +498,25 @@ def test_an_executable_that_leads_out_of_the_rootfs_is_not_read(tmp_path: Path) 
     assert executable_in_rootfs(str(tmp_path), {"args": []}) is None
 
 
-def test_read_ahead_is_only_a_hint(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(b"x" * 8192)
-    read_ahead(str(tmp_path / "f"))
-    read_ahead(str(tmp_path / "missing"))  # no error
+def test_read_ahead_reads_until_told_to_stop(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from vmagent import rootfs
+
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (3 * rootfs.READ_AHEAD_CHUNK))
+    stop = threading.Event()
+    read_ahead(str(big), stop)  # all of it: returns once read
+    read_ahead(str(tmp_path / "missing"), stop)  # only a hint: no error
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(offset)
+        stop.set()  # StartContainer came while the first chunk was read
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    read_ahead(str(big), stop)
+    assert reads == [rootfs.READ_AHEAD_CHUNK - 1]
