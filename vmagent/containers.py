@@ -93,7 +93,8 @@ class Container:
         self.exec_serial = 0
         self.exec_plan: Plan | None = None  # vmexec's plan for execs with only an argv
         self.exec_filter = b""  # the spec's seccomp profile compiled for vmexec, once
-        self.started = threading.Event()  # StartContainer came: stops reading ahead
+        # Set by StartContainer or the container's removal: ends the executable's read-ahead.
+        self.stop_reading_ahead = threading.Event()
         self.drainer: asyncio.Future[None] | None = None
         self.tty = False
         self.stdin_once = False
@@ -230,7 +231,8 @@ class Containers:
             # not page fault by page fault as it starts. Start stops it: if the call comes
             # at once (kubelet's), reading more than the process touches would only delay it.
             asyncio.get_running_loop().run_in_executor(
-                None, _read_ahead_executable, c.rootfs.path, c.spec["process"], c.started)
+                None, _read_ahead_executable, c.rootfs.path, c.spec["process"],
+                c.stop_reading_ahead)
         return c.state()
 
     async def _create(self, c: Container, req: pb.CreateContainerRequest,
@@ -368,6 +370,7 @@ class Containers:
 
     async def _teardown(self, c: Container) -> None:
         """Undo whatever create got to; safe to call on a half-created container."""
+        c.stop_reading_ahead.set()
         if c.pid or _exists(os.path.join(c.bundle, "config.json")):
             with span("oci_delete"):
                 await self._delete_from_runtime(c)
@@ -437,7 +440,7 @@ class Containers:
             if c.status != S.CREATED:
                 raise GRPCError(Status.FAILED_PRECONDITION,
                                 f"container {c.id} is {S.Status.Name(c.status)}, not CREATED")
-            c.started.set()
+            c.stop_reading_ahead.set()
             with span("oci_start"):
                 await self.runtime.run(["start", c.id], what=f"container {c.id}: start",
                                        log_path=os.path.join(c.bundle, "runtime.log"))

@@ -241,10 +241,12 @@ def executable_in_rootfs(rootfs: str, process: dict[str, Any]) -> str | None:
 
 
 READ_AHEAD_CHUNK = 256 * 1024
+READ_AHEAD_MAX = 16 * 1024 * 1024  # of a huge executable, its start; the rest as it faults
 
 
 def read_ahead(path: str, stop: threading.Event) -> None:
-    """Read `path` into the page cache chunk by chunk until done or `stop` is set. Only a
+    """Read `path` (at most READ_AHEAD_MAX of it) into the page cache chunk by chunk until
+    done or `stop` is set. Only a
     hint: errors end it. An image's files come through its loop device and 9p share, page
     fault by page fault when a process maps them, each dear under TCG; read ahead while the
     guest is otherwise idle, they are there when the process starts. Blocking."""
@@ -253,7 +255,7 @@ def read_ahead(path: str, stop: threading.Event) -> None:
     except OSError:
         return
     try:
-        size = os.fstat(fd).st_size
+        size = min(os.fstat(fd).st_size, READ_AHEAD_MAX)
         for offset in range(0, size, READ_AHEAD_CHUNK):
             if stop.is_set():
                 return

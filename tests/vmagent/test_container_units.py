@@ -520,3 +520,25 @@ def test_read_ahead_reads_until_told_to_stop(tmp_path: Path,
     monkeypatch.setattr(os, "pread", counting_pread)
     read_ahead(str(big), stop)
     assert reads == [rootfs.READ_AHEAD_CHUNK - 1]
+
+
+def test_read_ahead_of_a_huge_executable_reads_only_its_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from vmagent import rootfs
+
+    chunk = rootfs.READ_AHEAD_CHUNK
+    monkeypatch.setattr(rootfs, "READ_AHEAD_MAX", 2 * chunk)
+    huge = tmp_path / "huge"
+    huge.write_bytes(b"x" * (3 * chunk))
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    read_ahead(str(huge), threading.Event())
+    assert reads == [chunk - 1, 2 * chunk - 1]
