@@ -13,8 +13,9 @@ medians per step.
 `--blocks` also logs every translated block's guest address (`-d in_asm`, from the pods'
 first call on, never the template's build; slow) and splits each step's blocks into the guest
 kernel (by function and module, from the guest's /proc/kallsyms, read in a privileged
-container at the end) and user space (the agent's python3, below 16 MiB; position-independent
-executables such as crun and vmexec, 0x55...; shared libraries, 0x7f...).
+container at the end) and user space (executables linked at a fixed address, below 16 MiB: the
+agent's python3, vmexec, busybox; position-independent executables such as crun, 0x55...;
+shared libraries, 0x7f...).
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def where(addr: int) -> str:
     if addr >= 0xFFFF800000000000:
         return "kernel"
     if addr < 0x1000000:
-        return "agent (python3)"
+        return "fixed-address executables (the agent's python3, vmexec, busybox)"
     if 0x550000000000 <= addr < 0x570000000000:
-        return "executables (crun, vmexec, busybox)"
+        return "position-independent executables (crun)"
     return "shared libraries"
 
 
