@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import statistics
@@ -56,7 +57,16 @@ from bench.containerd_kit import Containerd
 from bench.exec_baseline import pod_netns, push_images
 from bench.pod_memory import measure as qemu_memory
 from bench.pod_start import DEFAULTS, BenchDaemon, build_template, pct
-from bench.procs import CLK_TCK, cpu_ticks, descendants, proc_table, pss_rss, thread_stats
+from bench.procs import (
+    CLK_TCK,
+    children_ticks,
+    cpu_ticks,
+    descendants,
+    host_busy_ticks,
+    proc_table,
+    pss_rss,
+    thread_stats,
+)
 from tests.cri_client import CRIClient, msg
 from tests.e2e.conftest import backend_leftovers, bridge_ports, network_names, qemus_of, vm_pids_of
 from tests.registry import _start_registry, _stop
@@ -108,6 +118,21 @@ class Idle:
 
 
 @dataclass
+class StartCPU:
+    """Core-seconds the host spent while the pods started, and on what."""
+
+    host: float = 0.0  # everything, all cores, the kernel's own work included
+    pods: float = 0.0  # the pods' own processes and what they waited for
+    daemon: float = 0.0  # the runtime daemon's threads
+    helpers: float = 0.0  # processes the daemon ran and waited for (CNI plugins, shim starts)
+
+    @property
+    def rest(self) -> float:
+        """The bench's client, the registry, kernel threads and interrupts."""
+        return self.host - self.pods - self.daemon - self.helpers
+
+
+@dataclass
 class Side:
     """One runtime under test and what was measured on it."""
 
@@ -119,6 +144,7 @@ class Side:
     reported: int = 0  # pods up, as the progress lines count them
     wall: float = 0.0  # all pods up (the last one's end)
     teardown: float = 0.0
+    start_cpu: StartCPU = field(default_factory=StartCPU)
     idle: Idle = field(default_factory=Idle)
     leftovers: list[str] = field(default_factory=list)
 
@@ -202,6 +228,24 @@ async def start_pods(side: Side, image: str, n: int, concurrency: int, max_failu
     side.wall = max((p.done for p in side.up), default=0.0)
     if side.stop_reason:
         print(f"  {side.name}: stopped starting pods: {side.stop_reason}", flush=True)
+
+
+async def start_pods_counted(side: Side, image: str, args: argparse.Namespace,
+                             after_start: Callable[[Pod], Awaitable[None]],
+                             pod_pids: Callable[[], list[int]]) -> None:
+    """start_pods, and the host's CPU over it split by whose it was. `pod_pids`, called once all
+    are up, gives the pods' processes: they all began in this phase, so their whole CPU time and
+    their reaped children's count."""
+    host0 = host_busy_ticks()
+    daemon0, helpers0 = cpu_ticks(side.daemon_pid), children_ticks(side.daemon_pid)
+    await start_pods(side, image, args.pods, args.concurrency, args.max_failures,
+                     args.min_available, after_start)
+    host1 = host_busy_ticks()
+    daemon1, helpers1 = cpu_ticks(side.daemon_pid), children_ticks(side.daemon_pid)
+    pods = sum(cpu_ticks(p) + children_ticks(p) for p in pod_pids())
+    side.start_cpu = StartCPU(host=(host1 - host0) / CLK_TCK, pods=pods / CLK_TCK,
+                              daemon=(daemon1 - daemon0) / CLK_TCK,
+                              helpers=(helpers1 - helpers0) / CLK_TCK)
 
 
 async def remove_pods(side: Side, concurrency: int) -> None:
@@ -337,8 +381,11 @@ async def run_containerd(args: argparse.Namespace, registry_host: str, image: st
             async def after(pod: Pod) -> None:
                 await track_netns(ctrd, side, pod)
 
-            await start_pods(side, image, args.pods, args.concurrency, args.max_failures,
-                             args.min_available, after)
+            def shims_and_below() -> list[int]:
+                table = proc_table()
+                return [p for shim in ctrd.shim_pids() for p in descendants(shim, table)]
+
+            await start_pods_counted(side, image, args, after, shims_and_below)
             await settle(side, args)
             table = proc_table()
             groups = {str(shim): sorted(descendants(shim, table)) for shim in ctrd.shim_pids()}
@@ -386,8 +433,8 @@ async def run_criserver(args: argparse.Namespace, image: str) -> Side:
             async def nothing(pod: Pod) -> None:
                 return None
 
-            await start_pods(side, image, args.pods, args.concurrency, args.max_failures,
-                             args.min_available, nothing)
+            await start_pods_counted(side, image, args, nothing, lambda: [
+                pid for p in side.up for pid in vm_pids_of(p.id)])
             await settle(side, args)
             groups = {p.id: vm_pids_of(p.id) for p in side.up}
             qemus = [pid for g in groups.values() for pid in g]
@@ -454,6 +501,10 @@ def p90_growth(side: Side) -> float | None:
     return pct(fifth, 0.9) / pct(first, 0.9)
 
 
+def start_cpu_per_pod(part: str, per_pod: dict[str, int], side: Side) -> float:
+    return float(getattr(side.start_cpu, part)) / per_pod[side.name]
+
+
 def report(args: argparse.Namespace, sides: list[Side], load: tuple[float, float]) -> None:
     base = sides[0] if len(sides) > 1 else None
     crs = sides[-1]
@@ -485,6 +536,15 @@ def report(args: argparse.Namespace, sides: list[Side], load: tuple[float, float
     row("wall time, all pods up", lambda s: s.wall, " s", "")
     row("per-pod runp+create+start, median", lambda s: statistics.median(
         [p.total for p in s.up]) if s.up else None, " s", "", 2)
+    per_pod = {s.name: max(len(s.up), 1) for s in sides}
+    for label, part in (("CPU while the pods started, per pod", "host"),
+                        ("- of it the pod's processes (QEMU; shim and below)", "pods"),
+                        ("- the daemon's threads", "daemon"),
+                        ("- the daemon's helpers (CNI plugins; shim starts)", "helpers"),
+                        ("- the rest (the bench's client, kernel threads, interrupts)", "rest")):
+        row(label, functools.partial(start_cpu_per_pod, part, per_pod), " core-s", "", 3)
+    row("cores busy while the pods started", lambda s: 100 * s.start_cpu.host / (
+        s.wall * (os.cpu_count() or 1)) if s.wall else None, "%", "", 0, False)
     row("idle CPU per pod, mean (% of a core)", lambda s: statistics.mean(
         s.idle.cpu) if s.idle.cpu else None, "%", "< 0.3%", 3)
     row("idle CPU per pod, max", lambda s: max(s.idle.cpu, default=None), "%", "", 3)

@@ -1,5 +1,6 @@
 """What the benches read about host processes from /proc: the process table, a process tree,
-memory (PSS and RSS from smaps_rollup) and CPU time (utime + stime, per process and per thread).
+memory (PSS and RSS from smaps_rollup) and CPU time (utime + stime, per process and per thread;
+reaped children; the whole host).
 Shared by the benches that weigh a runtime's processes against containerd's."""
 
 from __future__ import annotations
@@ -75,6 +76,24 @@ def cpu_ticks(pid: int) -> int:
         return _ticks(f"/proc/{pid}/stat")
     except (OSError, ValueError):
         return 0
+
+
+def children_ticks(pid: int) -> int:
+    """cutime + cstime: the CPU of a process's children it has waited for (a daemon's short
+    helpers, such as CNI plugins), 0 if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[13]) + int(fields[14])  # fields 16 and 17 of stat
+
+
+def host_busy_ticks() -> int:
+    """The host's CPU time spent on anything but idle and I/O wait, all cores, in ticks."""
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in cpu[1:9])
+    return user + nice + system + irq + softirq + steal
 
 
 def thread_stats(pid: int) -> dict[int, tuple[int, int]]:
