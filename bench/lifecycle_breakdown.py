@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from pod_start import BenchDaemon, build_template  # noqa: E402
+from pod_start import BenchDaemon, build_template, wait_pool  # noqa: E402
 
 from tests.cri_client import CRIClient, msg  # noqa: E402
 from tests.image.oci import Pusher  # noqa: E402
@@ -104,9 +105,9 @@ def table(rpc: str, samples: list[dict[str, float]], client: list[float]) -> str
 
 
 async def lifecycle(cri: CRIClient, image: str, i: int, client: dict[str, list[float]]) -> None:
-    async def timed(rpc: str, call: object) -> object:
+    async def timed(rpc: str, call: Awaitable[Any]) -> Any:
         t0 = time.monotonic()
-        result = await call  # type: ignore[misc]
+        result = await call
         client[rpc].append((time.monotonic() - t0) * 1000)
         return result
 
@@ -123,7 +124,7 @@ async def lifecycle(cri: CRIClient, image: str, i: int, client: dict[str, list[f
                                                         container_id=ctr)))
     reply = await timed("ExecSync", rt.ExecSync(msg("ExecSyncRequest", container_id=ctr,
                                                     cmd=["true"], timeout=30)))
-    assert reply.exit_code == 0, reply  # type: ignore[attr-defined]
+    assert reply.exit_code == 0, reply
     await timed("StopContainer", rt.StopContainer(msg("StopContainerRequest", container_id=ctr,
                                                       timeout=2)))
     await timed("RemoveContainer", rt.RemoveContainer(msg("RemoveContainerRequest",
@@ -132,17 +133,6 @@ async def lifecycle(cri: CRIClient, image: str, i: int, client: dict[str, list[f
                                                         pod_sandbox_id=pod)))
     await timed("RemovePodSandbox", rt.RemovePodSandbox(msg("RemovePodSandboxRequest",
                                                             pod_sandbox_id=pod)))
-
-
-async def wait_pool(cri: CRIClient, size: int, max_wait: float = 180.0) -> None:
-    deadline = time.monotonic() + max_wait
-    while size:
-        status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
-        if json.loads(status.info["runtime.microvm"])["warmPool"]["ready"] >= size:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the warm pool did not refill in {max_wait} s")
-        await asyncio.sleep(0.2)
 
 
 async def main() -> None:

@@ -111,6 +111,18 @@ async def remove_pod(cri: CRIClient, pod_id: str) -> None:
     await cri.runtime.RemovePodSandbox(msg("RemovePodSandboxRequest", pod_sandbox_id=pod_id))
 
 
+async def wait_pool(cri: CRIClient, size: int, max_wait: float = 180.0) -> None:
+    """Until the microvm backend's warm pool has `size` VMs ready (Status, verbose)."""
+    deadline = time.monotonic() + max_wait
+    while size:
+        status = await cri.runtime.Status(msg("StatusRequest", verbose=True))
+        if json.loads(status.info["runtime.microvm"])["warmPool"]["ready"] >= size:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm pool did not refill in {max_wait} s")
+        await asyncio.sleep(0.2)
+
+
 async def build_template(cri: CRIClient, workdir: Path) -> None:
     """A first pod boots; the daemon then builds the template the next pods are cloned from.
     The pod is removed again."""

@@ -9,6 +9,7 @@ QEMU: `info jit` (translated blocks, generated host code) and its CPU time. It p
 medians per step.
 
     flock /tmp/criserver-vm.lock .venv/bin/python -m bench.translation [--pods 3] [--blocks]
+        [--warm-pool]
 
 `--blocks` also logs every translated block's guest address (`-d in_asm`, from the pods'
 first call on, never the template's build; slow) and splits each step's blocks into the guest
@@ -16,6 +17,11 @@ kernel (by function and module, from the guest's /proc/kallsyms, read in a privi
 container at the end) and user space (executables linked at a fixed address, below 16 MiB: the
 agent's python3, vmexec, busybox; position-independent executables such as crun, 0x55...;
 shared libraries, 0x7f...).
+
+`--warm-pool` gives the daemon a warm pool of one VM: each pod waits, untimed, for the pool to
+be ready and gets its VM, whose translation cache already holds the pool's warm-up (the agent's
+first calls, a container run in the VM's namespaces). Its steps count from just before runp:
+what a pooled pod still translates for itself.
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.exec_baseline import push_images
-from bench.pod_start import BenchDaemon, build_template
+from bench.pod_start import BenchDaemon, build_template, wait_pool
 from tests.cri_client import CRIClient, msg
-from tests.e2e.conftest import vm_pids_of
+from tests.e2e.conftest import qemus_of, vm_pids_of
 from tests.registry import _start_registry, _stop
 
 STEPS = ("runp", "create", "start", "exec")
 SECOND = ("create, 2nd container", "start, 2nd container", "exec, 2nd container")
+POOLED = "the pooled VM before runp (restore, agent, warm-up)"
 WRAPPER = """#!/bin/sh
 if [ -e {dir}/log-blocks ]; then
   set -- "$@" -d in_asm,nochain -D {dir}/blocks-$$.log
@@ -122,11 +129,14 @@ def where(addr: int) -> str:
 
 
 class Pod:
-    def __init__(self, pod_id: str) -> None:
-        self.pid = vm_pids_of(pod_id)[0]
+    """One pod's QEMU. `offsets`: where each step's blocks begin in its in_asm log (a clone's
+    QEMU starts with its pod, so from 0; a pooled one's log begins before its pod)."""
+
+    def __init__(self, pid: int, offsets: list[int]) -> None:
+        self.pid = pid
         self.monitor = monitor_of(self.pid)
         self.log = Path(self.monitor.replace("/hmp-", "/blocks-").replace(".sock", ".log"))
-        self.offsets: list[int] = [0]
+        self.offsets = offsets
 
     def sample(self) -> dict[str, float]:
         counts = monitor_counts(self.monitor)
@@ -142,9 +152,10 @@ class Pod:
 
 
 async def one_pod(cri: CRIClient, image: str, i: int, results: dict[str, list[dict[str, float]]],
-                  ) -> Pod:
+                  pooled: int | None) -> Pod:
     """runp, then two containers, each created, started and exec'd into; between the two the
-    pod idles 3 s (not measured)."""
+    pod idles 3 s (not measured). `pooled`: the warm pool's VM the pod will get, counted from
+    just before runp; else the pod's clone is counted from its start."""
     last = (time.monotonic(), {"tbs": 0.0, "code": 0.0, "reads": 0.0, "read_bytes": 0.0,
                                "cpu": 0.0})
 
@@ -156,8 +167,13 @@ async def one_pod(cri: CRIClient, image: str, i: int, results: dict[str, list[di
                                   **{k: now[1][k] - last[1][k] for k in now[1]}})
         last = now
 
+    if pooled is not None:
+        pod = Pod(pooled, [])
+        mark(None)
+        results[POOLED].append({"wall": 0.0, **last[1]})  # all it has run, from its start
     pod_id = await cri.run_pod(f"tr-{i}", hostname=f"tr-{i}")
-    pod = Pod(pod_id)
+    if pooled is None:
+        pod = Pod(vm_pids_of(pod_id)[0], [0])
     mark("runp")
     for name, steps in (("first", STEPS[1:]), ("second", SECOND)):
         if name == "second":
@@ -196,8 +212,10 @@ async def kernel_symbols(cri: CRIClient, image: str) -> Symbols:
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     print("\n| step | wall ms | QEMU CPU ms | blocks translated | host code MiB | "
           "disk reads (KiB) |\n|---|---:|---:|---:|---:|---:|")
-    for step in STEPS + SECOND:
+    for step in (POOLED, *STEPS, *SECOND):
         rows = results[step]
+        if not rows:
+            continue
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         print(f"| {step} | {1000 * med['wall']:.0f} | {1000 * med['cpu']:.0f} | "
               f"{med['tbs']:.0f} | {med['code'] / 2**20:.1f} | "
@@ -225,7 +243,15 @@ def report_blocks(pods: list[Pod], symbols: Symbols) -> None:
         print(f"  - kernel, first pod, most blocks: {top}")
 
 
-async def run(pods: int, blocks: bool) -> None:
+def pool_vm(workdir: Path, pods: set[int]) -> int:
+    """The warm pool's one ready VM: the QEMU under `workdir` that is no pod's yet."""
+    free = set(qemus_of(workdir)) - pods
+    if len(free) != 1:
+        raise RuntimeError(f"expected one pooled QEMU, found {sorted(free)}")
+    return free.pop()
+
+
+async def run(pods: int, blocks: bool, warm_pool: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tr-", dir="/tmp"))
     wrapper = tmp / "qemu"
     wrapper.write_text(WRAPPER.format(dir=tmp))
@@ -235,7 +261,9 @@ async def run(pods: int, blocks: bool) -> None:
     try:
         await push_images(registry.base)
         image = f"{registry.host}/e2e/busybox:latest"
-        with BenchDaemon(network=True, options={"qemu_binary": str(wrapper)}) as bd:
+        options: dict[str, int | bool | str] = {"qemu_binary": str(wrapper),
+                                                "warm_pool": int(warm_pool)}
+        with BenchDaemon(network=True, options=options) as bd:
             cri = bd.daemon.client()
             try:
                 await build_template(cri, bd.workdir)
@@ -244,11 +272,20 @@ async def run(pods: int, blocks: bool) -> None:
                 if blocks:
                     (tmp / "log-blocks").touch()
                 results: dict[str, list[dict[str, float]]] = defaultdict(list)
-                started = []
-                for i in range(pods):
+                started: list[Pod] = []
+                # A pooled VM warmed before the log began is run through untimed.
+                untimed = int(warm_pool and blocks)
+                for i in range(untimed + pods):
                     await asyncio.sleep(3)  # the previous pod idle again
-                    started.append(await one_pod(cri, image, i, results))
-                    print(f"  pod {i + 1}/{pods} done", flush=True)
+                    pooled = None
+                    if warm_pool:
+                        await wait_pool(cri, 1)
+                        pooled = pool_vm(bd.workdir, {p.pid for p in started})
+                    pod = await one_pod(cri, image, i, results if i >= untimed else
+                                        defaultdict(list), pooled)
+                    started.append(pod)
+                    print(f"  pod {i + 1}/{untimed + pods} done", flush=True)
+                started = started[untimed:]
                 (tmp / "log-blocks").unlink(missing_ok=True)
                 report(results)
                 if blocks:
@@ -266,8 +303,11 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=3)
     ap.add_argument("--blocks", action="store_true",
                     help="log each translated block's address and split them (slow)")
+    ap.add_argument("--warm-pool", action="store_true",
+                    help="each pod gets a VM of a warm pool of one (the microvm option "
+                         "warm_pool = 1), counted from just before its runp")
     args = ap.parse_args()
-    asyncio.run(run(args.pods, args.blocks))
+    asyncio.run(run(args.pods, args.blocks, args.warm_pool))
 
 
 if __name__ == "__main__":
