@@ -4,9 +4,9 @@ Under TCG a clone starts with an empty translation cache: its first agent call, 
 container's create and start and its first exec translate the guest code they run, ~1 s of CPU
 on this host that a pod which has run a container once does not pay again. The pool pays it
 before a pod asks, as Kata's VM cache does: each pooled VM is a clone whose agent has answered
-and which has created, started and removed a throwaway container of no pod yet: in the VM's
-IPC and UTS namespaces and with /dev/shm, as the pod's containers will be, but with none of the
-pod's files (agent.proto `outside_pod`).
+and which has created, started, exec'd into and removed a throwaway container of no pod yet:
+in the VM's IPC and UTS namespaces and with /dev/shm, as the pod's containers will be, but
+with none of the pod's files (agent.proto `outside_pod`).
 
 RunPodSandbox takes a pooled VM of its shape (`take`): the VM's netns, tap inside, becomes the
 pod's, its volumes dir is renamed to the pod's, and the pod's state dir becomes a link to the
@@ -267,14 +267,16 @@ class WarmPool:
 
 
 async def warm_up(agent: AgentClient, name: str, image: str = "") -> None:
-    """Create, start and delete a container once, so the guest code of a pod's first container
-    is translated. Its rootfs is `image`'s snapshot (left mounted in the guest for the pod's
-    first container, as the agent keeps an image mounted once used), or the guest's own root;
-    what it runs is the guest's busybox, bound in: never anything of an image's.
+    """Create, start, exec into and delete a container once, so the guest code of a pod's
+    first container and its first exec is translated. Its rootfs is `image`'s snapshot (left
+    mounted in the guest for the pod's first container, as the agent keeps an image mounted
+    once used), or the guest's own root; what it runs is the guest's busybox, bound in: never
+    anything of an image's.
 
-    No exec, kill or wait: measured, an exec here did not shorten the pod's first exec (its
-    cost is in the pod's own context), and all of it fills the translation cache the pod's
-    containers need (docs/benchmarks.md, "A warm pool")."""
+    One exec: measured (bench/translation.py --warm-pool), it cuts the blocks a pod's first
+    exec translates from ~2,300 to ~800; three cut them to ~700 but slowed the pod's start.
+    No kill or wait: the forced delete ends the container (docs/benchmarks.md, "A pooled
+    pod's first exec")."""
     cid = f"warm-up-{name}"
     config = cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name="warm-up"),
@@ -297,6 +299,11 @@ async def warm_up(agent: AgentClient, name: str, image: str = "") -> None:
     try:
         await agent.call("StartContainer", pb.StartContainerRequest(
             request_id=f"start-{cid}", container_id=cid))
+        reply = await agent.exec_sync(pb.ExecSyncRequest(
+            container_id=cid, process=pb.Process(argv=[WARM_UP_BUSYBOX, "true"]),
+            timeout_seconds=60))
+        if reply.exit_code != 0:
+            raise Unavailable(f"warm-up exec exited {reply.exit_code}: {reply.stderr[:200]!r}")
     finally:  # force: kills what runs
         await agent.call("DeleteContainer", pb.DeleteContainerRequest(
             container_id=cid, force=True))
