@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
 import shutil
 import statistics
@@ -501,8 +500,9 @@ def p90_growth(side: Side) -> float | None:
     return pct(fifth, 0.9) / pct(first, 0.9)
 
 
-def start_cpu_per_pod(part: str, per_pod: dict[str, int], side: Side) -> float:
-    return float(getattr(side.start_cpu, part)) / per_pod[side.name]
+def per_pod(share: Callable[[StartCPU], float]) -> Callable[[Side], float]:
+    """A share of the start phase's CPU, divided among the pods that came up."""
+    return lambda side: share(side.start_cpu) / max(len(side.up), 1)
 
 
 def report(args: argparse.Namespace, sides: list[Side], load: tuple[float, float]) -> None:
@@ -536,13 +536,14 @@ def report(args: argparse.Namespace, sides: list[Side], load: tuple[float, float
     row("wall time, all pods up", lambda s: s.wall, " s", "")
     row("per-pod runp+create+start, median", lambda s: statistics.median(
         [p.total for p in s.up]) if s.up else None, " s", "", 2)
-    per_pod = {s.name: max(len(s.up), 1) for s in sides}
-    for label, part in (("CPU while the pods started, per pod", "host"),
-                        ("- of it the pod's processes (QEMU; shim and below)", "pods"),
-                        ("- the daemon's threads", "daemon"),
-                        ("- the daemon's helpers (CNI plugins; shim starts)", "helpers"),
-                        ("- the rest (the bench's client, kernel threads, interrupts)", "rest")):
-        row(label, functools.partial(start_cpu_per_pod, part, per_pod), " core-s", "", 3)
+    shares: list[tuple[str, Callable[[StartCPU], float]]] = [
+        ("CPU while the pods started, per pod", lambda c: c.host),
+        ("- of it the pod's processes (QEMU; shim and below)", lambda c: c.pods),
+        ("- the daemon's threads", lambda c: c.daemon),
+        ("- the daemon's helpers (CNI plugins; shim starts)", lambda c: c.helpers),
+        ("- the rest (the bench's client, kernel threads, interrupts)", lambda c: c.rest)]
+    for label, share in shares:
+        row(label, per_pod(share), " core-s", "", 3)
     row("cores busy while the pods started", lambda s: 100 * s.start_cpu.host / (
         s.wall * (os.cpu_count() or 1)) if s.wall else None, "%", "", 0, False)
     row("idle CPU per pod, mean (% of a core)", lambda s: statistics.mean(
