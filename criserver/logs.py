@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+NOISY_LOGGERS = ("qemu.qmp", "hpack", "h2", "grpclib", "asyncio", "pyroute2")
+
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -37,6 +39,7 @@ def setup(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Third-party chatter (QMP frames, HTTP/2 frames) only when asked for with debug.
-    for noisy in ("qemu.qmp", "hpack", "h2", "grpclib", "asyncio"):
+    # Libraries' per-frame debug lines (QMP, HTTP/2, netlink messages) stay out even at debug:
+    # they would drown the daemon's own, and formatting them costs the daemon CPU per call.
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
