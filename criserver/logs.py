@@ -40,6 +40,6 @@ def setup(level: str, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries' per-frame debug lines (QMP, HTTP/2, netlink messages) stay out even at debug:
-    # they would drown the daemon's own, and formatting them costs the daemon CPU per call.
+    # they would drown the daemon's own.
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
