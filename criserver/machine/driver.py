@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from criserver import files
 from criserver.errors import CriError, InvalidArgument, NotFound, Unavailable
 from criserver.machine import network
 from criserver.vm.host import VMHost
@@ -288,7 +289,7 @@ class MachineDriver:
     async def _fw_cfg_file(location: VMLocation, name: str, key: str, data: bytes
                            ) -> FwCfgFile:
         path = location.state_dir / name
-        await asyncio.to_thread(_write_private, path, data)
+        await asyncio.to_thread(files.write_atomic, path, data, mode=0o600)
         return FwCfgFile(key, path)
 
     def _watch(self, machine_id: str, vm: VM) -> None:
@@ -320,9 +321,3 @@ def _boot_source(boot: Boot, hostname: str) -> DirectKernel | Firmware:
     return Firmware()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

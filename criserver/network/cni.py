@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from criserver import spawn
+from criserver import files, spawn
 from criserver.config import NetworkConfig
 from criserver.errors import (
     CriError,
@@ -307,26 +307,11 @@ def _read_conf_dir(conf_dir: Path) -> tuple[ConfigList | None, list[str]]:
     return None, problems
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
 
 
 class CniManager:
@@ -370,9 +355,8 @@ class CniManager:
         cidrs = parse_cidrs(cidr)
         if cidrs == self._pod_cidrs:
             return
-        await asyncio.to_thread(
-            _write_atomic, self._cache_dir / "pod-cidr", json.dumps(cidrs).encode()
-        )
+        await asyncio.to_thread(files.write_atomic, self._cache_dir / "pod-cidr",
+                                json.dumps(cidrs), durable=True)
         self._pod_cidrs = cidrs
         log.info("pod CIDR set cidr=%s", ",".join(cidrs))
 
@@ -475,6 +459,8 @@ class CniManager:
         path = self._cache_path(pod_id)
         entry = await asyncio.to_thread(_read_json, path)
         if entry is None:
+            # A crash while add() wrote the first cache entry can leave its temp file.
+            await asyncio.to_thread(files.remove, path)
             return
         if netns is not None and not await asyncio.to_thread(is_netns, Path(netns)):
             netns = None  # gone, or a bare file whose mount is gone: plugins would fail on it
@@ -486,7 +472,7 @@ class CniManager:
                 errors.append(exc)
         if errors:  # keep the cache so a retry (kubelet retries StopPodSandbox) can finish
             raise errors[0]
-        await asyncio.to_thread(_unlink, path)
+        await asyncio.to_thread(files.remove, path)
         log.info("cni del pod=%s", pod_id)
 
     async def check(self, pod_id: str, netns: str) -> None:
@@ -508,9 +494,8 @@ class CniManager:
     # -- plugin execution ------------------------------------------------------------------
 
     async def _save(self, pod_id: str, entry: dict[str, Any]) -> None:
-        await asyncio.to_thread(
-            _write_atomic, self._cache_path(pod_id), json.dumps(entry, indent=1).encode()
-        )
+        await asyncio.to_thread(files.write_atomic, self._cache_path(pod_id),
+                                json.dumps(entry, indent=1), durable=True)
 
     async def _run_list(
         self, command: str, entry: dict[str, Any], net: dict[str, Any], netns: str

@@ -16,12 +16,12 @@ import logging
 import os
 import re
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from criserver import files
 from criserver.vm.assets import GuestAssets
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ async def detect(
         accel = await _probe(state_dir, assets, qemu_binary, probe_wait)
         log.info("accelerator chosen accel=%s reason=%r", accel.name, accel.reason)
         data = {"boot_id": _boot_id(), "qemu_binary": qemu_binary, **asdict(accel)}
-        await asyncio.to_thread(_write_atomic, state_dir / _CACHE_NAME, json.dumps(data) + "\n")
+        await asyncio.to_thread(files.write_atomic, state_dir / _CACHE_NAME,
+                                json.dumps(data) + "\n")
     return accel
 
 
@@ -174,12 +175,6 @@ async def _probe_lock(state_dir: Path) -> AsyncIterator[None]:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 async def _probe(

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from criserver import files
+from criserver.config import NetworkConfig
 from criserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from criserver.network import netns
 from criserver.network.cni import (
@@ -353,3 +355,13 @@ async def test_add_without_config_fails_cleanly(net_env: NetEnv) -> None:
     cni: CniManager = net_env.cni()
     with pytest.raises(FailedPrecondition):
         await cni.add(pod("pod7"), "/nonexistent")
+
+
+async def test_delete_removes_a_cache_entry_a_crash_left_half_written(tmp_path: Path) -> None:
+    # A crash while ADD wrote its first cache entry: no entry, only the temp file beside it.
+    cni = CniManager(NetworkConfig(cni_conf_dir=str(tmp_path / "conf")), tmp_path / "cache")
+    left = files.temp_name(tmp_path / "cache" / "results" / "pod9.json")
+    left.parent.mkdir(parents=True)
+    left.write_text('{"kind": "criserver-cni-ca')
+    await cni.delete("pod9", None)
+    assert list(left.parent.iterdir()) == []

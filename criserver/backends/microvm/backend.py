@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from criserver import files
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.microvm import guest_metrics, spec_policy, streams
 from criserver.backends.microvm.channel import AgentAddress, AgentClient
@@ -817,7 +818,7 @@ class MicroVMBackend(BaseBackend):
         crash_point("create_container.guest_created")  # made in the guest, the record INIT
         spec_file = self._pod_root_dir(pod.id) / f"{container.id}.json"
         with span("spec_file"):
-            await asyncio.to_thread(_write_file, spec_file, spec_json)
+            await asyncio.to_thread(files.write_atomic, spec_file, spec_json)
         crash_point("create_container.spec_written")  # all made, the record not yet CREATED
         digests = [d for d in image.repo_digests if d]
         return ContainerCreated(
@@ -884,7 +885,7 @@ class MicroVMBackend(BaseBackend):
             await self._volumes(pod.id).release(container.id)
             for leftover in (self._pod_root_dir(pod.id) / f"{container.id}.json",
                              self._pod_state_dir(pod.id) / f"{container.id[:16]}.offset"):
-                await asyncio.to_thread(leftover.unlink, True)
+                await asyncio.to_thread(files.remove, leftover)  # and a crash's temp
 
     async def _delete_in_guest(self, pod_id: str, container_id: str) -> None:
         handle = self._pods.get(pod_id)
@@ -1026,11 +1027,6 @@ def _volume_mode(m: cri.Mount) -> str:
     return "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _sync(fn: Callable[[], object]) -> Callable[[], Awaitable[None]]:

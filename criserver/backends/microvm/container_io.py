@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from criserver import files
 from criserver.backends.microvm.channel import AgentClient, ConnState
 from criserver.errors import CriError, DeadlineExceeded, Unavailable
 from criserver.runtime import exit_codes
@@ -149,9 +149,7 @@ class ContainerIO:
             return 0
 
     def _save_offset(self, offset: int) -> None:
-        tmp = self.offset_file.with_suffix(".tmp")
-        tmp.write_text(str(offset))
-        os.replace(tmp, self.offset_file)
+        files.write_atomic(self.offset_file, str(offset))
 
     # -- exit ------------------------------------------------------------------------------
 

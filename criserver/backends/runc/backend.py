@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from grpclib.exceptions import GRPCError
 
+from criserver import files
 from criserver.api.runtime.v1 import api_pb2 as cri
 from criserver.backends.net_usage import interface_samples, network_usage
 from criserver.backends.runc import cgroups, infra, monitor, rootfs, streams
@@ -843,9 +844,7 @@ def _held_capabilities() -> frozenset[str]:
 
 def _write_bundle(bundle: Path, spec: dict[str, Any]) -> None:
     bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = bundle / "config.json.tmp"
-    tmp.write_text(json.dumps(spec))
-    os.replace(tmp, bundle / "config.json")
+    files.write_atomic(bundle / "config.json", json.dumps(spec))
 
 
 def _write_pod_files(pod_dir: Path, config: cri.PodSandboxConfig, ips: tuple[str, ...],
@@ -862,8 +861,4 @@ def _write_pod_files(pod_dir: Path, config: cri.PodSandboxConfig, ips: tuple[str
         hosts = pod_files.hosts(hostname, ips)
     for name, text in (("hostname", hostname + "\n"), ("hosts", hosts),
                        ("resolv.conf", pod_files.resolv_conf(config.dns_config))):
-        path = pod_dir / name
-        tmp = pod_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
+        files.write_atomic(pod_dir / name, text)
