@@ -28,6 +28,7 @@ from criserver.errors import (
     Internal,
     InvalidArgument,
 )
+from criserver.network import plugin_leftovers
 from criserver.network.netns import is_netns
 
 log = logging.getLogger(__name__)
@@ -335,6 +336,7 @@ class CniManager:
         self._timeout = plugin_timeout
         self.ifname = ifname
         self._pod_cidrs: list[str] | None = None  # loaded lazily from cache_dir
+        self._leftovers_settled: asyncio.Future[None] | None = None
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -493,6 +495,13 @@ class CniManager:
 
     # -- plugin execution ------------------------------------------------------------------
 
+    async def _settle_leftovers(self) -> None:
+        """Before this daemon's first plugin: the previous daemon's, finished or killed."""
+        if self._leftovers_settled is None:
+            self._leftovers_settled = asyncio.ensure_future(
+                plugin_leftovers.settle(self._cache_dir, self._timeout))
+        await asyncio.shield(self._leftovers_settled)
+
     async def _save(self, pod_id: str, entry: dict[str, Any]) -> None:
         await asyncio.to_thread(files.write_atomic, self._cache_path(pod_id),
                                 json.dumps(entry, indent=1), durable=True)
@@ -532,6 +541,7 @@ class CniManager:
         stdin: dict[str, Any],
     ) -> dict[str, Any] | None:
         pod_id = entry["containerId"]
+        await self._settle_leftovers()
         binary = await asyncio.to_thread(self.find_plugin, plugin_type)
         if binary is None:
             raise FailedPrecondition(
@@ -546,6 +556,7 @@ class CniManager:
             CNI_IFNAME=ifname,
             CNI_PATH=":".join(self._bin_dirs),
             CNI_ARGS=entry["cniArgs"],
+            **plugin_leftovers.owner_env(self._cache_dir),
         )
         # The config goes in as a file, not a pipe we feed: a plugin that fails before reading
         # it would otherwise surface as a broken pipe (uvloop: "handler is closed") instead of
