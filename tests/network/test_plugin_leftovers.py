@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,48 +46,48 @@ def cache(tmp_path: Path) -> Iterator[tuple[CniManager, Path, Path]]:
     yield cni, plugin, log
 
 
-def _left_running(plugin: Path, owner: Path, add_seconds: float) -> subprocess.Popen[bytes]:
+@contextlib.contextmanager
+def left_running(plugin: Path, owner: Path, add_seconds: float
+                 ) -> Iterator[subprocess.Popen[bytes]]:
     """The plugin as a dead daemon's ADD left it: running, with that daemon's marker."""
     env = {"PATH": os.environ["PATH"], "CNI_COMMAND": "ADD", "ADD_SECONDS": str(add_seconds),
            **plugin_leftovers.owner_env(owner)}
-    return subprocess.Popen([str(plugin)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([str(plugin)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the plugin's sleep too
+        proc.wait()
 
 
 async def test_del_waits_for_an_add_the_previous_daemon_left_running(
         cache: tuple[CniManager, Path, Path]) -> None:
     cni, plugin, log = cache
-    left = _left_running(plugin, cni._cache_dir, add_seconds=0.5)
-    await cni.delete("pod1", None)
-    assert left.wait(5) == 0  # finished by itself, not killed
+    with left_running(plugin, cni._cache_dir, add_seconds=0.5) as left:
+        await cni.delete("pod1", None)
+        assert left.wait(5) == 0  # finished by itself, not killed
     assert log.read_text().split() == ["ADD", "DEL"]  # nothing the late ADD made outlives DEL
 
 
 async def test_a_hung_leftover_is_killed_after_the_plugin_timeout(
         cache: tuple[CniManager, Path, Path]) -> None:
     cni, plugin, log = cache
-    hung = _left_running(plugin, cni._cache_dir, add_seconds=60)
-    try:
+    with left_running(plugin, cni._cache_dir, add_seconds=60) as hung:
         await cni.delete("pod1", None)
-        assert hung.wait(5) == -9
-        assert log.read_text().split() == ["DEL"]
-    finally:
-        hung.kill()
-        hung.wait()
+        assert hung.wait(5) == -signal.SIGKILL
+    assert log.read_text().split() == ["DEL"]
 
 
 async def test_other_owners_plugins_are_left_alone(
         cache: tuple[CniManager, Path, Path], tmp_path: Path) -> None:
     cni, plugin, log = cache
-    other = _left_running(plugin, tmp_path / "another-runtime", add_seconds=60)
-    try:
-        assert plugin_leftovers.find(tmp_path / "another-runtime") == [other.pid]
+    with left_running(plugin, tmp_path / "another-runtime", add_seconds=60) as other:
+        assert other.pid in plugin_leftovers.find(tmp_path / "another-runtime")
         await cni.delete("pod1", None)
         assert other.poll() is None
-        assert log.read_text().split() == ["DEL"]
-    finally:
-        other.kill()
-        other.wait()
+    assert log.read_text().split() == ["DEL"]
 
 
 async def test_this_daemons_own_plugins_carry_the_marker(
