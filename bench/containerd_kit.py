@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tests.cri_client import CRIClient
 from tests.daemon import unmount_under
@@ -100,23 +101,30 @@ def hosts_toml(registry_host: str) -> str:
             "  skip_verify = true\n")
 
 
-def cni_conflist(name: str, bridge: str, subnet: str, ipam_dir: Path) -> str:
-    return json.dumps({
-        "cniVersion": "0.4.0",
-        "name": name,
-        "plugins": [{
-            "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                     "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(ipam_dir)},
-        }],
-    }, indent=1)
+def cni_conflist(name: str, bridge: str, subnet: str, ipam_dir: Path,
+                 chain: str = "plain") -> str:
+    """"plain": a bridge as gateway with host-local, no masquerade; "builtin": the chain of
+    criserver's built-in network (criserver/network/cni.py default_conflist: masquerade,
+    hairpin, then portmap), for runs where both runtimes must run the same plugins."""
+    bridge_plugin: dict[str, Any] = {
+        "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
+                 "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(ipam_dir)},
+    }
+    plugins = [bridge_plugin]
+    if chain == "builtin":
+        bridge_plugin.update(ipMasq=True, hairpinMode=True)
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
+    elif chain != "plain":
+        raise ValueError(f"unknown CNI chain {chain!r}")
+    return json.dumps({"cniVersion": "0.4.0", "name": name, "plugins": plugins}, indent=1)
 
 
 class Containerd:
     """One private containerd process; `close` (or leaving the `with`) undoes everything."""
 
     def __init__(self, registry_host: str, pause_ref: str, snapshotter: str = "overlayfs",
-                 mirrors: Iterable[str] = ()) -> None:
+                 mirrors: Iterable[str] = (), cni_chain: str = "plain") -> None:
         self.work = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
         self.tag = secrets.token_hex(3)
         self.socket = self.work / "containerd.sock"
@@ -129,7 +137,7 @@ class Containerd:
         self._had_shim_root = SHIM_SOCKET_ROOT.exists()
         (self.work / "net.d").mkdir()
         (self.work / "net.d" / "10-bench.conflist").write_text(
-            cni_conflist(self.network, self.bridge, self.subnet, self.work / "ipam"))
+            cni_conflist(self.network, self.bridge, self.subnet, self.work / "ipam", cni_chain))
         # certs.d/<host:port>/hosts.toml (containerd 1.6 remotes/docker/config hostPaths)
         for name in (registry_host, *mirrors):
             hosts = self.work / "certs.d" / name

@@ -7,8 +7,10 @@ network on) and containerd + runc, in the same run, alternating round by round.
 A round is runp, create (`sleep 3600`, busybox from a local registry, pulled beforehand),
 start, exec -s `true` (the first exec in a new container), stop -t 2, rm, stopp, rmp. Each is
 the wall time of its crictl process (crictl's own start-up, ~20 ms, is in both sides alike).
-One untimed round per side first (criserver's builds its template). Prints the medians, the
-ratio criserver/containerd and the issue's target for each.
+Both sides run the same CNI plugins (criserver's built-in network's chain: bridge with
+masquerade and hairpin, host-local, portmap; each adds loopback), as on a node where both read
+one CNI config. One untimed round per side first (criserver's builds its template). Prints
+the medians, the ratio criserver/containerd and the issue's target for each.
 
 Then the same container ops in a warm pod (`--warm-rounds`, default as many): each round's pod
 first runs one container through create, start, exec, stop and rm untimed, and the same ops
@@ -175,7 +177,8 @@ async def main() -> None:
     try:
         await push_images(registry.base)
         image = f"{registry.host}/e2e/busybox:latest"
-        with Containerd(registry.host, f"{registry.host}/bench/pause:latest") as ctrd, \
+        with Containerd(registry.host, f"{registry.host}/bench/pause:latest",
+                        cni_chain="builtin") as ctrd, \
                 BenchDaemon(network=True, options={
                     "warm_pool": args.warm_pool,
                     **({"tcg_tb_size_mib": args.tb_size} if args.tb_size else {}),

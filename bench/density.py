@@ -10,8 +10,10 @@ RunPodSandbox, CreateContainer (busybox `sleep`), StartContainer through its CRI
 the same client (tests/cri_client.py). Per pod: the wall time of the three calls, by start
 order. criserver is the real daemon with the micro-VM backend's defaults (templates and
 network on; bench/pod_start.py's BenchDaemon on a private CNI network), its template built by an
-untimed first pod; containerd is bench/containerd_kit.py's private containerd (overlayfs, CNI
-bridge), after an untimed first pod too. Images come from a local docker-registry
+untimed first pod; containerd is bench/containerd_kit.py's private containerd (overlayfs), after
+an untimed first pod too. Both run the same CNI plugins, criserver's built-in network's chain
+(bridge with masquerade and hairpin, host-local, portmap; each adds loopback), as on a node
+where both read one CNI config. Images come from a local docker-registry
 (bench/exec_baseline.py's push_images). Starting stops early when a pod fails (after
 --max-failures) or the host's MemAvailable falls below --min-available GiB.
 
@@ -365,7 +367,7 @@ async def guest_interrupts(cri: CRIClient, cid: str, seconds: float) -> list[str
 
 async def run_containerd(args: argparse.Namespace, registry_host: str, image: str,
                          pause: str) -> Side:
-    with Containerd(registry_host, pause) as ctrd:
+    with Containerd(registry_host, pause, cni_chain="builtin") as ctrd:
         assert ctrd.process is not None
         side = Side("containerd", ctrd.client(), ctrd.process.pid)
         try:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import secrets
@@ -159,17 +158,6 @@ class Side:
             print(f"  warning: removing {self.name}'s pods: {exc!r}", flush=True)
 
 
-def conflist(name: str, bridge: str, subnet: str, ipam_dir: Path, cni: str) -> str:
-    """"plain": containerd_kit's network (bridge as gateway, host-local, no masquerade);
-    "builtin": the chain of criserver's built-in network (criserver/network/cni.py
-    default_conflist: masquerade, hairpin, then portmap)."""
-    conf = json.loads(cni_conflist(name, bridge, subnet, ipam_dir))
-    if cni == "builtin":
-        conf["plugins"][0].update(ipMasq=True, hairpinMode=True)
-        conf["plugins"].append({"type": "portmap", "capabilities": {"portMappings": True}})
-    return json.dumps(conf, indent=1)
-
-
 class RuncDaemon:
     """criserver with the runc handler as default, on a CNI network of its own, in a short work
     dir. `close` kills the daemon, any monitor and runc container left (its pods are removed
@@ -192,7 +180,7 @@ class RuncDaemon:
             assert subnet is not None
             (self.workdir / "net.d").mkdir()
             (self.workdir / "net.d" / "10-bench.conflist").write_text(
-                conflist(network, bridge, subnet[1], self.workdir / "ipam", cni))
+                cni_conflist(network, bridge, subnet[1], self.workdir / "ipam", cni))
 
     def __enter__(self) -> RuncDaemon:
         try:
@@ -310,10 +298,7 @@ async def run(args: argparse.Namespace) -> None:
         await push_images(registry.base)
         image = f"{registry.host}/e2e/busybox:latest"
         pause = f"{registry.host}/bench/pause:latest"
-        ctrd = Containerd(registry.host, pause)
-        if args.cni == "builtin":
-            (ctrd.work / "net.d" / "10-bench.conflist").write_text(conflist(
-                ctrd.network, ctrd.bridge, ctrd.subnet, ctrd.work / "ipam", args.cni))
+        ctrd = Containerd(registry.host, pause, cni_chain=args.cni)
         with ctrd, RuncDaemon(args.ctrmon, args.cni, args.daemon_log) as crid:
             assert ctrd.process is not None
             sides = [Side("containerd", ctrd.client(), ctrd.process.pid, logs / "containerd"),
@@ -378,8 +363,8 @@ async def measure(args: argparse.Namespace, sides: list[Side], floor: Side, ctrd
     async def exec_block(side: Side, i: int) -> None:
         side.add("ExecSync `true`", (await timed(calls[side.name][1], 1))[0])
 
-    for _, call in calls.values():
-        await timed(call, args.warmup)
+    for _, warm_up in calls.values():
+        await timed(warm_up, args.warmup)
     await alternate(exec_sides, args.execs, args.exec_block, exec_block, "ExecSync")
     load1 = os.getloadavg()[0]
 
