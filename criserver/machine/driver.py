@@ -319,5 +319,3 @@ def _boot_source(boot: Boot, hostname: str) -> DirectKernel | Firmware:
             cmdline = f"{cmdline} hostname={hostname}".strip()
         return DirectKernel(boot.kernel, boot.initramfs, cmdline)
     return Firmware()
-
-

@@ -175,8 +175,6 @@ async def _probe_lock(state_dir: Path) -> AsyncIterator[None]:
         os.close(fd)
 
 
-
-
 async def _probe(
     state_dir: Path,
     assets: GuestAssets | None,

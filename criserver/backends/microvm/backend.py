@@ -1027,8 +1027,6 @@ def _volume_mode(m: cri.Mount) -> str:
     return "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"
 
 
-
-
 def _sync(fn: Callable[[], object]) -> Callable[[], Awaitable[None]]:
     """An undo step from a plain function."""
 
