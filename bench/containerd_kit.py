@@ -26,8 +26,8 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
+from criserver.network.cni import DefaultNetwork, default_conflist
 from tests.cri_client import CRIClient
 from tests.daemon import unmount_under
 
@@ -103,21 +103,23 @@ def hosts_toml(registry_host: str) -> str:
 
 def cni_conflist(name: str, bridge: str, subnet: str, ipam_dir: Path,
                  chain: str = "plain") -> str:
-    """"plain": a bridge as gateway with host-local, no masquerade; "builtin": the chain of
-    criserver's built-in network (criserver/network/cni.py default_conflist: masquerade,
-    hairpin, then portmap), for runs where both runtimes must run the same plugins."""
-    bridge_plugin: dict[str, Any] = {
-        "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                 "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(ipam_dir)},
-    }
-    plugins = [bridge_plugin]
+    """"plain": a bridge as gateway with host-local, no masquerade; "builtin": criserver's
+    built-in network itself (default_conflist: masquerade, hairpin, then portmap), for runs
+    where both runtimes must run the same plugins."""
     if chain == "builtin":
-        bridge_plugin.update(ipMasq=True, hairpinMode=True)
-        plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
-    elif chain != "plain":
+        return json.dumps(default_conflist([subnet], DefaultNetwork(name, bridge, str(ipam_dir))),
+                          indent=1)
+    if chain != "plain":
         raise ValueError(f"unknown CNI chain {chain!r}")
-    return json.dumps({"cniVersion": "0.4.0", "name": name, "plugins": plugins}, indent=1)
+    return json.dumps({
+        "cniVersion": "0.4.0",
+        "name": name,
+        "plugins": [{
+            "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
+                     "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(ipam_dir)},
+        }],
+    }, indent=1)
 
 
 class Containerd:
