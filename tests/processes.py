@@ -13,3 +13,12 @@ def running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def thread_niceness(pid: int) -> dict[int, int]:
+    """Each thread's niceness (field 19 of its stat): tid -> niceness."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        found[int(task.name)] = int(fields[16])
+    return found

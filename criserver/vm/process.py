@@ -62,3 +62,21 @@ def kill_all(pidfile: Path, timeout: float = KILL_TIMEOUT) -> list[int]:
         time.sleep(0.02)
         pids = [pid for pid in pids if _names_pidfile(pid, names)]
     return pids
+
+
+def set_niceness(pid: int, niceness: int) -> None:
+    """Give every thread of `pid` this niceness. Linux keeps it per thread, and a thread
+    started later takes its creator's, so this goes over the threads again until no new one
+    turned up. A process gone meanwhile is left alone."""
+    done: set[int] = set()
+    while True:
+        try:
+            tids = {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+        except FileNotFoundError:
+            return
+        if tids <= done:
+            return
+        for tid in tids - done:
+            with contextlib.suppress(ProcessLookupError):
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        done |= tids

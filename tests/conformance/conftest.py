@@ -32,7 +32,8 @@ def mirror_config(registry: Registry) -> str:
 
 @pytest.fixture(scope="module")
 def conformance_daemon(registry: Registry, conformance_images: list[str]) -> Iterator[Daemon]:
-    """The daemon as `make run` starts it (micro-VM pods, pods that share the node's namespaces
-    on runc), plus the registry mirrors."""
-    with running_vm_daemon(mirror_config(registry) + handler_config("runc", "runc")) as daemon:
+    """The daemon as `make run` starts it (micro-VM pods with its default warm pool, pods that
+    share the node's namespaces on runc), plus the registry mirrors."""
+    with running_vm_daemon(mirror_config(registry) + handler_config("runc", "runc"),
+                           warm_pool=None) as daemon:
         yield daemon

@@ -20,6 +20,7 @@ from tests.e2e.conftest import (
     running_vm_daemon,
     wait_pool_filled,
 )
+from tests.processes import thread_niceness
 
 pytestmark = pytest.mark.vm
 
@@ -66,6 +67,9 @@ async def test_a_pod_takes_a_warmed_vm_and_is_a_pod_like_any_other(
     cri = pool_daemon.client()
     await wait_pool_filled(cri)
     [pooled] = _pool_dirs(pool_daemon)
+    qemu = int((pool_daemon.state / "runtimes" / "microvm" / pooled / "qemu.pid").read_text())
+    # Waiting, it warmed at the lowest CPU priority; a pod's VM runs at the daemon's.
+    assert set(thread_niceness(qemu).values()) == {19}
     pod_id = await cri.run_pod(
         "pooled", hostname="pooled-host", log_directory=str(tmp_path),
         dns_config=msg("DNSConfig", servers=["10.96.0.10"], searches=["svc.local"]))
@@ -76,6 +80,7 @@ async def test_a_pod_takes_a_warmed_vm_and_is_a_pod_like_any_other(
     ip = r.status.network.ip
     link = pool_daemon.state / "runtimes" / "microvm" / pod_id[:16]
     assert link.is_symlink() and link.resolve().name == pooled
+    assert set(thread_niceness(qemu).values()) == {0}
     assert f"netns/{pod_id}" in info["netns"] and not _pool_netns(pool_daemon) - _pool_dirs(
         pool_daemon)
 

@@ -73,6 +73,15 @@ def test_a_warm_pool_without_templates_is_refused(tmp_path: Path) -> None:
         MicroVMBackend({"warm_pool": 1, "templates": False}, context)
 
 
+def test_the_default_pool_is_one_and_goes_quietly_without_templates(tmp_path: Path) -> None:
+    context = BackendContext(handler="microvm", root=tmp_path / "root", state=tmp_path / "state",
+                             config=Config(), events=None)  # type: ignore[arg-type]
+    pooled = MicroVMBackend({}, context).pool
+    assert pooled is not None and pooled.size == 1
+    assert MicroVMBackend({"templates": False}, context).pool is None
+    assert MicroVMBackend({"warm_pool": 0}, context).pool is None
+
+
 def test_bad_transport_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="transport"):
         backend(tmp_path, "carrier-pigeon")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from criserver.vm import process
+from tests.processes import thread_niceness
 
 
 @pytest.fixture
@@ -42,3 +44,42 @@ def test_killed_through_a_link(tmp_path: Path,
     (tmp_path / "pod").symlink_to("pool-1")
     assert process.kill_all(tmp_path / "pod" / "qemu.pid") == []
     assert proc.wait(timeout=5) == -9
+
+
+# Threads started before the call, and one started after it by a thread that had been reniced.
+THREADS = """
+import threading, time, sys
+def later():
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    time.sleep(60)
+for _ in range(3):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+t = threading.Thread(target=lambda: (sys.stdin.readline(), later()), daemon=True)
+t.start()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_every_thread_reniced_and_back() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", THREADS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"ready\n"
+        process.set_niceness(proc.pid, 19)
+        before = thread_niceness(proc.pid)
+        assert len(before) == 5 and set(before.values()) == {19}
+        proc.stdin.write(b"go\n")  # the reniced thread starts another: it inherits 19
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while len(thread_niceness(proc.pid)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(thread_niceness(proc.pid).values()) == {19}
+        process.set_niceness(proc.pid, 0)
+        after = thread_niceness(proc.pid)
+        assert len(after) == 6 and set(after.values()) == {0}
+    finally:
+        proc.kill()
+        proc.wait()
+    process.set_niceness(proc.pid, 0)  # gone: nothing to do, no error

@@ -149,11 +149,12 @@ class MicroVMOptions:
     templates_dir: str = option("", "Where templates (guest RAM) are kept; empty: "
                                     "<daemon state>/templates. Keep it on a tmpfs")
     max_templates: int = option(4, "Most templates kept (one per VM shape)", min=0)
-    warm_pool: int = option(0, "Pod VMs kept restored from a template and warmed (a container "
+    warm_pool: int = option(1, "Pod VMs kept restored from a template and warmed (a container "
                                "run in each once) ahead of demand, for pods of the last shape "
                                "started: such a pod skips most of the guest's first-run "
-                               "cost. Each costs an idle pod's memory and CPU; needs "
-                               "templates",
+                               "cost. None until the first pod; each costs an idle pod's "
+                               "memory and CPU, and warms at the lowest CPU priority. 0: no "
+                               "pool. Without templates there is none",
                        min=0)
     guest_oci_runtime: str = option("auto", "The OCI runtime that runs containers in the guest: "
                                             "auto (crun when the guest image has it, else "
@@ -178,7 +179,8 @@ class MicroVMBackend(BaseBackend):
         if self.settings.transport not in ("auto", "vsock", "serial"):
             raise InvalidArgument(f"runtimes.{context.handler}.options.transport: "
                                   f"{self.settings.transport!r} is not auto, vsock or serial")
-        if self.settings.warm_pool > 0 and not self.settings.templates:
+        # The default pool goes quietly with templates = false; one asked for is refused.
+        if "warm_pool" in options and self.settings.warm_pool > 0 and not self.settings.templates:
             raise InvalidArgument(f"runtimes.{context.handler}.options.warm_pool: the pool's "
                                   "VMs are clones of templates; it needs templates = true")
         if self.settings.machine not in {m.value for m in Machine}:

@@ -12,8 +12,10 @@ RunPodSandbox takes a pooled VM of its shape (`take`): the VM's netns, tap insid
 pod's, its volumes dir is renamed to the pod's, and the pod's state dir becomes a link to the
 VM's, which its QEMU's command line names (`process._names` follows the link). What makes the
 VM the pod's (MAC, hostname, clock, RNG, network, sysctls) comes after from SetupSandbox, as for
-any clone. A pooled VM costs an idle pod's memory and CPU while it waits, so the pool is off
-unless configured (`warm_pool`); it refills one VM at a time, a moment after each take.
+any clone. A pooled VM costs an idle pod's memory and CPU while it waits (the default pool of
+one: ~85 MiB and 0.2% of a core under TCG), and nothing until a pod asks for a VM. It refills one
+VM at a time, a moment after each take, and its QEMU runs at the lowest CPU priority until a pod
+takes it: a refill spends the CPU the node's pods leave, never theirs.
 
 What a daemon crash leaves (pooled VMs no pod links to, their netns and volumes dirs) goes at
 the next start (`prune`); a pod that has taken one owns it through its link from then on.
@@ -55,6 +57,7 @@ PREFIX = "pool-"  # pod ids are hex: no pod's state dir, netns or volumes dir is
 REFILL_DELAY = 5.0  # s after a take: the pod that took one starts its containers first (a
 # refill is ~1.2 s of CPU; measured: begun 2 s after, it slowed that pod's StopPodSandbox 1.4x)
 WARM_UP_TIMEOUT = 120.0
+POOLED_NICENESS = 19  # until taken; then the daemon's own
 WARM_UP_BUSYBOX = "/.criserver-warm-up/busybox"  # the guest's, bound into the warm-up container
 
 # `like` (a pod's spec) as VM `name` starts it: its own state dir, agent channel and NICs.
@@ -126,6 +129,9 @@ class WarmPool:
         it exists, a crash leaves the VM to `prune`, and the renamed parts to the pod's own
         clean-up (both go by the pod's names from then on)."""
         try:
+            if entry.vm.pid is not None:
+                await asyncio.to_thread(process.set_niceness, entry.vm.pid,
+                                        os.getpriority(os.PRIO_PROCESS, 0))
             if self._network is not None:
                 await self._network.hand_over(entry.name, pod_id)
             crash_point("pool.netns_handed_over")  # the netns the pod's, the rest the VM's
@@ -222,6 +228,8 @@ class WarmPool:
                     os.close(nic.fd)  # QEMU holds its own copy
             image = self._image
             entry = PooledVM(name, template_key(spec), spec, vm, image)
+            if vm.pid is not None:
+                await asyncio.to_thread(process.set_niceness, vm.pid, POOLED_NICENESS)
             await vm.restore_state(template.state)
             crash_point("pool.warming")  # its QEMU runs, its netns and dirs named after it
             if spec.transport is None:
