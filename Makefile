@@ -155,13 +155,13 @@ fuzz: venv
 
 # containerd is the same-run baseline of bench/exec_baseline.py, crictl_ops.py and density.py
 # (no daemon of it is started). The issue 16 benches boot VMs: under the VM lock. crictl_ops is
-# the per-call yardstick (again with the warm pool, as docs/benchmarks.md recommends it),
+# the per-call yardstick (with the default warm pool, then every pod a fresh clone),
 # lifecycle_breakdown where the time goes, density the 110-pod run.
 bench: install tools
 	$(MAKE) deps APT_PACKAGES=containerd
 	$(PY) bench/cri_latency.py
 	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops
-	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops --warm-pool 1
+	flock /tmp/criserver-vm.lock $(PY) -m bench.crictl_ops --warm-pool 0
 	flock /tmp/criserver-vm.lock $(PY) bench/lifecycle_breakdown.py
 	flock /tmp/criserver-vm.lock $(PY) -m bench.translation
 	flock /tmp/criserver-vm.lock $(PY) bench/density.py

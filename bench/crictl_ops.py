@@ -19,9 +19,10 @@ first container takes (the template's saved state has no translation cache); the
 container shows what the design costs once that is paid (a pod's next containers, restarts,
 init containers before the app).
 
-`--warm-pool N` runs criserver with a pool of N warmed VMs (the microvm option `warm_pool`):
-every round then waits untimed until the pool is full again (crictl info), so it measures a
-node whose pods arrive no faster than the pool refills. Needs root, containerd (1.6.20),
+`--warm-pool N` runs criserver with a pool of N warmed VMs (the microvm option `warm_pool`,
+by default the daemon's: 1): every round then waits untimed until the pool is full again
+(crictl info), so it measures a node whose pods arrive no faster than the pool refills.
+`--warm-pool 0`: every pod a fresh clone. Needs root, containerd (1.6.20),
 runc, containernetworking-plugins, docker-registry, and crictl (`make tools`).
 """
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from bench.containerd_kit import Containerd
 from bench.exec_baseline import push_images
-from bench.pod_start import BenchDaemon, build_template
+from bench.pod_start import DEFAULTS, BenchDaemon, build_template
 from tests.conformance.tools import cri_tools_version
 from tests.registry import _start_registry, _stop
 
@@ -162,8 +163,9 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warm-rounds", type=int, default=None,
                     help="rounds timing a pod's second container (default: --rounds; 0: none)")
-    ap.add_argument("--warm-pool", type=int, default=0,
-                    help="criserver's warm_pool option (default 0: no pool)")
+    ap.add_argument("--warm-pool", type=int, default=DEFAULTS.warm_pool,
+                    help=f"criserver's warm_pool option (default {DEFAULTS.warm_pool}, the "
+                         "daemon's; 0: no pool)")
     ap.add_argument("--tb-size", type=int, default=None,
                     help="criserver's tcg_tb_size_mib option (default: the handler's)")
     ap.add_argument("--vcpus", type=int, default=None,

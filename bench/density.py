@@ -6,16 +6,16 @@ containerd + runc in the same run.
 
 Each runtime in turn (containerd first, then criserver; each torn down before the next starts)
 gets N pods, C at a time (a new pod starts as soon as one of the C in flight is up), each one
-RunPodSandbox, CreateContainer (busybox `sleep`), StartContainer through its CRI socket with
-the same client (tests/cri_client.py). Per pod: the wall time of the three calls, by start
-order. criserver is the real daemon with the micro-VM backend's defaults (templates and
-network on; bench/pod_start.py's BenchDaemon on a private CNI network), its template built by an
-untimed first pod; containerd is bench/containerd_kit.py's private containerd (overlayfs), after
-an untimed first pod too. Both run the same CNI plugins, criserver's built-in network's chain
-(bridge with masquerade and hairpin, host-local, portmap; each adds loopback), as on a node
-where both read one CNI config. Images come from a local docker-registry
-(bench/exec_baseline.py's push_images). Starting stops early when a pod fails (after
---max-failures) or the host's MemAvailable falls below --min-available GiB.
+RunPodSandbox, CreateContainer (busybox `sleep`), StartContainer through its CRI socket with the
+same client (tests/cri_client.py). Per pod: the wall time of the three calls, by start order.
+criserver is the real daemon with the micro-VM backend's defaults (templates, network and a warm
+pool of one on, `--warm-pool` to change it; bench/pod_start.py's BenchDaemon on a private CNI
+network), its template built by an untimed first pod; containerd is bench/containerd_kit.py's
+private containerd (overlayfs), after an untimed first pod too. Both run the same CNI plugins,
+criserver's built-in network's chain (bridge with masquerade and hairpin, host-local, portmap;
+each adds loopback), as on a node where both read one CNI config. Images come from a local
+docker-registry (bench/exec_baseline.py's push_images). Starting stops early when a pod fails
+(after --max-failures) or the host's MemAvailable falls below --min-available GiB.
 
 Once all are up: --settle seconds, then over --idle seconds the CPU time (utime + stime from
 /proc) of each pod's processes: criserver, the pod's QEMU (the only per-pod host process);
@@ -24,9 +24,9 @@ containerd, the pod's shim and every process below it (pause, the container). Th
 containerd: shim + pause + container from smaps_rollup) and each daemon's RSS. For criserver
 also, as evidence of what wakes an idle pod: the CPU and context switches of QEMU's threads by
 role, and the guest's interrupt and softirq rates read in one pod's container after the window.
-Then every pod is stopped and removed (C at a time) and nothing may be left: no QEMU, netns,
-CNI allocation, bridge port or pod file (criserver); no shim, netns, IP or runc container
-(containerd).
+Then every pod is stopped and removed (C at a time), criserver stopped (its pooled VM goes
+with it), and nothing may be left: no QEMU, netns, CNI allocation, bridge port or pod file
+(criserver); no shim, netns, IP or runc container (containerd).
 
 Prints markdown tables: the figures against containerd with the issue's targets, latency by
 decile of start order (median and p90), and the idle breakdown. Exit status 1 if anything was
@@ -69,7 +69,14 @@ from bench.procs import (
     thread_stats,
 )
 from tests.cri_client import CRIClient, msg
-from tests.e2e.conftest import backend_leftovers, bridge_ports, network_names, qemus_of, vm_pids_of
+from tests.e2e.conftest import (
+    backend_leftovers,
+    bridge_ports,
+    network_names,
+    qemu_pids,
+    qemus_of,
+    vm_pids_of,
+)
 from tests.registry import _start_registry, _stop
 
 GUEST_MIB = DEFAULTS.default_memory_mib + DEFAULTS.memory_overhead_mib
@@ -422,7 +429,8 @@ def containerd_leftovers(ctrd: Containerd) -> list[str]:
 
 
 async def run_criserver(args: argparse.Namespace, image: str) -> Side:
-    with BenchDaemon(network=True, boot_timeout=600.0) as bd:
+    with BenchDaemon(network=True, boot_timeout=600.0,
+                     options={"warm_pool": args.warm_pool}) as bd:
         side = Side("criserver", bd.daemon.client(), bd.daemon.pid)
         try:
             await side.cri.image.PullImage(
@@ -458,10 +466,22 @@ async def run_criserver(args: argparse.Namespace, image: str) -> Side:
                 except Exception as exc:  # evidence only
                     side.idle.notes.append(f"(guest interrupts not read: {exc!r})")
             await remove_pods(side, args.concurrency)
-            side.leftovers = criserver_leftovers(bd)
+            if args.warm_pool:
+                side.idle.notes.append(f"The warm pool's VM (not in the per-pod figures): "
+                                       f"{pool_usage(bd)}")
+            code = bd.daemon.stop()  # the pool's VMs go with the daemon, as on a node
+            side.leftovers = criserver_leftovers(bd) + ([f"daemon exit {code}"] if code else [])
         finally:
             await side.cri.close()
     return side
+
+
+def pool_usage(bd: BenchDaemon) -> str:
+    """PSS and RSS of the pooled VMs no pod took, as the pods' were read."""
+    pids = [pid for pid, cmd in qemu_pids().items()
+            if str(bd.workdir) in cmd and "-name pool-" in cmd]
+    return ", ".join(f"PSS {pss / 1024:.1f} MiB, RSS {rss / 1024:.1f} MiB"
+                     for pss, rss in map(pss_rss, pids)) or "none ready"
 
 
 def criserver_leftovers(bd: BenchDaemon) -> list[str]:
@@ -625,6 +645,9 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=20.0, help="seconds idle before measuring")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds the idle CPU is measured")
     ap.add_argument("--no-baseline", action="store_true", help="criserver only, no containerd")
+    ap.add_argument("--warm-pool", type=int, default=DEFAULTS.warm_pool,
+                    help=f"criserver's warm_pool option (default {DEFAULTS.warm_pool}, the "
+                         "daemon's; 0: every pod a fresh clone)")
     ap.add_argument("--max-failures", type=int, default=3,
                     help="stop starting pods once this many failed")
     ap.add_argument("--min-available", type=float, default=2.0,
