@@ -536,7 +536,8 @@ def report(args: argparse.Namespace, sides: list[Side], load: tuple[float, float
     print(f"{args.pods} pods per runtime, {args.concurrency} at a time, one busybox `sleep` "
           f"container each; settle {args.settle:.0f} s, idle window {args.idle:.0f} s; "
           f"containerd {version} + runc (overlayfs, CNI bridge) vs criserver micro-VM backend "
-          f"(defaults: templates, network; TCG). {os.cpu_count()} CPUs, load average "
+          f"(templates, network, warm pool of {args.warm_pool}; TCG). {os.cpu_count()} CPUs, "
+          f"load average "
           f"{load[0]:.1f} -> {load[1]:.1f}.")
     print()
     cols = ["containerd", "criserver", "ratio"] if base else ["criserver"]
