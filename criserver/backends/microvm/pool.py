@@ -54,8 +54,10 @@ from vmagent.contract import RUN_DIR
 log = logging.getLogger(__name__)
 
 PREFIX = "pool-"  # pod ids are hex: no pod's state dir, netns or volumes dir is named so
-REFILL_DELAY = 5.0  # s after a take: the pod that took one starts its containers first (a
-# refill is ~1.2 s of CPU; measured: begun 2 s after, it slowed that pod's StopPodSandbox 1.4x)
+REFILL_DELAY = 1.0  # s after a take: the pod that took one starts its containers first. At
+# nice 19 the refill leaves it the CPU (crictl_ops, create + start: 2.4x and 2.5x of
+# containerd's with this delay, 2.9-3.5x with 5 s), and a refill takes 0.8-1.5 s (critest's
+# daemon log): pods ~2.5 s apart each find a warm VM.
 WARM_UP_TIMEOUT = 120.0
 POOLED_NICENESS = 19  # until taken; then the daemon's own
 WARM_UP_BUSYBOX = "/.criserver-warm-up/busybox"  # the guest's, bound into the warm-up container
