@@ -170,7 +170,22 @@ def qemu_pids(marker: str = "process=criserver-vm") -> dict[int, str]:
 
 
 def vm_pids_of(pod_id: str) -> list[int]:
-    return [pid for pid, cmd in qemu_pids().items() if f"-name {pod_id}," in cmd]
+    """The pod's QEMU: one started under the pod's id, or a pooled VM the pod took (named
+    pool-..., its state dir the target of the link named after the pod beside it)."""
+    return [pid for pid, cmd in qemu_pids().items()
+            if f"-name {pod_id}," in cmd or _took_pooled(pod_id, cmd)]
+
+
+def _took_pooled(pod_id: str, cmd: str) -> bool:
+    pidfile = re.search(r"-pidfile (\S*/pool-\w+)/qemu\.pid", cmd)
+    if pidfile is None:
+        return False
+    vm_dir = Path(pidfile[1])
+    link = vm_dir.parent / pod_id[:16]
+    try:
+        return os.readlink(link) == vm_dir.name
+    except OSError:
+        return False
 
 
 def kill_vms_under(workdir: Path) -> None:

@@ -19,6 +19,7 @@ from tests.e2e.conftest import (
     backend_leftovers,
     qemus_of,
     running_vm_daemon,
+    vm_pids_of,
     wait_pool_filled,
 )
 from tests.processes import thread_niceness
@@ -83,6 +84,7 @@ async def test_a_pod_takes_a_warmed_vm_and_is_a_pod_like_any_other(
     assert link.is_symlink() and link.resolve().name == pooled
     assert set(thread_niceness(qemu).values()) == {os.getpriority(os.PRIO_PROCESS,
                                                                   pool_daemon.pid)}
+    assert vm_pids_of(pod_id) == [qemu]  # the tests' one way to find a pod's QEMU
     assert f"netns/{pod_id}" in info["netns"] and not _pool_netns(pool_daemon) - _pool_dirs(
         pool_daemon)
 
