@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -22,3 +24,14 @@ def thread_niceness(pid: int) -> dict[int, int]:
         fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         found[int(task.name)] = int(fields[16])
     return found
+
+
+def qemu_like(pidfile: Path) -> subprocess.Popen[bytes]:
+    """A sleeping process whose command line names `pidfile`, as a VM's QEMU does, and which
+    has written it. Popen returns once exec has begun, but the kernel fills /proc/<pid>/cmdline
+    a little later: the child's first line says it is there."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)",
+                             "-pidfile", str(pidfile)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"\n"
+    pidfile.write_text(str(proc.pid))
+    return proc

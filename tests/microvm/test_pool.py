@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +13,8 @@ import pytest
 
 from criserver.backends.microvm.pool import PooledVM, WarmPool, remove_pod_state_dir
 from criserver.vm.template import template_key
+from tests.processes import qemu_like
 from tests.vm.test_template import pod_spec
-
-
-def _qemu_like(pidfile: Path) -> subprocess.Popen[bytes]:
-    """A process whose command line names `pidfile`, as a pooled VM's QEMU does."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             "-pidfile", str(pidfile)])
-    pidfile.write_text(str(proc.pid))
-    return proc
 
 
 @pytest.fixture
@@ -46,8 +38,8 @@ def test_prune_kills_and_removes_only_unlinked_pool_vms(
     (state / "fedcba9876543210").symlink_to("pool-bbbb")  # a pod that took pool-bbbb
     (volumes / "pool-aaaa").mkdir(parents=True)
     (volumes / "0123456789abcdef").mkdir()
-    orphan = _qemu_like(state / "pool-aaaa" / "qemu.pid")
-    taken = _qemu_like(state / "pool-bbbb" / "qemu.pid")
+    orphan = qemu_like(state / "pool-aaaa" / "qemu.pid")
+    taken = qemu_like(state / "pool-bbbb" / "qemu.pid")
     procs += [orphan, taken]
 
     _pool(state, volumes).prune()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from criserver.vm import process
-from tests.processes import thread_niceness
+from tests.processes import qemu_like, thread_niceness
 
 
 @pytest.fixture
@@ -20,9 +20,7 @@ def holder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     real = tmp_path / "pool-1"
     real.mkdir()
     pidfile = real / "qemu.pid"
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             "-pidfile", str(pidfile)])
-    pidfile.write_text(str(proc.pid))
+    proc = qemu_like(pidfile)
     yield proc, pidfile
     proc.kill()
     proc.wait()
