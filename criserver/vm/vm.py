@@ -519,11 +519,13 @@ class VM:
         self._launcher = proc
         rc = await proc.wait()  # on cancellation, _cleanup_failed_start deals with it
         if rc != 0:
-            tail = await asyncio.to_thread(self._log_tail, started_at)
+            tail = await asyncio.to_thread(self.log_tail, started_at)
             raise Internal(f"vm {self.vm_id}: start: qemu exited with {rc}: {tail}")
         crash_point("vm.spawned")  # QEMU runs; nothing of ours knows its pid yet
 
-    def _log_tail(self, since: int, limit: int = 800) -> str:
+    def log_tail(self, since: int = 0, limit: int = 800) -> str:
+        """The end of the VM's log (QEMU's stderr and the guest console) from offset `since`,
+        at most `limit` bytes: what an error quotes. Blocking: call from a thread."""
         try:
             with self.location.log_file.open("rb") as f:
                 f.seek(0, os.SEEK_END)

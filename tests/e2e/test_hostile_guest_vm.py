@@ -236,7 +236,11 @@ async def test_a_guest_that_panics_at_boot_fails_its_start_at_once(node: Node) -
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await node.cri.run_pod("panicking", handler="panicking")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
-    assert "the guest kernel panicked" in (err.value.details() or "")
+    details = err.value.details() or ""
+    assert "the guest kernel panicked" in details
+    # The console goes with the pod: its last lines are quoted, and its end kept in the log.
+    assert "console ends: " in details and "Kernel panic" in details.split("console ends: ")[1]
+    assert "hostile-init: PID 1 exits" in node.daemon.log().split("pod vm not ready")[-1]
     assert len(qemus_of(node.workdir)) == 1, "only the neighbour's QEMU is left"
     listed = await node.cri.runtime.ListPodSandbox(msg("ListPodSandboxRequest"))
     assert [p.metadata.name for p in listed.items] == ["neighbour"]

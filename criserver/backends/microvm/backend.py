@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -91,6 +92,9 @@ MAX_EXEC_OUTPUT = 16 * 1024 * 1024
 # The pod's reason when its agent broke the protocol (channel.AgentProtocolError).
 AGENT_BROKE_REASON = "AgentProtocolError"
 CREATE_TIMEOUT = 120.0  # the first container of a pod mounts its shares and image
+CONSOLE_TAIL_LOGGED = 4096  # bytes of a failed guest's console kept in the daemon log
+CONSOLE_TAIL_QUOTED = 3  # of them, the last lines an error quotes
+CONSOLE_FAILURE = re.compile(r"Kernel panic|\bBUG:|\bOops\b| ERROR | CRITICAL ")
 _TEMPLATE_NETNS = "template-"  # pod ids are hex: no pod's netns is named like this
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 PID_MODES = {cri.POD: pb.CreateContainerRequest.PID_POD,
@@ -482,8 +486,13 @@ class MicroVMBackend(BaseBackend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connecting
             if isinstance(exc, CriError):
+                # The console goes with the pod's state dir: its end is kept in the log and
+                # the error, to tell a guest that hung at boot from one that panicked.
+                console = await asyncio.to_thread(vm.log_tail, 0, CONSOLE_TAIL_LOGGED)
+                log.warning("pod vm not ready pod=%s error=%s console tail:\n%s",
+                            pod.id, exc.message, console)
                 raise type(exc)(f"pod {pod.id}: guest agent not ready: {exc.message}; "
-                                f"console log: {spec.log_file}") from exc
+                                f"console ends: {_last_lines(console)}") from exc
             raise
         with span("cni_rest"):  # CNI ran during wait_ready: what it took beyond it
             network = await connecting
@@ -1027,6 +1036,16 @@ def _setup_request(pod: PodRecord, network: GuestNetwork | None,
 def _volume_mode(m: cri.Mount) -> str:
     """How the host shares a CRI mount's path (shares.MODES); oci_spec refuses bad mixes."""
     return "rro" if m.recursive_read_only else "ro" if m.readonly else "rw"
+
+
+def _last_lines(console: str, count: int = CONSOLE_TAIL_QUOTED, limit: int = 400) -> str:
+    """What an error quotes of a console: the last `count` non-empty lines up to the last one
+    that tells of a failure (a kernel panic's trace and registers say little to an operator),
+    joined with " | " and cut to `limit` chars."""
+    lines = [line.strip() for line in console.splitlines() if line.strip()]
+    telling = [i for i, line in enumerate(lines) if CONSOLE_FAILURE.search(line)]
+    end = telling[-1] + 1 if telling else len(lines)
+    return " | ".join(lines[max(0, end - count):end])[-limit:] or "(empty)"
 
 
 def _sync(fn: Callable[[], object]) -> Callable[[], Awaitable[None]]:
