@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def left_running(plugin: Path, owner: Path, add_seconds: float
     proc = subprocess.Popen([str(plugin)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     try:
+        # The kernel sets up /proc/<pid>/environ a little after Popen returns.
+        deadline = time.monotonic() + 5
+        while proc.pid not in plugin_leftovers.find(owner):
+            assert time.monotonic() < deadline, "the plugin never showed its marker"
+            time.sleep(0.001)
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
