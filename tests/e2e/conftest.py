@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from criserver.vm import assets
+from criserver.vm import assets, process
 from tests.cri_client import CRIClient, msg
 from tests.daemon import Daemon, process_cmdlines, unmount_under
 
@@ -171,21 +171,16 @@ def qemu_pids(marker: str = "process=criserver-vm") -> dict[int, str]:
 
 def vm_pids_of(pod_id: str) -> list[int]:
     """The pod's QEMU: one started under the pod's id, or a pooled VM the pod took (named
-    pool-..., its state dir the target of the link named after the pod beside it)."""
+    pool-..., found through the link named after the pod beside its state dir, as the daemon
+    finds it)."""
     return [pid for pid, cmd in qemu_pids().items()
-            if f"-name {pod_id}," in cmd or _took_pooled(pod_id, cmd)]
+            if f"-name {pod_id}," in cmd or _took_pooled(pod_id, pid, cmd)]
 
 
-def _took_pooled(pod_id: str, cmd: str) -> bool:
-    pidfile = re.search(r"-pidfile (\S*/pool-\w+)/qemu\.pid", cmd)
-    if pidfile is None:
-        return False
-    vm_dir = Path(pidfile[1])
-    link = vm_dir.parent / pod_id[:16]
-    try:
-        return os.readlink(link) == vm_dir.name
-    except OSError:
-        return False
+def _took_pooled(pod_id: str, pid: int, cmd: str) -> bool:
+    pooled = re.search(r"-pidfile (\S*)/pool-\w+/qemu\.pid", cmd)
+    return pooled is not None and process.is_qemu_of(
+        pid, Path(pooled[1]) / pod_id[:16] / "qemu.pid")
 
 
 def kill_vms_under(workdir: Path) -> None:
